@@ -1,0 +1,427 @@
+//! `config.json` and `generation_config.json` as Hugging Face writes them, and the runtime
+//! model configuration derived from them.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The architectures shardserve runs, by their `architectures` names.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "Qwen3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+];
+
+/// One token id or a list of them, as `eos_token_id` may be either.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// `config.json`, with Hugging Face's field names and defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 moves `rope_theta` and `rope_scaling` here.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+}
+
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
+
+/// The decoder families shardserve implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Qwen3,
+    Qwen2,
+    Llama,
+    Mistral,
+}
+
+impl Architecture {
+    /// The `architectures` name transformers uses.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+        }
+    }
+
+    /// The decoder layer class, accelerate's `no_split_module_classes`.
+    pub fn decoder_layer_class(self) -> &'static str {
+        match self {
+            Architecture::Qwen3 => "Qwen3DecoderLayer",
+            Architecture::Qwen2 => "Qwen2DecoderLayer",
+            Architecture::Llama => "LlamaDecoderLayer",
+            Architecture::Mistral => "MistralDecoderLayer",
+        }
+    }
+}
+
+/// Llama 3's frequency-dependent RoPE scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// What the model code needs, with every Hugging Face default resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rope_llama3: Option<Llama3RopeScaling>,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always, others per `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (`attention_bias`, never for Qwen2).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3's per-head RMSNorm on queries and keys.
+    pub qk_norm: bool,
+    /// The checkpoint's dtype as config.json states it (`torch_dtype` or `dtype`).
+    pub checkpoint_dtype: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// Tokens a request may span (prompt + generated); Mistral's sliding window caps it, since
+    /// attention here is always full.
+    pub max_total_tokens: usize,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|e| match e {
+            Error::Config { message, .. } => Error::config(path.display().to_string(), message),
+            other => other,
+        })
+    }
+
+    /// Parses and validates the text of `config.json`.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let raw: HfConfig = serde_json::from_str(text)
+            .map_err(|e| Error::config("config.json", format!("malformed: {e}")))?;
+        Self::from_hf(&raw)
+    }
+
+    /// Resolves Hugging Face's defaults and rejects what is not supported.
+    pub fn from_hf(raw: &HfConfig) -> Result<Self> {
+        let bad = |m: String| Error::config("config.json", m);
+        let architecture = architecture_of(raw).map_err(bad)?;
+        if raw.num_attention_heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 {
+            return Err(bad(
+                "hidden_size, num_attention_heads and num_hidden_layers must be positive".into(),
+            ));
+        }
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
+                raw.num_attention_heads
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None => {
+                if raw.hidden_size % raw.num_attention_heads != 0 {
+                    return Err(bad(format!(
+                        "hidden_size ({}) is not divisible by num_attention_heads ({}) and head_dim is not set",
+                        raw.hidden_size, raw.num_attention_heads
+                    )));
+                }
+                raw.hidden_size / raw.num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(bad(format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+        }
+        let act = raw.hidden_act.as_str();
+        if act != "silu" && act != "swish" {
+            return Err(bad(format!("hidden_act {act:?} is not supported (only silu)")));
+        }
+        let params = raw.rope_parameters.as_ref();
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .unwrap_or(10_000.0);
+        let scaling = raw.rope_scaling.as_ref().or(params).filter(|v| !v.is_null());
+        let rope_llama3 = match scaling {
+            None => None,
+            Some(s) => parse_rope_scaling(s, raw.max_position_embeddings).map_err(bad)?,
+        };
+        let (qkv_bias, o_bias) = match architecture {
+            // Qwen2 hard-codes bias on q/k/v and none on o_proj.
+            Architecture::Qwen2 => (true, false),
+            _ => {
+                let b = raw.attention_bias.unwrap_or(false);
+                (b, b)
+            }
+        };
+        // Every supported config class defaults both to these values in transformers.
+        let tie_word_embeddings = raw.tie_word_embeddings.unwrap_or(false);
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        let mut max_total_tokens = raw.max_position_embeddings;
+        if architecture == Architecture::Mistral && raw.use_sliding_window != Some(false) {
+            if let Some(w) = raw.sliding_window {
+                max_total_tokens = max_total_tokens.min(w);
+            }
+        }
+        Ok(ModelConfig {
+            architecture,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: raw.vocab_size,
+            max_position_embeddings: raw.max_position_embeddings,
+            rope_theta,
+            rope_llama3,
+            rms_norm_eps,
+            tie_word_embeddings,
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias,
+            qk_norm: architecture == Architecture::Qwen3,
+            checkpoint_dtype: raw.torch_dtype.clone().or_else(|| raw.dtype.clone()),
+            bos_token_id: raw.bos_token_id.as_ref().and_then(|t| t.to_vec().first().copied()),
+            eos_token_ids: raw.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+            max_total_tokens,
+        })
+    }
+}
+
+fn architecture_of(raw: &HfConfig) -> std::result::Result<Architecture, String> {
+    let by_name = |n: &str| match n {
+        "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+        "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+        "LlamaForCausalLM" => Some(Architecture::Llama),
+        "MistralForCausalLM" => Some(Architecture::Mistral),
+        _ => None,
+    };
+    if let Some(name) = raw.architectures.first() {
+        return by_name(name).ok_or_else(|| {
+            format!(
+                "architecture {name:?} is not supported; supported: {}",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )
+        });
+    }
+    match raw.model_type.as_deref() {
+        Some("qwen3") => Ok(Architecture::Qwen3),
+        Some("qwen2") => Ok(Architecture::Qwen2),
+        Some("llama") => Ok(Architecture::Llama),
+        Some("mistral") => Ok(Architecture::Mistral),
+        other => Err(format!(
+            "model_type {:?} is not supported and no architectures are listed; supported: {}",
+            other.unwrap_or("<none>"),
+            SUPPORTED_ARCHITECTURES.join(", ")
+        )),
+    }
+}
+
+fn parse_rope_scaling(
+    s: &serde_json::Value,
+    max_pos: usize,
+) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let f = |k: &str| {
+                s.get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| format!("rope_scaling.{k} is missing for rope_type llama3"))
+            };
+            Ok(Some(Llama3RopeScaling {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_position_embeddings: s
+                    .get("original_max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize)
+                    .unwrap_or(max_pos),
+            }))
+        }
+        other => Err(format!(
+            "rope_scaling type {other:?} is not supported (supported: default, llama3)"
+        )),
+    }
+}
+
+/// `generation_config.json`: the defaults a request falls back on.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub do_sample: Option<bool>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub max_new_tokens: Option<u32>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json`; a missing file means no defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Error::config(path.display().to_string(), format!("malformed: {e}"))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// The end-of-sequence ids: generation_config's, else config.json's.
+    pub fn eos_ids(&self, model: &ModelConfig) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(ids) => ids.to_vec(),
+            None => model.eos_token_ids.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QWEN3: &str = r#"{"architectures":["Qwen3ForCausalLM"],"hidden_size":64,"intermediate_size":192,
+        "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,
+        "vocab_size":512,"max_position_embeddings":1024,"rope_theta":1000000.0,"rms_norm_eps":1e-6,
+        "tie_word_embeddings":true,"eos_token_id":0}"#;
+
+    #[test]
+    fn qwen3_head_dim_is_decoupled_and_qk_norm_on() {
+        let c = ModelConfig::from_json(QWEN3).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert_eq!((c.head_dim, c.num_kv_heads), (32, 2));
+        assert!(c.qk_norm && c.tie_word_embeddings && !c.qkv_bias);
+        assert_eq!(c.eos_token_ids, vec![0]);
+    }
+
+    #[test]
+    fn unsupported_architecture_lists_the_supported_ones() {
+        let text = QWEN3.replace("Qwen3ForCausalLM", "GPT2LMHeadModel");
+        let err = ModelConfig::from_json(&text).unwrap_err().to_string();
+        assert!(err.contains("GPT2LMHeadModel") && err.contains("LlamaForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_eos_list() {
+        let text = QWEN3
+            .replace("Qwen3ForCausalLM", "Qwen2ForCausalLM")
+            .replace("\"eos_token_id\":0", "\"eos_token_id\":[5,7]");
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert!(c.qkv_bias && !c.o_bias && !c.qk_norm);
+        assert_eq!(c.eos_token_ids, vec![5, 7]);
+    }
+
+    #[test]
+    fn bad_gqa_is_rejected() {
+        let text = QWEN3.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
+        let err = ModelConfig::from_json(&text).unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_read_and_others_rejected() {
+        let text = QWEN3.replace("Qwen3ForCausalLM", "LlamaForCausalLM").replace(
+            "\"rope_theta\":1000000.0",
+            r#""rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        );
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert_eq!(c.rope_llama3.unwrap().factor, 8.0);
+        let yarn = text.replace("llama3", "yarn");
+        let err = ModelConfig::from_json(&yarn).unwrap_err().to_string();
+        assert!(err.contains("yarn"), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! Finds a model's files: a local folder, or a Hub id resolved through the Hugging Face cache
+//! exactly as `huggingface_hub` lays it out, downloading what is missing unless offline.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Where a model's files live once resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The name a user gave (folder or Hub id).
+    pub spec: String,
+    /// The folder holding config.json and the rest: a local folder or `snapshots/<sha>/`.
+    pub dir: PathBuf,
+    /// The commit the snapshot is at, for Hub ids.
+    pub commit: Option<String>,
+}
+
+impl ModelFiles {
+    /// A file of the model.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// The Hub cache folder: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = non_empty_env("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = non_empty_env("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = non_empty_env("HOME").unwrap_or_else(|| "/root".to_string());
+    PathBuf::from(home).join(".cache").join("huggingface").join("hub")
+}
+
+/// Whether `HF_HUB_OFFLINE` forbids every network access (huggingface_hub's truthy values).
+pub fn offline() -> bool {
+    matches!(
+        non_empty_env("HF_HUB_OFFLINE").map(|v| v.to_ascii_lowercase()).as_deref(),
+        Some("1" | "true" | "yes" | "on")
+    )
+}
+
+fn non_empty_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+/// The folder of a Hub repo in the cache: `models--ORG--NAME`.
+pub fn repo_folder(cache: &Path, repo_id: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo_id.replace('/', "--")))
+}
+
+/// Whether `s` is shaped like a Hub model id (`name` or `org/name`).
+pub fn is_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    !s.is_empty()
+        && parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && !p.contains("..")
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// The files every model needs; the weights come from the index or the single file.
+const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
+const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer_config.json"];
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+/// Resolves `spec` (a folder or a Hub id) at `revision` (default `main`) to its files.
+pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(Error::ModelNotFound(format!(
+                "folder {spec} has no config.json (is it a Hugging Face model folder?)"
+            )));
+        }
+        return Ok(ModelFiles {
+            spec: spec.to_string(),
+            dir: path.to_path_buf(),
+            commit: None,
+        });
+    }
+    if spec.starts_with('/') || spec.starts_with('.') || !is_repo_id(spec) {
+        return Err(Error::ModelNotFound(format!(
+            "model {spec:?} is neither a folder nor a Hugging Face model id (ORG/NAME)"
+        )));
+    }
+    let revision = revision.filter(|r| !r.is_empty()).unwrap_or("main");
+    let cache = cache_dir();
+    match resolve_cached(&cache, spec, revision) {
+        Ok(files) => Ok(files),
+        Err(missing) if offline() => Err(Error::ModelNotFound(format!(
+            "model {spec} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1: {missing}",
+            cache.display()
+        ))),
+        Err(_) => download(&cache, spec, revision),
+    }
+}
+
+/// Resolves from the cache alone; `Err` says what is missing.
+fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<ModelFiles, String> {
+    let folder = repo_folder(cache, repo_id);
+    if !folder.is_dir() {
+        return Err(format!("{} does not exist", folder.display()));
+    }
+    let commit = if is_commit_hash(revision) && folder.join("snapshots").join(revision).is_dir() {
+        revision.to_string()
+    } else {
+        let r = folder.join("refs").join(revision);
+        std::fs::read_to_string(&r)
+            .map_err(|_| format!("no ref {revision} ({} is missing)", r.display()))?
+            .trim()
+            .to_string()
+    };
+    let dir = folder.join("snapshots").join(&commit);
+    for f in REQUIRED {
+        if !dir.join(f).is_file() {
+            return Err(format!("{f} is missing from snapshot {commit}"));
+        }
+    }
+    for f in weight_files(&dir).map_err(|e| e.to_string())? {
+        if !dir.join(&f).is_file() {
+            return Err(format!("{f} is missing from snapshot {commit}"));
+        }
+    }
+    Ok(ModelFiles {
+        spec: repo_id.to_string(),
+        dir,
+        commit: Some(commit),
+    })
+}
+
+fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The safetensors files of a checkpoint folder: the index's files, else `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<String>> {
+    let index = dir.join(INDEX);
+    if index.is_file() {
+        let map = crate::weights::read_index(&index)?;
+        let mut files: Vec<String> = map.into_values().collect();
+        files.sort();
+        files.dedup();
+        Ok(files)
+    } else {
+        Ok(vec![SINGLE.to_string()])
+    }
+}
+
+/// Downloads what the cache lacks with hf-hub, into the same cache, with a progress bar.
+fn download(cache: &Path, repo_id: &str, revision: &str) -> Result<ModelFiles> {
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+    let err = |file: &str, e: &dyn std::fmt::Display| Error::Download {
+        repo: repo_id.to_string(),
+        file: file.to_string(),
+        message: e.to_string(),
+    };
+    let api = ApiBuilder::from_env()
+        .with_cache_dir(cache.to_path_buf())
+        .with_progress(true)
+        .build()
+        .map_err(|e| err("-", &e))?;
+    let repo = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
+    let mut dir = None;
+    for f in REQUIRED {
+        let p = repo.get(f).map_err(|e| err(f, &e))?;
+        dir = p.parent().map(Path::to_path_buf);
+    }
+    let dir = dir.expect("REQUIRED is not empty");
+    for f in OPTIONAL {
+        // Optional files may be absent from the repo; that is not an error.
+        let _ = repo.get(f);
+    }
+    let weights = match repo.get(INDEX) {
+        Ok(_) => weight_files(&dir)?,
+        Err(_) => vec![SINGLE.to_string()],
+    };
+    for f in &weights {
+        repo.get(f).map_err(|e| err(f, &e))?;
+    }
+    let commit = dir.file_name().map(|c| c.to_string_lossy().into_owned());
+    Ok(ModelFiles {
+        spec: repo_id.to_string(),
+        dir,
+        commit,
+    })
+}
+
+/// Lays a model folder out as a Hub cache entry (`blobs/`, `snapshots/<sha>/` symlinks,
+/// `refs/<revision>`), the way huggingface_hub does. Used by tests and demos.
+pub fn install_into_cache(src: &Path, cache: &Path, repo_id: &str, revision: &str, commit: &str) -> Result<PathBuf> {
+    let folder = repo_folder(cache, repo_id);
+    let blobs = folder.join("blobs");
+    let snap = folder.join("snapshots").join(commit);
+    let refs = folder.join("refs");
+    for d in [&blobs, &snap, &refs] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let entries = std::fs::read_dir(src).map_err(|e| Error::io(src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let blob_name = format!("{:016x}{:016x}", fnv1a(&bytes, 0), fnv1a(&bytes, 1));
+        let blob = blobs.join(&blob_name);
+        if !blob.exists() {
+            std::fs::write(&blob, &bytes).map_err(|e| Error::io(&blob, e))?;
+        }
+        let link = snap.join(entry.file_name());
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob_name), &link)
+            .map_err(|e| Error::io(&link, e))?;
+    }
+    let r = refs.join(revision);
+    std::fs::write(&r, commit).map_err(|e| Error::io(&r, e))?;
+    Ok(snap)
+}
+
+/// A content hash for blob names; huggingface_hub uses the file's sha256 or git hash, which
+/// nothing here depends on.
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids() {
+        assert!(is_repo_id("Qwen/Qwen3-8B"));
+        assert!(is_repo_id("gpt2"));
+        assert!(!is_repo_id("a/b/c"));
+        assert!(!is_repo_id("../x"));
+        assert!(!is_repo_id(""));
+    }
+
+    #[test]
+    fn folder_without_config_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let err = resolve(d.path().to_str().unwrap(), None).unwrap_err().to_string();
+        assert!(err.contains("no config.json"), "{err}");
+    }
+
+    #[test]
+    fn cache_layout_resolves_through_refs_and_symlinks() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("config.json"), "{}").unwrap();
+        std::fs::write(src.path().join("tokenizer.json"), "{}").unwrap();
+        std::fs::write(src.path().join("model.safetensors"), "x").unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        install_into_cache(src.path(), cache.path(), "org/tiny", "main", sha).unwrap();
+        let files = resolve_cached(cache.path(), "org/tiny", "main").unwrap();
+        assert_eq!(files.commit.as_deref(), Some(sha));
+        assert!(std::fs::symlink_metadata(files.file("config.json")).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(files.file("config.json")).unwrap(), "{}");
+        // A commit hash resolves without a ref.
+        assert!(resolve_cached(cache.path(), "org/tiny", sha).is_ok());
+        let err = resolve_cached(cache.path(), "org/tiny", "v2").unwrap_err();
+        assert!(err.contains("no ref v2"), "{err}");
+        let err = resolve_cached(cache.path(), "org/other", "main").unwrap_err();
+        assert!(err.contains("models--org--other"), "{err}");
+    }
+}

@@ -1,0 +1,24 @@
+//! The library shardserve's coordinator and workers share.
+//!
+//! - [`hub`]: resolve a model (a folder or a Hub id) through the Hugging Face cache.
+//! - [`config`]: `config.json` and `generation_config.json`, HF field names and defaults.
+//! - [`weights`]: memory-mapped safetensors, reading only the tensors a shard owns.
+//! - [`model`]: the sharded decoder (a layer range, plus embedding / head at the ends).
+//! - [`sampling`]: next-token choice with transformers' semantics.
+//! - [`tokenizer`]: tokenizer.json, incremental detokenization, stop sequences.
+//! - [`wire`]: tensors between stages as raw little-endian bytes.
+//! - [`placement`]: which worker holds which layers.
+//! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
+
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod placement;
+pub mod sampling;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+pub mod wire;
+
+pub use error::{Error, Result};

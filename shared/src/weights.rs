@@ -1,0 +1,129 @@
+//! Reads a checkpoint's safetensors files (one file or a sharded index), memory-mapped, taking
+//! only the tensors a shard owns and opening only the files that hold them.
+
+use crate::error::{Error, Result};
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Reads `model.safetensors.index.json`: tensor name → file name.
+pub fn read_index(path: &Path) -> Result<HashMap<String, String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let index: Index = serde_json::from_str(&text).map_err(|e| {
+        Error::LoadWeights(format!("{}: malformed index: {e}", path.display()))
+    })?;
+    for file in index.weight_map.values() {
+        if file.contains('/') || file.starts_with('.') {
+            return Err(Error::LoadWeights(format!(
+                "{}: file name {file:?} leaves the model folder",
+                path.display()
+            )));
+        }
+    }
+    Ok(index.weight_map)
+}
+
+/// The tensors a shard read, and where from.
+#[derive(Debug, Default)]
+pub struct LoadedTensors {
+    pub tensors: HashMap<String, Tensor>,
+    /// The checkpoint files opened, by name.
+    pub files: BTreeSet<String>,
+    /// The dtype the tensors had on disk.
+    pub disk_dtype: Option<DType>,
+}
+
+impl LoadedTensors {
+    /// Bytes held, after conversion.
+    pub fn bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+}
+
+/// Loads every tensor for which `wanted(name)` holds, converted to `dtype` (or kept as on disk
+/// when `dtype` is `None`).
+pub fn load(
+    dir: &Path,
+    wanted: &dyn Fn(&str) -> bool,
+    dtype: Option<DType>,
+    device: &Device,
+) -> Result<LoadedTensors> {
+    let index = dir.join("model.safetensors.index.json");
+    let plan: Vec<(String, Option<Vec<String>>)> = if index.is_file() {
+        let map = read_index(&index)?;
+        let mut by_file: HashMap<String, Vec<String>> = HashMap::new();
+        for (name, file) in map {
+            if wanted(&name) {
+                by_file.entry(file).or_default().push(name);
+            }
+        }
+        let mut plan: Vec<_> = by_file.into_iter().map(|(f, n)| (f, Some(n))).collect();
+        plan.sort_by(|a, b| a.0.cmp(&b.0));
+        plan
+    } else {
+        vec![("model.safetensors".to_string(), None)]
+    };
+    let mut out = LoadedTensors::default();
+    for (file, names) in plan {
+        let path = dir.join(&file);
+        read_file(&path, &file, names.as_deref(), wanted, dtype, device, &mut out)?;
+        out.files.insert(file);
+    }
+    Ok(out)
+}
+
+fn read_file(
+    path: &PathBuf,
+    file: &str,
+    names: Option<&[String]>,
+    wanted: &dyn Fn(&str) -> bool,
+    dtype: Option<DType>,
+    device: &Device,
+    out: &mut LoadedTensors,
+) -> Result<()> {
+    if !path.is_file() {
+        return Err(Error::LoadWeights(format!("{} does not exist", path.display())));
+    }
+    let mmap = map_file(path)?;
+    let st = mmap.deserialize().map_err(|e| {
+        Error::LoadWeights(format!("{file}: corrupt or truncated safetensors file: {e}"))
+    })?;
+    let names: Vec<String> = match names {
+        Some(n) => n.to_vec(),
+        None => st.names().into_iter().filter(|n| wanted(n)).map(str::to_string).collect(),
+    };
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| {
+            Error::LoadWeights(format!("{file}: tensor {name} listed in the index is not there: {e}"))
+        })?;
+        let t = view
+            .load(device)
+            .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
+        out.disk_dtype.get_or_insert(t.dtype());
+        let t = match dtype {
+            Some(d) if d != t.dtype() => t
+                .to_dtype(d)
+                .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?,
+            _ => t,
+        };
+        out.tensors.insert(name, t);
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn map_file(path: &Path) -> Result<candle_core::safetensors::MmapedFile> {
+    // SAFETY: the mapping is read-only and checkpoint files (Hub blobs, or a model folder) are
+    // never rewritten in place while served; the tensors are copied out before the map is
+    // dropped.
+    unsafe { candle_core::safetensors::MmapedFile::new(path) }
+        .map_err(|e| Error::LoadWeights(format!("{}: {e}", path.display())))
+}

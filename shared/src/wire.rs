@@ -1,0 +1,113 @@
+//! Tensors on the wire: raw little-endian bytes with dtype and shape, no compression.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use shardserve_proto::v1 as pb;
+
+fn dtype_name(d: DType) -> Result<&'static str> {
+    match d {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => Err(Error::Wire(format!("dtype {other:?} is not sent between stages"))),
+    }
+}
+
+fn dtype_of(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(Error::Wire(format!("unknown dtype {other:?}"))),
+    }
+}
+
+/// Encodes a tensor (any layout) as raw little-endian bytes.
+pub fn encode(t: &Tensor) -> Result<pb::Tensor> {
+    let dtype = dtype_name(t.dtype())?;
+    let flat = t.flatten_all().map_err(Error::Forward)?;
+    let data: Vec<u8> = match t.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()
+            .map_err(Error::Forward)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()
+            .map_err(Error::Forward)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()
+            .map_err(Error::Forward)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => unreachable!("dtype_name rejected it"),
+    };
+    Ok(pb::Tensor {
+        dtype: dtype.to_string(),
+        shape: t.dims().iter().map(|&d| d as u64).collect(),
+        data,
+    })
+}
+
+/// Decodes a wire tensor onto `device`, checking that the bytes match dtype and shape.
+pub fn decode(t: &pb::Tensor, device: &Device) -> Result<Tensor> {
+    let dtype = dtype_of(&t.dtype)?;
+    let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+    let n: usize = shape.iter().product();
+    let want = n * dtype.size_in_bytes();
+    if t.data.len() != want {
+        return Err(Error::Wire(format!(
+            "{} bytes for a {:?} {} tensor that needs {want}",
+            t.data.len(),
+            shape,
+            t.dtype
+        )));
+    }
+    let b = &t.data;
+    let tensor = match dtype {
+        DType::F32 => {
+            let v: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            Tensor::from_vec(v, shape, device)
+        }
+        DType::BF16 => {
+            let v: Vec<half::bf16> = b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
+            Tensor::from_vec(v, shape, device)
+        }
+        DType::F16 => {
+            let v: Vec<half::f16> = b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+            Tensor::from_vec(v, shape, device)
+        }
+        _ => unreachable!("dtype_of rejected it"),
+    };
+    tensor.map_err(Error::Forward)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_all_dtypes() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((1, 4, 6)).unwrap();
+        for d in [DType::F32, DType::BF16, DType::F16] {
+            let x = t.to_dtype(d).unwrap();
+            let back = decode(&encode(&x).unwrap(), &Device::Cpu).unwrap();
+            assert_eq!(back.dims(), &[1, 4, 6]);
+            assert_eq!(back.dtype(), d);
+            let diff = (back.to_dtype(DType::F32).unwrap() - &t).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+
+    #[test]
+    fn wrong_length_is_rejected() {
+        let mut w = encode(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        w.data.pop();
+        assert!(decode(&w, &Device::Cpu).unwrap_err().to_string().contains("15 bytes"));
+    }
+}
