@@ -1,1 +1,84 @@
-//! placeholder
+//! The shardserve coordinator and the operator CLI.
+//!
+//! - [`engine`]: a model's placement over the fleet and the per-request step loop.
+//! - [`validate`]: client requests parsed into validated ones.
+//! - [`service`]: the `Inference` and `Admin` gRPC services.
+//! - [`membership`]: the fleet view, embedded in the coordinator or (later) in etcd.
+//! - [`error`]: request failures and their gRPC statuses.
+//! - [`cli`]: `shardctl`, the operator CLI.
+
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod membership;
+pub mod service;
+pub mod validate;
+
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub engine: engine::EngineConfig,
+    /// Lease TTL of embedded membership.
+    pub lease_ttl: Duration,
+}
+
+/// Serves the coordinator on `listener` until `shutdown` fires.
+pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use shardserve_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer, membership_server::MembershipServer};
+    let membership = membership::Embedded::new(config.lease_ttl, shutdown.clone());
+    let engine = engine::Engine::start(config.engine.clone(), membership.clone(), shutdown.clone()).await?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(service::InferenceService(engine.clone())))
+        .add_service(AdminServer::new(service::AdminService(engine.clone())))
+        .add_service(MembershipServer::new(membership::MembershipService(membership)))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Makes an `http://` URL of an address given with or without a scheme.
+pub fn url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// The default coordinator address clients use.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+
+/// Shared across the crate's binaries.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+

@@ -6,6 +6,7 @@
 //! - [`model`]: the sharded decoder (a layer range, plus embedding / head at the ends).
 //! - [`sampling`]: next-token choice with transformers' semantics.
 //! - [`tokenizer`]: tokenizer.json, incremental detokenization, stop sequences.
+//! - [`stage`]: the multiplexed client of a stage's Step stream.
 //! - [`wire`]: tensors between stages as raw little-endian bytes.
 //! - [`placement`]: which worker holds which layers.
 //! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
@@ -16,6 +17,7 @@ pub mod hub;
 pub mod model;
 pub mod placement;
 pub mod sampling;
+pub mod stage;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

@@ -1,1 +1,55 @@
-//! placeholder
+//! The shardserve worker: holds one shard of a model (a pipeline stage), runs its steps, streams
+//! hidden states to the next stage, and keeps itself registered with the fleet.
+//!
+//! - [`service`]: the `Worker` gRPC service (LoadShard, Step, Release, Stats).
+//! - [`register`]: joining the fleet and keeping the lease alive.
+
+pub mod register;
+pub mod service;
+
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique id in the fleet.
+    pub id: String,
+    /// The address other processes reach this worker at (host:port).
+    pub advertise: String,
+    /// The coordinator whose embedded membership this worker joins.
+    pub coordinator: String,
+    /// Longest a single step may take before the previous stage gives up on this one.
+    pub step_timeout: std::time::Duration,
+}
+
+/// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
+pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = Arc::new(service::WorkerState::new(config.id.clone(), config.step_timeout));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<shardserve_proto::v1::worker_server::WorkerServer<service::WorkerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let svc = shardserve_proto::v1::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))
+        .max_decoding_message_size(shardserve::stage::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shardserve::stage::MAX_MESSAGE_BYTES);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server_stop = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
+    let registration = register::keep_registered(config.clone(), state.clone(), shutdown.clone());
+    let (served, _) = tokio::join!(server, registration);
+    served?;
+    Ok(())
+}

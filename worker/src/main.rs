@@ -1,1 +1,79 @@
-fn main(){}
+//! `worker`: serves one shard of a model; joins the fleet through the coordinator.
+
+use clap::Parser;
+use shardserve_worker::{run, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// A shardserve worker: holds one pipeline stage of a model and runs it.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version)]
+struct Args {
+    /// Address to serve the Worker API on (port 0 picks a free one).
+    #[arg(long, env = "SHARDSERVE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Address other processes reach this worker at; defaults to the bound address.
+    #[arg(long, env = "SHARDSERVE_WORKER_ADVERTISE")]
+    advertise: Option<String>,
+    /// The coordinator to join (its embedded membership).
+    #[arg(long, env = "SHARDSERVE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Unique id of this worker; defaults to HOSTNAME-PID.
+    #[arg(long, env = "SHARDSERVE_WORKER_ID")]
+    id: Option<String>,
+    /// Seconds the next stage may take to answer one step before it is declared failed.
+    #[arg(long, env = "SHARDSERVE_STEP_TIMEOUT", default_value_t = 300)]
+    step_timeout_s: u64,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = args.advertise.unwrap_or_else(|| bound.to_string());
+    let coordinator = if args.coordinator.starts_with("http") {
+        args.coordinator
+    } else {
+        format!("http://{}", args.coordinator)
+    };
+    let config = WorkerConfig {
+        id: args.id.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+        advertise,
+        coordinator,
+        step_timeout: std::time::Duration::from_secs(args.step_timeout_s),
+    };
+    println!("listening {bound}");
+    tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    run(config, listener, shutdown).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,1 +1,94 @@
-fn main(){}
+//! `coordinator`: plans a model over the fleet and serves the client and admin APIs.
+
+use clap::Parser;
+use shardserve_coordinator::{engine::EngineConfig, run, CoordinatorConfig};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The shardserve coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version)]
+struct Args {
+    /// The model: a local folder or a Hugging Face Hub id (ORG/NAME).
+    #[arg(long, env = "SHARDSERVE_MODEL")]
+    model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, env = "SHARDSERVE_REVISION")]
+    revision: Option<String>,
+    /// Name clients use for the model (default: as given by --model).
+    #[arg(long, env = "SHARDSERVE_MODEL_NAME")]
+    name: Option<String>,
+    /// Address to serve on (port 0 picks a free one; printed as `listening ADDR`).
+    #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Compute dtype: auto (checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, env = "SHARDSERVE_DTYPE", default_value = "auto")]
+    dtype: String,
+    /// Workers (pipeline stages) to spread the model over; waits until that many joined.
+    #[arg(long, env = "SHARDSERVE_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// Cap on prompt + generated tokens (default: the model's max_position_embeddings).
+    #[arg(long, env = "SHARDSERVE_MAX_TOTAL_TOKENS")]
+    max_total_tokens: Option<usize>,
+    /// Requests in flight per model before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SHARDSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
+    max_concurrent_requests: usize,
+    /// Seconds a worker's lease lasts without a keep-alive.
+    #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
+    lease_ttl_s: u64,
+    /// Seconds one pipeline step may take before the request fails.
+    #[arg(long, env = "SHARDSERVE_STEP_TIMEOUT", default_value_t = 300)]
+    step_timeout_s: u64,
+}
+
+impl TryFrom<Args> for CoordinatorConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: Args) -> anyhow::Result<Self> {
+        anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(a.max_concurrent_requests >= 1, "--max-concurrent-requests must be at least 1");
+        anyhow::ensure!(a.lease_ttl_s >= 1, "--lease-ttl-s must be at least 1");
+        if let Some(m) = a.max_total_tokens {
+            anyhow::ensure!(m >= 2, "--max-total-tokens must be at least 2");
+        }
+        Ok(CoordinatorConfig {
+            engine: EngineConfig {
+                name: a.name.unwrap_or_else(|| a.model.clone()),
+                model: a.model,
+                revision: a.revision,
+                dtype: a.dtype,
+                workers: a.workers,
+                max_total_tokens: a.max_total_tokens,
+                max_concurrent_requests: a.max_concurrent_requests,
+                step_timeout: Duration::from_secs(a.step_timeout_s),
+            },
+            lease_ttl: Duration::from_secs(a.lease_ttl_s),
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    shardserve_coordinator::init_tracing();
+    let args = Args::parse();
+    let listen = args.listen.clone();
+    let result = async {
+        let config = CoordinatorConfig::try_from(args)?;
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        println!("listening {}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            shardserve_coordinator::shutdown_signal().await;
+            stop.cancel();
+        });
+        run(config, listener, shutdown).await
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("coordinator: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,201 @@
+//! `shardctl up`: a whole local cluster — a coordinator and N worker processes — in the
+//! foreground, stopped together on SIGTERM/SIGINT.
+
+use anyhow::{bail, Context};
+use shardserve_proto::v1 as pb;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Arguments of `shardctl up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// The model: a local folder or a Hugging Face Hub id (ORG/NAME).
+    #[arg(long, env = "SHARDSERVE_MODEL")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Worker processes; each holds one pipeline stage (= stages × --tp).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Tensor-parallel ranks per stage.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// etcd endpoint for membership (without it, membership is embedded in the coordinator).
+    #[arg(long, env = "SHARDSERVE_ETCD")]
+    pub etcd: Option<String>,
+    /// Address the coordinator serves on (port 0 picks a free one).
+    #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Compute dtype: auto, f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Cap on prompt + generated tokens.
+    #[arg(long)]
+    pub max_total_tokens: Option<usize>,
+    /// Seconds a worker's lease lasts without a keep-alive.
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl_s: u64,
+    /// Seconds to wait for the model to load before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub ready_timeout_s: u64,
+}
+
+/// A running local cluster; everything it started stops when it is dropped.
+pub struct LocalCluster {
+    pub url: String,
+    coordinator: Child,
+    workers: Vec<Child>,
+}
+
+/// Where the sibling binaries live: next to this one, or `SHARDSERVE_BIN_DIR`.
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("SHARDSERVE_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::current_exe()?
+            .parent()
+            .context("shardctl has no parent folder")?
+            .to_path_buf(),
+    };
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!("{} not found (build it with `cargo build --bins`, or set SHARDSERVE_BIN_DIR)", p.display());
+    }
+    Ok(p)
+}
+
+/// Reads lines of a child's stdout until one starts with `prefix`; returns the rest of it.
+async fn wait_line(child: &mut Child, prefix: &str, within: Duration) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("child stdout is not piped")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(within, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return anyhow::Ok(Some(rest.trim().to_string()));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .with_context(|| format!("no `{prefix}` line within {within:?}"))??;
+    // Keep draining so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    found.with_context(|| format!("exited before printing `{prefix}`"))
+}
+
+impl LocalCluster {
+    /// Starts the coordinator and workers and waits until the model serves.
+    pub async fn start(a: &UpArgs) -> anyhow::Result<Self> {
+        if a.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        if a.tp != 1 {
+            bail!("--tp {}: tensor parallelism is not available in this version; use --tp 1", a.tp);
+        }
+        if let Some(e) = &a.etcd {
+            bail!("--etcd {e}: etcd membership is not available in this version; omit --etcd for embedded membership");
+        }
+        let mut cmd = Command::new(bin_path("coordinator")?);
+        cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype])
+            .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(r) = &a.revision {
+            cmd.args(["--revision", r]);
+        }
+        if let Some(m) = a.max_total_tokens {
+            cmd.args(["--max-total-tokens", &m.to_string()]);
+        }
+        let mut coordinator = cmd.spawn().context("starting the coordinator")?;
+        let addr = wait_line(&mut coordinator, "listening ", Duration::from_secs(60))
+            .await
+            .context("the coordinator did not start")?;
+        let url = crate::url(&addr);
+        let mut cluster = LocalCluster {
+            url: url.clone(),
+            coordinator,
+            workers: Vec::new(),
+        };
+        for i in 0..a.workers {
+            let child = Command::new(bin_path("worker")?)
+                .args(["--coordinator", &url, "--listen", "127.0.0.1:0"])
+                .args(["--id", &format!("worker-{i}-{}", std::process::id())])
+                .stdout(Stdio::null())
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a worker")?;
+            cluster.workers.push(child);
+        }
+        cluster.wait_ready(Duration::from_secs(a.ready_timeout_s)).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(status) = self.coordinator.try_wait()? {
+                bail!("the coordinator exited ({status}) before the model was ready");
+            }
+            if let Ok(mut c) = pb::inference_client::InferenceClient::connect(self.url.clone()).await {
+                if let Ok(r) = c.list_models(pb::ListModelsRequest {}).await {
+                    let models = r.into_inner().models;
+                    if !models.is_empty() && models.iter().all(|m| m.state == "ready") {
+                        return Ok(());
+                    }
+                    if let Ok(mut a) = pb::admin_client::AdminClient::connect(self.url.clone()).await {
+                        if let Ok(s) = a.cluster_status(pb::ClusterStatusRequest {}).await {
+                            last = s.into_inner().models.iter().map(|m| m.detail.clone()).collect::<Vec<_>>().join("; ");
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the model was not ready within {within:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops everything: SIGTERM, then SIGKILL for what is still running after 10 s.
+    pub async fn stop(mut self) {
+        let mut all: Vec<&mut Child> = self.workers.iter_mut().collect();
+        all.push(&mut self.coordinator);
+        for c in &all {
+            if let Some(pid) = c.id() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+        for c in all {
+            if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+
+    /// Waits until the coordinator exits (an error: it should not).
+    async fn coordinator_exit(&mut self) -> anyhow::Result<()> {
+        let status = self.coordinator.wait().await?;
+        bail!("the coordinator exited unexpectedly ({status})")
+    }
+}
+
+/// `shardctl up`.
+pub async fn up(a: UpArgs) -> anyhow::Result<()> {
+    let mut cluster = tokio::select! {
+        c = LocalCluster::start(&a) => c?,
+        _ = crate::shutdown_signal() => bail!("interrupted before the cluster was ready"),
+    };
+    println!("ready {}", cluster.url);
+    let result = tokio::select! {
+        _ = crate::shutdown_signal() => Ok(()),
+        r = cluster.coordinator_exit() => r,
+    };
+    cluster.stop().await;
+    result
+}

@@ -1,0 +1,147 @@
+//! `shardctl generate`: one request to a running cluster, printed as text, a stream or JSON.
+
+use super::{status_error, Target};
+use shardserve_proto::v1 as pb;
+use std::io::Write;
+
+/// Arguments of `shardctl generate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Model name (default: the only model served).
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_new_tokens: Option<i32>,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Top-k filtering; 0 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<i32>,
+    /// Repetition penalty; 1 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
+    /// Random seed: same seed, same tokens.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop before this string (repeatable, at most 8).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print text as it is generated.
+    #[arg(long)]
+    pub stream: bool,
+    /// Print one JSON document: {"text","token_ids","prompt_token_ids","finish_reason","usage"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Include per-token log-probabilities (in --json output).
+    #[arg(long)]
+    pub logprobs: bool,
+}
+
+impl GenerateArgs {
+    fn request(&self) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            model: self.model.clone(),
+            prompt: self.prompt.clone(),
+            max_new_tokens: self.max_new_tokens,
+            sampling: Some(pb::SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            }),
+            stop: self.stop.clone(),
+            logprobs: self.logprobs,
+        }
+    }
+}
+
+/// The result of a generation, however it was received.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Generated {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_token_ids: Vec<u32>,
+    pub finish_reason: String,
+    pub usage: (u32, u32),
+    pub logprobs: Vec<f32>,
+}
+
+impl Generated {
+    /// The JSON document `--json` prints.
+    pub fn to_json(&self, with_logprobs: bool) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_token_ids": self.prompt_token_ids,
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": self.usage.0, "completion_tokens": self.usage.1},
+        });
+        if with_logprobs {
+            v["logprobs"] = serde_json::json!(self.logprobs);
+        }
+        v
+    }
+}
+
+/// `shardctl generate`.
+pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let url = crate::url(&a.target.coordinator);
+    let mut client = pb::inference_client::InferenceClient::connect(url.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    let mut out = Generated::default();
+    if a.stream {
+        let mut stream = client.generate_stream(a.request()).await.map_err(status_error)?.into_inner();
+        let stdout = std::io::stdout();
+        while let Some(msg) = stream.message().await.map_err(status_error)? {
+            if !a.json {
+                let mut lock = stdout.lock();
+                write!(lock, "{}", msg.text)?;
+                lock.flush()?;
+            }
+            out.text.push_str(&msg.text);
+            out.token_ids.extend(msg.token_ids);
+            out.logprobs.extend(msg.logprobs);
+            if !msg.prompt_token_ids.is_empty() {
+                out.prompt_token_ids = msg.prompt_token_ids;
+            }
+            if !msg.finish_reason.is_empty() {
+                out.finish_reason = msg.finish_reason;
+            }
+            if let Some(u) = msg.usage {
+                out.usage = (u.prompt_tokens, u.completion_tokens);
+            }
+        }
+        if !a.json {
+            println!();
+        }
+    } else {
+        let r = client.generate(a.request()).await.map_err(status_error)?.into_inner();
+        out = Generated {
+            text: r.text,
+            token_ids: r.token_ids,
+            prompt_token_ids: r.prompt_token_ids,
+            finish_reason: r.finish_reason,
+            usage: r.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or_default(),
+            logprobs: r.logprobs,
+        };
+        if !a.json {
+            println!("{}", out.text);
+        }
+    }
+    if a.json {
+        println!("{}", out.to_json(a.logprobs));
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! `shardctl`, the operator CLI: start a local cluster, generate, inspect, make tiny models.
+
+pub mod cluster;
+pub mod demo;
+pub mod dev;
+pub mod generate;
+pub mod status;
+
+use clap::{Parser, Subcommand};
+
+/// shardctl: run and operate a shardserve cluster.
+#[derive(Debug, Parser)]
+#[command(name = "shardctl", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The coordinator a command talks to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// Coordinator URL.
+    #[arg(long, env = "SHARDSERVE_COORDINATOR", default_value = crate::DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole local cluster (coordinator + workers) in the foreground.
+    Up(cluster::UpArgs),
+    /// Generate text from a running cluster.
+    Generate(generate::GenerateArgs),
+    /// Show models, placements and health.
+    Status(status::StatusArgs),
+    /// List the workers of the fleet.
+    Workers(status::WorkersArgs),
+    /// Build a tiny model, start a local cluster, generate, and print the output and tokens/s.
+    Demo(demo::DemoArgs),
+    /// Developer tools.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(a) => cluster::up(a).await,
+        Command::Generate(a) => generate::run(a).await,
+        Command::Status(a) => status::status(a).await,
+        Command::Workers(a) => status::workers(a).await,
+        Command::Demo(a) => demo::run(a).await,
+        Command::Dev(d) => dev::run(d),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("shardctl: error: {e:#}");
+            1
+        }
+    }
+}
+
+/// Turns a gRPC status into a one-line error that keeps its code.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,114 @@
+//! `shardctl status` and `shardctl workers`: what the cluster serves and who is in the fleet.
+
+use super::{status_error, Target};
+use shardserve_proto::v1 as pb;
+
+/// Arguments of `shardctl status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `shardctl workers`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+async fn admin(target: &Target) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    let url = crate::url(&target.coordinator);
+    pb::admin_client::AdminClient::connect(url.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))
+}
+
+/// `shardctl status`.
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let s = admin(&a.target).await?.cluster_status(pb::ClusterStatusRequest {}).await.map_err(status_error)?.into_inner();
+    let models: Vec<serde_json::Value> = s
+        .models
+        .iter()
+        .map(|m| {
+            let info = m.model.clone().unwrap_or_default();
+            serde_json::json!({
+                "name": info.name,
+                "state": info.state,
+                "architecture": info.architecture,
+                "layers": info.num_layers,
+                "dtype": info.dtype,
+                "detail": m.detail,
+                "placement": m.stages.iter().map(|st| serde_json::json!({
+                    "stage": st.stage,
+                    "worker": st.worker_id,
+                    "address": st.address,
+                    "layers": [st.layer_start, st.layer_end],
+                    "embeddings": st.embeddings,
+                    "lm_head": st.lm_head,
+                    "bytes": st.bytes,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"membership": s.membership, "workers": s.workers, "models": models})
+        );
+        return Ok(());
+    }
+    println!("membership: {}  workers: {}", s.membership, s.workers);
+    for m in &s.models {
+        let info = m.model.clone().unwrap_or_default();
+        println!("model {} [{}] {} layers={} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);
+        for st in &m.stages {
+            println!(
+                "  stage {} worker {} ({}) layers {}..{} {} MiB",
+                st.stage,
+                st.worker_id,
+                st.address,
+                st.layer_start,
+                st.layer_end,
+                st.bytes / (1 << 20)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `shardctl workers`.
+pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
+    let w = admin(&a.target).await?.list_workers(pb::ListWorkersRequest {}).await.map_err(status_error)?.into_inner();
+    if a.json {
+        let list: Vec<serde_json::Value> = w
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.id,
+                    "address": w.address,
+                    "state": w.state,
+                    "pid": w.pid,
+                    "version": w.version,
+                    "devices": w.devices.iter().map(|d| serde_json::json!({
+                        "name": d.name, "total_memory": d.total_memory, "free_memory": d.free_memory,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "workers": list }));
+        return Ok(());
+    }
+    println!("{:<28} {:<22} {:<10} {:>8}", "ID", "ADDRESS", "STATE", "PID");
+    for w in &w.workers {
+        println!("{:<28} {:<22} {:<10} {:>8}", w.id, w.address, w.state, w.pid);
+    }
+    Ok(())
+}

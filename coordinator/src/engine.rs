@@ -1,0 +1,476 @@
+//! The serving engine: for each model, its tokenizer and configs, its placement over the fleet
+//! (planned, loaded and re-planned when workers come and go), and the per-request loop that
+//! drives steps through the pipeline, detokenizes, and stops on eos, stop strings or length.
+
+use crate::error::ServeError;
+use crate::membership::Membership;
+use shardserve::config::{GenerationConfig, ModelConfig};
+use shardserve::stage::StageClient;
+use shardserve::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
+use shardserve_proto::v1 as pb;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How the engine serves its model.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The model as given: a folder or a Hub id.
+    pub model: String,
+    pub revision: Option<String>,
+    /// The name clients use; defaults to `model`.
+    pub name: String,
+    /// "auto", "f32", "bf16" or "f16".
+    pub dtype: String,
+    /// Pipeline stages, one worker each.
+    pub workers: usize,
+    /// Caps prompt + generated tokens below the model's own limit.
+    pub max_total_tokens: Option<usize>,
+    /// Requests in flight per model before RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Longest one step may take.
+    pub step_timeout: Duration,
+}
+
+/// One stage of a placement.
+#[derive(Debug, Clone)]
+pub struct StageAssignment {
+    pub worker_id: String,
+    pub address: String,
+    pub layers: Range<usize>,
+    pub bytes: u64,
+}
+
+/// Where a model lives, and the stream into its first stage.
+pub struct Placement {
+    pub stages: Vec<StageAssignment>,
+    first: Arc<StageClient>,
+    release: shardserve_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>,
+    id: u64,
+}
+
+/// Whether a model can take requests.
+#[derive(Clone)]
+pub enum ServingState {
+    Loading(String),
+    Ready(Arc<Placement>),
+    Unavailable(String),
+}
+
+impl ServingState {
+    /// "loading", "ready" or "unavailable".
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServingState::Loading(_) => "loading",
+            ServingState::Ready(_) => "ready",
+            ServingState::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// A model the engine serves.
+pub struct ModelEntry {
+    pub name: String,
+    pub config: ModelConfig,
+    pub generation: GenerationConfig,
+    pub tokenizer: Tokenizer,
+    pub eos: Vec<u32>,
+    pub max_total_tokens: usize,
+    pub dtype: String,
+    state: RwLock<ServingState>,
+    active: AtomicUsize,
+    ever_ready: std::sync::atomic::AtomicBool,
+}
+
+impl ModelEntry {
+    /// The current state.
+    pub fn state(&self) -> ServingState {
+        self.state.read().expect("state lock").clone()
+    }
+
+    fn set_state(&self, s: ServingState) {
+        if matches!(s, ServingState::Ready(_)) {
+            self.ever_ready.store(true, Ordering::SeqCst);
+        }
+        *self.state.write().expect("state lock") = s;
+    }
+
+    /// Not-ready state with the right flavour: loading until first ready, unavailable after.
+    fn not_ready(&self, why: String) -> ServingState {
+        if self.ever_ready.load(Ordering::SeqCst) {
+            ServingState::Unavailable(why)
+        } else {
+            ServingState::Loading(why)
+        }
+    }
+
+    /// Requests in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: shardserve::sampling::SamplingParams,
+    pub stop: Vec<String>,
+    pub logprobs: bool,
+}
+
+/// Something the request loop produced.
+#[derive(Debug, Clone, Default)]
+pub struct GenEvent {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// Set on the last event.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// The engine.
+pub struct Engine {
+    config: EngineConfig,
+    model: Arc<ModelEntry>,
+    membership: Arc<dyn Membership>,
+    broken: Notify,
+    next_seq: AtomicU64,
+    next_placement: AtomicU64,
+}
+
+impl Engine {
+    /// Reads the model's configs and tokenizer (on the coordinator, from the shared cache) and
+    /// starts planning as workers join.
+    pub async fn start(config: EngineConfig, membership: Arc<dyn Membership>, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+        let (spec, rev) = (config.model.clone(), config.revision.clone());
+        let (files, cfg, generation, tokenizer) = tokio::task::spawn_blocking(move || -> shardserve::Result<_> {
+            let files = shardserve::hub::resolve(&spec, rev.as_deref())?;
+            let cfg = ModelConfig::from_file(&files.file("config.json"))?;
+            let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
+            let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
+            Ok((files, cfg, generation, tokenizer))
+        })
+        .await??;
+        // Checked here so a bad value fails at start, not on every load.
+        shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
+        let eos = generation.eos_ids(&cfg);
+        let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
+        info!(model = %config.name, dir = %files.dir.display(), architecture = cfg.architecture.hf_name(), layers = cfg.num_layers, "model configured");
+        let model = Arc::new(ModelEntry {
+            name: config.name.clone(),
+            eos,
+            max_total_tokens,
+            dtype: config.dtype.clone(),
+            config: cfg,
+            generation,
+            tokenizer,
+            state: RwLock::new(ServingState::Loading(format!("waiting for workers: 0 of {}", config.workers))),
+            active: AtomicUsize::new(0),
+            ever_ready: Default::default(),
+        });
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let engine = Arc::new(Engine {
+            config,
+            model,
+            membership,
+            broken: Notify::new(),
+            // Ids from a restarted coordinator do not collide with stale ones on workers.
+            next_seq: AtomicU64::new(seed & 0x0fff_ffff_ffff_ffff),
+            next_placement: AtomicU64::new(1),
+        });
+        tokio::spawn(engine.clone().reconcile(shutdown));
+        Ok(engine)
+    }
+
+    /// The models served.
+    pub fn models(&self) -> Vec<Arc<ModelEntry>> {
+        vec![self.model.clone()]
+    }
+
+    /// The fleet.
+    pub fn membership(&self) -> &Arc<dyn Membership> {
+        &self.membership
+    }
+
+    /// Finds a model by name; empty means the only one.
+    pub fn model(&self, name: &str) -> Result<Arc<ModelEntry>, ServeError> {
+        if name.is_empty() || name == self.model.name {
+            Ok(self.model.clone())
+        } else {
+            Err(ServeError::NotFound(format!(
+                "model {name:?} is not served here (served: {:?})",
+                self.model.name
+            )))
+        }
+    }
+
+    /// Keeps the placement matching the fleet until shutdown.
+    async fn reconcile(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut changes = self.membership.changes();
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let workers = self.membership.workers();
+            let state = self.model.state();
+            let healthy = match &state {
+                ServingState::Ready(p) => p
+                    .stages
+                    .iter()
+                    .all(|s| workers.iter().any(|w| w.id == s.worker_id && w.address == s.address)),
+                _ => false,
+            };
+            if !healthy {
+                if let ServingState::Ready(p) = &state {
+                    let gone: Vec<&str> = p
+                        .stages
+                        .iter()
+                        .filter(|s| !workers.iter().any(|w| w.id == s.worker_id))
+                        .map(|s| s.worker_id.as_str())
+                        .collect();
+                    let why = format!("worker(s) {} left the fleet", gone.join(", "));
+                    warn!(model = %self.model.name, reason = %why, "placement lost");
+                    self.model.set_state(ServingState::Unavailable(why));
+                }
+                let wanted = self.config.workers;
+                if workers.len() < wanted {
+                    let why = format!("waiting for workers: {} of {wanted} registered", workers.len());
+                    self.model.set_state(self.model.not_ready(why));
+                } else {
+                    match self.load(&workers[..wanted]).await {
+                        Ok(p) => {
+                            info!(model = %self.model.name, stages = p.stages.len(), "model ready");
+                            self.model.set_state(ServingState::Ready(Arc::new(p)));
+                            backoff = Duration::from_millis(250);
+                        }
+                        Err(why) => {
+                            warn!(model = %self.model.name, error = %why, "loading failed; will retry");
+                            self.model.set_state(self.model.not_ready(why));
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+                _ = self.broken.notified() => {}
+            }
+        }
+    }
+
+    /// Plans over `workers` and loads every stage.
+    async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, String> {
+        let ranges = shardserve::placement::even_split(self.model.config.num_layers, workers.len());
+        let n = ranges.len();
+        let mut calls = Vec::new();
+        for (i, range) in ranges.iter().enumerate() {
+            let w = workers[i].clone();
+            let next = workers.get(i + 1).filter(|_| i + 1 < n).map(|w| w.address.clone()).unwrap_or_default();
+            let req = pb::LoadShardRequest {
+                model: self.config.model.clone(),
+                revision: self.config.revision.clone().unwrap_or_default(),
+                dtype: self.config.dtype.clone(),
+                stage: i as u32,
+                num_stages: n as u32,
+                layer_start: range.start as u32,
+                layer_end: range.end as u32,
+                next_address: next,
+            };
+            calls.push(async move {
+                let mut client = shardserve::stage::connect(&w.address).await.map_err(|e| format!("worker {}: {}", w.id, e.message()))?;
+                let resp = client
+                    .load_shard(req)
+                    .await
+                    .map_err(|e| format!("loading stage {i} on worker {}: {}", w.id, e.message()))?
+                    .into_inner();
+                Ok::<_, String>(StageAssignment {
+                    worker_id: w.id.clone(),
+                    address: w.address.clone(),
+                    layers: range.clone(),
+                    bytes: resp.bytes,
+                })
+            });
+        }
+        let stages = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, String>>()?;
+        let first = Arc::new(StageClient::new(stages[0].worker_id.clone(), stages[0].address.clone()));
+        let release = shardserve::stage::lazy_client(&stages[0].address).map_err(|e| e.message().to_string())?;
+        Ok(Placement {
+            stages,
+            first,
+            release,
+            id: self.next_placement.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Marks a placement broken (a stage failed) so it is re-planned.
+    fn placement_failed(&self, placement: &Placement, why: &str) {
+        let current = matches!(self.model.state(), ServingState::Ready(p) if p.id == placement.id);
+        if current {
+            warn!(model = %self.model.name, reason = %why, "stage failed; re-planning");
+            self.model.set_state(ServingState::Unavailable(why.to_string()));
+            self.broken.notify_one();
+        }
+    }
+
+    /// Runs one request to completion, sending events to `out`. Returns when it finished,
+    /// failed, or `out` closed (the client went away).
+    pub async fn generate(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, out: mpsc::Sender<GenEvent>) -> Result<(), ServeError> {
+        let placement = match model.state() {
+            ServingState::Ready(p) => p,
+            ServingState::Loading(why) => {
+                return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name)))
+            }
+            ServingState::Unavailable(why) => {
+                return Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
+            }
+        };
+        let in_flight = model.active.fetch_add(1, Ordering::SeqCst);
+        let _active = ActiveGuard(model.clone());
+        if in_flight >= self.config.max_concurrent_requests {
+            return Err(ServeError::Exhausted(format!(
+                "model {} already has {in_flight} requests in flight (max_concurrent_requests = {})",
+                model.name, self.config.max_concurrent_requests
+            )));
+        }
+        let seq_id = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let _release = ReleaseGuard {
+            client: placement.release.clone(),
+            seq_id,
+        };
+        let sampling = pb::SamplingParams {
+            temperature: Some(req.sampling.temperature),
+            top_p: Some(req.sampling.top_p),
+            top_k: Some(req.sampling.top_k as i32),
+            repetition_penalty: Some(req.sampling.repetition_penalty),
+            seed: Some(req.sampling.seed),
+        };
+        let mut decoder = IncrementalDecoder::new(&req.prompt_ids);
+        let mut stops = StopMatcher::new(req.stop.clone());
+        let mut feed = req.prompt_ids.clone();
+        let mut pos = 0usize;
+        let mut generated = 0usize;
+        debug!(model = %model.name, seq_id, prompt_tokens = req.prompt_ids.len(), "request started");
+        loop {
+            let step = pb::StepRequest {
+                step_id: seq_id,
+                sequences: vec![pb::SequenceStep {
+                    seq_id,
+                    token_ids: feed.clone(),
+                    start_pos: pos as u32,
+                    sampling: (pos == 0).then(|| sampling.clone()),
+                    logprobs: req.logprobs,
+                }],
+                hidden: None,
+            };
+            let resp = tokio::select! {
+                r = placement.first.step(step, self.config.step_timeout) => r,
+                _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
+            };
+            let resp = match resp {
+                Ok(r) => r,
+                Err(status) => {
+                    if status.code() == tonic::Code::Unavailable {
+                        self.placement_failed(&placement, status.message());
+                    }
+                    return Err(ServeError::from_stage(status.code(), status.message().to_string()));
+                }
+            };
+            let result = resp
+                .results
+                .into_iter()
+                .find(|r| r.seq_id == seq_id)
+                .ok_or_else(|| ServeError::Internal(format!("stage answer lacks sequence {seq_id}")))?;
+            if !result.error.is_empty() {
+                let code = tonic::Code::from_i32(result.code);
+                if code == tonic::Code::Unavailable {
+                    self.placement_failed(&placement, &result.error);
+                }
+                return Err(ServeError::from_stage(code, result.error));
+            }
+            pos += feed.len();
+            generated += 1;
+            let token = result.token_id;
+            let mut event = GenEvent {
+                token_ids: vec![token],
+                logprobs: if req.logprobs { vec![result.logprob] } else { Vec::new() },
+                ..Default::default()
+            };
+            let tok_err = |e: shardserve::Error| ServeError::Internal(e.to_string());
+            if model.eos.contains(&token) {
+                event.text = stops.push(&decoder.flush(&model.tokenizer).map_err(tok_err)?).text + &stops.finish();
+                event.finish_reason = Some("eos");
+            } else {
+                let piece = decoder.push(&model.tokenizer, token).map_err(tok_err)?;
+                let outcome = stops.push(&piece);
+                event.text = outcome.text;
+                if outcome.stopped {
+                    event.finish_reason = Some("stop");
+                } else if generated >= req.max_new_tokens {
+                    let rest = decoder.flush(&model.tokenizer).map_err(tok_err)?;
+                    let outcome = stops.push(&rest);
+                    event.text += &outcome.text;
+                    if outcome.stopped {
+                        event.finish_reason = Some("stop");
+                    } else {
+                        event.text += &stops.finish();
+                        event.finish_reason = Some("length");
+                    }
+                }
+            }
+            let done = event.finish_reason.is_some();
+            if out.send(event).await.is_err() {
+                return Err(ServeError::Cancelled("the client went away".into()));
+            }
+            if done {
+                debug!(model = %model.name, seq_id, generated, "request finished");
+                return Ok(());
+            }
+            feed = vec![token];
+        }
+    }
+}
+
+struct ActiveGuard(Arc<ModelEntry>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Frees the sequence on every stage when the request ends, however it ends (a dropped
+/// future included).
+struct ReleaseGuard {
+    client: shardserve_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>,
+    seq_id: u64,
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        let mut client = self.client.clone();
+        let seq_id = self.seq_id;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let call = client.release(pb::ReleaseRequest { seq_ids: vec![seq_id] });
+                match tokio::time::timeout(Duration::from_secs(3), call).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => debug!(seq_id, error = %e, "release failed"),
+                    Err(_) => debug!(seq_id, "release timed out"),
+                }
+            });
+        }
+    }
+}

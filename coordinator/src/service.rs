@@ -1,0 +1,216 @@
+//! The coordinator's gRPC services: `Inference` for clients and `Admin` for operators.
+
+use crate::engine::{Engine, GenEvent, ServingState};
+use crate::error::ServeError;
+use crate::validate::validate;
+use shardserve_proto::v1 as pb;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+/// `Inference` over an [`Engine`].
+pub struct InferenceService(pub Arc<Engine>);
+
+fn usage(prompt: usize, completion: usize) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: prompt as u32,
+        completion_tokens: completion as u32,
+    }
+}
+
+type GenStream = Pin<Box<dyn futures::Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for InferenceService {
+    #[instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let req = request.into_inner();
+        let model = self.0.model(&req.model)?;
+        let valid = validate(&model, &req)?;
+        let prompt_ids = valid.prompt_ids.clone();
+        let (tx, mut rx) = mpsc::channel::<GenEvent>(64);
+        let engine = self.0.clone();
+        let m = model.clone();
+        let run = async move { engine.generate(&m, valid, tx).await };
+        let collect = async {
+            let mut resp = pb::GenerateResponse {
+                prompt_token_ids: prompt_ids.clone(),
+                ..Default::default()
+            };
+            while let Some(ev) = rx.recv().await {
+                resp.text.push_str(&ev.text);
+                resp.token_ids.extend(ev.token_ids);
+                resp.logprobs.extend(ev.logprobs);
+                if let Some(r) = ev.finish_reason {
+                    resp.finish_reason = r.to_string();
+                }
+            }
+            resp
+        };
+        let (result, mut resp) = tokio::join!(run, collect);
+        result?;
+        resp.usage = Some(usage(prompt_ids.len(), resp.token_ids.len()));
+        Ok(Response::new(resp))
+    }
+
+    type GenerateStreamStream = GenStream;
+
+    #[instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
+        let req = request.into_inner();
+        let model = self.0.model(&req.model)?;
+        let valid = validate(&model, &req)?;
+        // Fail before the stream opens when the model cannot serve, so the client sees the
+        // status itself rather than an empty stream.
+        match model.state() {
+            ServingState::Ready(_) => {}
+            ServingState::Loading(why) => {
+                return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name)).into())
+            }
+            ServingState::Unavailable(why) => {
+                return Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)).into())
+            }
+        }
+        let prompt_ids = valid.prompt_ids.clone();
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
+        let engine = self.0.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel::<GenEvent>(16);
+            let run = engine.generate(&model, valid, tx);
+            let forward = async {
+                let mut first = true;
+                let mut completion = 0usize;
+                while let Some(ev) = rx.recv().await {
+                    completion += ev.token_ids.len();
+                    let msg = pb::GenerateStreamResponse {
+                        text: ev.text,
+                        token_ids: ev.token_ids,
+                        logprobs: ev.logprobs,
+                        finish_reason: ev.finish_reason.unwrap_or_default().to_string(),
+                        usage: ev.finish_reason.map(|_| usage(prompt_ids.len(), completion)),
+                        prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
+                    };
+                    first = false;
+                    if out_tx.send(Ok(msg)).await.is_err() {
+                        // The client went away: dropping the receiver stops the engine.
+                        return;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(run, forward);
+            if let Err(e) = result {
+                if !matches!(e, ServeError::Cancelled(_)) {
+                    let _ = out_tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        let model = self.0.model(&req.model)?;
+        let token_ids = model
+            .tokenizer
+            .encode(&req.text)
+            .map_err(|e| Status::invalid_argument(format!("text cannot be tokenized: {e}")))?;
+        let tokens = model
+            .tokenizer
+            .tokens(&req.text)
+            .map_err(|e| Status::invalid_argument(format!("text cannot be tokenized: {e}")))?;
+        Ok(Response::new(pb::TokenizeResponse { token_ids, tokens }))
+    }
+
+    async fn list_models(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self.0.models().iter().map(|m| model_info(m)).collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
+    pb::ModelInfo {
+        name: m.name.clone(),
+        state: m.state().name().to_string(),
+        architecture: m.config.architecture.hf_name().to_string(),
+        max_position_embeddings: m.max_total_tokens as u32,
+        dtype: m.dtype.clone(),
+        num_layers: m.config.num_layers as u32,
+    }
+}
+
+/// `Admin` over an [`Engine`].
+pub struct AdminService(pub Arc<Engine>);
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let models = self
+            .0
+            .models()
+            .iter()
+            .map(|m| {
+                let state = m.state();
+                let (stages, detail) = match &state {
+                    ServingState::Ready(p) => {
+                        let n = p.stages.len();
+                        let stages = p
+                            .stages
+                            .iter()
+                            .enumerate()
+                            .map(|(i, s)| pb::StageInfo {
+                                stage: i as u32,
+                                worker_id: s.worker_id.clone(),
+                                address: s.address.clone(),
+                                layer_start: s.layers.start as u32,
+                                layer_end: s.layers.end as u32,
+                                embeddings: i == 0,
+                                lm_head: i + 1 == n,
+                                bytes: s.bytes,
+                            })
+                            .collect();
+                        (stages, format!("{} requests in flight", m.active()))
+                    }
+                    ServingState::Loading(why) | ServingState::Unavailable(why) => (Vec::new(), why.clone()),
+                };
+                pb::ModelStatus {
+                    model: Some(model_info(m)),
+                    stages,
+                    detail,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            models,
+            workers: self.0.membership().workers().len() as u32,
+            membership: self.0.membership().kind().to_string(),
+        }))
+    }
+
+    async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let mut workers = self.0.membership().workers();
+        let serving: Vec<(String, u32)> = self
+            .0
+            .models()
+            .iter()
+            .filter_map(|m| match m.state() {
+                ServingState::Ready(p) => Some(p),
+                _ => None,
+            })
+            .flat_map(|p| {
+                p.stages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.worker_id.clone(), i as u32))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for w in &mut workers {
+            if serving.iter().any(|(id, _)| *id == w.id) {
+                w.state = "serving".into();
+            }
+        }
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}

@@ -1,0 +1,178 @@
+//! A client of a stage's `Worker.Step` stream: one long-lived bidirectional stream per hop,
+//! many steps in flight on it, each answer matched to its step. A broken stream fails every
+//! step in flight at once, naming the stage, and the next step reconnects.
+
+use shardserve_proto::v1 as pb;
+use shardserve_proto::v1::worker_client::WorkerClient;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// The largest message a stage sends or accepts: hidden states of the longest prefill the
+/// biggest supported config allows fit well inside it.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<pb::StepResponse, Status>>>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<pb::StepRequest>,
+    pending: Pending,
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Steps sent to one stage.
+pub struct StageClient {
+    name: String,
+    address: String,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for StageClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageClient").field("name", &self.name).field("address", &self.address).finish()
+    }
+}
+
+/// Opens a channel to a worker with the settings every hop uses: no Nagle delay, HTTP/2
+/// keep-alive so a silent peer is noticed, bounded connect time.
+pub async fn connect(address: &str) -> Result<WorkerClient<Channel>, Status> {
+    let url = if address.starts_with("http") { address.to_string() } else { format!("http://{address}") };
+    let channel = Endpoint::from_shared(url)
+        .map_err(|e| Status::invalid_argument(format!("bad worker address {address:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach worker at {address}: {e}")))?;
+    Ok(WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A client that connects on first use, for occasional calls such as `Release`.
+pub fn lazy_client(address: &str) -> Result<WorkerClient<Channel>, Status> {
+    let url = if address.starts_with("http") { address.to_string() } else { format!("http://{address}") };
+    let channel = Endpoint::from_shared(url)
+        .map_err(|e| Status::invalid_argument(format!("bad worker address {address:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(WorkerClient::new(channel))
+}
+
+impl StageClient {
+    /// A client for the stage served at `address`; `name` (e.g. the worker id) appears in errors.
+    pub fn new(name: impl Into<String>, address: impl Into<String>) -> Self {
+        StageClient {
+            name: name.into(),
+            address: address.into(),
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The stage's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The stage's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self) -> Result<Conn, Status> {
+        let mut client = connect(&self.address).await?;
+        let (tx, rx) = mpsc::unbounded_channel::<pb::StepRequest>();
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let mut inbound = client
+            .step(stream)
+            .await
+            .map_err(|e| self.unavailable(&format!("opening the step stream: {}", e.message())))?
+            .into_inner();
+        let pending: Pending = Arc::default();
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, b, who) = (pending.clone(), broken.clone(), self.describe());
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(resp)) => {
+                        let waiter = p.lock().expect("pending lock").remove(&resp.step_id);
+                        if let Some(w) = waiter {
+                            let _ = w.send(Ok(resp));
+                        }
+                    }
+                    Ok(None) => break "the stream ended".to_string(),
+                    Err(e) => break e.message().to_string(),
+                }
+            };
+            b.store(true, Ordering::SeqCst);
+            let waiters: Vec<_> = p.lock().expect("pending lock").drain().collect();
+            for (_, w) in waiters {
+                let _ = w.send(Err(Status::unavailable(format!("{who} failed: {reason}"))));
+            }
+        });
+        Ok(Conn { tx, pending, broken })
+    }
+
+    fn describe(&self) -> String {
+        format!("stage worker {} ({})", self.name, self.address)
+    }
+
+    fn unavailable(&self, what: &str) -> Status {
+        Status::unavailable(format!("{}: {what}", self.describe()))
+    }
+
+    /// Sends one step and waits for its answer (bounded by `timeout`).
+    pub async fn step(&self, mut req: pb::StepRequest, timeout: Duration) -> Result<pb::StepResponse, Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let caller_id = req.step_id;
+        req.step_id = id;
+        let (otx, orx) = oneshot::channel();
+        {
+            let mut guard = self.conn.lock().await;
+            let stale = guard.as_ref().is_none_or(|c| c.broken.load(Ordering::SeqCst));
+            if stale {
+                *guard = Some(self.open().await?);
+            }
+            let conn = guard.as_ref().expect("just opened");
+            conn.pending.lock().expect("pending lock").insert(id, otx);
+            if conn.tx.send(req).is_err() {
+                conn.pending.lock().expect("pending lock").remove(&id);
+                conn.broken.store(true, Ordering::SeqCst);
+                return Err(self.unavailable("the step stream is closed"));
+            }
+        }
+        match tokio::time::timeout(timeout, orx).await {
+            Ok(Ok(Ok(mut resp))) => {
+                resp.step_id = caller_id;
+                Ok(resp)
+            }
+            Ok(Ok(Err(status))) => Err(status),
+            Ok(Err(_)) => Err(self.unavailable("the step stream closed")),
+            Err(_) => {
+                if let Some(c) = self.conn.lock().await.as_ref() {
+                    c.pending.lock().expect("pending lock").remove(&id);
+                }
+                Err(Status::deadline_exceeded(format!(
+                    "{} did not answer a step within {:?}",
+                    self.describe(),
+                    timeout
+                )))
+            }
+        }
+    }
+
+    /// Closes the stream (steps in flight fail).
+    pub async fn close(&self) {
+        self.conn.lock().await.take();
+    }
+}

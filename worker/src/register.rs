@@ -1,0 +1,98 @@
+//! Joining the fleet through the coordinator's embedded membership: register, renew the lease
+//! every TTL/3, register again when it was lost, and leave on shutdown.
+
+use crate::service::WorkerState;
+use crate::WorkerConfig;
+use shardserve_proto::v1 as pb;
+use shardserve_proto::v1::membership_client::MembershipClient;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
+    let (total, free) = memory();
+    pb::WorkerInfo {
+        id: config.id.clone(),
+        address: config.advertise.clone(),
+        devices: vec![pb::Device {
+            name: "cpu".into(),
+            total_memory: total,
+            free_memory: free,
+        }],
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        state: "ready".into(),
+        pid: std::process::id(),
+    }
+}
+
+/// Total and available memory from /proc/meminfo (0 where unknown).
+fn memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// Keeps this worker registered until `shutdown`.
+pub async fn keep_registered(config: WorkerConfig, state: Arc<WorkerState>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    'register: loop {
+        let attempt = async {
+            let mut client = MembershipClient::connect(config.coordinator.clone()).await?;
+            let lease = client
+                .register(pb::RegisterRequest {
+                    worker: Some(worker_info(&config)),
+                })
+                .await?
+                .into_inner();
+            anyhow::Ok((client, lease))
+        };
+        let (mut client, lease) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(worker = %config.id, coordinator = %config.coordinator, error = %e, "registration failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'register;
+                }
+            }
+        };
+        backoff = Duration::from_millis(200);
+        info!(worker = %config.id, lease = lease.lease_id, ttl_s = lease.ttl_seconds, "registered");
+        let period = Duration::from_millis(u64::from(lease.ttl_seconds.max(1)) * 1000 / 3);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(pb::LeaveRequest { lease_id: lease.lease_id })).await;
+                    info!(worker = %config.id, "left the fleet");
+                    return;
+                }
+                _ = tokio::time::sleep(period) => {}
+            }
+            match client.keep_alive(pb::KeepAliveRequest { lease_id: lease.lease_id }).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    // The lease ran out: whatever this worker held is no longer assigned.
+                    warn!(worker = %config.id, "lease lost; registering again");
+                    state.unload();
+                    continue 'register;
+                }
+                Err(e) => {
+                    warn!(worker = %config.id, error = %e, "lease keep-alive failed");
+                }
+            }
+        }
+    }
+}

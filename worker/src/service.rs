@@ -1,0 +1,474 @@
+//! The `Worker` gRPC service: loads a shard, runs steps for many sequences over long-lived
+//! streams, forwards hidden states to the next stage, samples on the last stage, and frees
+//! every sequence's state on release, on error, or when the stream that brought it closes.
+
+use candle_core::{Device, Tensor};
+use shardserve::config::ModelConfig;
+use shardserve::model::{self, KvCache, Shard, StageInput, StageOutput, StageSpec};
+use shardserve::sampling::{Sampler, SamplingParams};
+use shardserve::stage::StageClient;
+use shardserve_proto::v1 as pb;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+/// State of one sequence on this stage.
+struct Sequence {
+    kv: KvCache,
+    /// Last stage only: the sampler and every token of the sequence so far.
+    sampler: Option<Sampler>,
+    history: Vec<u32>,
+}
+
+/// The shard this worker serves.
+struct Loaded {
+    shard: Arc<Shard>,
+    model: String,
+    stage: u32,
+    next: Option<Arc<StageClient>>,
+}
+
+/// Everything a worker holds.
+pub struct WorkerState {
+    id: String,
+    loaded: RwLock<Option<Arc<Loaded>>>,
+    sequences: Mutex<HashMap<u64, Arc<Mutex<Sequence>>>>,
+    step_timeout: Duration,
+    device: Device,
+}
+
+impl WorkerState {
+    /// An empty worker.
+    pub fn new(id: String, step_timeout: Duration) -> Self {
+        WorkerState {
+            id,
+            loaded: RwLock::new(None),
+            sequences: Mutex::new(HashMap::new()),
+            step_timeout,
+            device: Device::Cpu,
+        }
+    }
+
+    /// Drops the shard and every sequence.
+    pub fn unload(&self) {
+        *self.loaded.write().expect("loaded lock") = None;
+        self.sequences.lock().expect("sequences lock").clear();
+    }
+
+    fn current(&self) -> Result<Arc<Loaded>, Status> {
+        self.loaded
+            .read()
+            .expect("loaded lock")
+            .clone()
+            .ok_or_else(|| Status::failed_precondition(format!("worker {} holds no shard", self.id)))
+    }
+
+    fn release(&self, ids: &[u64]) -> usize {
+        let mut seqs = self.sequences.lock().expect("sequences lock");
+        ids.iter().filter(|id| seqs.remove(id).is_some()).count()
+    }
+}
+
+/// The gRPC face of [`WorkerState`].
+pub struct WorkerService {
+    state: Arc<WorkerState>,
+}
+
+impl WorkerService {
+    /// Serves `state`.
+    pub fn new(state: Arc<WorkerState>) -> Self {
+        WorkerService { state }
+    }
+}
+
+fn to_status(e: shardserve::Error) -> Status {
+    match e {
+        shardserve::Error::ModelNotFound(m) => Status::not_found(m),
+        shardserve::Error::Download { .. } => Status::unavailable(e.to_string()),
+        shardserve::Error::Config { .. } | shardserve::Error::LoadWeights(_) | shardserve::Error::Io { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn sampling_params(p: Option<&pb::SamplingParams>) -> Result<SamplingParams, String> {
+    let p = p.cloned().unwrap_or_default();
+    let params = SamplingParams {
+        temperature: p.temperature.unwrap_or(0.0),
+        top_k: usize::try_from(p.top_k.unwrap_or(0)).map_err(|_| "top_k must be >= 0".to_string())?,
+        top_p: p.top_p.unwrap_or(1.0),
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        seed: p.seed.unwrap_or(0),
+    };
+    params.validate().map_err(|e| e.to_string())?;
+    Ok(params)
+}
+
+/// The outcome of running one step on this stage.
+enum Computed {
+    /// Last stage: one result per sequence.
+    Results(Vec<pb::SequenceResult>),
+    /// Hidden states to forward, all sequences concatenated along the token axis.
+    Forward(Tensor),
+}
+
+fn error_results(req: &pb::StepRequest, code: tonic::Code, message: &str) -> Vec<pb::SequenceResult> {
+    req.sequences
+        .iter()
+        .map(|s| pb::SequenceResult {
+            seq_id: s.seq_id,
+            error: message.to_string(),
+            code: code as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Why a step failed here.
+struct StepError {
+    code: tonic::Code,
+    text: String,
+}
+
+impl From<String> for StepError {
+    fn from(text: String) -> Self {
+        StepError { code: tonic::Code::Internal, text }
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(text: &str) -> Self {
+        text.to_string().into()
+    }
+}
+
+/// Runs `req` through the shard. Any failure fails the whole step; the caller frees the
+/// sequences it names.
+fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &mut Vec<u64>) -> Result<Computed, StepError> {
+    let shard = &loaded.shard;
+    let spec = shard.spec().clone();
+    let hidden = match (&req.hidden, spec.first) {
+        (Some(t), false) => Some(shardserve::wire::decode(t, &state.device).map_err(|e| e.to_string())?),
+        (None, true) => None,
+        (None, false) => return Err("this stage needs hidden states and the step carries none".into()),
+        (Some(_), true) => return Err("the first stage takes tokens, but the step carries hidden states".into()),
+    };
+    let mut offset = 0usize;
+    let mut results = Vec::new();
+    let mut outputs = Vec::new();
+    for s in &req.sequences {
+        let n = s.token_ids.len();
+        if n == 0 {
+            return Err(format!("sequence {}: a step must carry at least one token", s.seq_id).into());
+        }
+        let seq = {
+            let mut seqs = state.sequences.lock().expect("sequences lock");
+            match seqs.get(&s.seq_id) {
+                Some(seq) => seq.clone(),
+                None if s.start_pos == 0 => {
+                    let sampler = if spec.last {
+                        Some(Sampler::new(sampling_params(s.sampling.as_ref())?))
+                    } else {
+                        None
+                    };
+                    let seq = Arc::new(Mutex::new(Sequence {
+                        kv: shard.new_cache(),
+                        sampler,
+                        history: Vec::new(),
+                    }));
+                    seqs.insert(s.seq_id, seq.clone());
+                    fresh.push(s.seq_id);
+                    seq
+                }
+                None => {
+                    return Err(StepError {
+                        // The worker restarted or reloaded: the stage is not what the caller
+                        // planned on.
+                        code: tonic::Code::Unavailable,
+                        text: format!("sequence {} is unknown on worker {} (its state was lost)", s.seq_id, state.id),
+                    })
+                }
+            }
+        };
+        let mut seq = seq.lock().expect("sequence lock");
+        if seq.kv.len() != s.start_pos as usize {
+            return Err(format!(
+                "sequence {}: step at position {} but worker {} holds {} tokens",
+                s.seq_id,
+                s.start_pos,
+                state.id,
+                seq.kv.len()
+            )
+            .into());
+        }
+        let input = match &hidden {
+            Some(h) => StageInput::Hidden(h.narrow(1, offset, n).map_err(|e| format!("splitting hidden states: {e}"))?),
+            None => StageInput::Tokens(&s.token_ids),
+        };
+        offset += n;
+        let out = shard.forward(input, &mut seq.kv).map_err(|e| format!("sequence {}: {e}", s.seq_id))?;
+        match out {
+            StageOutput::Hidden(h) => outputs.push(h),
+            StageOutput::Logits(logits) => {
+                let seq = &mut *seq;
+                seq.history.extend_from_slice(&s.token_ids);
+                let values: Vec<f32> = logits.to_vec1().map_err(|e| e.to_string())?;
+                let sampler = seq.sampler.as_mut().ok_or("no sampler on the last stage")?;
+                let token = sampler.sample(&values, &seq.history);
+                let logprob = if s.logprobs {
+                    model::log_softmax(&logits).map_err(|e| e.to_string())?[token as usize]
+                } else {
+                    0.0
+                };
+                results.push(pb::SequenceResult {
+                    seq_id: s.seq_id,
+                    token_id: token,
+                    logprob,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    if spec.last {
+        Ok(Computed::Results(results))
+    } else {
+        let refs: Vec<&Tensor> = outputs.iter().collect();
+        Ok(Computed::Forward(Tensor::cat(&refs, 1).map_err(|e| e.to_string())?))
+    }
+}
+
+type StepStream = Pin<Box<dyn futures::Stream<Item = Result<pb::StepResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn load_shard(&self, request: Request<pb::LoadShardRequest>) -> Result<Response<pb::LoadShardResponse>, Status> {
+        let req = request.into_inner();
+        if req.layer_end <= req.layer_start && req.num_stages > 1 {
+            return Err(Status::invalid_argument(format!(
+                "layer range {}..{} is empty",
+                req.layer_start, req.layer_end
+            )));
+        }
+        if req.stage >= req.num_stages.max(1) {
+            return Err(Status::invalid_argument(format!(
+                "stage {} of {} does not exist",
+                req.stage, req.num_stages
+            )));
+        }
+        let state = self.state.clone();
+        let device = state.device.clone();
+        let r = req.clone();
+        let shard = tokio::task::spawn_blocking(move || -> Result<Shard, shardserve::Error> {
+            let files = shardserve::hub::resolve(&r.model, Some(&r.revision))?;
+            let cfg = ModelConfig::from_file(&files.file("config.json"))?;
+            let dtype = model::resolve_dtype(&r.dtype, &cfg, &device)?;
+            let spec = StageSpec::new(
+                r.layer_start as usize..r.layer_end as usize,
+                r.stage as usize,
+                r.num_stages.max(1) as usize,
+            );
+            Shard::load(&cfg, spec, &files.dir, dtype, &device)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("loading task failed: {e}")))?
+        .map_err(to_status)?;
+        let report = shard.report().clone();
+        let dtype = format!("{:?}", shard.dtype()).to_lowercase();
+        let next = (!req.next_address.is_empty())
+            .then(|| Arc::new(StageClient::new(format!("stage {}", req.stage + 1), req.next_address.clone())));
+        info!(
+            worker = %state.id, model = %req.model, stage = req.stage, layers = ?(req.layer_start..req.layer_end),
+            tensors = report.tensors.len(), bytes = report.bytes, "shard loaded"
+        );
+        state.sequences.lock().expect("sequences lock").clear();
+        *state.loaded.write().expect("loaded lock") = Some(Arc::new(Loaded {
+            shard: Arc::new(shard),
+            model: req.model,
+            stage: req.stage,
+            next,
+        }));
+        Ok(Response::new(pb::LoadShardResponse {
+            bytes: report.bytes,
+            tensors: report.tensors.len() as u32,
+            dtype,
+        }))
+    }
+
+    type StepStream = StepStream;
+
+    async fn step(&self, request: Request<Streaming<pb::StepRequest>>) -> Result<Response<Self::StepStream>, Status> {
+        let mut inbound = request.into_inner();
+        let state = self.state.clone();
+        let (tx, rx) = mpsc::unbounded_channel::<Result<pb::StepResponse, Status>>();
+        tokio::spawn(async move {
+            // Sequences first seen on this stream: freed when it closes, so a vanished caller
+            // leaves nothing behind.
+            let owned: Arc<Mutex<HashSet<u64>>> = Arc::default();
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(error = %e, "step stream broke");
+                        break;
+                    }
+                };
+                let loaded = match state.current() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Ok(pb::StepResponse {
+                            step_id: req.step_id,
+                            results: error_results(&req, tonic::Code::Unavailable, e.message()),
+                        }));
+                        continue;
+                    }
+                };
+                let (st, l) = (state.clone(), loaded.clone());
+                let computed = tokio::task::spawn_blocking(move || {
+                    let mut fresh = Vec::new();
+                    let out = compute(&st, &l, &req, &mut fresh);
+                    (req, out, fresh)
+                })
+                .await;
+                let (req, out, fresh) = match computed {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!(error = %e, "step task panicked");
+                        break;
+                    }
+                };
+                owned.lock().expect("owned lock").extend(fresh);
+                let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
+                match out {
+                    Ok(Computed::Results(results)) => {
+                        let _ = tx.send(Ok(pb::StepResponse { step_id: req.step_id, results }));
+                    }
+                    Ok(Computed::Forward(hidden)) => {
+                        let Some(next) = loaded.next.clone() else {
+                            let _ = tx.send(Ok(pb::StepResponse {
+                                step_id: req.step_id,
+                                results: error_results(&req, tonic::Code::Internal, "this stage is not the last and has no next stage"),
+                            }));
+                            continue;
+                        };
+                        let wire = match shardserve::wire::encode(&hidden) {
+                            Ok(w) => w,
+                            Err(e) => {
+                                state.release(&ids);
+                                let _ = tx.send(Ok(pb::StepResponse {
+                                    step_id: req.step_id,
+                                    results: error_results(&req, tonic::Code::Internal, &e.to_string()),
+                                }));
+                                continue;
+                            }
+                        };
+                        let forward = pb::StepRequest {
+                            step_id: req.step_id,
+                            sequences: req.sequences.clone(),
+                            hidden: Some(wire),
+                        };
+                        // Forward without waiting, so this stage takes the next step while
+                        // later stages work on this one.
+                        let (tx, st, timeout) = (tx.clone(), state.clone(), state.step_timeout);
+                        tokio::spawn(async move {
+                            let resp = match next.step(forward, timeout).await {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    st.release(&ids);
+                                    pb::StepResponse {
+                                        step_id: req.step_id,
+                                        results: error_results(&req, e.code(), e.message()),
+                                    }
+                                }
+                            };
+                            for r in &resp.results {
+                                if !r.error.is_empty() {
+                                    st.release(&[r.seq_id]);
+                                }
+                            }
+                            let _ = tx.send(Ok(resp));
+                        });
+                    }
+                    Err(message) => {
+                        state.release(&ids);
+                        if let Some(next) = &loaded.next {
+                            release_downstream(next.clone(), ids.clone());
+                        }
+                        let _ = tx.send(Ok(pb::StepResponse {
+                            step_id: req.step_id,
+                            results: error_results(&req, message.code, &format!("worker {}: {}", state.id, message.text)),
+                        }));
+                    }
+                }
+            }
+            let ids: Vec<u64> = owned.lock().expect("owned lock").drain().collect();
+            let freed = state.release(&ids);
+            if freed > 0 {
+                debug!(worker = %state.id, freed, "step stream closed; sequences freed");
+            }
+            if let Ok(l) = state.current() {
+                if let Some(next) = &l.next {
+                    release_downstream(next.clone(), ids);
+                }
+            }
+        });
+        let out = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let ids = request.into_inner().seq_ids;
+        let released = self.state.release(&ids);
+        if let Ok(l) = self.state.current() {
+            if let Some(next) = &l.next {
+                release_downstream(next.clone(), ids);
+            }
+        }
+        Ok(Response::new(pb::ReleaseResponse { released: released as u32 }))
+    }
+
+    async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        let seqs: Vec<Arc<Mutex<Sequence>>> = self.state.sequences.lock().expect("sequences lock").values().cloned().collect();
+        let kv_bytes = seqs.iter().map(|s| s.lock().expect("sequence lock").kv.bytes()).sum();
+        let mut resp = pb::StatsResponse {
+            sequences: seqs.len() as u32,
+            kv_bytes,
+            ..Default::default()
+        };
+        if let Ok(l) = self.state.current() {
+            let spec = l.shard.spec();
+            let report = l.shard.report();
+            resp.model = l.model.clone();
+            resp.stage = l.stage;
+            resp.layer_start = spec.layers.start as u32;
+            resp.layer_end = spec.layers.end as u32;
+            resp.weight_bytes = report.bytes;
+            resp.tensors = report.tensors.iter().cloned().collect();
+            resp.files = report.files.iter().cloned().collect();
+        }
+        Ok(Response::new(resp))
+    }
+}
+
+/// Frees sequences on the next stage (and, through it, every later one), best effort.
+fn release_downstream(next: Arc<StageClient>, ids: Vec<u64>) {
+    if ids.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let call = async {
+            let mut c = shardserve::stage::lazy_client(next.address())?;
+            c.release(pb::ReleaseRequest { seq_ids: ids }).await
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(3), call).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded("release timed out"))
+        }) {
+            debug!(next = %next.address(), error = %e, "release on the next stage failed");
+        }
+    });
+}
