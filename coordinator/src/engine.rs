@@ -134,6 +134,19 @@ pub struct GenEvent {
     pub finish_reason: Option<&'static str>,
 }
 
+/// Resolves the model and reads what the coordinator needs of it (config, generation config,
+/// tokenizer), so a bad model fails before anything else starts.
+pub fn preflight(
+    config: &EngineConfig,
+) -> shardserve::Result<(shardserve::hub::ModelFiles, ModelConfig, GenerationConfig, Tokenizer)> {
+    let files = shardserve::hub::resolve(&config.model, config.revision.as_deref())?;
+    let cfg = ModelConfig::from_file(&files.file("config.json"))?;
+    let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
+    let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
+    shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
+    Ok((files, cfg, generation, tokenizer))
+}
+
 /// The engine.
 pub struct Engine {
     config: EngineConfig,
@@ -148,17 +161,8 @@ impl Engine {
     /// Reads the model's configs and tokenizer (on the coordinator, from the shared cache) and
     /// starts planning as workers join.
     pub async fn start(config: EngineConfig, membership: Arc<dyn Membership>, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
-        let (spec, rev) = (config.model.clone(), config.revision.clone());
-        let (files, cfg, generation, tokenizer) = tokio::task::spawn_blocking(move || -> shardserve::Result<_> {
-            let files = shardserve::hub::resolve(&spec, rev.as_deref())?;
-            let cfg = ModelConfig::from_file(&files.file("config.json"))?;
-            let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
-            let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
-            Ok((files, cfg, generation, tokenizer))
-        })
-        .await??;
-        // Checked here so a bad value fails at start, not on every load.
-        shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
+        let c = config.clone();
+        let (files, cfg, generation, tokenizer) = tokio::task::spawn_blocking(move || preflight(&c)).await??;
         let eos = generation.eos_ids(&cfg);
         let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
         info!(model = %config.name, dir = %files.dir.display(), architecture = cfg.architecture.hf_name(), layers = cfg.num_layers, "model configured");
@@ -250,9 +254,11 @@ impl Engine {
                             self.model.set_state(ServingState::Ready(Arc::new(p)));
                             backoff = Duration::from_millis(250);
                         }
-                        Err(why) => {
+                        Err((why, permanent)) => {
                             warn!(model = %self.model.name, error = %why, "loading failed; will retry");
-                            self.model.set_state(self.model.not_ready(why));
+                            // A broken checkpoint will not fix itself on retry: say so plainly.
+                            let state = if permanent { ServingState::Unavailable(why) } else { self.model.not_ready(why) };
+                            self.model.set_state(state);
                             tokio::select! {
                                 _ = shutdown.cancelled() => return,
                                 _ = tokio::time::sleep(backoff) => {}
@@ -272,13 +278,14 @@ impl Engine {
     }
 
     /// Plans over `workers` and loads every stage.
-    async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, String> {
+    async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, (String, bool)> {
         let ranges = shardserve::placement::even_split(self.model.config.num_layers, workers.len());
         let n = ranges.len();
         let mut calls = Vec::new();
         for (i, range) in ranges.iter().enumerate() {
             let w = workers[i].clone();
-            let next = workers.get(i + 1).filter(|_| i + 1 < n).map(|w| w.address.clone()).unwrap_or_default();
+            let next = workers.get(i + 1).filter(|_| i + 1 < n);
+            let (next_address, next_worker_id) = next.map(|w| (w.address.clone(), w.id.clone())).unwrap_or_default();
             let req = pb::LoadShardRequest {
                 model: self.config.model.clone(),
                 revision: self.config.revision.clone().unwrap_or_default(),
@@ -287,16 +294,25 @@ impl Engine {
                 num_stages: n as u32,
                 layer_start: range.start as u32,
                 layer_end: range.end as u32,
-                next_address: next,
+                next_address,
+                next_worker_id,
             };
             calls.push(async move {
-                let mut client = shardserve::stage::connect(&w.address).await.map_err(|e| format!("worker {}: {}", w.id, e.message()))?;
+                let mut client = shardserve::stage::connect(&w.address)
+                    .await
+                    .map_err(|e| (format!("worker {}: {}", w.id, e.message()), false))?;
                 let resp = client
                     .load_shard(req)
                     .await
-                    .map_err(|e| format!("loading stage {i} on worker {}: {}", w.id, e.message()))?
+                    .map_err(|e| {
+                        let permanent = matches!(
+                            e.code(),
+                            tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+                        );
+                        (format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
+                    })?
                     .into_inner();
-                Ok::<_, String>(StageAssignment {
+                Ok::<_, (String, bool)>(StageAssignment {
                     worker_id: w.id.clone(),
                     address: w.address.clone(),
                     layers: range.clone(),
@@ -304,9 +320,9 @@ impl Engine {
                 })
             });
         }
-        let stages = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, String>>()?;
+        let stages = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()?;
         let first = Arc::new(StageClient::new(stages[0].worker_id.clone(), stages[0].address.clone()));
-        let release = shardserve::stage::lazy_client(&stages[0].address).map_err(|e| e.message().to_string())?;
+        let release = shardserve::stage::lazy_client(&stages[0].address).map_err(|e| (e.message().to_string(), true))?;
         Ok(Placement {
             stages,
             first,

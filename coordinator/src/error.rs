@@ -30,6 +30,7 @@ pub enum ServeError {
 
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Self {
+        let e = e.map(|m| shardserve::brief(&m));
         match e {
             ServeError::InvalidArgument(m) => Status::invalid_argument(m),
             ServeError::NotFound(m) => Status::not_found(m),
@@ -44,6 +45,19 @@ impl From<ServeError> for Status {
 }
 
 impl ServeError {
+    fn map(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            ServeError::InvalidArgument(m) => ServeError::InvalidArgument(f(m)),
+            ServeError::NotFound(m) => ServeError::NotFound(f(m)),
+            ServeError::Loading(m) => ServeError::Loading(f(m)),
+            ServeError::Exhausted(m) => ServeError::Exhausted(f(m)),
+            ServeError::Unavailable(m) => ServeError::Unavailable(f(m)),
+            ServeError::DeadlineExceeded(m) => ServeError::DeadlineExceeded(f(m)),
+            ServeError::Cancelled(m) => ServeError::Cancelled(f(m)),
+            ServeError::Internal(m) => ServeError::Internal(f(m)),
+        }
+    }
+
     /// Maps a status from a stage back to the cause it stands for.
     pub fn from_stage(code: tonic::Code, message: String) -> Self {
         match code {

@@ -79,7 +79,10 @@ impl pb::inference_server::Inference for InferenceService {
         tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel::<GenEvent>(16);
             let run = engine.generate(&model, valid, tx);
-            let forward = async {
+            let out = out_tx.clone();
+            // Owns the receiver: when the client goes away this returns, the receiver drops,
+            // and the engine sees its output closed and stops.
+            let forward = async move {
                 let mut first = true;
                 let mut completion = 0usize;
                 while let Some(ev) = rx.recv().await {
@@ -93,8 +96,7 @@ impl pb::inference_server::Inference for InferenceService {
                         prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
                     };
                     first = false;
-                    if out_tx.send(Ok(msg)).await.is_err() {
-                        // The client went away: dropping the receiver stops the engine.
+                    if out.send(Ok(msg)).await.is_err() {
                         return;
                     }
                 }

@@ -67,3 +67,15 @@ impl Error {
         }
     }
 }
+
+/// The first line of an error's message, at most 1,000 characters: what a status message or a
+/// one-line CLI error carries (candle appends a backtrace on later lines when RUST_BACKTRACE
+/// is set, which would not fit in a gRPC header).
+pub fn brief(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(1000) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}

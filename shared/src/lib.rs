@@ -23,4 +23,4 @@ pub mod tokenizer;
 pub mod weights;
 pub mod wire;
 
-pub use error::{Error, Result};
+pub use error::{brief, Error, Result};

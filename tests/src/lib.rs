@@ -1,1 +1,339 @@
-//! placeholder
+//! The integration-test harness: starts real `shardctl up` clusters (a coordinator and worker
+//! processes on loopback) from the workspace's built binaries, talks to them over gRPC, and
+//! kills everything it started when dropped. Every wait is bounded.
+
+use shardserve_proto::v1 as pb;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The workspace's `target/<profile>` folder, where `cargo build --bins` put the binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SHARDSERVE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// A built binary; panics with the command that builds it when missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.is_file(), "{} is missing: run `cargo build --bins` before the integration tests", p.display());
+    p
+}
+
+/// The shared fixtures folder (`../shared/fixtures` from the project root).
+pub fn fixtures() -> PathBuf {
+    match std::env::var_os("SHARDSERVE_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    }
+}
+
+/// The tiny Qwen3 checkpoint transformers' reference outputs were made with.
+pub fn reference_model() -> PathBuf {
+    fixtures().join("hf-reference/tiny-qwen3")
+}
+
+/// One case of the transformers reference.
+#[derive(Debug, Clone)]
+pub struct ReferenceCase {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub new_ids: Vec<u32>,
+    pub text: String,
+}
+
+/// The 8 cases of `tiny-qwen3.reference.json`.
+pub fn reference_cases() -> Vec<ReferenceCase> {
+    let path = fixtures().join("hf-reference/tiny-qwen3.reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("reference JSON");
+    v["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| ReferenceCase {
+            prompt: c["prompt"].as_str().unwrap().to_string(),
+            input_ids: serde_json::from_value(c["input_ids"].clone()).unwrap(),
+            new_ids: serde_json::from_value(c["new_ids"].clone()).unwrap(),
+            text: c["text"].as_str().unwrap().to_string(),
+        })
+        .collect()
+}
+
+/// A local cluster started through `shardctl up`.
+pub struct Cluster {
+    child: Child,
+    pub url: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Builds a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    model: String,
+    workers: usize,
+    envs: Vec<(String, String)>,
+    args: Vec<String>,
+    ready_within: Duration,
+}
+
+impl Cluster {
+    /// A cluster serving `model` (a folder or Hub id).
+    pub fn new(model: impl AsRef<Path>) -> ClusterBuilder {
+        ClusterBuilder {
+            model: model.as_ref().display().to_string(),
+            workers: 1,
+            envs: Vec::new(),
+            args: Vec::new(),
+            ready_within: Duration::from_secs(120),
+        }
+    }
+
+    /// What the cluster's processes wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// A gRPC client of the coordinator's Inference API.
+    pub async fn client(&self) -> pb::inference_client::InferenceClient<tonic::transport::Channel> {
+        tokio::time::timeout(Duration::from_secs(10), pb::inference_client::InferenceClient::connect(self.url.clone()))
+            .await
+            .expect("connect timed out")
+            .expect("connect to the coordinator")
+    }
+
+    /// A gRPC client of the coordinator's Admin API.
+    pub async fn admin(&self) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
+        tokio::time::timeout(Duration::from_secs(10), pb::admin_client::AdminClient::connect(self.url.clone()))
+            .await
+            .expect("connect timed out")
+            .expect("connect to the coordinator")
+    }
+
+    /// The fleet as `shardctl workers --json` prints it.
+    pub fn workers_json(&self) -> serde_json::Value {
+        let out = run_shardctl(&["workers", "--json", "--coordinator", &self.url], &[], Duration::from_secs(20));
+        assert!(out.status.success(), "shardctl workers failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("workers --json is not JSON ({e}): {}", out.stdout))
+    }
+
+    /// The worker serving pipeline stage `stage`: (id, pid).
+    pub async fn stage_worker(&self, stage: u32) -> (String, u32) {
+        let status = self.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        let st = status.models[0].stages.iter().find(|s| s.stage == stage).expect("stage in placement").clone();
+        let workers = self.workers_json();
+        let pid = workers["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == st.worker_id)
+            .and_then(|w| w["pid"].as_u64())
+            .expect("worker pid") as u32;
+        (st.worker_id, pid)
+    }
+
+    /// The stats of the worker at `address` (a stage).
+    pub async fn worker_stats(address: &str) -> pb::StatsResponse {
+        let mut c = pb::worker_client::WorkerClient::connect(format!("http://{address}")).await.expect("connect worker");
+        c.stats(pb::StatsRequest {}).await.expect("stats").into_inner()
+    }
+
+    /// Stops the cluster as an operator would (SIGTERM) and waits, bounded, for it to exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "shardctl up did not exit within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Process group id (every process the cluster started is in it).
+    pub fn pgid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Everything `up` started shares its process group.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pgid()), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl ClusterBuilder {
+    /// Worker processes (pipeline stages).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// An environment variable for every process of the cluster.
+    pub fn env(mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.envs.push((k.to_string(), v.as_ref().to_string_lossy().into_owned()));
+        self
+    }
+
+    /// Extra `shardctl up` arguments.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(bin("shardctl"));
+        cmd.args(["up", "--model", &self.model, "--listen", "127.0.0.1:0", "--workers", &self.workers.to_string()])
+            .args(&self.args)
+            .env("SHARDSERVE_BIN_DIR", bin_dir())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd
+    }
+
+    /// Starts the cluster and waits for `ready URL`; panics with stderr if it does not come.
+    pub fn start(self) -> Cluster {
+        match self.try_start() {
+            Ok(c) => c,
+            Err((why, stderr)) => panic!("cluster did not start: {why}\n--- stderr ---\n{stderr}"),
+        }
+    }
+
+    /// Starts the cluster; on failure returns why and what it wrote to stderr.
+    pub fn try_start(self) -> Result<Cluster, (String, String)> {
+        let mut child = self.command().spawn().expect("spawn shardctl up");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("ready ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let deadline = Instant::now() + self.ready_within;
+        loop {
+            if let Ok(url) = rx.recv_timeout(Duration::from_millis(50)) {
+                return Ok(Cluster { child, url, stderr });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                let e = stderr.lock().unwrap().clone();
+                return Err((format!("shardctl up exited with {status}"), e));
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait();
+                let e = stderr.lock().unwrap().clone();
+                return Err((format!("no `ready` line within {:?}", self.ready_within), e));
+            }
+        }
+    }
+}
+
+/// What a finished `shardctl` invocation printed.
+#[derive(Debug)]
+pub struct Output {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `shardctl ARGS` to completion (bounded), with extra environment.
+pub fn run_shardctl(args: &[&str], envs: &[(&str, &str)], within: Duration) -> Output {
+    let mut cmd = Command::new(bin("shardctl"));
+    cmd.args(args)
+        .env("SHARDSERVE_BIN_DIR", bin_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().expect("spawn shardctl");
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => {
+            let out = out.expect("shardctl output");
+            Output {
+                status: out.status,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            panic!("shardctl {args:?} did not finish within {within:?}");
+        }
+    }
+}
+
+/// Whether a process is still alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) until `cond` holds; panics with `what` otherwise.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A greedy request for `prompt`.
+pub fn greedy(prompt: &str, max_new_tokens: i32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.to_string(),
+        max_new_tokens: Some(max_new_tokens),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Copies a model folder (following symlinks) so a test can change it.
+pub fn copy_model(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}

@@ -86,13 +86,14 @@ impl WorkerService {
 }
 
 fn to_status(e: shardserve::Error) -> Status {
+    let m = shardserve::brief(&e);
     match e {
-        shardserve::Error::ModelNotFound(m) => Status::not_found(m),
-        shardserve::Error::Download { .. } => Status::unavailable(e.to_string()),
+        shardserve::Error::ModelNotFound(_) => Status::not_found(m),
+        shardserve::Error::Download { .. } => Status::unavailable(m),
         shardserve::Error::Config { .. } | shardserve::Error::LoadWeights(_) | shardserve::Error::Io { .. } => {
-            Status::failed_precondition(e.to_string())
+            Status::failed_precondition(m)
         }
-        other => Status::internal(other.to_string()),
+        _ => Status::internal(m),
     }
 }
 
@@ -137,7 +138,10 @@ struct StepError {
 
 impl From<String> for StepError {
     fn from(text: String) -> Self {
-        StepError { code: tonic::Code::Internal, text }
+        StepError {
+            code: tonic::Code::Internal,
+            text: shardserve::brief(&text),
+        }
     }
 }
 
@@ -279,8 +283,8 @@ impl pb::worker_server::Worker for WorkerService {
         .map_err(to_status)?;
         let report = shard.report().clone();
         let dtype = format!("{:?}", shard.dtype()).to_lowercase();
-        let next = (!req.next_address.is_empty())
-            .then(|| Arc::new(StageClient::new(format!("stage {}", req.stage + 1), req.next_address.clone())));
+        let next_name = if req.next_worker_id.is_empty() { format!("stage {}", req.stage + 1) } else { req.next_worker_id.clone() };
+        let next = (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone())));
         info!(
             worker = %state.id, model = %req.model, stage = req.stage, layers = ?(req.layer_start..req.layer_end),
             tensors = report.tensors.len(), bytes = report.bytes, "shard loaded"

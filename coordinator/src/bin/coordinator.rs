@@ -74,6 +74,8 @@ async fn main() {
     let listen = args.listen.clone();
     let result = async {
         let config = CoordinatorConfig::try_from(args)?;
+        let c = config.engine.clone();
+        tokio::task::spawn_blocking(move || shardserve_coordinator::engine::preflight(&c)).await??;
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -39,9 +39,15 @@ pub struct UpArgs {
     /// Seconds a worker's lease lasts without a keep-alive.
     #[arg(long, default_value_t = 10)]
     pub lease_ttl_s: u64,
+    /// Requests in flight per model before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 128)]
+    pub max_concurrent_requests: usize,
     /// Seconds to wait for the model to load before giving up.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout_s: u64,
+    /// Only warnings and errors from the processes (unless RUST_LOG says otherwise).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 /// A running local cluster; everything it started stops when it is dropped.
@@ -101,6 +107,7 @@ impl LocalCluster {
         let mut cmd = Command::new(bin_path("coordinator")?);
         cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype])
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
+            .args(["--max-concurrent-requests", &a.max_concurrent_requests.to_string()])
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -109,6 +116,10 @@ impl LocalCluster {
         }
         if let Some(m) = a.max_total_tokens {
             cmd.args(["--max-total-tokens", &m.to_string()]);
+        }
+        let quiet = a.quiet && std::env::var_os("RUST_LOG").is_none();
+        if quiet {
+            cmd.env("RUST_LOG", "warn");
         }
         let mut coordinator = cmd.spawn().context("starting the coordinator")?;
         let addr = wait_line(&mut coordinator, "listening ", Duration::from_secs(60))
@@ -121,7 +132,11 @@ impl LocalCluster {
             workers: Vec::new(),
         };
         for i in 0..a.workers {
-            let child = Command::new(bin_path("worker")?)
+            let mut cmd = Command::new(bin_path("worker")?);
+            if quiet {
+                cmd.env("RUST_LOG", "warn");
+            }
+            let child = cmd
                 .args(["--coordinator", &url, "--listen", "127.0.0.1:0"])
                 .args(["--id", &format!("worker-{i}-{}", std::process::id())])
                 .stdout(Stdio::null())
@@ -152,6 +167,10 @@ impl LocalCluster {
                         if let Ok(s) = a.cluster_status(pb::ClusterStatusRequest {}).await {
                             last = s.into_inner().models.iter().map(|m| m.detail.clone()).collect::<Vec<_>>().join("; ");
                         }
+                    }
+                    // Before the first success, "unavailable" means loading failed for good.
+                    if models.iter().any(|m| m.state == "unavailable") {
+                        bail!("the model cannot be loaded: {last}");
                     }
                 }
             }

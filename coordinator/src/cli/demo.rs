@@ -56,6 +56,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         dtype: "auto".into(),
         max_total_tokens: None,
         lease_ttl_s: 10,
+        max_concurrent_requests: 128,
+        quiet: true,
         ready_timeout_s: 600,
     };
     eprintln!("starting a coordinator and {} worker(s)", a.workers);

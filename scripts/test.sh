@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test of shardserve on a fresh Debian/Ubuntu machine that has only Rust installed:
+# the unit tests, the reference tests against transformers' outputs, and the integration tests
+# that start real coordinator and worker processes. protoc comes vendored from crates.io.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+# The integration tests start the built binaries, so build them first.
+cargo build --workspace --bins
+cargo test --workspace "$@"
