@@ -34,6 +34,16 @@ pub struct EngineConfig {
     pub max_concurrent_requests: usize,
     /// Longest one step may take.
     pub step_timeout: Duration,
+    /// accelerate's strategy, applied over the workers.
+    pub strategy: shardserve::placement::Strategy,
+    /// Weight budget per worker, by worker index in join order (accelerate's `max_memory`).
+    pub max_memory: Option<Vec<(shardserve::placement::Device, u64)>>,
+    /// An explicit map: Hugging Face module names → worker index or id.
+    pub device_map: Option<serde_json::Value>,
+    /// Share of a worker's free memory kept for KV caches and activations.
+    pub reserve: f64,
+    /// Longest prompt slice sent in one step; longer prompts are prefilled in chunks.
+    pub prefill_chunk: usize,
 }
 
 /// One stage of a placement.
@@ -76,6 +86,8 @@ impl ServingState {
 pub struct ModelEntry {
     pub name: String,
     pub config: ModelConfig,
+    pub shape: shardserve::placement::ModelShape,
+    pub dtype_bytes: u64,
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
     pub eos: Vec<u32>,
@@ -136,15 +148,37 @@ pub struct GenEvent {
 
 /// Resolves the model and reads what the coordinator needs of it (config, generation config,
 /// tokenizer), so a bad model fails before anything else starts.
-pub fn preflight(
-    config: &EngineConfig,
-) -> shardserve::Result<(shardserve::hub::ModelFiles, ModelConfig, GenerationConfig, Tokenizer)> {
+pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
     let files = shardserve::hub::resolve(&config.model, config.revision.as_deref())?;
     let cfg = ModelConfig::from_file(&files.file("config.json"))?;
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(files.file("config.json"))?)?;
+    let shape = shardserve::placement::ModelShape::from_config_json(&raw)?;
     let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
     let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
-    shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
-    Ok((files, cfg, generation, tokenizer))
+    let dtype = shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
+    if let Some(map) = &config.device_map {
+        // Checked against worker indices only here; ids are checked once workers join.
+        anyhow::ensure!(map.is_object(), "--device-map must hold a JSON object of module → worker");
+    }
+    Ok(Prepared {
+        files,
+        config: cfg,
+        shape,
+        dtype_bytes: dtype.size_in_bytes() as u64,
+        generation,
+        tokenizer,
+    })
+}
+
+/// What [`preflight`] read.
+pub struct Prepared {
+    pub files: shardserve::hub::ModelFiles,
+    pub config: ModelConfig,
+    pub shape: shardserve::placement::ModelShape,
+    /// Bytes per weight in the compute dtype.
+    pub dtype_bytes: u64,
+    pub generation: GenerationConfig,
+    pub tokenizer: Tokenizer,
 }
 
 /// The engine.
@@ -162,7 +196,8 @@ impl Engine {
     /// starts planning as workers join.
     pub async fn start(config: EngineConfig, membership: Arc<dyn Membership>, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
         let c = config.clone();
-        let (files, cfg, generation, tokenizer) = tokio::task::spawn_blocking(move || preflight(&c)).await??;
+        let Prepared { files, config: cfg, shape, dtype_bytes, generation, tokenizer } =
+            tokio::task::spawn_blocking(move || preflight(&c)).await??;
         let eos = generation.eos_ids(&cfg);
         let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
         info!(model = %config.name, dir = %files.dir.display(), architecture = cfg.architecture.hf_name(), layers = cfg.num_layers, "model configured");
@@ -172,6 +207,8 @@ impl Engine {
             max_total_tokens,
             dtype: config.dtype.clone(),
             config: cfg,
+            shape,
+            dtype_bytes,
             generation,
             tokenizer,
             state: RwLock::new(ServingState::Loading(format!("waiting for workers: 0 of {}", config.workers))),
@@ -248,7 +285,7 @@ impl Engine {
                     let why = format!("waiting for workers: {} of {wanted} registered", workers.len());
                     self.model.set_state(self.model.not_ready(why));
                 } else {
-                    match self.load(&workers[..wanted]).await {
+                    match self.load(&workers).await {
                         Ok(p) => {
                             info!(model = %self.model.name, stages = p.stages.len(), "model ready");
                             self.model.set_state(ServingState::Ready(Arc::new(p)));
@@ -277,14 +314,42 @@ impl Engine {
         }
     }
 
+    /// Which worker holds which layers: the explicit map, or accelerate's strategy over the
+    /// workers' budgets.
+    pub fn plan(&self, workers: &[pb::WorkerInfo]) -> Result<Vec<shardserve::placement::cluster::StagePlan>, String> {
+        use shardserve::placement::{cluster, Device};
+        let m = &self.model;
+        if let Some(map) = &self.config.device_map {
+            let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+            return cluster::from_explicit_map(&m.shape, m.dtype_bytes, map, &ids).map_err(|e| e.to_string());
+        }
+        let budgets: Vec<cluster::WorkerBudget> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let bytes = match &self.config.max_memory {
+                    Some(mm) => mm.iter().find(|(d, _)| *d == Device::Index(i as u32)).map_or(0, |(_, b)| *b),
+                    None => {
+                        let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
+                        (free as f64 * (1.0 - self.config.reserve)) as u64
+                    }
+                };
+                cluster::WorkerBudget { id: w.id.clone(), bytes }
+            })
+            .collect();
+        cluster::plan(&m.shape, m.dtype_bytes, &budgets, self.config.strategy).map_err(|e| e.to_string())
+    }
+
     /// Plans over `workers` and loads every stage.
     async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, (String, bool)> {
-        let ranges = shardserve::placement::even_split(self.model.config.num_layers, workers.len());
-        let n = ranges.len();
+        // A plan that cannot be made will not improve by retrying with the same fleet.
+        let plan = self.plan(workers).map_err(|e| (e, true))?;
+        let n = plan.len();
         let mut calls = Vec::new();
-        for (i, range) in ranges.iter().enumerate() {
-            let w = workers[i].clone();
-            let next = workers.get(i + 1).filter(|_| i + 1 < n);
+        for (i, stage) in plan.iter().enumerate() {
+            let range = stage.layers.clone();
+            let w = workers[stage.worker].clone();
+            let next = plan.get(i + 1).map(|s| &workers[s.worker]);
             let (next_address, next_worker_id) = next.map(|w| (w.address.clone(), w.id.clone())).unwrap_or_default();
             let req = pb::LoadShardRequest {
                 model: self.config.model.clone(),
@@ -375,9 +440,12 @@ impl Engine {
         };
         let mut decoder = IncrementalDecoder::new(&req.prompt_ids);
         let mut stops = StopMatcher::new(req.stop.clone());
-        let mut feed = req.prompt_ids.clone();
         let mut pos = 0usize;
         let mut generated = 0usize;
+        // Long prompts go in chunks, so no step carries more than `prefill_chunk` tokens of
+        // hidden states between stages.
+        let chunk = self.config.prefill_chunk.max(1);
+        let mut feed = req.prompt_ids[..req.prompt_ids.len().min(chunk)].to_vec();
         debug!(model = %model.name, seq_id, prompt_tokens = req.prompt_ids.len(), "request started");
         loop {
             let step = pb::StepRequest {
@@ -388,6 +456,7 @@ impl Engine {
                     start_pos: pos as u32,
                     sampling: (pos == 0).then(|| sampling.clone()),
                     logprobs: req.logprobs,
+                    prefill_only: pos + feed.len() < req.prompt_ids.len(),
                 }],
                 hidden: None,
             };
@@ -417,6 +486,11 @@ impl Engine {
                 return Err(ServeError::from_stage(code, result.error));
             }
             pos += feed.len();
+            if pos < req.prompt_ids.len() {
+                let end = req.prompt_ids.len().min(pos + chunk);
+                feed = req.prompt_ids[pos..end].to_vec();
+                continue;
+            }
             generated += 1;
             let token = result.token_id;
             let mut event = GenEvent {

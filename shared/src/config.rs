@@ -223,8 +223,9 @@ impl ModelConfig {
             Some(s) => parse_rope_scaling(s, raw.max_position_embeddings).map_err(bad)?,
         };
         let (qkv_bias, o_bias) = match architecture {
-            // Qwen2 hard-codes bias on q/k/v and none on o_proj.
+            // Qwen2 hard-codes bias on q/k/v and none on o_proj; Mistral has none.
             Architecture::Qwen2 => (true, false),
+            Architecture::Mistral => (false, false),
             _ => {
                 let b = raw.attention_bias.unwrap_or(false);
                 (b, b)
@@ -255,7 +256,8 @@ impl ModelConfig {
             tie_word_embeddings,
             qkv_bias,
             o_bias,
-            mlp_bias: raw.mlp_bias,
+            // Only Llama's modeling code reads mlp_bias.
+            mlp_bias: raw.mlp_bias && architecture == Architecture::Llama,
             qk_norm: architecture == Architecture::Qwen3,
             checkpoint_dtype: raw.torch_dtype.clone().or_else(|| raw.dtype.clone()),
             bos_token_id: raw.bos_token_id.as_ref().and_then(|t| t.to_vec().first().copied()),

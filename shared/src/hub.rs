@@ -102,6 +102,54 @@ pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
     }
 }
 
+/// Resolves only a model's `config.json` (all that planning needs), downloading just that
+/// file when online and missing.
+pub fn resolve_config(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let cfg = path.join("config.json");
+        if !cfg.is_file() {
+            return Err(Error::ModelNotFound(format!("folder {spec} has no config.json (is it a Hugging Face model folder?)")));
+        }
+        return Ok(cfg);
+    }
+    if spec.starts_with('/') || spec.starts_with('.') || !is_repo_id(spec) {
+        return Err(Error::ModelNotFound(format!(
+            "model {spec:?} is neither a folder nor a Hugging Face model id (ORG/NAME)"
+        )));
+    }
+    let revision = revision.filter(|r| !r.is_empty()).unwrap_or("main");
+    let cache = cache_dir();
+    let folder = repo_folder(&cache, spec);
+    let commit = if is_commit_hash(revision) && folder.join("snapshots").join(revision).is_dir() {
+        Some(revision.to_string())
+    } else {
+        std::fs::read_to_string(folder.join("refs").join(revision)).ok().map(|s| s.trim().to_string())
+    };
+    if let Some(c) = commit {
+        let cfg = folder.join("snapshots").join(c).join("config.json");
+        if cfg.is_file() {
+            return Ok(cfg);
+        }
+    }
+    if offline() {
+        return Err(Error::ModelNotFound(format!(
+            "model {spec} (revision {revision}) has no config.json in the Hugging Face cache at {} and HF_HUB_OFFLINE=1",
+            cache.display()
+        )));
+    }
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+    let err = |e: &dyn std::fmt::Display| Error::Download {
+        repo: spec.to_string(),
+        file: "config.json".into(),
+        message: e.to_string(),
+    };
+    let api = ApiBuilder::from_env().with_cache_dir(cache).with_progress(true).build().map_err(|e| err(&e))?;
+    api.repo(Repo::with_revision(spec.to_string(), RepoType::Model, revision.to_string()))
+        .get("config.json")
+        .map_err(|e| err(&e))
+}
+
 /// Resolves from the cache alone; `Err` says what is missing.
 fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<ModelFiles, String> {
     let folder = repo_folder(cache, repo_id);

@@ -221,6 +221,13 @@ fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &
             StageOutput::Logits(logits) => {
                 let seq = &mut *seq;
                 seq.history.extend_from_slice(&s.token_ids);
+                if s.prefill_only {
+                    results.push(pb::SequenceResult {
+                        seq_id: s.seq_id,
+                        ..Default::default()
+                    });
+                    continue;
+                }
                 let values: Vec<f32> = logits.to_vec1().map_err(|e| e.to_string())?;
                 let sampler = seq.sampler.as_mut().ok_or("no sampler on the last stage")?;
                 let token = sampler.sample(&values, &seq.history);

@@ -39,6 +39,23 @@ struct Args {
     /// Seconds one pipeline step may take before the request fails.
     #[arg(long, env = "SHARDSERVE_STEP_TIMEOUT", default_value_t = 300)]
     step_timeout_s: u64,
+    /// Placement strategy over the workers, as transformers' device_map: auto, balanced,
+    /// balanced_low_0 or sequential.
+    #[arg(long, env = "SHARDSERVE_STRATEGY", default_value = "auto")]
+    strategy: String,
+    /// Weight budget per worker by index in join order, e.g. 0=2GiB,1=2GiB (default: each
+    /// worker's free memory less --kv-reserve).
+    #[arg(long, env = "SHARDSERVE_MAX_MEMORY")]
+    max_memory: Option<String>,
+    /// An explicit placement: a JSON file of Hugging Face module names → worker index or id.
+    #[arg(long, env = "SHARDSERVE_DEVICE_MAP")]
+    device_map: Option<std::path::PathBuf>,
+    /// Share of each worker's free memory kept for KV caches and activations.
+    #[arg(long, env = "SHARDSERVE_KV_RESERVE", default_value_t = 0.1)]
+    kv_reserve: f64,
+    /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
+    #[arg(long, env = "SHARDSERVE_PREFILL_CHUNK", default_value_t = 512)]
+    prefill_chunk: usize,
 }
 
 impl TryFrom<Args> for CoordinatorConfig {
@@ -51,6 +68,26 @@ impl TryFrom<Args> for CoordinatorConfig {
         if let Some(m) = a.max_total_tokens {
             anyhow::ensure!(m >= 2, "--max-total-tokens must be at least 2");
         }
+        anyhow::ensure!((0.0..1.0).contains(&a.kv_reserve), "--kv-reserve must be in [0, 1), got {}", a.kv_reserve);
+        anyhow::ensure!(a.prefill_chunk >= 1, "--prefill-chunk must be at least 1");
+        let strategy: shardserve::placement::Strategy = a.strategy.parse()?;
+        let max_memory = match &a.max_memory {
+            None => None,
+            Some(s) => {
+                let mm = shardserve::placement::parse_max_memory(s)?;
+                if let Some((d, _)) = mm.iter().find(|(d, _)| !matches!(d, shardserve::placement::Device::Index(_))) {
+                    anyhow::bail!("--max-memory {s}: {d} is not a worker; name workers by index (0=2GiB,1=2GiB)");
+                }
+                Some(mm)
+            }
+        };
+        let device_map = match &a.device_map {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--device-map {}: {e}", p.display()))?;
+                Some(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--device-map {}: not JSON: {e}", p.display()))?)
+            }
+        };
         Ok(CoordinatorConfig {
             engine: EngineConfig {
                 name: a.name.unwrap_or_else(|| a.model.clone()),
@@ -61,6 +98,11 @@ impl TryFrom<Args> for CoordinatorConfig {
                 max_total_tokens: a.max_total_tokens,
                 max_concurrent_requests: a.max_concurrent_requests,
                 step_timeout: Duration::from_secs(a.step_timeout_s),
+                strategy,
+                max_memory,
+                device_map,
+                reserve: a.kv_reserve,
+                prefill_chunk: a.prefill_chunk,
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
         })

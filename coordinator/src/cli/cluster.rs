@@ -42,6 +42,22 @@ pub struct UpArgs {
     /// Requests in flight per model before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 128)]
     pub max_concurrent_requests: usize,
+    /// Placement over the workers, as transformers' device_map: auto, balanced,
+    /// balanced_low_0 or sequential.
+    #[arg(long, default_value = "auto")]
+    pub strategy: String,
+    /// Weight budget per worker by index, e.g. 0=2GiB,1=2GiB (default: free memory less --kv-reserve).
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// An explicit placement: a JSON file of Hugging Face module names → worker index or id.
+    #[arg(long)]
+    pub device_map: Option<PathBuf>,
+    /// Share of each worker's free memory kept for KV caches and activations.
+    #[arg(long, default_value_t = 0.1)]
+    pub kv_reserve: f64,
+    /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
     /// Seconds to wait for the model to load before giving up.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout_s: u64,
@@ -116,6 +132,14 @@ impl LocalCluster {
         }
         if let Some(m) = a.max_total_tokens {
             cmd.args(["--max-total-tokens", &m.to_string()]);
+        }
+        cmd.args(["--strategy", &a.strategy, "--kv-reserve", &a.kv_reserve.to_string()])
+            .args(["--prefill-chunk", &a.prefill_chunk.to_string()]);
+        if let Some(m) = &a.max_memory {
+            cmd.args(["--max-memory", m]);
+        }
+        if let Some(m) = &a.device_map {
+            cmd.arg("--device-map").arg(m);
         }
         let quiet = a.quiet && std::env::var_os("RUST_LOG").is_none();
         if quiet {

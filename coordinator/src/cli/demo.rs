@@ -58,6 +58,11 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         lease_ttl_s: 10,
         max_concurrent_requests: 128,
         quiet: true,
+        strategy: "auto".into(),
+        max_memory: None,
+        device_map: None,
+        kv_reserve: 0.1,
+        prefill_chunk: 512,
         ready_timeout_s: 600,
     };
     eprintln!("starting a coordinator and {} worker(s)", a.workers);

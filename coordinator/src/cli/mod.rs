@@ -1,9 +1,11 @@
 //! `shardctl`, the operator CLI: start a local cluster, generate, inspect, make tiny models.
 
+pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod dev;
 pub mod generate;
+pub mod plan;
 pub mod status;
 
 use clap::{Parser, Subcommand};
@@ -30,12 +32,16 @@ pub enum Command {
     Up(cluster::UpArgs),
     /// Generate text from a running cluster.
     Generate(generate::GenerateArgs),
+    /// Print the device map transformers would use for a model (needs only config.json).
+    Plan(plan::PlanArgs),
     /// Show models, placements and health.
     Status(status::StatusArgs),
     /// List the workers of the fleet.
     Workers(status::WorkersArgs),
     /// Build a tiny model, start a local cluster, generate, and print the output and tokens/s.
     Demo(demo::DemoArgs),
+    /// Measure TTFT, inter-token latency and tokens/s of a running cluster.
+    Bench(bench::BenchArgs),
     /// Developer tools.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -47,9 +53,11 @@ pub async fn main() -> i32 {
     let result = match cli.command {
         Command::Up(a) => cluster::up(a).await,
         Command::Generate(a) => generate::run(a).await,
+        Command::Plan(a) => plan::run(a),
         Command::Status(a) => status::status(a).await,
         Command::Workers(a) => status::workers(a).await,
         Command::Demo(a) => demo::run(a).await,
+        Command::Bench(a) => bench::run(a).await,
         Command::Dev(d) => dev::run(d),
     };
     match result {

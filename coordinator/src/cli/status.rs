@@ -70,13 +70,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
         println!("model {} [{}] {} layers={} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);
         for st in &m.stages {
             println!(
-                "  stage {} worker {} ({}) layers {}..{} {} MiB",
+                "  stage {} worker {} ({}) layers {}..{} {}",
                 st.stage,
                 st.worker_id,
                 st.address,
                 st.layer_start,
                 st.layer_end,
-                st.bytes / (1 << 20)
+                human_bytes(st.bytes)
             );
         }
     }
@@ -111,4 +111,20 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
         println!("{:<28} {:<22} {:<10} {:>8}", w.id, w.address, w.state, w.pid);
     }
     Ok(())
+}
+
+/// Bytes in the largest binary unit that keeps the number at least 1.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

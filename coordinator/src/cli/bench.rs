@@ -1,0 +1,417 @@
+//! `shardctl bench`: TTFT, inter-token latency and tokens/s of a running cluster, optionally
+//! against candle-transformers' own model on the same weights in the same run.
+
+use super::{status_error, Target};
+use anyhow::{anyhow, bail, Context};
+use shardserve_proto::v1 as pb;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Bounds every single RPC, so a stuck cluster ends the bench with an error instead of a hang.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Arguments of `shardctl bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Model name (default: the only model served).
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// Prompt length in tokens (the prompt is built to tokenize to exactly this many).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate per request (greedy; fewer if the model emits an end-of-sequence id).
+    #[arg(long, default_value_t = 64)]
+    pub output_tokens: usize,
+    /// Requests in flight at a time.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Measured requests (default: max(concurrency, 4)).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Unmeasured requests sent first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    /// Also run candle-transformers' model on these weights (folder or Hub id), on CPU in f32.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Free text copied into the report.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+/// What one request measured; times in seconds.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    ttft: f64,
+    itl: Vec<f64>,
+    total: f64,
+    tokens: usize,
+    token_ids: Vec<u32>,
+}
+
+/// The summary of one side (ours or the baseline).
+#[derive(Debug, Clone)]
+struct Report {
+    ttft_ms: (f64, f64),
+    itl_ms: (f64, f64),
+    decode_tok_s: (f64, f64),
+    aggregate_tok_s: f64,
+    tokens: usize,
+    wall_s: f64,
+}
+
+/// Nearest-rank percentile; NaN for no samples (printed as JSON null).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&v, 50.0), percentile(&v, 99.0))
+}
+
+impl Report {
+    fn new(samples: &[Sample], wall_s: f64) -> Self {
+        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+        // A request that produced one token (early eos) has no decode phase to rate.
+        let decode = samples
+            .iter()
+            .filter(|s| s.tokens > 1 && s.total > s.ttft)
+            .map(|s| (s.tokens - 1) as f64 / (s.total - s.ttft))
+            .collect();
+        Report {
+            ttft_ms: p50_p99(samples.iter().map(|s| s.ttft * 1e3).collect()),
+            itl_ms: p50_p99(samples.iter().flat_map(|s| s.itl.iter().map(|t| t * 1e3)).collect()),
+            decode_tok_s: p50_p99(decode),
+            aggregate_tok_s: if wall_s > 0.0 { tokens as f64 / wall_s } else { f64::NAN },
+            tokens,
+            wall_s,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let pair = |(a, b): (f64, f64)| serde_json::json!({"p50": num(a), "p99": num(b)});
+        serde_json::json!({
+            "ttft_ms": pair(self.ttft_ms),
+            "itl_ms": pair(self.itl_ms),
+            "decode_tok_s": pair(self.decode_tok_s),
+            "aggregate_tok_s": num(self.aggregate_tok_s),
+            "tokens": self.tokens,
+            "wall_s": num(self.wall_s),
+        })
+    }
+
+    fn print(&self, name: &str) {
+        println!(
+            "{name:<9} ttft p50 {:.1} ms p99 {:.1} ms | itl p50 {:.2} ms p99 {:.2} ms | decode p50 {:.1} tok/s | aggregate {:.1} tok/s ({} tokens in {:.2} s)",
+            self.ttft_ms.0, self.ttft_ms.1, self.itl_ms.0, self.itl_ms.1, self.decode_tok_s.0,
+            self.aggregate_tok_s, self.tokens, self.wall_s
+        );
+    }
+}
+
+/// JSON has no NaN: an undefined figure is null.
+fn num(x: f64) -> serde_json::Value {
+    serde_json::json!(x.is_finite().then_some(x))
+}
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        .await
+        .map_err(|_| anyhow!("{what} took longer than {} s", REQUEST_TIMEOUT.as_secs()))?
+}
+
+async fn tokenize(client: &mut pb::inference_client::InferenceClient<Channel>, model: &str, text: &str) -> anyhow::Result<Vec<u32>> {
+    let req = pb::TokenizeRequest { model: model.to_string(), text: text.to_string() };
+    bounded("Tokenize", async { Ok(client.tokenize(req).await.map_err(status_error)?.into_inner().token_ids) }).await
+}
+
+/// Plain words that most BPE vocabularies keep whole, so the count grows about one per word.
+const WORDS: &[&str] = &[
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "runs", "into",
+    "forest", "where", "it", "finds", "small", "river", "near", "old", "stone", "bridge", "under", "blue", "sky",
+];
+/// Short tails to close the last few-token gap when one more word would overshoot.
+const FILLERS: &[&str] = &[" a", ".", ",", " I", "!", "?", " x", "-", " 1", ";", ":", " o"];
+
+fn words(k: usize) -> String {
+    (0..k).map(|i| WORDS[i % WORDS.len()]).collect::<Vec<_>>().join(" ")
+}
+
+/// Finds a prompt that the model's own tokenizer turns into exactly `n` ids.
+async fn build_prompt(client: &mut pb::inference_client::InferenceClient<Channel>, model: &str, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
+    let empty = tokenize(client, model, "").await?.len();
+    if n <= empty {
+        bail!("--prompt-tokens {n} is too small: the tokenizer adds {empty} special token(s) to any prompt");
+    }
+    // Bisect on the word count (token count grows with it), then pad with one-token tails.
+    let (mut lo, mut hi) = (0usize, None::<usize>);
+    let mut k = n;
+    loop {
+        let ids = tokenize(client, model, &words(k)).await?;
+        if ids.len() == n {
+            return Ok((words(k), ids));
+        }
+        if ids.len() < n { lo = lo.max(k) } else { hi = Some(hi.map_or(k, |h| h.min(k))) }
+        k = match hi {
+            None => k + (n - ids.len()),
+            Some(h) if h > lo + 1 => (lo + h) / 2,
+            Some(_) => break,
+        };
+    }
+    let mut text = words(lo);
+    let mut count = tokenize(client, model, &text).await?.len();
+    while count < n {
+        let mut grew = false;
+        for f in FILLERS {
+            let t = format!("{text}{f}");
+            let ids = tokenize(client, model, &t).await?;
+            if ids.len() == n {
+                return Ok((t, ids));
+            }
+            if ids.len() > count && ids.len() < n {
+                (text, count, grew) = (t, ids.len(), true);
+                break;
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    bail!("could not build a prompt of exactly {n} tokens with this tokenizer (closest: {count})")
+}
+
+/// One streamed greedy request, timed from send to each token's arrival.
+async fn one_request(mut client: pb::inference_client::InferenceClient<Channel>, req: pb::GenerateRequest) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let mut stream = client.generate_stream(req).await.map_err(status_error)?.into_inner();
+    let mut s = Sample::default();
+    let mut last: Option<Instant> = None;
+    while let Some(msg) = stream.message().await.map_err(status_error)? {
+        if msg.token_ids.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        match last {
+            None => s.ttft = (now - start).as_secs_f64(),
+            Some(prev) => s.itl.push((now - prev).as_secs_f64()),
+        }
+        // Tokens that came in the same message arrived together: a zero gap each.
+        s.itl.extend(std::iter::repeat_n(0.0, msg.token_ids.len() - 1));
+        last = Some(now);
+        s.tokens += msg.token_ids.len();
+        s.token_ids.extend(msg.token_ids);
+    }
+    if s.tokens == 0 {
+        bail!("the cluster answered a request with no tokens");
+    }
+    s.total = (last.unwrap_or(start) - start).as_secs_f64();
+    Ok(s)
+}
+
+/// Sends `total` requests with `concurrency` in flight; returns the samples and the wall time.
+async fn run_phase(client: &pb::inference_client::InferenceClient<Channel>, req: &pb::GenerateRequest, total: usize, concurrency: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.min(total) {
+        let (client, req, next, samples) = (client.clone(), req.clone(), next.clone(), samples.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < total {
+                let s = bounded("a GenerateStream request", one_request(client.clone(), req.clone())).await?;
+                samples.lock().unwrap().push(s);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in futures::future::join_all(tasks).await {
+        t.context("a bench task panicked")??;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    Ok((samples, wall))
+}
+
+/// candle-transformers' own model for the architectures the baseline supports.
+enum Baseline {
+    Qwen3(candle_transformers::models::qwen3::ModelForCausalLM),
+    Llama(candle_transformers::models::llama::Llama, candle_transformers::models::llama::Config),
+}
+
+fn load_baseline(files: &shardserve::hub::ModelFiles) -> anyhow::Result<Baseline> {
+    use candle_core::{DType, Device};
+    use candle_transformers::models::{llama, qwen3};
+    let text = std::fs::read_to_string(files.file("config.json")).context("reading config.json of the baseline")?;
+    let value: serde_json::Value = serde_json::from_str(&text).context("parsing config.json of the baseline")?;
+    let arch = value["architectures"][0].as_str().unwrap_or("").to_string();
+    let weights: Vec<_> = shardserve::hub::weight_files(&files.dir)
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .map(|f| files.dir.join(f))
+        .collect();
+    #[allow(unsafe_code)]
+    // SAFETY: the checkpoint is only read; nothing in this process writes these files while mapped.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu)? };
+    match arch.as_str() {
+        "Qwen3ForCausalLM" => {
+            let cfg: qwen3::Config = serde_json::from_str(&text).context("config.json as a Qwen3 config")?;
+            Ok(Baseline::Qwen3(qwen3::ModelForCausalLM::new(&cfg, vb)?))
+        }
+        "LlamaForCausalLM" => {
+            let lc: llama::LlamaConfig = serde_json::from_str(&text).context("config.json as a Llama config")?;
+            let cfg = lc.into_config(false);
+            Ok(Baseline::Llama(llama::Llama::load(vb, &cfg)?, cfg))
+        }
+        other => bail!("--baseline supports Qwen3ForCausalLM and LlamaForCausalLM, not {other:?}"),
+    }
+}
+
+fn argmax(logits: &candle_core::Tensor) -> anyhow::Result<u32> {
+    Ok(shardserve::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// Greedy generation of `n` tokens: prefill in one forward, then one token per forward.
+fn baseline_once(model: &mut Baseline, prompt: &[u32], n: usize) -> anyhow::Result<Sample> {
+    use candle_core::{DType, Device, Tensor};
+    let mut llama_cache = None;
+    match model {
+        Baseline::Qwen3(m) => m.clear_kv_cache(),
+        Baseline::Llama(_, cfg) => llama_cache = Some(candle_transformers::models::llama::Cache::new(true, DType::F32, cfg, &Device::Cpu)?),
+    }
+    let mut forward = |ids: &[u32], pos: usize| -> anyhow::Result<u32> {
+        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = match model {
+            Baseline::Qwen3(m) => m.forward(&input, pos)?,
+            Baseline::Llama(m, _) => m.forward(&input, pos, llama_cache.as_mut().expect("a llama cache"))?,
+        };
+        argmax(&logits)
+    };
+    let start = Instant::now();
+    let mut s = Sample::default();
+    let mut tok = forward(prompt, 0)?;
+    let mut last = Instant::now();
+    s.ttft = (last - start).as_secs_f64();
+    s.token_ids.push(tok);
+    for i in 1..n {
+        tok = forward(&[tok], prompt.len() + i - 1)?;
+        let now = Instant::now();
+        s.itl.push((now - last).as_secs_f64());
+        last = now;
+        s.token_ids.push(tok);
+    }
+    s.tokens = s.token_ids.len();
+    s.total = (last - start).as_secs_f64();
+    Ok(s)
+}
+
+/// `shardctl bench`.
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let requests = a.requests.unwrap_or(a.concurrency.max(4));
+    if a.concurrency == 0 || a.output_tokens == 0 || a.prompt_tokens == 0 || requests == 0 {
+        bail!("--concurrency, --requests, --output-tokens and --prompt-tokens must be at least 1");
+    }
+    // Resolved up front so a wrong --baseline fails before minutes of cluster measurement.
+    let baseline_files = match &a.baseline {
+        Some(spec) => Some(shardserve::hub::resolve(spec, None).map_err(|e| anyhow!("--baseline: {e}"))?),
+        None => None,
+    };
+    let url = crate::url(&a.target.coordinator);
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    let mut client = pb::inference_client::InferenceClient::new(channel);
+    let mut model = a.model.clone();
+    if model.is_empty() {
+        let list = bounded("ListModels", async { Ok(client.list_models(pb::ListModelsRequest {}).await.map_err(status_error)?) });
+        if let [only] = list.await?.into_inner().models.as_slice() {
+            model = only.name.clone();
+        }
+    }
+
+    let (prompt, prompt_ids) = build_prompt(&mut client, &model, a.prompt_tokens).await?;
+    let req = pb::GenerateRequest {
+        model: model.clone(),
+        prompt,
+        max_new_tokens: Some(i32::try_from(a.output_tokens).context("--output-tokens is too large")?),
+        sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        stop: vec![],
+        logprobs: false,
+    };
+    if a.warmup > 0 {
+        run_phase(&client, &req, a.warmup, a.concurrency).await?;
+    }
+    let (samples, wall) = run_phase(&client, &req, requests, a.concurrency).await?;
+    let ours = Report::new(&samples, wall);
+    if samples.iter().any(|s| s.tokens < a.output_tokens) {
+        eprintln!("shardctl bench: some requests ended early (end-of-sequence); rates use the tokens actually produced");
+    }
+
+    let mut baseline = None;
+    if let Some(files) = baseline_files {
+        // Same token count as the cluster produced, so both decode over the same context lengths.
+        let n = samples.iter().map(|s| s.tokens).max().unwrap_or(a.output_tokens);
+        let ids = prompt_ids.clone();
+        let base = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Sample>, f64)> {
+            let mut m = load_baseline(&files).with_context(|| format!("loading the baseline {}", files.spec))?;
+            baseline_once(&mut m, &ids, n)?;
+            let start = Instant::now();
+            let runs = (0..requests).map(|_| baseline_once(&mut m, &ids, n)).collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((runs, start.elapsed().as_secs_f64()))
+        })
+        .await
+        .context("the baseline panicked")??;
+        // Greedy on the same weights should agree; a mismatch is worth knowing, not fatal
+        // (near-tied logits in random-weight models can flip under different kernels).
+        if let (Some(o), Some(b)) = (samples.first(), base.0.first()) {
+            let same = o.token_ids.iter().zip(&b.token_ids).take_while(|(x, y)| x == y).count();
+            if same < o.token_ids.len().min(b.token_ids.len()) {
+                eprintln!("shardctl bench: the baseline's greedy tokens differ from the cluster's after {same} token(s)");
+            }
+        }
+        baseline = Some(Report::new(&base.0, base.1));
+    }
+    let ratio = baseline.as_ref().map(|b| (ours.decode_tok_s.0 / b.decode_tok_s.0, ours.ttft_ms.0 / b.ttft_ms.0));
+
+    if a.json {
+        let doc = serde_json::json!({
+            "label": a.label,
+            "model": model,
+            "prompt_tokens": a.prompt_tokens,
+            "output_tokens": a.output_tokens,
+            "concurrency": a.concurrency,
+            "requests": requests,
+            "ours": ours.to_json(),
+            "baseline": baseline.as_ref().map(Report::to_json),
+            "ratio": ratio.map(|(d, t)| serde_json::json!({"decode_tok_s": num(d), "ttft": num(t)})),
+        });
+        println!("{doc}");
+        return Ok(());
+    }
+    let label = if a.label.is_empty() { String::new() } else { format!(" [{}]", a.label) };
+    println!(
+        "bench{label}: model {model}, prompt {} tokens, output {} tokens, concurrency {}, {requests} requests",
+        a.prompt_tokens, a.output_tokens, a.concurrency
+    );
+    ours.print("ours");
+    if let Some(b) = &baseline {
+        b.print("baseline");
+    }
+    if let Some((d, t)) = ratio {
+        println!("ratio     decode tok/s ours/baseline {d:.2} | ttft ours/baseline {t:.2}");
+    }
+    Ok(())
+}

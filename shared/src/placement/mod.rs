@@ -1,0 +1,649 @@
+//! Device placement planner that reproduces Hugging Face `from_pretrained(..., device_map=...)`.
+//!
+//! transformers decides where each submodule of a causal LM lives by running accelerate's
+//! `get_balanced_memory` and `infer_auto_device_map` on a meta-initialised model. This module
+//! rebuilds the module tree of the supported architectures from the config alone and runs a
+//! faithful port of that algorithm, so a shard plan computed here matches the one a Python
+//! worker would compute key for key, value for value and in the same key order.
+
+pub mod accelerate;
+pub mod cluster;
+#[cfg(test)]
+mod tests;
+
+pub use crate::config::Architecture;
+pub use accelerate::{balanced_memory, infer_auto_device_map, infer_device_map, module_sizes, ModuleSizes};
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Errors raised while reading configs, parsing memory budgets or planning placement.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    /// A size string that accelerate's `convert_file_size_to_int` would reject.
+    #[error(
+        "invalid size {value:?}: use an integer number of bytes or a number with a unit \
+         (GiB, MiB, KiB, GB, MB, KB; a trailing lowercase `b` as in `Gb` means bits)"
+    )]
+    InvalidSize {
+        /// The rejected text.
+        value: String,
+    },
+    /// A device name that is neither a GPU index nor `cpu`/`disk`.
+    #[error("invalid device {value:?}: expected a GPU index (0, 1, ...), \"cpu\" or \"disk\"")]
+    InvalidDevice {
+        /// The rejected text.
+        value: String,
+    },
+    /// One `device=size` item of a max-memory string is malformed.
+    #[error("invalid max_memory item {item:?}: {reason}")]
+    InvalidMaxMemoryItem {
+        /// The offending item as written.
+        item: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The same device was given two budgets.
+    #[error("device {device} appears more than once in max_memory")]
+    DuplicateDevice {
+        /// The repeated device.
+        device: Device,
+    },
+    /// No budget was given at all.
+    #[error(
+        "max_memory is empty: give at least one budget such as \"0=40GiB,cpu=64GiB\" \
+         (probing free GPU memory is not supported)"
+    )]
+    EmptyMaxMemory,
+    /// A dtype name this planner does not know the width of.
+    #[error("unsupported dtype {0:?}: expected float32/f32, bfloat16/bf16 or float16/f16")]
+    UnsupportedDtype(String),
+    /// A dtype width of zero bytes would make every module free.
+    #[error("dtype width must be at least one byte")]
+    ZeroDtypeWidth,
+    /// The config names a model family this planner cannot lay out.
+    #[error(
+        "unsupported architecture {0:?}: expected model_type qwen3, qwen2, llama or mistral \
+         (or architectures Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM)"
+    )]
+    UnsupportedArchitecture(String),
+    /// A config field is missing, has the wrong type or an impossible value.
+    #[error("config field `{field}`: {reason}")]
+    InvalidConfig {
+        /// The JSON key concerned.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A `device_map` strategy name transformers would not accept.
+    #[error(
+        "unknown device_map strategy {0:?}: expected auto, balanced, balanced_low_0 or sequential"
+    )]
+    UnknownStrategy(String),
+    /// A size computation does not fit in 64 bits.
+    #[error("size overflow while computing {0}")]
+    Overflow(String),
+    /// `balanced_low_0` indexes GPUs as 0..n, so a gap in the indices cannot be balanced.
+    #[error("balanced_low_0 needs GPU {index} in max_memory because it assumes GPUs are numbered 0..n without gaps")]
+    MissingGpu {
+        /// The absent GPU index.
+        index: u32,
+    },
+    /// The planner reached a state accelerate would crash in.
+    #[error("placement failed: {0}")]
+    Internal(String),
+    /// The model needs more memory than the fleet offers.
+    #[error("the model does not fit: {0}")]
+    DoesNotFit(String),
+    /// An explicit device map that does not describe a pipeline over the fleet.
+    #[error("device map: {0}")]
+    BadDeviceMap(String),
+}
+
+/// The config values that determine every parameter and buffer shape of a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Which module tree to build.
+    pub architecture: Architecture,
+    /// Width of the residual stream.
+    pub hidden_size: u64,
+    /// Width of the MLP's inner projection.
+    pub intermediate_size: u64,
+    /// Number of decoder layers.
+    pub num_hidden_layers: u64,
+    /// Number of query heads.
+    pub num_attention_heads: u64,
+    /// Number of key/value heads (equal to the query heads without GQA).
+    pub num_key_value_heads: u64,
+    /// Width of one attention head.
+    pub head_dim: u64,
+    /// Number of token embeddings.
+    pub vocab_size: u64,
+    /// Whether `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Projection biases. For Qwen2 this means q/k/v only (its o_proj never has one); for the
+    /// other families it is the config's `attention_bias`, which covers q/k/v/o.
+    pub attention_bias: bool,
+    /// Biases on gate/up/down projections (only Llama's config can turn these on).
+    pub mlp_bias: bool,
+}
+
+impl ModelShape {
+    /// Reads a Hugging Face `config.json` value, filling in the defaults transformers applies.
+    pub fn from_config_json(v: &serde_json::Value) -> Result<Self, PlacementError> {
+        let obj = v.as_object().ok_or(PlacementError::InvalidConfig {
+            field: "<root>",
+            reason: "config must be a JSON object".into(),
+        })?;
+        let architecture = detect_architecture(obj)?;
+
+        let hidden_size = required_u64(obj, "hidden_size")?;
+        let intermediate_size = required_u64(obj, "intermediate_size")?;
+        let num_hidden_layers = required_u64(obj, "num_hidden_layers")?;
+        let num_attention_heads = required_u64(obj, "num_attention_heads")?;
+        let vocab_size = required_u64(obj, "vocab_size")?;
+        for (field, value) in [
+            ("hidden_size", hidden_size),
+            ("num_attention_heads", num_attention_heads),
+            ("vocab_size", vocab_size),
+        ] {
+            if value == 0 {
+                return Err(PlacementError::InvalidConfig {
+                    field,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+        }
+        let num_key_value_heads =
+            optional_u64(obj, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let head_dim = optional_u64(obj, "head_dim")?.unwrap_or(hidden_size / num_attention_heads);
+        for (field, value) in [
+            ("num_key_value_heads", num_key_value_heads),
+            ("head_dim", head_dim),
+        ] {
+            if value == 0 {
+                return Err(PlacementError::InvalidConfig {
+                    field,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+        }
+        let tie_word_embeddings = optional_bool(obj, "tie_word_embeddings")?.unwrap_or(false);
+        // The modeling code, not the config, decides biases for Qwen2 and Mistral.
+        let (attention_bias, mlp_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Mistral => (false, false),
+            Architecture::Qwen3 => (
+                optional_bool(obj, "attention_bias")?.unwrap_or(false),
+                false,
+            ),
+            Architecture::Llama => (
+                optional_bool(obj, "attention_bias")?.unwrap_or(false),
+                optional_bool(obj, "mlp_bias")?.unwrap_or(false),
+            ),
+        };
+        Ok(ModelShape {
+            architecture,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            tie_word_embeddings,
+            attention_bias,
+            mlp_bias,
+        })
+    }
+}
+
+fn detect_architecture(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Architecture, PlacementError> {
+    match obj.get("model_type") {
+        Some(serde_json::Value::String(mt)) => {
+            return arch_from_model_type(mt)
+                .ok_or_else(|| PlacementError::UnsupportedArchitecture(mt.clone()));
+        }
+        None | Some(serde_json::Value::Null) => {}
+        Some(other) => {
+            return Err(PlacementError::InvalidConfig {
+                field: "model_type",
+                reason: format!("expected a string, found {other}"),
+            })
+        }
+    }
+    let first = obj
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str());
+    match first {
+        Some(name) => arch_from_class_name(name)
+            .ok_or_else(|| PlacementError::UnsupportedArchitecture(name.to_string())),
+        None => Err(PlacementError::InvalidConfig {
+            field: "model_type",
+            reason: "missing, and no `architectures` entry to fall back on".into(),
+        }),
+    }
+}
+
+fn optional_u64(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<u64>, PlacementError> {
+    match obj.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| PlacementError::InvalidConfig {
+                field,
+                reason: format!("expected a non-negative integer, found {v}"),
+            }),
+    }
+}
+
+fn required_u64(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<u64, PlacementError> {
+    optional_u64(obj, field)?.ok_or(PlacementError::InvalidConfig {
+        field,
+        reason: "missing".into(),
+    })
+}
+
+fn optional_bool(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<bool>, PlacementError> {
+    match obj.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| PlacementError::InvalidConfig {
+                field,
+                reason: format!("expected true or false, found {v}"),
+            }),
+    }
+}
+
+/// Where a module is placed, as accelerate names it.
+///
+/// The variant order doubles as accelerate's device priority: GPUs by index, then CPU, then disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Device {
+    /// An accelerator, by index.
+    Index(u32),
+    /// Host memory.
+    Cpu,
+    /// Offloaded to disk.
+    Disk,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Index(i) => write!(f, "{i}"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Disk => f.write_str("disk"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = PlacementError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "disk" => Ok(Device::Disk),
+            _ if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
+                .parse::<u32>()
+                .map(Device::Index)
+                .map_err(|_| PlacementError::InvalidDevice {
+                    value: s.to_string(),
+                }),
+            _ => Err(PlacementError::InvalidDevice {
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Device::Index(i) => serializer.serialize_u32(*i),
+            Device::Cpu => serializer.serialize_str("cpu"),
+            Device::Disk => serializer.serialize_str("disk"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DeviceVisitor;
+        impl Visitor<'_> for DeviceVisitor {
+            type Value = Device;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a GPU index or \"cpu\"/\"disk\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Device, E> {
+                u32::try_from(v)
+                    .map(Device::Index)
+                    .map_err(|_| E::custom(format!("GPU index {v} out of range")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Device, E> {
+                u32::try_from(v)
+                    .map(Device::Index)
+                    .map_err(|_| E::custom(format!("invalid GPU index {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Device, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(DeviceVisitor)
+    }
+}
+
+/// The `device_map` values transformers accepts as strategy names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Balance layers over the GPUs (transformers treats it exactly like `balanced`).
+    Auto,
+    /// Balance layers over the GPUs.
+    Balanced,
+    /// Balance over GPUs 1..n and keep GPU 0 as empty as possible (room for `generate`).
+    BalancedLow0,
+    /// Fill each device to its budget in order.
+    Sequential,
+}
+
+impl Strategy {
+    /// The name as passed to `from_pretrained(device_map=...)`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Auto => "auto",
+            Strategy::Balanced => "balanced",
+            Strategy::BalancedLow0 => "balanced_low_0",
+            Strategy::Sequential => "sequential",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = PlacementError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Strategy::Auto),
+            "balanced" => Ok(Strategy::Balanced),
+            "balanced_low_0" => Ok(Strategy::BalancedLow0),
+            "sequential" => Ok(Strategy::Sequential),
+            _ => Err(PlacementError::UnknownStrategy(s.to_string())),
+        }
+    }
+}
+
+/// Parses a size the way accelerate's `convert_file_size_to_int` does.
+///
+/// `GiB`/`MiB`/`KiB` are powers of two, `GB`/`MB`/`KB` powers of ten, all case-insensitive,
+/// except that a string ending in a lowercase `b` (`"8Gb"`, `"8gb"`) counts bits and is divided
+/// by eight. The number may be fractional and is truncated after scaling. A bare integer is a
+/// byte count (accelerate's `int` input).
+pub fn parse_size(s: &str) -> Result<u64, PlacementError> {
+    let invalid = || PlacementError::InvalidSize {
+        value: s.to_string(),
+    };
+    let trimmed = s.trim();
+    if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        return trimmed.parse::<u64>().map_err(|_| invalid());
+    }
+    let ends_with = |suffix: &str| {
+        s.len() >= suffix.len()
+            && s.get(s.len() - suffix.len()..)
+                .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+    };
+    // Same precedence as accelerate, so "GiB" is never read as "...B" with a stray "i".
+    let (unit_len, scale, bits_allowed) = if ends_with("GIB") {
+        (3, (1u64 << 30) as f64, false)
+    } else if ends_with("MIB") {
+        (3, (1u64 << 20) as f64, false)
+    } else if ends_with("KIB") {
+        (3, (1u64 << 10) as f64, false)
+    } else if ends_with("GB") {
+        (2, 1e9, true)
+    } else if ends_with("MB") {
+        (2, 1e6, true)
+    } else if ends_with("KB") {
+        (2, 1e3, true)
+    } else {
+        return Err(invalid());
+    };
+    let number = s.get(..s.len() - unit_len).ok_or_else(invalid)?;
+    let value = parse_python_float(number).ok_or_else(invalid)? * scale;
+    // Python's int() truncates toward zero; infinities and NaN raise there too.
+    if !value.is_finite() {
+        return Err(invalid());
+    }
+    let truncated = value.trunc();
+    if !(0.0..18_446_744_073_709_551_616.0).contains(&truncated) {
+        return Err(invalid());
+    }
+    let bytes = truncated as u64;
+    if bits_allowed && s.ends_with('b') {
+        Ok(bytes / 8)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// Mirrors Python's `float()` on text: surrounding whitespace and digit-separating underscores.
+fn parse_python_float(text: &str) -> Option<f64> {
+    let t = text.trim();
+    if t.contains('_') {
+        let bytes = t.as_bytes();
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'_' {
+                let before = i.checked_sub(1).and_then(|j| bytes.get(j));
+                let after = bytes.get(i + 1);
+                if !(before.is_some_and(u8::is_ascii_digit)
+                    && after.is_some_and(u8::is_ascii_digit))
+                {
+                    return None;
+                }
+            }
+        }
+        t.replace('_', "").parse().ok()
+    } else {
+        t.parse().ok()
+    }
+}
+
+/// Parses `"0=40GiB,1=40GiB,cpu=64GiB"` into budgets, in the order written.
+pub fn parse_max_memory(s: &str) -> Result<Vec<(Device, u64)>, PlacementError> {
+    if s.trim().is_empty() {
+        return Err(PlacementError::EmptyMaxMemory);
+    }
+    let mut out: Vec<(Device, u64)> = Vec::new();
+    for raw in s.split(',') {
+        let item = raw.trim();
+        let bad = |reason: String| PlacementError::InvalidMaxMemoryItem {
+            item: item.to_string(),
+            reason,
+        };
+        let (dev, size) = item
+            .split_once('=')
+            .ok_or_else(|| bad("expected DEVICE=SIZE, e.g. 0=40GiB or cpu=64GiB".into()))?;
+        let device = dev
+            .trim()
+            .parse::<Device>()
+            .map_err(|e| bad(e.to_string()))?;
+        let bytes = parse_size(size.trim()).map_err(|e| bad(e.to_string()))?;
+        if out.iter().any(|(d, _)| *d == device) {
+            return Err(PlacementError::DuplicateDevice { device });
+        }
+        out.push((device, bytes));
+    }
+    Ok(out)
+}
+
+/// Bytes per element of a floating-point dtype name (`torch.` prefix allowed).
+pub fn dtype_bytes(dtype: &str) -> Result<u64, PlacementError> {
+    let name = dtype.trim();
+    let name = name
+        .strip_prefix("torch.")
+        .unwrap_or(name)
+        .to_ascii_lowercase();
+    match name.as_str() {
+        "float32" | "f32" | "float" | "fp32" => Ok(4),
+        "bfloat16" | "bf16" => Ok(2),
+        "float16" | "f16" | "half" | "fp16" => Ok(2),
+        _ => Err(PlacementError::UnsupportedDtype(dtype.to_string())),
+    }
+}
+
+/// A device map in accelerate's insertion order: module name (`""` for the whole model) to device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceMap(pub Vec<(String, Device)>);
+
+impl DeviceMap {
+    /// The device of an exact key, if present.
+    pub fn get(&self, module: &str) -> Option<Device> {
+        self.0.iter().find(|(k, _)| k == module).map(|(_, d)| *d)
+    }
+
+    /// The device holding a module or parameter, resolved through its nearest mapped ancestor.
+    pub fn device_of(&self, name: &str) -> Option<Device> {
+        let mut current = name;
+        loop {
+            if let Some(d) = self.get(current) {
+                return Some(d);
+            }
+            if current.is_empty() {
+                return None;
+            }
+            current = current.rsplit_once('.').map_or("", |(parent, _)| parent);
+        }
+    }
+
+    /// JSON object text with keys in map order, as accelerate's `OrderedDict` would dump.
+    pub fn to_json_string(&self) -> String {
+        let mut out = String::from("{");
+        for (i, (k, d)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            push_json_string(&mut out, k);
+            out.push_str(": ");
+            match d {
+                Device::Index(idx) => out.push_str(&idx.to_string()),
+                Device::Cpu => out.push_str("\"cpu\""),
+                Device::Disk => out.push_str("\"disk\""),
+            }
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+impl Serialize for DeviceMap {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, d) in &self.0 {
+            map.serialize_entry(k, d)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceMap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MapVisitor;
+        impl<'de> Visitor<'de> for MapVisitor {
+            type Value = DeviceMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object from module names to devices")
+            }
+            // Reading entries straight off the visitor keeps document order without needing
+            // serde_json's `preserve_order` feature.
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<DeviceMap, A::Error> {
+                let mut entries = Vec::new();
+                while let Some((k, d)) = access.next_entry::<String, Device>()? {
+                    entries.push((k, d));
+                }
+                Ok(DeviceMap(entries))
+            }
+        }
+        deserializer.deserialize_map(MapVisitor)
+    }
+}
+
+
+fn arch_from_model_type(s: &str) -> Option<Architecture> {
+    match s {
+        "qwen3" => Some(Architecture::Qwen3),
+        "qwen2" => Some(Architecture::Qwen2),
+        "llama" => Some(Architecture::Llama),
+        "mistral" => Some(Architecture::Mistral),
+        _ => None,
+    }
+}
+
+fn arch_from_class_name(s: &str) -> Option<Architecture> {
+    crate::config::SUPPORTED_ARCHITECTURES
+        .iter()
+        .position(|&n| n == s)
+        .and_then(|_| match s {
+            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "LlamaForCausalLM" => Some(Architecture::Llama),
+            _ => Some(Architecture::Mistral),
+        })
+}
+
+/// Splits `num_layers` layers into `stages` contiguous ranges as evenly as possible, earlier
+/// stages taking the remainder.
+pub fn even_split(num_layers: usize, stages: usize) -> Vec<Range<usize>> {
+    let stages = stages.clamp(1, num_layers.max(1));
+    let base = num_layers / stages;
+    let extra = num_layers % stages;
+    let mut out = Vec::with_capacity(stages);
+    let mut start = 0;
+    for s in 0..stages {
+        let n = base + usize::from(s < extra);
+        out.push(start..start + n);
+        start += n;
+    }
+    out
+}

@@ -1,0 +1,266 @@
+//! Pipeline parallelism through real processes: a model split over 2, 3 and 4 workers gives the
+//! tokens of one worker and of transformers; requests interleave; a stage that dies fails its
+//! requests with UNAVAILABLE everywhere and the cluster serves again once a worker is back;
+//! cancellation and errors leave no KV cache on any stage.
+
+use shardserve_proto::v1 as pb;
+use shardserve_tests::*;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+type Client = pb::inference_client::InferenceClient<tonic::transport::Channel>;
+
+async fn generate(c: &mut Client, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
+        .await
+        .expect("Generate did not answer within 60 s")
+        .map(|r| r.into_inner())
+}
+
+fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        max_new_tokens: Some(20),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(1.3),
+            top_k: Some(0),
+            top_p: Some(0.97),
+            repetition_penalty: Some(1.1),
+            seed: Some(seed),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn placement(cluster: &Cluster) -> Vec<pb::StageInfo> {
+    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    s.models[0].stages.clone()
+}
+
+async fn wait_no_sequences(addresses: &[String]) {
+    for addr in addresses {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let st = Cluster::worker_stats(addr).await;
+            if st.sequences == 0 && st.kv_bytes == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stage at {addr} still holds {} sequences ({} KV bytes)", st.sequences, st.kv_bytes);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_tokens_through_two_three_and_four_stages() {
+    let cases = reference_cases();
+    let one = Cluster::new(reference_model()).start();
+    let mut c = one.client().await;
+    let mut seeded_one = Vec::new();
+    for case in &cases[..3] {
+        seeded_one.push(generate(&mut c, sampled(&case.prompt, 42)).await.unwrap().token_ids);
+    }
+    drop(one);
+    for stages in [2, 3, 4] {
+        // The 4-stage run also prefills in chunks of 3 tokens.
+        let mut b = Cluster::new(reference_model()).workers(stages);
+        if stages == 4 {
+            b = b.arg("--prefill-chunk").arg("3");
+        }
+        let cluster = b.start();
+        let p = placement(&cluster).await;
+        assert_eq!(p.len(), stages, "auto did not spread over all {stages} workers: {p:?}");
+        let mut c = cluster.client().await;
+        for case in &cases {
+            let r = generate(&mut c, greedy(&case.prompt, 32)).await.unwrap();
+            assert_eq!(r.token_ids, case.new_ids, "{stages} stages, prompt {:?}", case.prompt);
+        }
+        for (case, want) in cases[..3].iter().zip(&seeded_one) {
+            let r = generate(&mut c, sampled(&case.prompt, 42)).await.unwrap();
+            assert_eq!(&r.token_ids, want, "seeded sampling differs with {stages} stages");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_llama_over_three_stages_reads_only_its_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_shardctl(
+        &["dev", "tiny-model", "--arch", "llama", "--out", dir.path().to_str().unwrap(), "--shards", "2", "--layers", "6", "--dtype", "bf16", "--seed", "11"],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let prompts = ["The quick brown fox", "Once upon a time, in a data center", "0 1 2 3"];
+    let one = Cluster::new(dir.path()).start();
+    let mut c = one.client().await;
+    let mut want = Vec::new();
+    for p in prompts {
+        want.push((generate(&mut c, greedy(p, 24)).await.unwrap().token_ids, generate(&mut c, sampled(p, 7)).await.unwrap().token_ids));
+    }
+    drop(one);
+    let cluster = Cluster::new(dir.path()).workers(3).start();
+    let mut c = cluster.client().await;
+    for (p, (g, s)) in prompts.iter().zip(&want) {
+        assert_eq!(&generate(&mut c, greedy(p, 24)).await.unwrap().token_ids, g, "greedy, {p:?}");
+        assert_eq!(&generate(&mut c, sampled(p, 7)).await.unwrap().token_ids, s, "seeded, {p:?}");
+    }
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+    let weight_map = index["weight_map"].as_object().unwrap();
+    let stages = placement(&cluster).await;
+    assert_eq!(stages.len(), 3);
+    let mut files_per_stage = Vec::new();
+    for st in &stages {
+        let stats = Cluster::worker_stats(&st.address).await;
+        assert_eq!((stats.layer_start, stats.layer_end), (st.layer_start, st.layer_end));
+        for t in &stats.tensors {
+            let own = match t.strip_prefix("model.layers.") {
+                Some(rest) => {
+                    let l: u32 = rest.split('.').next().unwrap().parse().unwrap();
+                    (st.layer_start..st.layer_end).contains(&l)
+                }
+                None => (t.starts_with("model.embed_tokens.") && st.embeddings) || ((t.starts_with("model.norm.") || t.starts_with("lm_head.")) && st.lm_head),
+            };
+            assert!(own, "stage {} read {t}", st.stage);
+        }
+        let expected: std::collections::BTreeSet<String> = stats.tensors.iter().map(|t| weight_map[t].as_str().unwrap().to_string()).collect();
+        let opened: std::collections::BTreeSet<String> = stats.files.iter().cloned().collect();
+        assert_eq!(opened, expected, "stage {} opened files holding none of its tensors", st.stage);
+        files_per_stage.push(opened);
+    }
+    assert_ne!(files_per_stage[0], files_per_stage[2], "first and last stage read the same files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_interleave_through_three_stages() {
+    let cluster = Cluster::new(reference_model()).workers(3).start();
+    let cases = reference_cases();
+    let mut tasks = Vec::new();
+    for case in cases.clone() {
+        let mut c = cluster.client().await;
+        tasks.push(tokio::spawn(async move { (case.new_ids.clone(), generate(&mut c, greedy(&case.prompt, 32)).await) }));
+    }
+    for t in tasks {
+        let (want, got) = tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap();
+        assert_eq!(got.unwrap().token_ids, want);
+    }
+    let addrs: Vec<String> = placement(&cluster).await.iter().map(|s| s.address.clone()).collect();
+    wait_no_sequences(&addrs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_stream_frees_kv_on_every_stage() {
+    let cluster = Cluster::new(reference_model()).workers(3).start();
+    let addrs: Vec<String> = placement(&cluster).await.iter().map(|s| s.address.clone()).collect();
+    let mut c = cluster.client().await;
+    let mut s = c.generate_stream(greedy("a", 1000)).await.unwrap().into_inner();
+    assert!(tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap().is_some());
+    let mut holding = 0;
+    for a in &addrs {
+        holding += Cluster::worker_stats(a).await.sequences;
+    }
+    assert!(holding > 0, "no stage held the sequence while it ran");
+    drop(s);
+    wait_no_sequences(&addrs).await;
+}
+
+/// A worker started by a test, killed when dropped.
+struct Spare(std::process::Child);
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_middle_stage_fails_requests_and_a_new_worker_restores_service() {
+    let cluster = Cluster::new(reference_model()).workers(3).arg("--lease-ttl-s").arg("2").start();
+    let stages = placement(&cluster).await;
+    let (victim, pid) = cluster.stage_worker(1).await;
+    let survivors: Vec<String> = stages.iter().filter(|s| s.worker_id != victim).map(|s| s.address.clone()).collect();
+    let mut c = cluster.client().await;
+    let mut s = c.generate_stream(greedy("a", 1000)).await.unwrap().into_inner();
+    assert!(tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap().is_some());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream finished normally although a stage was killed"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("no error within 10 s");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains(&victim), "{:?} does not name {victim}", err.message());
+    assert!(killed.elapsed() < Duration::from_secs(3), "took {:?}", killed.elapsed());
+    wait_no_sequences(&survivors).await;
+    assert_eq!(generate(&mut c, greedy("Hello", 4)).await.unwrap_err().code(), Code::Unavailable);
+
+    // A replacement joins; once the dead worker's lease is gone the model is re-planned.
+    let _spare = Spare(
+        std::process::Command::new(bin("worker"))
+            .args(["--coordinator", &cluster.url, "--listen", "127.0.0.1:0", "--id", "replacement"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let case = &reference_cases()[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        match generate(&mut c, greedy(&case.prompt, 32)).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), Code::Unavailable | Code::FailedPrecondition),
+                    "unexpected status while recovering: {e:?}"
+                );
+                assert!(Instant::now() < deadline, "no recovery within 30 s: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(r.token_ids, case.new_ids);
+    let p = placement(&cluster).await;
+    assert!(p.iter().any(|s| s.worker_id == "replacement") && !p.iter().any(|s| s.worker_id == victim), "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_inputs_are_checked_before_anything_loads() {
+    let m = reference_model();
+    let up = |extra: &[&str]| {
+        let mut args = vec!["up", "--model", m.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout-s", "60"];
+        args.extend_from_slice(extra);
+        run_shardctl(&args, &[("RUST_LOG", "error")], Duration::from_secs(90))
+    };
+    let out = up(&["--max-memory", "0=1KiB,1=1KiB"]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("does not fit") && out.stderr.contains("missing"), "{}", out.stderr);
+    let out = up(&["--max-memory", "cpu=1GiB"]);
+    assert!(!out.status.success() && out.stderr.contains("cpu"), "{}", out.stderr);
+
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    std::fs::write(&map, r#"{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": "nobody", "model.layers.3": 1, "model.layers.4": 1, "model.layers.5": 1}"#).unwrap();
+    let out = up(&["--device-map", map.to_str().unwrap()]);
+    assert!(!out.status.success() && out.stderr.contains("nobody"), "{}", out.stderr);
+    std::fs::write(&map, r#"{"model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1, "model.layers.3": 1}"#).unwrap();
+    let out = up(&["--device-map", map.to_str().unwrap()]);
+    assert!(!out.status.success() && out.stderr.contains("model.layers.4"), "{}", out.stderr);
+
+    // A valid explicit map is followed exactly.
+    std::fs::write(&map, r#"{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 0, "model.layers.3": 0, "model.layers.4": 0, "model.layers.5": 1, "model.norm": 1, "lm_head": 1}"#).unwrap();
+    let cluster = Cluster::new(&m).workers(2).arg("--device-map").arg(map.to_str().unwrap()).start();
+    let p = placement(&cluster).await;
+    assert_eq!(p.iter().map(|s| (s.layer_start, s.layer_end)).collect::<Vec<_>>(), vec![(0, 5), (5, 6)]);
+    let mut c = cluster.client().await;
+    let case = &reference_cases()[3];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+}
