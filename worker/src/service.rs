@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 /// State of one sequence on this stage.
 struct Sequence {
@@ -39,6 +39,40 @@ pub struct WorkerState {
     sequences: Mutex<HashMap<u64, Arc<Mutex<Sequence>>>>,
     step_timeout: Duration,
     device: Device,
+    compute: ComputeThread,
+}
+
+/// The one thread that runs this worker's forward passes. Steps run one at a time on a thread
+/// that lives as long as the worker, so its allocations and caches stay warm; candle's kernels
+/// spread each step over the CPU cores themselves.
+struct ComputeThread {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl ComputeThread {
+    fn start() -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("compute".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawning the compute thread");
+        ComputeThread { jobs }
+    }
+
+    /// Runs `f` on the compute thread; `Err` when the thread is gone (it panicked).
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, &'static str> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| "the compute thread is gone")?;
+        rx.await.map_err(|_| "the compute thread dropped a step")
+    }
 }
 
 impl WorkerState {
@@ -50,6 +84,7 @@ impl WorkerState {
             sequences: Mutex::new(HashMap::new()),
             step_timeout,
             device: Device::Cpu,
+            compute: ComputeThread::start(),
         }
     }
 
@@ -340,16 +375,19 @@ impl pb::worker_server::Worker for WorkerService {
                     }
                 };
                 let (st, l) = (state.clone(), loaded.clone());
-                let computed = tokio::task::spawn_blocking(move || {
+                let computed = state.compute.run(move || {
                     let mut fresh = Vec::new();
+                    let started = std::time::Instant::now();
                     let out = compute(&st, &l, &req, &mut fresh);
+                    let tokens: usize = req.sequences.iter().map(|s| s.token_ids.len()).sum();
+                    trace!(step = req.step_id, sequences = req.sequences.len(), tokens, compute_us = started.elapsed().as_micros() as u64, "step computed");
                     (req, out, fresh)
                 })
                 .await;
                 let (req, out, fresh) = match computed {
                     Ok(v) => v,
                     Err(e) => {
-                        warn!(error = %e, "step task panicked");
+                        warn!(error = %e, "step failed to run");
                         break;
                     }
                 };

@@ -58,6 +58,10 @@ pub struct UpArgs {
     /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// CPU threads each worker's kernels use (default: the machine's cores divided among the
+    /// workers, so stages on one machine do not contend for the same cores).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Seconds to wait for the model to load before giving up.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout_s: u64,
@@ -155,8 +159,14 @@ impl LocalCluster {
             coordinator,
             workers: Vec::new(),
         };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = a.worker_threads.unwrap_or((cores / a.workers).max(1));
         for i in 0..a.workers {
             let mut cmd = Command::new(bin_path("worker")?);
+            // candle's CPU kernels size their thread pool from this variable.
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                cmd.env("RAYON_NUM_THREADS", threads.to_string());
+            }
             if quiet {
                 cmd.env("RUST_LOG", "warn");
             }

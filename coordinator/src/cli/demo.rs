@@ -63,6 +63,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         device_map: None,
         kv_reserve: 0.1,
         prefill_chunk: 512,
+        worker_threads: None,
         ready_timeout_s: 600,
     };
     eprintln!("starting a coordinator and {} worker(s)", a.workers);

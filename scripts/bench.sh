@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Reproduces the README's benchmark figures on this machine: a Qwen3-shaped random model
+# (8 layers, hidden 512, f32 on CPU) served by 1, 2 and 3 pipeline stages, measured with
+# `shardctl bench`; the 1-stage run also measures candle-transformers' own model in-process on
+# the same weights (--baseline). One JSON document per run on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --bins >&2
+BIN=target/debug
+MODEL=$(mktemp -d)
+trap 'rm -rf "$MODEL"' EXIT
+$BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" --layers 8 --hidden 512 --intermediate 1536 \
+    --heads 8 --kv-heads 4 --head-dim 64 --vocab 1024 --seed 7 >&2
+PROMPT=${PROMPT_TOKENS:-128}
+OUTPUT=${OUTPUT_TOKENS:-64}
+run() { # stages concurrency requests [extra bench args]
+    local stages=$1 conc=$2 reqs=$3; shift 3
+    local out; out=$(mktemp)
+    RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$stages" --listen 127.0.0.1:0 >"$out" &
+    local pid=$!
+    for _ in $(seq 600); do grep -q '^ready ' "$out" && break; sleep 0.1; done
+    local url; url=$(sed -n 's/^ready //p' "$out")
+    [ -n "$url" ] || { echo "cluster did not start" >&2; kill $pid; exit 1; }
+    $BIN/shardctl bench --coordinator "$url" --prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" \
+        --concurrency "$conc" --requests "$reqs" --label "stages=$stages concurrency=$conc" --json "$@"
+    kill -TERM $pid; wait $pid || true; rm -f "$out"
+}
+run 1 1 6 --baseline "$MODEL"
+run 2 1 6
+run 3 1 6
+run 1 8 16
+run 2 8 16
