@@ -454,7 +454,7 @@ impl Engine {
                     seq_id,
                     token_ids: feed.clone(),
                     start_pos: pos as u32,
-                    sampling: (pos == 0).then(|| sampling.clone()),
+                    sampling: (pos == 0).then_some(sampling),
                     logprobs: req.logprobs,
                     prefill_only: pos + feed.len() < req.prompt_ids.len(),
                 }],

@@ -20,7 +20,7 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
     if req.prompt.is_empty() {
         return Err(invalid("prompt must not be empty".into()));
     }
-    let s = req.sampling.clone().unwrap_or_default();
+    let s = req.sampling.unwrap_or_default();
     let g = &model.generation;
     let sample_by_default = g.do_sample == Some(true);
     let temperature = match s.temperature {

@@ -176,13 +176,13 @@ fn dtype_str(d: DType) -> Result<&'static str> {
 
 /// Writes a complete checkpoint for `spec` into `dir` (created if missing).
 pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
-    if spec.num_heads % spec.num_kv_heads.max(1) != 0 || spec.num_kv_heads == 0 {
+    if spec.num_kv_heads == 0 || !spec.num_heads.is_multiple_of(spec.num_kv_heads) {
         return Err(Error::WriteModel(format!(
             "heads ({}) must be a multiple of kv heads ({})",
             spec.num_heads, spec.num_kv_heads
         )));
     }
-    if spec.shards == 0 || spec.num_layers == 0 || spec.head_dim % 2 != 0 {
+    if spec.shards == 0 || spec.num_layers == 0 || !spec.head_dim.is_multiple_of(2) {
         return Err(Error::WriteModel(
             "shards and layers must be at least 1 and head_dim even".into(),
         ));
@@ -252,10 +252,9 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
     let mut tensors = Vec::with_capacity(shapes.len());
     for (name, shape) in &shapes {
         let n: usize = shape.iter().product();
+        // Norm weights near 1 as trained models have them; everything else centred on 0.
         let values = if name.ends_with("norm.weight") {
             rng.sample(n, 1.0, 0.1)
-        } else if name.ends_with(".bias") {
-            rng.sample(n, 0.0, spec.init_std)
         } else {
             rng.sample(n, 0.0, spec.init_std)
         };

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Reads `model.safetensors.index.json`: tensor name → file name.
 pub fn read_index(path: &Path) -> Result<HashMap<String, String>> {
@@ -81,7 +81,7 @@ pub fn load(
 }
 
 fn read_file(
-    path: &PathBuf,
+    path: &Path,
     file: &str,
     names: Option<&[String]>,
     wanted: &dyn Fn(&str) -> bool,

@@ -85,6 +85,7 @@ pub struct ClusterBuilder {
 
 impl Cluster {
     /// A cluster serving `model` (a folder or Hub id).
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(model: impl AsRef<Path>) -> ClusterBuilder {
         ClusterBuilder {
             model: model.as_ref().display().to_string(),
@@ -302,7 +303,7 @@ pub fn run_shardctl(args: &[&str], envs: &[(&str, &str)], within: Duration) -> O
 /// Whether a process is still alive (and not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => s.split_whitespace().nth(2).is_none_or(|st| st != "Z"),
         Err(_) => false,
     }
 }

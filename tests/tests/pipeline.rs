@@ -83,7 +83,7 @@ async fn reference_tokens_through_two_three_and_four_stages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sharded_llama_over_three_stages_reads_only_its_own_files() {
+async fn sharded_bf16_llama_over_two_three_and_four_stages_reads_only_its_own_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_shardctl(
         &["dev", "tiny-model", "--arch", "llama", "--out", dir.path().to_str().unwrap(), "--shards", "2", "--layers", "6", "--dtype", "bf16", "--seed", "11"],
@@ -99,6 +99,27 @@ async fn sharded_llama_over_three_stages_reads_only_its_own_files() {
         want.push((generate(&mut c, greedy(p, 24)).await.unwrap().token_ids, generate(&mut c, sampled(p, 7)).await.unwrap().token_ids));
     }
     drop(one);
+    // Four stages through an explicit map (accelerate's auto may use fewer workers for six
+    // layers), two through auto.
+    let map = dir.path().join("map4.json");
+    std::fs::write(
+        &map,
+        r#"{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1, "model.layers.3": 1, "model.layers.4": 2, "model.layers.5": 3, "model.norm": 3, "lm_head": 3}"#,
+    )
+    .unwrap();
+    for n in [2, 4] {
+        let mut b = Cluster::new(dir.path()).workers(n);
+        if n == 4 {
+            b = b.arg("--device-map").arg(map.to_str().unwrap());
+        }
+        let cluster = b.start();
+        let mut c = cluster.client().await;
+        assert_eq!(placement(&cluster).await.len(), n);
+        for (p, (g, s)) in prompts.iter().zip(&want) {
+            assert_eq!(&generate(&mut c, greedy(p, 24)).await.unwrap().token_ids, g, "greedy, {p:?}, {n} stages");
+            assert_eq!(&generate(&mut c, sampled(p, 7)).await.unwrap().token_ids, s, "seeded, {p:?}, {n} stages");
+        }
+    }
     let cluster = Cluster::new(dir.path()).workers(3).start();
     let mut c = cluster.client().await;
     for (p, (g, s)) in prompts.iter().zip(&want) {

@@ -336,7 +336,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut client = pb::inference_client::InferenceClient::new(channel);
     let mut model = a.model.clone();
     if model.is_empty() {
-        let list = bounded("ListModels", async { Ok(client.list_models(pb::ListModelsRequest {}).await.map_err(status_error)?) });
+        let list = bounded("ListModels", async { client.list_models(pb::ListModelsRequest {}).await.map_err(status_error) });
         if let [only] = list.await?.into_inner().models.as_slice() {
             model = only.name.clone();
         }

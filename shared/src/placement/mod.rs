@@ -621,15 +621,13 @@ fn arch_from_model_type(s: &str) -> Option<Architecture> {
 }
 
 fn arch_from_class_name(s: &str) -> Option<Architecture> {
-    crate::config::SUPPORTED_ARCHITECTURES
-        .iter()
-        .position(|&n| n == s)
-        .and_then(|_| match s {
-            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
-            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
-            "LlamaForCausalLM" => Some(Architecture::Llama),
-            _ => Some(Architecture::Mistral),
-        })
+    match s {
+        "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+        "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+        "LlamaForCausalLM" => Some(Architecture::Llama),
+        "MistralForCausalLM" => Some(Architecture::Mistral),
+        _ => None,
+    }
 }
 
 /// Splits `num_layers` layers into `stages` contiguous ranges as evenly as possible, earlier
