@@ -338,3 +338,31 @@ pub fn copy_model(src: &Path, dst: &Path) {
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
 }
+
+/// Kills `pid` (SIGKILL) while `stream` is running and returns the status the stream ends
+/// with and how long after the kill it came; panics if the stream finishes normally or no
+/// error comes within 10 s.
+pub async fn kill_during_stream(
+    stream: &mut tonic::Streaming<pb::GenerateStreamResponse>,
+    pid: u32,
+) -> (tonic::Status, Duration) {
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("no first message within 30 s")
+        .expect("stream failed before the kill");
+    assert!(first.is_some(), "the stream ended before the kill");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let killed = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream finished normally although process {pid} was killed"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("no error within 10 s of the kill");
+    (err, killed.elapsed())
+}

@@ -329,22 +329,7 @@ async fn kill_stage_mid_stream(workers: usize, stage: u32) {
     let placement = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner().models[0].stages.clone();
     let survivors: Vec<String> = placement.iter().filter(|s| s.worker_id != victim).map(|s| s.address.clone()).collect();
     let mut s = c.generate_stream(greedy("a", 1000)).await.unwrap().into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap();
-    assert!(first.is_some());
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let killed = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match s.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream finished normally although stage {stage} was killed"),
-                Err(e) => return e,
-            }
-        }
-    })
-    .await
-    .expect("no error within 10 s of killing a stage");
-    let took = killed.elapsed();
+    let (err, took) = kill_during_stream(&mut s, pid).await;
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(err.message().contains(&victim), "message {:?} does not name worker {victim}", err.message());
     assert!(took < Duration::from_secs(3), "the failure took {took:?} to reach the client");
