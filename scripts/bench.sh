@@ -5,6 +5,7 @@
 # the same weights (--baseline). One JSON document per run on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh >&2
 cargo build --workspace --bins >&2
 BIN=target/debug
 MODEL=$(mktemp -d)

@@ -8,5 +8,6 @@ if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust (https://rustup.rs) first" >&2
     exit 1
 fi
+bash scripts/setup.sh
 cargo build --workspace --bins
 exec target/debug/shardctl demo "$@"

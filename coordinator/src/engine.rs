@@ -184,6 +184,10 @@ pub struct Prepared {
 /// The engine.
 pub struct Engine {
     config: EngineConfig,
+    /// etcd endpoints and cluster name, when membership lives in etcd.
+    etcd: Option<(Vec<String>, String)>,
+    /// Mod revision of the placement this engine last wrote to etcd.
+    placement_rev: std::sync::Mutex<i64>,
     model: Arc<ModelEntry>,
     membership: Arc<dyn Membership>,
     broken: Notify,
@@ -194,7 +198,12 @@ pub struct Engine {
 impl Engine {
     /// Reads the model's configs and tokenizer (on the coordinator, from the shared cache) and
     /// starts planning as workers join.
-    pub async fn start(config: EngineConfig, membership: Arc<dyn Membership>, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(
+        config: EngineConfig,
+        membership: Arc<dyn Membership>,
+        etcd: Option<(Vec<String>, String)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
         let c = config.clone();
         let Prepared { files, config: cfg, shape, dtype_bytes, generation, tokenizer } =
             tokio::task::spawn_blocking(move || preflight(&c)).await??;
@@ -221,6 +230,8 @@ impl Engine {
             .unwrap_or(1);
         let engine = Arc::new(Engine {
             config,
+            etcd,
+            placement_rev: std::sync::Mutex::new(0),
             model,
             membership,
             broken: Notify::new(),
@@ -261,13 +272,27 @@ impl Engine {
         loop {
             let workers = self.membership.workers();
             let state = self.model.state();
-            let healthy = match &state {
+            let mut healthy = match &state {
                 ServingState::Ready(p) => p
                     .stages
                     .iter()
                     .all(|s| workers.iter().any(|w| w.id == s.worker_id && w.address == s.address)),
                 _ => false,
             };
+            // A worker joined: re-plan when the plan over the larger fleet differs, once no
+            // request is in flight (loading moves layers between workers under them).
+            let mut replan_pending = false;
+            if let (true, ServingState::Ready(p)) = (healthy, &state) {
+                if self.differs_from_plan(p, &workers) {
+                    if self.model.active() == 0 {
+                        info!(model = %self.model.name, workers = workers.len(), "the fleet grew; re-planning");
+                        self.model.set_state(ServingState::Unavailable("re-planning for a changed fleet".into()));
+                        healthy = false;
+                    } else {
+                        replan_pending = true;
+                    }
+                }
+            }
             if !healthy {
                 if let ServingState::Ready(p) = &state {
                     let gone: Vec<&str> = p
@@ -288,6 +313,7 @@ impl Engine {
                     match self.load(&workers).await {
                         Ok(p) => {
                             info!(model = %self.model.name, stages = p.stages.len(), "model ready");
+                            self.publish(&p).await;
                             self.model.set_state(ServingState::Ready(Arc::new(p)));
                             backoff = Duration::from_millis(250);
                         }
@@ -310,7 +336,54 @@ impl Engine {
                 _ = shutdown.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
                 _ = self.broken.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)), if replan_pending => {}
             }
+        }
+    }
+
+    /// Whether planning over `workers` now gives other stages than `p`.
+    fn differs_from_plan(&self, p: &Placement, workers: &[pb::WorkerInfo]) -> bool {
+        if workers.iter().all(|w| p.stages.iter().any(|s| s.worker_id == w.id)) {
+            return false;
+        }
+        match self.plan(workers) {
+            Ok(plan) => {
+                let new: Vec<(&str, Range<usize>)> = plan.iter().map(|s| (workers[s.worker].id.as_str(), s.layers.clone())).collect();
+                let old: Vec<(&str, Range<usize>)> = p.stages.iter().map(|s| (s.worker_id.as_str(), s.layers.clone())).collect();
+                new != old
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Writes the placement to etcd (`placements/<model>`) with a revision check, so two
+    /// coordinators cannot overwrite each other's plan.
+    async fn publish(&self, p: &Placement) {
+        let Some((endpoints, cluster)) = &self.etcd else { return };
+        let key = shardserve::membership::placement_key(cluster, &self.model.name);
+        let value = serde_json::json!({
+            "model": self.model.name,
+            "stages": p.stages.iter().map(|s| serde_json::json!({
+                "worker": s.worker_id, "address": s.address,
+                "layers": [s.layers.start, s.layers.end], "bytes": s.bytes,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let result = async {
+            let mut client = shardserve::membership::connect(endpoints).await?;
+            let current = client.get(key.as_str(), None).await?;
+            let rev = current.kvs().first().map_or(0, |kv| kv.mod_revision());
+            let expected = *self.placement_rev.lock().expect("rev lock");
+            if expected != rev && expected != 0 {
+                warn!(key = %key, "the placement in etcd was changed by someone else; overwriting with the current plan");
+            }
+            shardserve::membership::put_if_unchanged(&mut client, &key, value, rev).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), result).await {
+            Ok(Ok(Some(rev))) => *self.placement_rev.lock().expect("rev lock") = rev,
+            Ok(Ok(None)) => warn!(key = %key, "another writer changed the placement first; not overwritten"),
+            Ok(Err(e)) => warn!(key = %key, error = %e, "writing the placement to etcd failed"),
+            Err(_) => warn!(key = %key, "writing the placement to etcd timed out"),
         }
     }
 

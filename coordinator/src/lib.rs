@@ -24,13 +24,25 @@ pub struct CoordinatorConfig {
     pub engine: engine::EngineConfig,
     /// Lease TTL of embedded membership.
     pub lease_ttl: Duration,
+    /// etcd endpoints; empty means membership is embedded in the coordinator.
+    pub etcd: Vec<String>,
+    /// The cluster's name: its etcd key prefix is `/shardserve/<cluster>/`.
+    pub cluster: String,
 }
 
 /// Serves the coordinator on `listener` until `shutdown` fires.
 pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     use shardserve_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer, membership_server::MembershipServer};
-    let membership = membership::Embedded::new(config.lease_ttl, shutdown.clone());
-    let engine = engine::Engine::start(config.engine.clone(), membership.clone(), shutdown.clone()).await?;
+    let embedded = membership::Embedded::new(config.lease_ttl, shutdown.clone());
+    let (fleet, etcd): (std::sync::Arc<dyn membership::Membership>, _) = if config.etcd.is_empty() {
+        (embedded.clone(), None)
+    } else {
+        let fleet = shardserve::membership::EtcdFleet::start(config.etcd.clone(), config.cluster.clone(), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", config.etcd.join(",")))?;
+        (fleet, Some((config.etcd.clone(), config.cluster.clone())))
+    };
+    let engine = engine::Engine::start(config.engine.clone(), fleet, etcd, shutdown.clone()).await?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -44,7 +56,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         .add_service(reflection)
         .add_service(InferenceServer::new(service::InferenceService(engine.clone())))
         .add_service(AdminServer::new(service::AdminService(engine.clone())))
-        .add_service(MembershipServer::new(membership::MembershipService(membership)))
+        .add_service(MembershipServer::new(membership::MembershipService(embedded)))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

@@ -1,6 +1,6 @@
-//! Fleet membership. [`Membership`] is what the engine needs from it; [`Embedded`] keeps the
-//! fleet inside the coordinator (workers register over gRPC and hold leases), for clusters
-//! started without etcd.
+//! Membership embedded in the coordinator, for clusters started without etcd: workers register
+//! over gRPC and hold leases, as they would in etcd. [`Membership`] is what the engine needs of
+//! either.
 
 use shardserve_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -11,15 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-/// A view of the fleet: who is in it, and a signal when that changes.
-pub trait Membership: Send + Sync {
-    /// Live workers, in the order they joined.
-    fn workers(&self) -> Vec<pb::WorkerInfo>;
-    /// Bumped on every change.
-    fn changes(&self) -> watch::Receiver<u64>;
-    /// A short name for status output ("embedded", "etcd").
-    fn kind(&self) -> &'static str;
-}
+pub use shardserve::membership::Membership;
 
 struct Entry {
     info: pb::WorkerInfo,

@@ -7,6 +7,7 @@
 //! - [`sampling`]: next-token choice with transformers' semantics.
 //! - [`tokenizer`]: tokenizer.json, incremental detokenization, stop sequences.
 //! - [`stage`]: the multiplexed client of a stage's Step stream.
+//! - [`membership`]: the fleet in etcd: registration with leases, the watched view.
 //! - [`wire`]: tensors between stages as raw little-endian bytes.
 //! - [`placement`]: which worker holds which layers.
 //! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod membership;
 pub mod model;
 pub mod placement;
 pub mod sampling;

@@ -366,3 +366,135 @@ pub async fn kill_during_stream(
     .expect("no error within 10 s of the kill");
     (err, killed.elapsed())
 }
+
+/// A real etcd server (Debian's `etcd-server`) on free loopback ports with its own data dir,
+/// stopped when dropped.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// Starts etcd and waits (bounded) until it accepts connections.
+    pub fn start() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.spawn();
+        e
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("etcd is not installed: run scripts/test.sh, which installs Debian's etcd-server");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(etcd)
+            .args(["--name", "test", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.url(), "--advertise-client-urls", &self.url()])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        let url = self.url();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // A thread of its own, so this works from inside a test's runtime too.
+            let u = url.clone();
+            let ok = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    match shardserve::membership::connect(std::slice::from_ref(&u)).await {
+                        Ok(mut c) => c.get("/", None).await.is_ok(),
+                        Err(_) => false,
+                    }
+                })
+            })
+            .join()
+            .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start within 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops etcd (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A name no other test uses, for etcd key prefixes.
+pub fn unique_cluster(tag: &str) -> String {
+    format!("{tag}-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ rand_nanos())
+}
+
+fn rand_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// A process started by a test, killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ClusterBuilder {
+    /// Membership in `etcd`, under a cluster name of its own.
+    pub fn etcd(self, etcd: &Etcd, cluster: &str) -> Self {
+        self.arg("--etcd").arg(&etcd.url()).arg("--cluster").arg(cluster)
+    }
+}
+
+/// Starts one more worker process joining `cluster` through `etcd`.
+pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
+    Proc(
+        Command::new(bin("worker"))
+            .args(["--etcd", &etcd.url(), "--cluster", cluster, "--id", id, "--lease-ttl-s", &ttl_s.to_string()])
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn worker"),
+    )
+}

@@ -22,6 +22,12 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// Longest a single step may take before the previous stage gives up on this one.
     pub step_timeout: std::time::Duration,
+    /// etcd endpoints; empty means joining the coordinator's embedded membership.
+    pub etcd: Vec<String>,
+    /// The cluster's name (etcd key prefix `/shardserve/<cluster>/`).
+    pub cluster: String,
+    /// TTL of the etcd lease the registration is bound to.
+    pub lease_ttl: std::time::Duration,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
@@ -48,7 +54,23 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         .add_service(reflection)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
-    let registration = register::keep_registered(config.clone(), state.clone(), shutdown.clone());
+    let registration = async {
+        if config.etcd.is_empty() {
+            register::keep_registered(config.clone(), state.clone(), shutdown.clone()).await
+        } else {
+            let record = shardserve::membership::WorkerRecord::from(&register::worker_info(&config));
+            let st = state.clone();
+            shardserve::membership::keep_registered(
+                config.etcd.clone(),
+                config.cluster.clone(),
+                record,
+                config.lease_ttl,
+                move || st.unload(),
+                shutdown.clone(),
+            )
+            .await
+        }
+    };
     let (served, _) = tokio::join!(server, registration);
     served?;
     Ok(())

@@ -23,6 +23,16 @@ struct Args {
     /// Seconds the next stage may take to answer one step before it is declared failed.
     #[arg(long, env = "SHARDSERVE_STEP_TIMEOUT", default_value_t = 300)]
     step_timeout_s: u64,
+    /// etcd endpoints (comma-separated) to register in; without it, the worker joins the
+    /// coordinator's embedded membership.
+    #[arg(long, env = "SHARDSERVE_ETCD")]
+    etcd: Option<String>,
+    /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
+    #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// Seconds the etcd lease lasts without a keep-alive (renewed every third of it).
+    #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
+    lease_ttl_s: u64,
 }
 
 fn hostname() -> String {
@@ -57,6 +67,9 @@ async fn main() -> anyhow::Result<()> {
         advertise,
         coordinator,
         step_timeout: std::time::Duration::from_secs(args.step_timeout_s),
+        etcd: args.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
+        cluster: args.cluster,
+        lease_ttl: std::time::Duration::from_secs(args.lease_ttl_s.max(1)),
     };
     println!("listening {bound}");
     tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
+/// This worker as the fleet sees it.
+pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
     let (total, free) = memory();
     pb::WorkerInfo {
         id: config.id.clone(),

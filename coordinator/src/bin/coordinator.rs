@@ -56,6 +56,12 @@ struct Args {
     /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
     #[arg(long, env = "SHARDSERVE_PREFILL_CHUNK", default_value_t = 512)]
     prefill_chunk: usize,
+    /// etcd endpoints (comma-separated) holding membership; without it, membership is embedded.
+    #[arg(long, env = "SHARDSERVE_ETCD")]
+    etcd: Option<String>,
+    /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
+    #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
+    cluster: String,
 }
 
 impl TryFrom<Args> for CoordinatorConfig {
@@ -70,6 +76,11 @@ impl TryFrom<Args> for CoordinatorConfig {
         }
         anyhow::ensure!((0.0..1.0).contains(&a.kv_reserve), "--kv-reserve must be in [0, 1), got {}", a.kv_reserve);
         anyhow::ensure!(a.prefill_chunk >= 1, "--prefill-chunk must be at least 1");
+        anyhow::ensure!(
+            !a.cluster.is_empty() && a.cluster.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "--cluster {:?}: use letters, digits, '-', '_' or '.'",
+            a.cluster
+        );
         let strategy: shardserve::placement::Strategy = a.strategy.parse()?;
         let max_memory = match &a.max_memory {
             None => None,
@@ -105,6 +116,8 @@ impl TryFrom<Args> for CoordinatorConfig {
                 prefill_chunk: a.prefill_chunk,
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
+            etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
+            cluster: a.cluster,
         })
     }
 }

@@ -24,9 +24,12 @@ pub struct UpArgs {
     /// Tensor-parallel ranks per stage.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
-    /// etcd endpoint for membership (without it, membership is embedded in the coordinator).
+    /// etcd endpoints for membership (without it, membership is embedded in the coordinator).
     #[arg(long, env = "SHARDSERVE_ETCD")]
     pub etcd: Option<String>,
+    /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
+    #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
+    pub cluster: String,
     /// Address the coordinator serves on (port 0 picks a free one).
     #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
@@ -121,9 +124,6 @@ impl LocalCluster {
         if a.tp != 1 {
             bail!("--tp {}: tensor parallelism is not available in this version; use --tp 1", a.tp);
         }
-        if let Some(e) = &a.etcd {
-            bail!("--etcd {e}: etcd membership is not available in this version; omit --etcd for embedded membership");
-        }
         let mut cmd = Command::new(bin_path("coordinator")?);
         cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype])
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
@@ -144,6 +144,10 @@ impl LocalCluster {
         }
         if let Some(m) = &a.device_map {
             cmd.arg("--device-map").arg(m);
+        }
+        cmd.args(["--cluster", &a.cluster]);
+        if let Some(e) = &a.etcd {
+            cmd.args(["--etcd", e]);
         }
         let quiet = a.quiet && std::env::var_os("RUST_LOG").is_none();
         if quiet {
@@ -169,6 +173,10 @@ impl LocalCluster {
             }
             if quiet {
                 cmd.env("RUST_LOG", "warn");
+            }
+            cmd.args(["--cluster", &a.cluster, "--lease-ttl-s", &a.lease_ttl_s.to_string()]);
+            if let Some(e) = &a.etcd {
+                cmd.args(["--etcd", e]);
             }
             let child = cmd
                 .args(["--coordinator", &url, "--listen", "127.0.0.1:0"])

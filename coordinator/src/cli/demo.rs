@@ -52,6 +52,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         workers: a.workers,
         tp: 1,
         etcd: None,
+        cluster: "default".into(),
         listen: "127.0.0.1:0".into(),
         dtype: "auto".into(),
         max_total_tokens: None,

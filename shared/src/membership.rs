@@ -1,0 +1,375 @@
+//! Fleet membership in etcd, laid out as DESIGN.md fixes it under `/shardserve/<cluster>/`:
+//! `workers/<id>` (a JSON record bound to the worker's lease), `placements/<model>` (the plan,
+//! written with a revision check). A worker keeps its registration alive for as long as it
+//! lives; the coordinator lists and watches the fleet, resuming after a dropped watch and
+//! re-listing after a compaction, so its view is always what etcd says.
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use shardserve_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// A view of the fleet: who is in it, and a signal when that changes.
+pub trait Membership: Send + Sync {
+    /// Live workers, in the order they joined.
+    fn workers(&self) -> Vec<pb::WorkerInfo>;
+    /// Bumped on every change.
+    fn changes(&self) -> watch::Receiver<u64>;
+    /// A short name for status output ("embedded", "etcd").
+    fn kind(&self) -> &'static str;
+}
+
+/// The key prefix of a cluster.
+pub fn prefix(cluster: &str) -> String {
+    format!("/shardserve/{cluster}/")
+}
+
+/// The key a worker registers under.
+pub fn worker_key(cluster: &str, id: &str) -> String {
+    format!("{}workers/{id}", prefix(cluster))
+}
+
+/// The key a model's placement is stored under.
+pub fn placement_key(cluster: &str, model: &str) -> String {
+    format!("{}placements/{}", prefix(cluster), model.replace('/', "--"))
+}
+
+/// A device as stored in a worker record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub name: String,
+    pub total_memory: u64,
+    pub free_memory: u64,
+}
+
+/// What `workers/<id>` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub address: String,
+    pub devices: Vec<DeviceRecord>,
+    pub version: String,
+    pub state: String,
+    #[serde(default)]
+    pub pid: u32,
+}
+
+impl From<&pb::WorkerInfo> for WorkerRecord {
+    fn from(w: &pb::WorkerInfo) -> Self {
+        WorkerRecord {
+            id: w.id.clone(),
+            address: w.address.clone(),
+            devices: w
+                .devices
+                .iter()
+                .map(|d| DeviceRecord {
+                    name: d.name.clone(),
+                    total_memory: d.total_memory,
+                    free_memory: d.free_memory,
+                })
+                .collect(),
+            version: w.version.clone(),
+            state: w.state.clone(),
+            pid: w.pid,
+        }
+    }
+}
+
+impl From<WorkerRecord> for pb::WorkerInfo {
+    fn from(r: WorkerRecord) -> Self {
+        pb::WorkerInfo {
+            id: r.id,
+            address: r.address,
+            devices: r
+                .devices
+                .into_iter()
+                .map(|d| pb::Device {
+                    name: d.name,
+                    total_memory: d.total_memory,
+                    free_memory: d.free_memory,
+                })
+                .collect(),
+            version: r.version,
+            state: r.state,
+            pid: r.pid,
+        }
+    }
+}
+
+/// Connects to etcd with bounded connect and request times.
+pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    Client::connect(endpoints, Some(options)).await
+}
+
+/// Splits `http://a:2379,http://b:2379` into endpoints.
+pub fn endpoints(spec: &str) -> Vec<String> {
+    spec.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+/// Keeps `record` registered under its lease until `shutdown`, then revokes the lease.
+/// `on_lost` runs when a lease ran out (the worker must treat what it held as unassigned);
+/// the record is then registered again under a new lease.
+pub async fn keep_registered(
+    endpoints: Vec<String>,
+    cluster: String,
+    record: WorkerRecord,
+    ttl: Duration,
+    on_lost: impl Fn() + Send + Sync,
+    shutdown: CancellationToken,
+) {
+    let key = worker_key(&cluster, &record.id);
+    let value = serde_json::to_string(&record).expect("worker records serialize");
+    let ttl_s = ttl.as_secs().max(1) as i64;
+    let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let mut client = connect(&endpoints).await?;
+            let lease = client.lease_grant(ttl_s, None).await?.id();
+            client.put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease))).await?;
+            let (keeper, stream) = client.lease_keep_alive(lease).await?;
+            Ok::<_, etcd_client::Error>((client, lease, keeper, stream))
+        };
+        let (mut client, lease, mut keeper, mut stream) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(worker = %record.id, error = %e, "registering in etcd failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(3));
+                    continue;
+                }
+            }
+        };
+        backoff = Duration::from_millis(200);
+        info!(worker = %record.id, lease, ttl_s, "registered in etcd");
+        let lost = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let revoke = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+                    if !matches!(revoke, Ok(Ok(_))) {
+                        warn!(worker = %record.id, "could not revoke the lease; it will expire");
+                    }
+                    info!(worker = %record.id, "left the fleet");
+                    return;
+                }
+                _ = tokio::time::sleep(period) => {}
+            }
+            let renewed = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            match tokio::time::timeout(period.max(Duration::from_secs(1)), renewed).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => break true,
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                    // etcd unreachable or the stream broke: open a new keep-alive stream on the
+                    // same lease; if the lease expired meanwhile, etcd says so (TTL 0).
+                    warn!(worker = %record.id, lease, "lease keep-alive failed; retrying");
+                    match tokio::time::timeout(Duration::from_secs(3), client.lease_keep_alive(lease)).await {
+                        Ok(Ok((k, s))) => {
+                            keeper = k;
+                            stream = s;
+                        }
+                        _ => {
+                            if let Ok(c) = connect(&endpoints).await {
+                                client = c;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if lost {
+            warn!(worker = %record.id, lease, "lease expired; registering again");
+            on_lost();
+        }
+    }
+}
+
+struct Fleet {
+    /// key → (create revision, worker)
+    workers: BTreeMap<String, (i64, pb::WorkerInfo)>,
+}
+
+/// The fleet as etcd has it, kept current by a watch.
+pub struct EtcdFleet {
+    fleet: Mutex<Fleet>,
+    version: watch::Sender<u64>,
+}
+
+impl EtcdFleet {
+    /// Lists and watches `cluster`'s workers until `shutdown`; waits (bounded) for the first
+    /// listing so the fleet is known from the start.
+    pub async fn start(endpoints: Vec<String>, cluster: String, shutdown: CancellationToken) -> Result<Arc<Self>, etcd_client::Error> {
+        let (version, _) = watch::channel(0);
+        let fleet = Arc::new(EtcdFleet {
+            fleet: Mutex::new(Fleet { workers: BTreeMap::new() }),
+            version,
+        });
+        let mut client = connect(&endpoints).await?;
+        let prefix = format!("{}workers/", prefix(&cluster));
+        let rev = fleet.list(&mut client, &prefix).await?;
+        let f = fleet.clone();
+        tokio::spawn(async move { f.watch_loop(endpoints, client, prefix, rev, shutdown).await });
+        Ok(fleet)
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Replaces the view with a fresh listing; returns its revision.
+    async fn list(&self, client: &mut Client, prefix: &str) -> Result<i64, etcd_client::Error> {
+        let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let mut workers = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some(w) = parse_worker(kv.value()) {
+                workers.insert(String::from_utf8_lossy(kv.key()).into_owned(), (kv.create_revision(), w));
+            }
+        }
+        let changed = {
+            let mut f = self.fleet.lock().expect("fleet lock");
+            let changed = f.workers != workers;
+            f.workers = workers;
+            changed
+        };
+        if changed {
+            self.bump();
+        }
+        Ok(rev)
+    }
+
+    async fn watch_loop(self: Arc<Self>, endpoints: Vec<String>, mut client: Client, prefix: String, mut rev: i64, shutdown: CancellationToken) {
+        loop {
+            let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+            let mut stream = match tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = client.watch(prefix.clone(), Some(opts)) => r,
+            } {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "etcd watch failed; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    if let Ok(c) = connect(&endpoints).await {
+                        client = c;
+                    }
+                    continue;
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                match msg {
+                    Ok(Some(resp)) => {
+                        if resp.compact_revision() > 0 || resp.canceled() {
+                            // Events we missed were compacted away: the listing is the truth.
+                            warn!(compacted = resp.compact_revision(), "etcd watch lost history; listing again");
+                            match self.list(&mut client, &prefix).await {
+                                Ok(r) => rev = r,
+                                Err(e) => warn!(error = %e, "listing the fleet failed"),
+                            }
+                            break;
+                        }
+                        let mut changed = false;
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            rev = rev.max(kv.mod_revision());
+                            let key = String::from_utf8_lossy(kv.key()).into_owned();
+                            let mut f = self.fleet.lock().expect("fleet lock");
+                            match ev.event_type() {
+                                EventType::Put => {
+                                    if let Some(w) = parse_worker(kv.value()) {
+                                        f.workers.insert(key, (kv.create_revision(), w));
+                                        changed = true;
+                                    }
+                                }
+                                EventType::Delete => {
+                                    if let Some((_, w)) = f.workers.remove(&key) {
+                                        info!(worker = %w.id, "worker left the fleet (etcd)");
+                                        changed = true;
+                                    }
+                                }
+                            }
+                        }
+                        if let Some(h) = resp.header() {
+                            rev = rev.max(h.revision());
+                        }
+                        if changed {
+                            self.bump();
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        debug!(rev, "etcd watch ended; resuming");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                        }
+                        if let Ok(c) = connect(&endpoints).await {
+                            client = c;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn parse_worker(value: &[u8]) -> Option<pb::WorkerInfo> {
+    match serde_json::from_slice::<WorkerRecord>(value) {
+        Ok(r) => Some(r.into()),
+        Err(e) => {
+            warn!(error = %e, "ignoring a malformed worker record in etcd");
+            None
+        }
+    }
+}
+
+impl Membership for EtcdFleet {
+    fn workers(&self) -> Vec<pb::WorkerInfo> {
+        let f = self.fleet.lock().expect("fleet lock");
+        let mut v: Vec<&(i64, pb::WorkerInfo)> = f.workers.values().collect();
+        v.sort_by_key(|(rev, _)| *rev);
+        v.into_iter().map(|(_, w)| w.clone()).collect()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+}
+
+/// Writes `value` under `key` only if its mod revision is still `expected` (0: absent), so two
+/// writers cannot overwrite each other's plan. Returns the new revision, or `None` when someone
+/// else wrote first.
+pub async fn put_if_unchanged(client: &mut Client, key: &str, value: String, expected: i64) -> Result<Option<i64>, etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let txn = Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+        .and_then([TxnOp::put(key, value, None)]);
+    let resp = client.txn(txn).await?;
+    Ok(resp.succeeded().then(|| resp.header().map_or(0, |h| h.revision())))
+}

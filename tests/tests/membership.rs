@@ -1,0 +1,117 @@
+//! Membership in a real etcd: workers join and leave, a dead one is noticed within seconds and
+//! the client is told the truth, and an etcd outage is ridden out without restarting anything.
+
+use shardserve_proto::v1 as pb;
+use shardserve_tests::*;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+async fn generate(c: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
+        .await
+        .expect("Generate did not answer within 60 s")
+        .map(|r| r.into_inner())
+}
+
+async fn stages(cluster: &Cluster) -> Vec<pb::StageInfo> {
+    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    s.models[0].stages.clone()
+}
+
+fn worker_ids(cluster: &Cluster) -> Vec<String> {
+    cluster.workers_json()["workers"].as_array().unwrap().iter().map(|w| w["id"].as_str().unwrap().to_string()).collect()
+}
+
+async fn wait_for_stages(cluster: &Cluster, n: usize, within: Duration) -> Vec<pb::StageInfo> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = stages(cluster).await;
+        if s.len() == n {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "placement did not reach {n} stages within {within:?}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_worker_joins_and_the_model_is_replanned_over_it() {
+    let etcd = Etcd::start();
+    let name = unique_cluster("join");
+    let cluster = Cluster::new(reference_model()).workers(2).etcd(&etcd, &name).start();
+    assert_eq!(worker_ids(&cluster).len(), 2);
+    let status = run_shardctl(&["status", "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["membership"], "etcd");
+    let _spare = spare_worker(&etcd, &name, "third", 10);
+    let s = wait_for_stages(&cluster, 3, Duration::from_secs(20)).await;
+    assert!(s.iter().any(|st| st.worker_id == "third"), "{s:?}");
+    let ids = worker_ids(&cluster);
+    assert_eq!(ids.len(), 3);
+    assert!(ids.contains(&"third".to_string()));
+    // The plan is in etcd, naming the three workers.
+    let mut client = shardserve::membership::connect(&[etcd.url()]).await.unwrap();
+    let key = shardserve::membership::placement_key(&name, reference_model().to_str().unwrap());
+    let got = client.get(key.as_str(), None).await.unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+    assert_eq!(plan["stages"].as_array().unwrap().len(), 3);
+    assert!(plan.to_string().contains("\"third\""));
+    let mut c = cluster.client().await;
+    for case in &reference_cases()[..3] {
+        assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_fails_the_stream_and_leaves_the_fleet_within_two_ttl() {
+    let etcd = Etcd::start();
+    let name = unique_cluster("kill");
+    let ttl = 2u64;
+    let cluster = Cluster::new(reference_model()).workers(2).etcd(&etcd, &name).arg("--lease-ttl-s").arg(&ttl.to_string()).start();
+    let (victim, pid) = cluster.stage_worker(1).await;
+    let mut c = cluster.client().await;
+    let mut s = c.generate_stream(greedy("a", 1000)).await.unwrap().into_inner();
+    let (err, took) = kill_during_stream(&mut s, pid).await;
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains(&victim), "{:?} does not name {victim}", err.message());
+    assert!(took <= Duration::from_secs(2 * ttl), "the client heard after {took:?} (TTL {ttl} s)");
+    let killed = Instant::now();
+    wait_until("the dead worker to leave the fleet", Duration::from_secs(2 * ttl + 2), || !worker_ids(&cluster).contains(&victim));
+    assert!(killed.elapsed() <= Duration::from_secs(2 * ttl + 1), "left the fleet after {:?}", killed.elapsed());
+    assert!(!alive(pid));
+    let r = generate(&mut c, greedy("Hello", 4)).await;
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_of_five_seconds_is_ridden_out() {
+    let mut etcd = Etcd::start();
+    let name = unique_cluster("outage");
+    let cluster = Cluster::new(reference_model()).workers(2).etcd(&etcd, &name).start();
+    let before = cluster.workers_json();
+    let pids: Vec<u64> = before["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+    let mut c = cluster.client().await;
+    let cases = reference_cases();
+    etcd.stop();
+    // While etcd is down the cluster keeps serving what it planned, correctly.
+    let outage = Instant::now();
+    for case in &cases[..2] {
+        assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+    }
+    let rest = Duration::from_secs(5).saturating_sub(outage.elapsed());
+    tokio::time::sleep(rest).await;
+    etcd.restart();
+    // After it: same workers, same processes, same answers; nothing was restarted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = cluster.workers_json();
+    let pids_after: Vec<u64> = after["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids, pids_after, "workers changed across the outage: {before} vs {after}");
+    assert!(pids.iter().all(|p| alive(*p as u32)));
+    for case in &cases {
+        assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+    }
+    // And membership works again: a worker joining now is seen.
+    let _spare = spare_worker(&etcd, &name, "after-outage", 10);
+    wait_until("the new worker to register", Duration::from_secs(20), || worker_ids(&cluster).contains(&"after-outage".to_string()));
+    let _ = Code::Ok;
+}
