@@ -44,6 +44,11 @@ pub struct EngineConfig {
     pub reserve: f64,
     /// Longest prompt slice sent in one step; longer prompts are prefilled in chunks.
     pub prefill_chunk: usize,
+    /// Times a request may move to a new placement when a stage under it dies (0: it fails
+    /// with UNAVAILABLE at once).
+    pub migration_limit: usize,
+    /// How long a migrating request waits for the new placement.
+    pub migration_wait: Duration,
 }
 
 /// One stage of a placement.
@@ -305,7 +310,9 @@ impl Engine {
                     warn!(model = %self.model.name, reason = %why, "placement lost");
                     self.model.set_state(ServingState::Unavailable(why));
                 }
-                let wanted = self.config.workers;
+                // `workers` is what the first plan waits for; afterwards the model is re-planned
+                // over whatever fleet remains.
+                let wanted = if self.model.ever_ready.load(Ordering::SeqCst) { 1 } else { self.config.workers };
                 if workers.len() < wanted {
                     let why = format!("waiting for workers: {} of {wanted} registered", workers.len());
                     self.model.set_state(self.model.not_ready(why));
@@ -322,9 +329,11 @@ impl Engine {
                             // A broken checkpoint will not fix itself on retry: say so plainly.
                             let state = if permanent { ServingState::Unavailable(why) } else { self.model.not_ready(why) };
                             self.model.set_state(state);
+                            // Retry after a while, or at once when the fleet changes.
                             tokio::select! {
                                 _ = shutdown.cancelled() => return,
                                 _ = tokio::time::sleep(backoff) => {}
+                                r = changes.changed() => if r.is_err() { return },
                             }
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                             continue;
@@ -482,7 +491,7 @@ impl Engine {
     /// Runs one request to completion, sending events to `out`. Returns when it finished,
     /// failed, or `out` closed (the client went away).
     pub async fn generate(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, out: mpsc::Sender<GenEvent>) -> Result<(), ServeError> {
-        let placement = match model.state() {
+        let mut placement = match model.state() {
             ServingState::Ready(p) => p,
             ServingState::Loading(why) => {
                 return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name)))
@@ -499,11 +508,6 @@ impl Engine {
                 model.name, self.config.max_concurrent_requests
             )));
         }
-        let seq_id = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let _release = ReleaseGuard {
-            client: placement.release.clone(),
-            seq_id,
-        };
         let sampling = pb::SamplingParams {
             temperature: Some(req.sampling.temperature),
             top_p: Some(req.sampling.top_p),
@@ -513,95 +517,135 @@ impl Engine {
         };
         let mut decoder = IncrementalDecoder::new(&req.prompt_ids);
         let mut stops = StopMatcher::new(req.stop.clone());
-        let mut pos = 0usize;
         let mut generated = 0usize;
-        // Long prompts go in chunks, so no step carries more than `prefill_chunk` tokens of
+        let mut migrations = 0usize;
+        // Everything the sequence holds so far: the prompt, then each generated token. A
+        // migrated request prefills all of it on its new placement and carries on.
+        let mut context = req.prompt_ids.clone();
+        // Long prefills go in chunks, so no step carries more than `prefill_chunk` tokens of
         // hidden states between stages.
         let chunk = self.config.prefill_chunk.max(1);
-        let mut feed = req.prompt_ids[..req.prompt_ids.len().min(chunk)].to_vec();
-        debug!(model = %model.name, seq_id, prompt_tokens = req.prompt_ids.len(), "request started");
-        loop {
-            let step = pb::StepRequest {
-                step_id: seq_id,
-                sequences: vec![pb::SequenceStep {
-                    seq_id,
-                    token_ids: feed.clone(),
-                    start_pos: pos as u32,
-                    sampling: (pos == 0).then_some(sampling),
-                    logprobs: req.logprobs,
-                    prefill_only: pos + feed.len() < req.prompt_ids.len(),
-                }],
-                hidden: None,
+        'attempt: loop {
+            let seq_id = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let _release = ReleaseGuard {
+                client: placement.release.clone(),
+                seq_id,
             };
-            let resp = tokio::select! {
-                r = placement.first.step(step, self.config.step_timeout) => r,
-                _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
-            };
-            let resp = match resp {
-                Ok(r) => r,
-                Err(status) => {
-                    if status.code() == tonic::Code::Unavailable {
-                        self.placement_failed(&placement, status.message());
+            let prefill_len = context.len();
+            let mut pos = 0usize;
+            let mut feed = context[..prefill_len.min(chunk)].to_vec();
+            debug!(model = %model.name, seq_id, prefill = prefill_len, migrations, "sequence started");
+            loop {
+                let step = pb::StepRequest {
+                    step_id: seq_id,
+                    sequences: vec![pb::SequenceStep {
+                        seq_id,
+                        token_ids: feed.clone(),
+                        start_pos: pos as u32,
+                        sampling: (pos == 0).then_some(sampling),
+                        logprobs: req.logprobs,
+                        prefill_only: pos + feed.len() < prefill_len,
+                    }],
+                    hidden: None,
+                };
+                let resp = tokio::select! {
+                    r = placement.first.step(step, self.config.step_timeout) => r,
+                    _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
+                };
+                let outcome: Result<pb::SequenceResult, (tonic::Code, String)> = match resp {
+                    Err(status) => Err((status.code(), status.message().to_string())),
+                    Ok(resp) => match resp.results.into_iter().find(|r| r.seq_id == seq_id) {
+                        None => return Err(ServeError::Internal(format!("stage answer lacks sequence {seq_id}"))),
+                        Some(r) if !r.error.is_empty() => Err((tonic::Code::from_i32(r.code), r.error)),
+                        Some(r) => Ok(r),
+                    },
+                };
+                let result = match outcome {
+                    Ok(r) => r,
+                    Err((code, message)) => {
+                        if code == tonic::Code::Unavailable {
+                            self.placement_failed(&placement, &message);
+                            if migrations < self.config.migration_limit {
+                                migrations += 1;
+                                warn!(model = %model.name, seq_id, error = %message, migrations, "a stage failed; migrating the request");
+                                placement = self.next_placement(model, placement.id, &out).await.map_err(|e| match e {
+                                    ServeError::Unavailable(m) => ServeError::Unavailable(format!("{message}; migration failed: {m}")),
+                                    other => other,
+                                })?;
+                                continue 'attempt;
+                            }
+                        }
+                        return Err(ServeError::from_stage(code, message));
                     }
-                    return Err(ServeError::from_stage(status.code(), status.message().to_string()));
+                };
+                pos += feed.len();
+                if pos < prefill_len {
+                    let end = prefill_len.min(pos + chunk);
+                    feed = context[pos..end].to_vec();
+                    continue;
                 }
-            };
-            let result = resp
-                .results
-                .into_iter()
-                .find(|r| r.seq_id == seq_id)
-                .ok_or_else(|| ServeError::Internal(format!("stage answer lacks sequence {seq_id}")))?;
-            if !result.error.is_empty() {
-                let code = tonic::Code::from_i32(result.code);
-                if code == tonic::Code::Unavailable {
-                    self.placement_failed(&placement, &result.error);
-                }
-                return Err(ServeError::from_stage(code, result.error));
-            }
-            pos += feed.len();
-            if pos < req.prompt_ids.len() {
-                let end = req.prompt_ids.len().min(pos + chunk);
-                feed = req.prompt_ids[pos..end].to_vec();
-                continue;
-            }
-            generated += 1;
-            let token = result.token_id;
-            let mut event = GenEvent {
-                token_ids: vec![token],
-                logprobs: if req.logprobs { vec![result.logprob] } else { Vec::new() },
-                ..Default::default()
-            };
-            let tok_err = |e: shardserve::Error| ServeError::Internal(e.to_string());
-            if model.eos.contains(&token) {
-                event.text = stops.push(&decoder.flush(&model.tokenizer).map_err(tok_err)?).text + &stops.finish();
-                event.finish_reason = Some("eos");
-            } else {
-                let piece = decoder.push(&model.tokenizer, token).map_err(tok_err)?;
-                let outcome = stops.push(&piece);
-                event.text = outcome.text;
-                if outcome.stopped {
-                    event.finish_reason = Some("stop");
-                } else if generated >= req.max_new_tokens {
-                    let rest = decoder.flush(&model.tokenizer).map_err(tok_err)?;
-                    let outcome = stops.push(&rest);
-                    event.text += &outcome.text;
+                generated += 1;
+                let token = result.token_id;
+                context.push(token);
+                let mut event = GenEvent {
+                    token_ids: vec![token],
+                    logprobs: if req.logprobs { vec![result.logprob] } else { Vec::new() },
+                    ..Default::default()
+                };
+                let tok_err = |e: shardserve::Error| ServeError::Internal(e.to_string());
+                if model.eos.contains(&token) {
+                    event.text = stops.push(&decoder.flush(&model.tokenizer).map_err(tok_err)?).text + &stops.finish();
+                    event.finish_reason = Some("eos");
+                } else {
+                    let piece = decoder.push(&model.tokenizer, token).map_err(tok_err)?;
+                    let outcome = stops.push(&piece);
+                    event.text = outcome.text;
                     if outcome.stopped {
                         event.finish_reason = Some("stop");
-                    } else {
-                        event.text += &stops.finish();
-                        event.finish_reason = Some("length");
+                    } else if generated >= req.max_new_tokens {
+                        let rest = decoder.flush(&model.tokenizer).map_err(tok_err)?;
+                        let outcome = stops.push(&rest);
+                        event.text += &outcome.text;
+                        if outcome.stopped {
+                            event.finish_reason = Some("stop");
+                        } else {
+                            event.text += &stops.finish();
+                            event.finish_reason = Some("length");
+                        }
                     }
                 }
+                let done = event.finish_reason.is_some();
+                if out.send(event).await.is_err() {
+                    return Err(ServeError::Cancelled("the client went away".into()));
+                }
+                if done {
+                    debug!(model = %model.name, seq_id, generated, migrations, "request finished");
+                    return Ok(());
+                }
+                feed = vec![token];
             }
-            let done = event.finish_reason.is_some();
-            if out.send(event).await.is_err() {
-                return Err(ServeError::Cancelled("the client went away".into()));
+        }
+    }
+
+    /// Waits (bounded by `migration_wait`) for a placement other than `old` to be ready.
+    async fn next_placement(&self, model: &ModelEntry, old: u64, out: &mpsc::Sender<GenEvent>) -> Result<Arc<Placement>, ServeError> {
+        let deadline = tokio::time::Instant::now() + self.config.migration_wait;
+        loop {
+            if let ServingState::Ready(p) = model.state() {
+                if p.id != old {
+                    return Ok(p);
+                }
             }
-            if done {
-                debug!(model = %model.name, seq_id, generated, "request finished");
-                return Ok(());
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ServeError::Unavailable(format!(
+                    "no new placement within {:?}",
+                    self.config.migration_wait
+                )));
             }
-            feed = vec![token];
+            tokio::select! {
+                _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
         }
     }
 }

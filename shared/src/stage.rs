@@ -90,7 +90,7 @@ impl StageClient {
     }
 
     async fn open(&self) -> Result<Conn, Status> {
-        let mut client = connect(&self.address).await?;
+        let mut client = connect(&self.address).await.map_err(|e| self.unavailable(e.message()))?;
         let (tx, rx) = mpsc::unbounded_channel::<pb::StepRequest>();
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         let mut inbound = client

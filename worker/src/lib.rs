@@ -32,7 +32,7 @@ pub struct WorkerConfig {
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
 pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let state = Arc::new(service::WorkerState::new(config.id.clone(), config.step_timeout));
+    let state = Arc::new(service::WorkerState::new(config.id.clone(), config.step_timeout, shutdown.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<shardserve_proto::v1::worker_server::WorkerServer<service::WorkerService>>()

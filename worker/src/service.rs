@@ -40,6 +40,8 @@ pub struct WorkerState {
     step_timeout: Duration,
     device: Device,
     compute: ComputeThread,
+    /// Fires on shutdown: step streams stop taking new steps and close.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The one thread that runs this worker's forward passes. Steps run one at a time on a thread
@@ -77,7 +79,7 @@ impl ComputeThread {
 
 impl WorkerState {
     /// An empty worker.
-    pub fn new(id: String, step_timeout: Duration) -> Self {
+    pub fn new(id: String, step_timeout: Duration, shutdown: tokio_util::sync::CancellationToken) -> Self {
         WorkerState {
             id,
             loaded: RwLock::new(None),
@@ -85,6 +87,7 @@ impl WorkerState {
             step_timeout,
             device: Device::Cpu,
             compute: ComputeThread::start(),
+            shutdown,
         }
     }
 
@@ -356,7 +359,12 @@ impl pb::worker_server::Worker for WorkerService {
             // leaves nothing behind.
             let owned: Arc<Mutex<HashSet<u64>>> = Arc::default();
             loop {
-                let req = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    // On shutdown the stream closes once the steps already taken are answered.
+                    _ = state.shutdown.cancelled() => break,
+                };
+                let req = match next {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(e) => {

@@ -62,6 +62,13 @@ struct Args {
     /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
     #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
     cluster: String,
+    /// Times a request may move to a new placement when a stage under it dies, keeping the
+    /// tokens it already has (0: it fails with UNAVAILABLE at once).
+    #[arg(long, env = "SHARDSERVE_MIGRATION_LIMIT", default_value_t = 0)]
+    migration_limit: usize,
+    /// Seconds a migrating request waits for the new placement.
+    #[arg(long, env = "SHARDSERVE_MIGRATION_WAIT", default_value_t = 60)]
+    migration_wait_s: u64,
 }
 
 impl TryFrom<Args> for CoordinatorConfig {
@@ -114,6 +121,8 @@ impl TryFrom<Args> for CoordinatorConfig {
                 device_map,
                 reserve: a.kv_reserve,
                 prefill_chunk: a.prefill_chunk,
+                migration_limit: a.migration_limit,
+                migration_wait: Duration::from_secs(a.migration_wait_s),
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),

@@ -61,6 +61,9 @@ pub struct UpArgs {
     /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Times a request may move to a new placement when a stage under it dies (0: fail at once).
+    #[arg(long, default_value_t = 0)]
+    pub migration_limit: usize,
     /// CPU threads each worker's kernels use (default: the machine's cores divided among the
     /// workers, so stages on one machine do not contend for the same cores).
     #[arg(long)]
@@ -145,7 +148,7 @@ impl LocalCluster {
         if let Some(m) = &a.device_map {
             cmd.arg("--device-map").arg(m);
         }
-        cmd.args(["--cluster", &a.cluster]);
+        cmd.args(["--cluster", &a.cluster, "--migration-limit", &a.migration_limit.to_string()]);
         if let Some(e) = &a.etcd {
             cmd.args(["--etcd", e]);
         }

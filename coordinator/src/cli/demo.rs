@@ -65,6 +65,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         kv_reserve: 0.1,
         prefill_chunk: 512,
         worker_threads: None,
+        migration_limit: 0,
         ready_timeout_s: 600,
     };
     eprintln!("starting a coordinator and {} worker(s)", a.workers);
