@@ -49,6 +49,8 @@ pub struct EngineConfig {
     pub migration_limit: usize,
     /// How long a migrating request waits for the new placement.
     pub migration_wait: Duration,
+    /// TTL of the lease behind this coordinator's leadership (etcd membership only).
+    pub lease_ttl: Duration,
 }
 
 /// One stage of a placement.
@@ -196,6 +198,10 @@ pub struct Engine {
     model: Arc<ModelEntry>,
     membership: Arc<dyn Membership>,
     broken: Notify,
+    /// Set while this coordinator is the one that plans.
+    leader: std::sync::atomic::AtomicBool,
+    /// Wakes the planner when leadership is won.
+    elected: Notify,
     next_seq: AtomicU64,
     next_placement: AtomicU64,
 }
@@ -233,6 +239,7 @@ impl Engine {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
+        let etcd_is_none = etcd.is_none();
         let engine = Arc::new(Engine {
             config,
             etcd,
@@ -240,10 +247,31 @@ impl Engine {
             model,
             membership,
             broken: Notify::new(),
+            leader: std::sync::atomic::AtomicBool::new(etcd_is_none),
+            elected: Notify::new(),
             // Ids from a restarted coordinator do not collide with stale ones on workers.
             next_seq: AtomicU64::new(seed & 0x0fff_ffff_ffff_ffff),
             next_placement: AtomicU64::new(1),
         });
+        if let Some((endpoints, cluster)) = engine.etcd.clone() {
+            // Every coordinator serves; the elected one plans and the others follow its plan.
+            let e = engine.clone();
+            let value = format!("coordinator pid {}", std::process::id());
+            tokio::spawn(shardserve::membership::lead(
+                endpoints.clone(),
+                cluster.clone(),
+                value,
+                engine.config.lease_ttl,
+                move |leading| {
+                    e.leader.store(leading, Ordering::SeqCst);
+                    if leading {
+                        e.elected.notify_one();
+                    }
+                },
+                shutdown.clone(),
+            ));
+            tokio::spawn(engine.clone().follow(endpoints, cluster, shutdown.clone()));
+        }
         tokio::spawn(engine.clone().reconcile(shutdown));
         Ok(engine)
     }
@@ -275,6 +303,14 @@ impl Engine {
         let mut changes = self.membership.changes();
         let mut backoff = Duration::from_millis(250);
         loop {
+            if !self.is_leader() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.elected.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
             let workers = self.membership.workers();
             let state = self.model.state();
             let mut healthy = match &state {
@@ -468,14 +504,90 @@ impl Engine {
             });
         }
         let stages = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let first = Arc::new(StageClient::new(stages[0].worker_id.clone(), stages[0].address.clone()));
-        let release = shardserve::stage::lazy_client(&stages[0].address).map_err(|e| (e.message().to_string(), true))?;
+        self.placement_of(stages).map_err(|e| (e, true))
+    }
+
+    /// A placement over stages already loaded: the stream into stage 0 and its release client.
+    fn placement_of(&self, stages: Vec<StageAssignment>) -> Result<Placement, String> {
+        let head = stages.first().ok_or("a placement needs at least one stage")?;
+        let first = Arc::new(StageClient::new(head.worker_id.clone(), head.address.clone()));
+        let release = shardserve::stage::lazy_client(&head.address).map_err(|e| e.message().to_string())?;
         Ok(Placement {
             stages,
             first,
             release,
             id: self.next_placement.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Whether this coordinator plans (the elected leader, or the only coordinator).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// "leader", "follower" or "standalone".
+    pub fn role(&self) -> &'static str {
+        match (&self.etcd, self.is_leader()) {
+            (None, _) => "standalone",
+            (Some(_), true) => "leader",
+            (Some(_), false) => "follower",
+        }
+    }
+
+    /// On a follower: serves whatever placement the leader publishes in etcd.
+    async fn follow(self: Arc<Self>, endpoints: Vec<String>, cluster: String, shutdown: CancellationToken) {
+        let key = shardserve::membership::placement_key(&cluster, &self.model.name);
+        let mut seen = -1i64;
+        loop {
+            let poll = async {
+                let mut client = shardserve::membership::connect(&endpoints).await?;
+                client.get(key.as_str(), None).await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), poll).await {
+                Ok(Ok(resp)) if !self.is_leader() => {
+                    let rev = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
+                    if rev != seen {
+                        seen = rev;
+                        match resp.kvs().first().map(|kv| self.adopt(kv.value())) {
+                            Some(Ok(p)) => {
+                                info!(model = %self.model.name, stages = p.stages.len(), "serving the leader's placement");
+                                self.model.set_state(ServingState::Ready(Arc::new(p)));
+                            }
+                            Some(Err(e)) => warn!(key = %key, error = %e, "unreadable placement in etcd"),
+                            None => self.model.set_state(self.model.not_ready("waiting for the leader to place the model".into())),
+                        }
+                    }
+                }
+                Ok(Ok(_)) => seen = -1,
+                Ok(Err(e)) => debug!(error = %e, "reading the placement failed"),
+                Err(_) => debug!("reading the placement timed out"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// A placement read from etcd, as the leader wrote it.
+    fn adopt(&self, value: &[u8]) -> Result<Placement, String> {
+        let v: serde_json::Value = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        let stages = v["stages"]
+            .as_array()
+            .ok_or("no stages")?
+            .iter()
+            .map(|s| {
+                let layers = s["layers"].as_array().ok_or("no layers")?;
+                let at = |i: usize| layers.get(i).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or("bad layers");
+                Ok(StageAssignment {
+                    worker_id: s["worker"].as_str().ok_or("no worker")?.to_string(),
+                    address: s["address"].as_str().ok_or("no address")?.to_string(),
+                    layers: at(0)?..at(1)?,
+                    bytes: s["bytes"].as_u64().unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>, &str>>()?;
+        self.placement_of(stages)
     }
 
     /// Marks a placement broken (a stage failed) so it is re-planned.

@@ -187,6 +187,7 @@ impl pb::admin_server::Admin for AdminService {
             models,
             workers: self.0.membership().workers().len() as u32,
             membership: self.0.membership().kind().to_string(),
+            role: self.0.role().to_string(),
         }))
     }
 

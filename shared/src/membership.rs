@@ -110,6 +110,113 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error>
     Client::connect(endpoints, Some(options)).await
 }
 
+/// Connects without a request timeout, for calls that block until something happens (an
+/// election campaign).
+async fn connect_untimed(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    Client::connect(endpoints, Some(options)).await
+}
+
+/// Keeps a lease alive every `period`; returns when it is lost: etcd says it expired, or no
+/// renewal got through for longer than the TTL.
+async fn keep_lease(client: &mut Client, lease: i64, ttl: Duration, period: Duration) {
+    let mut last_ok = tokio::time::Instant::now();
+    let mut keeper = client.lease_keep_alive(lease).await.ok();
+    loop {
+        tokio::time::sleep(period).await;
+        let renewed = async {
+            let (k, s) = keeper.as_mut().ok_or(etcd_client::Error::InvalidArgs("no keeper".into()))?;
+            k.keep_alive().await?;
+            s.message().await
+        };
+        match tokio::time::timeout(period.max(Duration::from_secs(1)), renewed).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+            Ok(Ok(Some(_))) => return,
+            _ => {
+                if last_ok.elapsed() > ttl {
+                    return;
+                }
+                keeper = tokio::time::timeout(Duration::from_secs(2), client.lease_keep_alive(lease)).await.ok().and_then(Result::ok);
+            }
+        }
+    }
+}
+
+/// Campaigns for the leadership of `cluster` (etcd election `<prefix>leader`, bound to a lease
+/// of `ttl`) until `shutdown`: `on_change(true)` once elected, `on_change(false)` when the
+/// lease behind it is lost (then it campaigns again). On shutdown the lease is revoked, so
+/// another coordinator takes over at once.
+pub async fn lead(
+    endpoints: Vec<String>,
+    cluster: String,
+    value: String,
+    ttl: Duration,
+    on_change: impl Fn(bool) + Send + Sync,
+    shutdown: CancellationToken,
+) {
+    let name = format!("{}leader", prefix(&cluster));
+    let ttl_s = ttl.as_secs().max(1) as i64;
+    let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+    loop {
+        let attempt = async {
+            let mut client = connect_untimed(&endpoints).await?;
+            let lease = client.lease_grant(ttl_s, None).await?.id();
+            Ok::<_, etcd_client::Error>((client, lease))
+        };
+        let (client, lease) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "cannot reach etcd to campaign; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            }
+        };
+        let mut keeper_client = client.clone();
+        let mut campaign_client = client.clone();
+        let mut revoke_client = client;
+        let keep = keep_lease(&mut keeper_client, lease, ttl, period);
+        tokio::pin!(keep);
+        let elected = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), revoke_client.lease_revoke(lease)).await;
+                return;
+            }
+            _ = &mut keep => false,
+            r = campaign_client.campaign(name.clone(), value.clone(), lease) => match r {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(error = %e, "campaign failed; retrying");
+                    false
+                }
+            },
+        };
+        if !elected {
+            continue;
+        }
+        info!(cluster = %cluster, "elected leader");
+        on_change(true);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                on_change(false);
+                let _ = tokio::time::timeout(Duration::from_secs(2), revoke_client.lease_revoke(lease)).await;
+                return;
+            }
+            _ = &mut keep => {
+                warn!(cluster = %cluster, "leadership lost with its lease; campaigning again");
+                on_change(false);
+            }
+        }
+    }
+}
+
 /// Splits `http://a:2379,http://b:2379` into endpoints.
 pub fn endpoints(spec: &str) -> Vec<String> {
     spec.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()

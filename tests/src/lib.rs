@@ -498,3 +498,36 @@ pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
             .expect("spawn worker"),
     )
 }
+
+/// Starts a `coordinator` process with `args` (plus `--listen 127.0.0.1:0`) and returns it with
+/// its URL once it listens.
+pub fn spawn_coordinator(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(bin("coordinator"))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn coordinator");
+    let out = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("listening ") {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator did not start listening");
+    (proc, format!("http://{addr}"))
+}
+
+/// The coordinator's `ClusterStatus`.
+pub async fn cluster_status(url: &str) -> pb::ClusterStatusResponse {
+    let mut a = tokio::time::timeout(Duration::from_secs(10), pb::admin_client::AdminClient::connect(url.to_string()))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    a.cluster_status(pb::ClusterStatusRequest {}).await.expect("ClusterStatus").into_inner()
+}

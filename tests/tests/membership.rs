@@ -176,3 +176,58 @@ async fn a_worker_stopped_with_sigterm_leaves_at_once_and_the_model_moves() {
     let case = &reference_cases()[2];
     assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
 }
+
+async fn wait_ready(url: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = cluster_status(url).await;
+        if s.models.first().and_then(|m| m.model.as_ref()).is_some_and(|m| m.state == "ready") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} not ready within {within:?}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_coordinator_dies_the_other_takes_over_within_two_ttl() {
+    let etcd = Etcd::start();
+    let name = unique_cluster("ha");
+    let model = reference_model();
+    let url_e = etcd.url();
+    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
+    let (a, url_a) = spawn_coordinator(&args);
+    let _w1 = spare_worker(&etcd, &name, "w1", 2);
+    let w2 = spare_worker(&etcd, &name, "w2", 2);
+    wait_ready(&url_a, Duration::from_secs(30)).await;
+    let (_b, url_b) = spawn_coordinator(&args);
+    wait_ready(&url_b, Duration::from_secs(30)).await;
+    assert_eq!(cluster_status(&url_a).await.role, "leader");
+    assert_eq!(cluster_status(&url_b).await.role, "follower");
+    // The follower serves the leader's placement, with the right tokens.
+    let mut c = pb::inference_client::InferenceClient::connect(url_b.clone()).await.unwrap();
+    let cases = reference_cases();
+    assert_eq!(generate(&mut c, greedy(&cases[0].prompt, 32)).await.unwrap().token_ids, cases[0].new_ids);
+    // Kill the leader: the follower becomes leader within 2 × TTL and keeps serving.
+    drop(a);
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(4);
+    while cluster_status(&url_b).await.role != "leader" {
+        assert!(Instant::now() < deadline, "no takeover within 2 × TTL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(generate(&mut c, greedy(&cases[1].prompt, 32)).await.unwrap().token_ids, cases[1].new_ids);
+    // As leader it plans: a worker dying is re-planned around.
+    drop(w2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = cluster_status(&url_b).await;
+        let st = &s.models[0].stages;
+        if st.len() == 1 && st[0].worker_id == "w1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new leader did not re-plan: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(generate(&mut c, greedy(&cases[2].prompt, 32)).await.unwrap().token_ids, cases[2].new_ids);
+}

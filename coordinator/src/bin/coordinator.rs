@@ -123,6 +123,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 prefill_chunk: a.prefill_chunk,
                 migration_limit: a.migration_limit,
                 migration_wait: Duration::from_secs(a.migration_wait_s),
+                lease_ttl: Duration::from_secs(a.lease_ttl_s),
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),

@@ -60,11 +60,11 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"membership": s.membership, "workers": s.workers, "models": models})
+            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "models": models})
         );
         return Ok(());
     }
-    println!("membership: {}  workers: {}", s.membership, s.workers);
+    println!("membership: {}  role: {}  workers: {}", s.membership, s.role, s.workers);
     for m in &s.models {
         let info = m.model.clone().unwrap_or_default();
         println!("model {} [{}] {} layers={} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);
