@@ -202,6 +202,15 @@ pub struct Engine {
     leader: std::sync::atomic::AtomicBool,
     /// Wakes the planner when leadership is won.
     elected: Notify,
+    /// Workers left out of plans (mirrored in etcd under `cordoned/` when membership is there).
+    cordoned: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Workers being drained: the model moves off them once requests in flight are done.
+    evicting: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Set while the model moves off cordoned workers: new requests wait for the new placement
+    /// instead of starting on the old one.
+    moving: std::sync::atomic::AtomicBool,
+    /// Notified whenever a new placement is ready.
+    placed: Notify,
     next_seq: AtomicU64,
     next_placement: AtomicU64,
 }
@@ -249,6 +258,10 @@ impl Engine {
             broken: Notify::new(),
             leader: std::sync::atomic::AtomicBool::new(etcd_is_none),
             elected: Notify::new(),
+            cordoned: Default::default(),
+            evicting: Default::default(),
+            moving: Default::default(),
+            placed: Notify::new(),
             // Ids from a restarted coordinator do not collide with stale ones on workers.
             next_seq: AtomicU64::new(seed & 0x0fff_ffff_ffff_ffff),
             next_placement: AtomicU64::new(1),
@@ -311,22 +324,30 @@ impl Engine {
                 }
                 continue;
             }
-            let workers = self.membership.workers();
+            let alive = self.membership.workers();
+            let cordoned = self.cordoned().await;
+            let workers: Vec<pb::WorkerInfo> = alive.iter().filter(|w| !cordoned.contains(&w.id)).cloned().collect();
             let state = self.model.state();
             let mut healthy = match &state {
                 ServingState::Ready(p) => p
                     .stages
                     .iter()
-                    .all(|s| workers.iter().any(|w| w.id == s.worker_id && w.address == s.address)),
+                    .all(|s| alive.iter().any(|w| w.id == s.worker_id && w.address == s.address)),
                 _ => false,
             };
             // A worker joined: re-plan when the plan over the larger fleet differs, once no
             // request is in flight (loading moves layers between workers under them).
             let mut replan_pending = false;
             if let (true, ServingState::Ready(p)) = (healthy, &state) {
-                if self.differs_from_plan(p, &workers) {
+                let on_cordoned = {
+                    let evicting = self.evicting.lock().expect("evict lock");
+                    p.stages.iter().any(|s| evicting.contains(&s.worker_id))
+                };
+                if (on_cordoned && !workers.is_empty()) || self.differs_from_plan(p, &workers) {
+                    // Let requests in flight finish on the old placement; new ones wait.
+                    self.moving.store(true, Ordering::SeqCst);
                     if self.model.active() == 0 {
-                        info!(model = %self.model.name, workers = workers.len(), "the fleet grew; re-planning");
+                        info!(model = %self.model.name, workers = workers.len(), "the fleet changed; re-planning");
                         self.model.set_state(ServingState::Unavailable("re-planning for a changed fleet".into()));
                         healthy = false;
                     } else {
@@ -350,14 +371,17 @@ impl Engine {
                 // over whatever fleet remains.
                 let wanted = if self.model.ever_ready.load(Ordering::SeqCst) { 1 } else { self.config.workers };
                 if workers.len() < wanted {
-                    let why = format!("waiting for workers: {} of {wanted} registered", workers.len());
+                    let why = format!("waiting for workers: {} of {wanted} registered and not cordoned", workers.len());
                     self.model.set_state(self.model.not_ready(why));
+                    self.moving.store(false, Ordering::SeqCst);
                 } else {
                     match self.load(&workers).await {
                         Ok(p) => {
                             info!(model = %self.model.name, stages = p.stages.len(), "model ready");
                             self.publish(&p).await;
                             self.model.set_state(ServingState::Ready(Arc::new(p)));
+                            self.moving.store(false, Ordering::SeqCst);
+                            self.placed.notify_waiters();
                             backoff = Duration::from_millis(250);
                         }
                         Err((why, permanent)) => {
@@ -603,6 +627,15 @@ impl Engine {
     /// Runs one request to completion, sending events to `out`. Returns when it finished,
     /// failed, or `out` closed (the client went away).
     pub async fn generate(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, out: mpsc::Sender<GenEvent>) -> Result<(), ServeError> {
+        // While the model moves off cordoned workers, wait for the new placement (bounded).
+        let deadline = tokio::time::Instant::now() + self.config.migration_wait;
+        while self.moving.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
+                _ = self.placed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let mut placement = match model.state() {
             ServingState::Ready(p) => p,
             ServingState::Loading(why) => {
@@ -736,6 +769,86 @@ impl Engine {
                 }
                 feed = vec![token];
             }
+        }
+    }
+
+    /// The workers left out of plans.
+    pub async fn cordoned(&self) -> std::collections::BTreeSet<String> {
+        if let Some((endpoints, cluster)) = &self.etcd {
+            let prefix = format!("{}cordoned/", shardserve::membership::prefix(cluster));
+            let read = async {
+                let mut c = shardserve::membership::connect(endpoints).await?;
+                c.get(prefix.as_str(), Some(shardserve::membership::etcd_client::GetOptions::new().with_prefix())).await
+            };
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(3), read).await {
+                let set: std::collections::BTreeSet<String> = resp
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| String::from_utf8_lossy(kv.key()).strip_prefix(&prefix).map(String::from))
+                    .collect();
+                *self.cordoned.lock().expect("cordon lock") = set.clone();
+                return set;
+            }
+        }
+        self.cordoned.lock().expect("cordon lock").clone()
+    }
+
+    /// Cordons (`on`) or uncordons a worker of the fleet.
+    pub async fn cordon(&self, id: &str, on: bool) -> Result<(), ServeError> {
+        if on && !self.membership.workers().iter().any(|w| w.id == id) {
+            return Err(ServeError::NotFound(format!("worker {id:?} is not in the fleet")));
+        }
+        if let Some((endpoints, cluster)) = &self.etcd {
+            let key = format!("{}cordoned/{id}", shardserve::membership::prefix(cluster));
+            let write = async {
+                let mut c = shardserve::membership::connect(endpoints).await?;
+                if on {
+                    c.put(key.as_str(), "1", None).await.map(|_| ())
+                } else {
+                    c.delete(key.as_str(), None).await.map(|_| ())
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(5), write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ServeError::Unavailable(format!("etcd: {e}"))),
+                Err(_) => return Err(ServeError::Unavailable("etcd did not answer within 5 s".into())),
+            }
+        }
+        {
+            let mut set = self.cordoned.lock().expect("cordon lock");
+            if on {
+                set.insert(id.to_string());
+            } else {
+                set.remove(id);
+            }
+        }
+        info!(worker = %id, cordoned = on, "cordon changed");
+        self.broken.notify_one();
+        Ok(())
+    }
+
+    /// Cordons a worker, lets requests in flight finish, and waits (bounded) until the
+    /// placement no longer uses it.
+    pub async fn drain(&self, id: &str, within: Duration) -> Result<Vec<StageAssignment>, ServeError> {
+        self.cordon(id, true).await?;
+        self.evicting.lock().expect("evict lock").insert(id.to_string());
+        self.broken.notify_one();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let ServingState::Ready(p) = self.model.state() {
+                if !p.stages.iter().any(|s| s.worker_id == id) {
+                    self.evicting.lock().expect("evict lock").remove(id);
+                    return Ok(p.stages.clone());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.evicting.lock().expect("evict lock").remove(id);
+                return Err(ServeError::DeadlineExceeded(format!(
+                    "worker {id} still holds part of the model after {within:?} ({} requests in flight)",
+                    self.model.active()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -5,15 +5,18 @@
 //! - [`service`]: the `Inference` and `Admin` gRPC services.
 //! - [`membership`]: the fleet view, embedded in the coordinator or (later) in etcd.
 //! - [`error`]: request failures and their gRPC statuses.
+//! - [`scale`]: starting and stopping local workers.
 //! - [`cli`]: `shardctl`, the operator CLI.
 
 pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod membership;
+pub mod scale;
 pub mod service;
 pub mod validate;
 
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +31,8 @@ pub struct CoordinatorConfig {
     pub etcd: Vec<String>,
     /// The cluster's name: its etcd key prefix is `/shardserve/<cluster>/`.
     pub cluster: String,
+    /// How to start workers on this machine (for `Scale`), when the coordinator may.
+    pub local_workers: Option<scale::LocalWorkers>,
 }
 
 /// Serves the coordinator on `listener` until `shutdown` fires.
@@ -55,7 +60,11 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         .add_service(health)
         .add_service(reflection)
         .add_service(InferenceServer::new(service::InferenceService(engine.clone())))
-        .add_service(AdminServer::new(service::AdminService(engine.clone())))
+        .add_service(AdminServer::new(service::AdminService {
+            engine: engine.clone(),
+            local: config.local_workers.clone(),
+            spawned: Arc::default(),
+        }))
         .add_service(MembershipServer::new(membership::MembershipService(embedded)))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

@@ -142,38 +142,42 @@ fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
     }
 }
 
-/// `Admin` over an [`Engine`].
-pub struct AdminService(pub Arc<Engine>);
+/// `Admin` over an [`Engine`], with the means to start local workers when it has them.
+pub struct AdminService {
+    pub engine: Arc<Engine>,
+    pub local: Option<crate::scale::LocalWorkers>,
+    pub spawned: Arc<crate::scale::Spawned>,
+}
+
+fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> {
+    let n = stages.len();
+    stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| pb::StageInfo {
+            stage: i as u32,
+            worker_id: s.worker_id.clone(),
+            address: s.address.clone(),
+            layer_start: s.layers.start as u32,
+            layer_end: s.layers.end as u32,
+            embeddings: i == 0,
+            lm_head: i + 1 == n,
+            bytes: s.bytes,
+        })
+        .collect()
+}
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let models = self
-            .0
+            .engine
             .models()
             .iter()
             .map(|m| {
                 let state = m.state();
                 let (stages, detail) = match &state {
-                    ServingState::Ready(p) => {
-                        let n = p.stages.len();
-                        let stages = p
-                            .stages
-                            .iter()
-                            .enumerate()
-                            .map(|(i, s)| pb::StageInfo {
-                                stage: i as u32,
-                                worker_id: s.worker_id.clone(),
-                                address: s.address.clone(),
-                                layer_start: s.layers.start as u32,
-                                layer_end: s.layers.end as u32,
-                                embeddings: i == 0,
-                                lm_head: i + 1 == n,
-                                bytes: s.bytes,
-                            })
-                            .collect();
-                        (stages, format!("{} requests in flight", m.active()))
-                    }
+                    ServingState::Ready(p) => (stage_infos(&p.stages), format!("{} requests in flight", m.active())),
                     ServingState::Loading(why) | ServingState::Unavailable(why) => (Vec::new(), why.clone()),
                 };
                 pb::ModelStatus {
@@ -185,16 +189,16 @@ impl pb::admin_server::Admin for AdminService {
             .collect();
         Ok(Response::new(pb::ClusterStatusResponse {
             models,
-            workers: self.0.membership().workers().len() as u32,
-            membership: self.0.membership().kind().to_string(),
-            role: self.0.role().to_string(),
+            workers: self.engine.membership().workers().len() as u32,
+            membership: self.engine.membership().kind().to_string(),
+            role: self.engine.role().to_string(),
         }))
     }
 
     async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let mut workers = self.0.membership().workers();
+        let mut workers = self.engine.membership().workers();
         let serving: Vec<(String, u32)> = self
-            .0
+            .engine
             .models()
             .iter()
             .filter_map(|m| match m.state() {
@@ -209,11 +213,41 @@ impl pb::admin_server::Admin for AdminService {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let cordoned = self.engine.cordoned().await;
         for w in &mut workers {
-            if serving.iter().any(|(id, _)| *id == w.id) {
+            if cordoned.contains(&w.id) {
+                w.state = "cordoned".into();
+            } else if serving.iter().any(|(id, _)| *id == w.id) {
                 w.state = "serving".into();
             }
         }
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn cordon(&self, request: Request<pb::CordonRequest>) -> Result<Response<pb::CordonResponse>, Status> {
+        self.engine.cordon(&request.into_inner().worker_id, true).await?;
+        Ok(Response::new(pb::CordonResponse {}))
+    }
+
+    async fn uncordon(&self, request: Request<pb::CordonRequest>) -> Result<Response<pb::CordonResponse>, Status> {
+        self.engine.cordon(&request.into_inner().worker_id, false).await?;
+        Ok(Response::new(pb::CordonResponse {}))
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let r = request.into_inner();
+        let within = std::time::Duration::from_secs(if r.timeout_seconds == 0 { 60 } else { u64::from(r.timeout_seconds) });
+        let stages = self.engine.drain(&r.worker_id, within).await?;
+        Ok(Response::new(pb::DrainResponse { stages: stage_infos(&stages) }))
+    }
+
+    async fn scale(&self, request: Request<pb::ScaleRequest>) -> Result<Response<pb::ScaleResponse>, Status> {
+        let target = request.into_inner().workers as usize;
+        let (started, stopped) = crate::scale::scale(&self.engine, self.local.as_ref(), &self.spawned, target).await?;
+        Ok(Response::new(pb::ScaleResponse {
+            workers: self.engine.membership().workers().len() as u32,
+            started,
+            stopped,
+        }))
     }
 }

@@ -4,6 +4,8 @@
 //! lives; the coordinator lists and watches the fleet, resuming after a dropped watch and
 //! re-listing after a compaction, so its view is always what etcd says.
 
+/// The etcd client this module speaks through, for callers that need more of it.
+pub use etcd_client;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use shardserve_proto::v1 as pb;

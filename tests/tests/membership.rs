@@ -231,3 +231,69 @@ async fn when_the_leader_coordinator_dies_the_other_takes_over_within_two_ttl() 
     }
     assert_eq!(generate(&mut c, greedy(&cases[2].prompt, 32)).await.unwrap().token_ids, cases[2].new_ids);
 }
+
+fn worker_state(cluster: &Cluster, id: &str) -> Option<String> {
+    cluster.workers_json()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == id)
+        .map(|w| w["state"].as_str().unwrap().to_string())
+}
+
+fn shardctl_ok(args: &[&str]) -> serde_json::Value {
+    let out = run_shardctl(args, &[], Duration::from_secs(120));
+    assert!(out.status.success(), "shardctl {args:?} failed: {}", out.stderr);
+    serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordon_drain_and_scale_change_the_fleet_and_the_placement() {
+    let etcd = Etcd::start();
+    let name = unique_cluster("ops");
+    let cluster = Cluster::new(reference_model()).workers(2).etcd(&etcd, &name).arg("--lease-ttl-s").arg("2").start();
+    let url = cluster.url.clone();
+    let cases = reference_cases();
+    let mut c = cluster.client().await;
+    let (x, _) = cluster.stage_worker(1).await;
+
+    // Cordon: no new work for x, but what runs there stays.
+    shardctl_ok(&["cordon", &x, "--json", "--coordinator", &url]);
+    assert_eq!(worker_state(&cluster, &x).as_deref(), Some("cordoned"));
+    assert!(stages(&cluster).await.iter().any(|s| s.worker_id == x));
+    shardctl_ok(&["uncordon", &x, "--json", "--coordinator", &url]);
+    assert_eq!(worker_state(&cluster, &x).as_deref(), Some("serving"));
+    let out = run_shardctl(&["cordon", "nobody", "--coordinator", &url], &[], Duration::from_secs(20));
+    assert!(!out.status.success() && out.stderr.contains("NotFound") && out.stderr.contains("nobody"), "{}", out.stderr);
+
+    // Drain while a request streams: it finishes, then the model leaves x.
+    let mut s = c.generate_stream(greedy("a", 600)).await.unwrap().into_inner();
+    assert!(s.message().await.unwrap().is_some());
+    let drain_url = url.clone();
+    let xd = x.clone();
+    let drain = tokio::task::spawn_blocking(move || shardctl_ok(&["drain", &xd, "--json", "--coordinator", &drain_url]));
+    let mut n = 1;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(60), s.message()).await.unwrap().expect("the streaming request failed during the drain") {
+        n += m.token_ids.len();
+    }
+    assert_eq!(n, 600);
+    let drained = tokio::time::timeout(Duration::from_secs(60), drain).await.unwrap().unwrap();
+    assert!(!drained["placement"].to_string().contains(&format!("\"{x}\"")), "{drained}");
+    assert!(!stages(&cluster).await.iter().any(|s| s.worker_id == x));
+    assert_eq!(generate(&mut c, greedy(&cases[0].prompt, 32)).await.unwrap().token_ids, cases[0].new_ids);
+
+    // Scale up: a new local worker joins and the model spreads over it (x stays cordoned).
+    let up = shardctl_ok(&["scale", "--workers", "3", "--json", "--coordinator", &url]);
+    let started = up["started"][0].as_str().unwrap().to_string();
+    assert_eq!(worker_ids(&cluster).len(), 3);
+    let s = wait_for_stages(&cluster, 2, Duration::from_secs(20)).await;
+    assert!(s.iter().any(|st| st.worker_id == started), "{s:?}");
+    assert_eq!(generate(&mut c, greedy(&cases[1].prompt, 32)).await.unwrap().token_ids, cases[1].new_ids);
+
+    // Scale down: the newest worker is drained and stopped.
+    let down = shardctl_ok(&["scale", "--workers", "2", "--json", "--coordinator", &url]);
+    assert_eq!(down["stopped"][0].as_str().unwrap(), started);
+    assert_eq!(worker_ids(&cluster).len(), 2);
+    assert!(!stages(&cluster).await.iter().any(|s| s.worker_id == started));
+    assert_eq!(generate(&mut c, greedy(&cases[2].prompt, 32)).await.unwrap().token_ids, cases[2].new_ids);
+}

@@ -69,6 +69,10 @@ struct Args {
     /// Seconds a migrating request waits for the new placement.
     #[arg(long, env = "SHARDSERVE_MIGRATION_WAIT", default_value_t = 60)]
     migration_wait_s: u64,
+    /// A `worker` binary this coordinator may start on this machine when asked to scale up
+    /// (`shardctl scale`); without it, scaling is refused.
+    #[arg(long, env = "SHARDSERVE_WORKER_BIN")]
+    worker_bin: Option<std::path::PathBuf>,
 }
 
 impl TryFrom<Args> for CoordinatorConfig {
@@ -127,6 +131,10 @@ impl TryFrom<Args> for CoordinatorConfig {
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
+            local_workers: a.worker_bin.map(|bin| shardserve_coordinator::scale::LocalWorkers {
+                bin,
+                args: vec!["--cluster".into(), a.cluster.clone(), "--lease-ttl-s".into(), a.lease_ttl_s.to_string()],
+            }),
             cluster: a.cluster,
         })
     }
@@ -138,13 +146,21 @@ async fn main() {
     let args = Args::parse();
     let listen = args.listen.clone();
     let result = async {
-        let config = CoordinatorConfig::try_from(args)?;
+        let mut config = CoordinatorConfig::try_from(args)?;
         let c = config.engine.clone();
         tokio::task::spawn_blocking(move || shardserve_coordinator::engine::preflight(&c)).await??;
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        println!("listening {}", listener.local_addr()?);
+        let bound = listener.local_addr()?;
+        if let Some(local) = &mut config.local_workers {
+            // Workers it starts join the same fleet.
+            local.args.extend(["--coordinator".to_string(), format!("http://{bound}")]);
+            if !config.etcd.is_empty() {
+                local.args.extend(["--etcd".to_string(), config.etcd.join(",")]);
+            }
+        }
+        println!("listening {bound}");
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {

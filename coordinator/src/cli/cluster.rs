@@ -148,7 +148,9 @@ impl LocalCluster {
         if let Some(m) = &a.device_map {
             cmd.arg("--device-map").arg(m);
         }
-        cmd.args(["--cluster", &a.cluster, "--migration-limit", &a.migration_limit.to_string()]);
+        cmd.args(["--cluster", &a.cluster, "--migration-limit", &a.migration_limit.to_string()])
+            .arg("--worker-bin")
+            .arg(bin_path("worker")?);
         if let Some(e) = &a.etcd {
             cmd.args(["--etcd", e]);
         }

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod demo;
 pub mod dev;
 pub mod generate;
+pub mod ops;
 pub mod plan;
 pub mod status;
 
@@ -38,6 +39,14 @@ pub enum Command {
     Status(status::StatusArgs),
     /// List the workers of the fleet.
     Workers(status::WorkersArgs),
+    /// Leave a worker out of every plan from now on.
+    Cordon(ops::WorkerArgs),
+    /// Let a cordoned worker be planned on again.
+    Uncordon(ops::WorkerArgs),
+    /// Cordon a worker, let its requests finish, and move the model off it.
+    Drain(ops::DrainArgs),
+    /// Start or stop local workers until the fleet has --workers.
+    Scale(ops::ScaleArgs),
     /// Build a tiny model, start a local cluster, generate, and print the output and tokens/s.
     Demo(demo::DemoArgs),
     /// Measure TTFT, inter-token latency and tokens/s of a running cluster.
@@ -56,6 +65,10 @@ pub async fn main() -> i32 {
         Command::Plan(a) => plan::run(a),
         Command::Status(a) => status::status(a).await,
         Command::Workers(a) => status::workers(a).await,
+        Command::Cordon(a) => ops::cordon(a, true).await,
+        Command::Uncordon(a) => ops::cordon(a, false).await,
+        Command::Drain(a) => ops::drain(a).await,
+        Command::Scale(a) => ops::scale(a).await,
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
         Command::Dev(d) => dev::run(d),

@@ -1,0 +1,106 @@
+//! Scaling a local fleet: the coordinator starts worker processes on this machine, or drains
+//! and stops local ones, until the fleet has the size asked for. The Kubernetes deployment
+//! provides the same operation for in-cluster fleets.
+
+use crate::engine::Engine;
+use crate::error::ServeError;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// How to start a worker on this machine.
+#[derive(Debug, Clone)]
+pub struct LocalWorkers {
+    /// The `worker` binary.
+    pub bin: PathBuf,
+    /// Arguments every worker gets (membership, cluster, lease TTL).
+    pub args: Vec<String>,
+}
+
+/// The workers this coordinator started, stopped with it.
+#[derive(Default)]
+pub struct Spawned {
+    children: Mutex<Vec<(String, tokio::process::Child)>>,
+}
+
+fn is_local(address: &str) -> bool {
+    address.starts_with("127.") || address.starts_with("localhost:") || address.starts_with("[::1]:")
+}
+
+/// Changes the fleet to `target` workers: starts new local ones, or drains and stops local ones
+/// (the newest first, so the longest-serving stay). Returns (started, stopped) ids.
+pub async fn scale(
+    engine: &Engine,
+    local: Option<&LocalWorkers>,
+    spawned: &Spawned,
+    target: usize,
+) -> Result<(Vec<String>, Vec<String>), ServeError> {
+    let Some(local) = local else {
+        return Err(ServeError::Loading(
+            "this coordinator cannot start workers: scale works on clusters started with `shardctl up`".into(),
+        ));
+    };
+    if target == 0 {
+        return Err(ServeError::InvalidArgument("workers must be at least 1".into()));
+    }
+    let fleet = engine.membership().workers();
+    let mut started = Vec::new();
+    let mut stopped = Vec::new();
+    if target > fleet.len() {
+        for k in 0..target - fleet.len() {
+            let id = format!("scaled-{}-{}-{k}", std::process::id(), fleet.len());
+            let child = tokio::process::Command::new(&local.bin)
+                .args(&local.args)
+                .args(["--id", &id, "--listen", "127.0.0.1:0"])
+                .stdout(std::process::Stdio::null())
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| ServeError::Internal(format!("starting a worker: {e}")))?;
+            spawned.children.lock().expect("spawned lock").push((id.clone(), child));
+            info!(worker = %id, "worker started by scale");
+            started.push(id);
+        }
+        wait_for(engine, Duration::from_secs(30), |ids| started.iter().all(|s| ids.contains(s))).await?;
+    } else {
+        let mut candidates: Vec<_> = fleet.iter().filter(|w| is_local(&w.address) && w.pid != 0).cloned().collect();
+        candidates.reverse();
+        let excess = fleet.len() - target;
+        if candidates.len() < excess {
+            return Err(ServeError::Loading(format!(
+                "only {} of the {} workers run on this machine; cannot stop {excess}",
+                candidates.len(),
+                fleet.len()
+            )));
+        }
+        for w in candidates.into_iter().take(excess) {
+            // Drained first, so no request in flight fails.
+            engine.drain(&w.id, Duration::from_secs(60)).await?;
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGTERM);
+            stopped.push(w.id.clone());
+            info!(worker = %w.id, pid = w.pid, "worker stopped by scale");
+        }
+        wait_for(engine, Duration::from_secs(30), |ids| !stopped.iter().any(|s| ids.contains(s))).await?;
+        for id in &stopped {
+            engine.cordon(id, false).await.ok();
+        }
+        let mut children = spawned.children.lock().expect("spawned lock");
+        children.retain(|(id, _)| !stopped.contains(id));
+    }
+    Ok((started, stopped))
+}
+
+async fn wait_for(engine: &Engine, within: Duration, done: impl Fn(&[String]) -> bool) -> Result<(), ServeError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let ids: Vec<String> = engine.membership().workers().into_iter().map(|w| w.id).collect();
+        if done(&ids) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ServeError::DeadlineExceeded(format!("the fleet did not reach the new size within {within:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
