@@ -51,6 +51,9 @@ pub struct EngineConfig {
     pub migration_wait: Duration,
     /// TTL of the lease behind this coordinator's leadership (etcd membership only).
     pub lease_ttl: Duration,
+    /// How long a new request waits for the model to be placed again after a stage was lost,
+    /// before it gets UNAVAILABLE.
+    pub replan_wait: Duration,
 }
 
 /// One stage of a placement.
@@ -630,6 +633,18 @@ impl Engine {
         // While the model moves off cordoned workers, wait for the new placement (bounded).
         let deadline = tokio::time::Instant::now() + self.config.migration_wait;
         while self.moving.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
+                _ = self.placed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        // After a stage was lost, new requests wait (bounded) for the re-plan.
+        let deadline = tokio::time::Instant::now() + self.config.replan_wait;
+        while matches!(model.state(), ServingState::Unavailable(_))
+            && model.ever_ready.load(Ordering::SeqCst)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::select! {
                 _ = out.closed() => return Err(ServeError::Cancelled("the client went away".into())),
                 _ = self.placed.notified() => {}

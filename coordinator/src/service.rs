@@ -215,6 +215,7 @@ impl pb::admin_server::Admin for AdminService {
             .collect();
         let cordoned = self.engine.cordoned().await;
         for w in &mut workers {
+            w.stage = serving.iter().find(|(id, _)| *id == w.id).map(|(_, s)| *s);
             if cordoned.contains(&w.id) {
                 w.state = "cordoned".into();
             } else if serving.iter().any(|(id, _)| *id == w.id) {

@@ -99,6 +99,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             version: r.version,
             state: r.state,
             pid: r.pid,
+            stage: None,
         }
     }
 }

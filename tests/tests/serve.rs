@@ -323,7 +323,8 @@ async fn a_model_without_workers_is_still_loading() {
 }
 
 async fn kill_stage_mid_stream(workers: usize, stage: u32) {
-    let cluster = Cluster::new(reference_model()).workers(workers).start();
+    // Without a re-plan wait, new requests are refused at once while the stage is gone.
+    let cluster = Cluster::new(reference_model()).workers(workers).arg("--replan-wait-s").arg("0").start();
     let mut c = cluster.client().await;
     let (victim, pid) = cluster.stage_worker(stage).await;
     let placement = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner().models[0].stages.clone();

@@ -24,6 +24,7 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         state: "ready".into(),
         pid: std::process::id(),
+        stage: None,
     }
 }
 

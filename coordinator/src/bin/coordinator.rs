@@ -69,6 +69,10 @@ struct Args {
     /// Seconds a migrating request waits for the new placement.
     #[arg(long, env = "SHARDSERVE_MIGRATION_WAIT", default_value_t = 60)]
     migration_wait_s: u64,
+    /// Seconds a new request waits for the model to be placed again after a stage was lost,
+    /// before it gets UNAVAILABLE.
+    #[arg(long, env = "SHARDSERVE_REPLAN_WAIT", default_value_t = 10)]
+    replan_wait_s: u64,
     /// A `worker` binary this coordinator may start on this machine when asked to scale up
     /// (`shardctl scale`); without it, scaling is refused.
     #[arg(long, env = "SHARDSERVE_WORKER_BIN")]
@@ -128,6 +132,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 migration_limit: a.migration_limit,
                 migration_wait: Duration::from_secs(a.migration_wait_s),
                 lease_ttl: Duration::from_secs(a.lease_ttl_s),
+                replan_wait: Duration::from_secs(a.replan_wait_s),
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),

@@ -64,6 +64,9 @@ pub struct UpArgs {
     /// Times a request may move to a new placement when a stage under it dies (0: fail at once).
     #[arg(long, default_value_t = 0)]
     pub migration_limit: usize,
+    /// Seconds a new request waits for a re-plan after a stage was lost, before UNAVAILABLE.
+    #[arg(long, default_value_t = 10)]
+    pub replan_wait_s: u64,
     /// CPU threads each worker's kernels use (default: the machine's cores divided among the
     /// workers, so stages on one machine do not contend for the same cores).
     #[arg(long)]
@@ -149,6 +152,7 @@ impl LocalCluster {
             cmd.arg("--device-map").arg(m);
         }
         cmd.args(["--cluster", &a.cluster, "--migration-limit", &a.migration_limit.to_string()])
+            .args(["--replan-wait-s", &a.replan_wait_s.to_string()])
             .arg("--worker-bin")
             .arg(bin_path("worker")?);
         if let Some(e) = &a.etcd {

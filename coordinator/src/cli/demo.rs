@@ -66,6 +66,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         prefill_chunk: 512,
         worker_threads: None,
         migration_limit: 0,
+        replan_wait_s: 10,
         ready_timeout_s: 600,
     };
     eprintln!("starting a coordinator and {} worker(s)", a.workers);

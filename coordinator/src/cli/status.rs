@@ -96,6 +96,7 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
                     "address": w.address,
                     "state": w.state,
                     "pid": w.pid,
+                    "stage": w.stage,
                     "version": w.version,
                     "devices": w.devices.iter().map(|d| serde_json::json!({
                         "name": d.name, "total_memory": d.total_memory, "free_memory": d.free_memory,
@@ -106,9 +107,11 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({ "workers": list }));
         return Ok(());
     }
-    println!("{:<28} {:<22} {:<10} {:>8}", "ID", "ADDRESS", "STATE", "PID");
+    println!("{:<28} {:<22} {:<10} {:>6} {:>10} {:>8}", "ID", "ADDRESS", "STATE", "STAGE", "FREE", "PID");
     for w in &w.workers {
-        println!("{:<28} {:<22} {:<10} {:>8}", w.id, w.address, w.state, w.pid);
+        let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
+        let stage = w.stage.map_or("-".to_string(), |s| s.to_string());
+        println!("{:<28} {:<22} {:<10} {:>6} {:>10} {:>8}", w.id, w.address, w.state, stage, human_bytes(free), w.pid);
     }
     Ok(())
 }
