@@ -198,6 +198,8 @@ pub struct Engine {
     etcd: Option<(Vec<String>, String)>,
     /// Mod revision of the placement this engine last wrote to etcd.
     placement_rev: std::sync::Mutex<i64>,
+    /// One etcd connection for the engine's own reads and writes, made on first use.
+    etcd_client: tokio::sync::Mutex<Option<shardserve::membership::etcd_client::Client>>,
     model: Arc<ModelEntry>,
     membership: Arc<dyn Membership>,
     broken: Notify,
@@ -256,6 +258,7 @@ impl Engine {
             config,
             etcd,
             placement_rev: std::sync::Mutex::new(0),
+            etcd_client: tokio::sync::Mutex::new(None),
             model,
             membership,
             broken: Notify::new(),
@@ -286,7 +289,7 @@ impl Engine {
                 },
                 shutdown.clone(),
             ));
-            tokio::spawn(engine.clone().follow(endpoints, cluster, shutdown.clone()));
+            tokio::spawn(engine.clone().follow(cluster, shutdown.clone()));
         }
         tokio::spawn(engine.clone().reconcile(shutdown));
         Ok(engine)
@@ -431,7 +434,7 @@ impl Engine {
     /// Writes the placement to etcd (`placements/<model>`) with a revision check, so two
     /// coordinators cannot overwrite each other's plan.
     async fn publish(&self, p: &Placement) {
-        let Some((endpoints, cluster)) = &self.etcd else { return };
+        let Some((_, cluster)) = &self.etcd else { return };
         let key = shardserve::membership::placement_key(cluster, &self.model.name);
         let value = serde_json::json!({
             "model": self.model.name,
@@ -442,7 +445,7 @@ impl Engine {
         })
         .to_string();
         let result = async {
-            let mut client = shardserve::membership::connect(endpoints).await?;
+            let mut client = self.etcd_client().await.expect("etcd is configured")?;
             let current = client.get(key.as_str(), None).await?;
             let rev = current.kvs().first().map_or(0, |kv| kv.mod_revision());
             let expected = *self.placement_rev.lock().expect("rev lock");
@@ -547,6 +550,22 @@ impl Engine {
         })
     }
 
+    /// The engine's etcd client (connecting on first use); `None` without etcd.
+    async fn etcd_client(&self) -> Option<Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error>> {
+        let (endpoints, _) = self.etcd.as_ref()?;
+        let mut cached = self.etcd_client.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Some(Ok(c.clone()));
+        }
+        match shardserve::membership::connect(endpoints).await {
+            Ok(c) => {
+                *cached = Some(c.clone());
+                Some(Ok(c))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// Whether this coordinator plans (the elected leader, or the only coordinator).
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::SeqCst)
@@ -562,12 +581,12 @@ impl Engine {
     }
 
     /// On a follower: serves whatever placement the leader publishes in etcd.
-    async fn follow(self: Arc<Self>, endpoints: Vec<String>, cluster: String, shutdown: CancellationToken) {
+    async fn follow(self: Arc<Self>, cluster: String, shutdown: CancellationToken) {
         let key = shardserve::membership::placement_key(&cluster, &self.model.name);
         let mut seen = -1i64;
         loop {
             let poll = async {
-                let mut client = shardserve::membership::connect(&endpoints).await?;
+                let mut client = self.etcd_client().await.expect("etcd is configured")?;
                 client.get(key.as_str(), None).await
             };
             match tokio::time::timeout(Duration::from_secs(5), poll).await {
@@ -789,10 +808,10 @@ impl Engine {
 
     /// The workers left out of plans.
     pub async fn cordoned(&self) -> std::collections::BTreeSet<String> {
-        if let Some((endpoints, cluster)) = &self.etcd {
+        if let Some((_, cluster)) = &self.etcd {
             let prefix = format!("{}cordoned/", shardserve::membership::prefix(cluster));
             let read = async {
-                let mut c = shardserve::membership::connect(endpoints).await?;
+                let mut c = self.etcd_client().await.expect("etcd is configured")?;
                 c.get(prefix.as_str(), Some(shardserve::membership::etcd_client::GetOptions::new().with_prefix())).await
             };
             if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(3), read).await {
@@ -813,10 +832,10 @@ impl Engine {
         if on && !self.membership.workers().iter().any(|w| w.id == id) {
             return Err(ServeError::NotFound(format!("worker {id:?} is not in the fleet")));
         }
-        if let Some((endpoints, cluster)) = &self.etcd {
+        if let Some((_, cluster)) = &self.etcd {
             let key = format!("{}cordoned/{id}", shardserve::membership::prefix(cluster));
             let write = async {
-                let mut c = shardserve::membership::connect(endpoints).await?;
+                let mut c = self.etcd_client().await.expect("etcd is configured")?;
                 if on {
                     c.put(key.as_str(), "1", None).await.map(|_| ())
                 } else {
