@@ -68,6 +68,8 @@ pub struct StageAssignment {
 /// Where a model lives, and the stream into its first stage.
 pub struct Placement {
     pub stages: Vec<StageAssignment>,
+    /// Sent with every load and step, so workers refuse steps meant for another placement.
+    pub epoch: u64,
     first: Arc<StageClient>,
     release: shardserve_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>,
     id: u64,
@@ -128,6 +130,11 @@ impl ModelEntry {
         } else {
             ServingState::Loading(why)
         }
+    }
+
+    /// Whether the model has been served since the coordinator started.
+    pub fn was_ready(&self) -> bool {
+        self.ever_ready.load(Ordering::SeqCst)
     }
 
     /// Requests in flight.
@@ -344,6 +351,7 @@ impl Engine {
             // A worker joined: re-plan when the plan over the larger fleet differs, once no
             // request is in flight (loading moves layers between workers under them).
             let mut replan_pending = false;
+            let mut move_wanted = false;
             if let (true, ServingState::Ready(p)) = (healthy, &state) {
                 let on_cordoned = {
                     let evicting = self.evicting.lock().expect("evict lock");
@@ -351,7 +359,7 @@ impl Engine {
                 };
                 if (on_cordoned && !workers.is_empty()) || self.differs_from_plan(p, &workers) {
                     // Let requests in flight finish on the old placement; new ones wait.
-                    self.moving.store(true, Ordering::SeqCst);
+                    move_wanted = true;
                     if self.model.active() == 0 {
                         info!(model = %self.model.name, workers = workers.len(), "the fleet changed; re-planning");
                         self.model.set_state(ServingState::Unavailable("re-planning for a changed fleet".into()));
@@ -361,6 +369,8 @@ impl Engine {
                     }
                 }
             }
+            // Recomputed on every pass, so a move that is no longer wanted never holds requests.
+            self.moving.store(move_wanted, Ordering::SeqCst);
             if !healthy {
                 if let ServingState::Ready(p) = &state {
                     let gone: Vec<&str> = p
@@ -438,6 +448,7 @@ impl Engine {
         let key = shardserve::membership::placement_key(cluster, &self.model.name);
         let value = serde_json::json!({
             "model": self.model.name,
+            "epoch": p.epoch,
             "stages": p.stages.iter().map(|s| serde_json::json!({
                 "worker": s.worker_id, "address": s.address,
                 "layers": [s.layers.start, s.layers.end], "bytes": s.bytes,
@@ -492,6 +503,7 @@ impl Engine {
     async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, (String, bool)> {
         // A plan that cannot be made will not improve by retrying with the same fleet.
         let plan = self.plan(workers).map_err(|e| (e, true))?;
+        let epoch = new_epoch();
         let n = plan.len();
         let mut calls = Vec::new();
         for (i, stage) in plan.iter().enumerate() {
@@ -509,6 +521,7 @@ impl Engine {
                 layer_end: range.end as u32,
                 next_address,
                 next_worker_id,
+                epoch,
             };
             calls.push(async move {
                 let mut client = shardserve::stage::connect(&w.address)
@@ -534,16 +547,17 @@ impl Engine {
             });
         }
         let stages = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()?;
-        self.placement_of(stages).map_err(|e| (e, true))
+        self.placement_of(stages, epoch).map_err(|e| (e, true))
     }
 
     /// A placement over stages already loaded: the stream into stage 0 and its release client.
-    fn placement_of(&self, stages: Vec<StageAssignment>) -> Result<Placement, String> {
+    fn placement_of(&self, stages: Vec<StageAssignment>, epoch: u64) -> Result<Placement, String> {
         let head = stages.first().ok_or("a placement needs at least one stage")?;
         let first = Arc::new(StageClient::new(head.worker_id.clone(), head.address.clone()));
         let release = shardserve::stage::lazy_client(&head.address).map_err(|e| e.message().to_string())?;
         Ok(Placement {
             stages,
+            epoch,
             first,
             release,
             id: self.next_placement.fetch_add(1, Ordering::Relaxed),
@@ -592,7 +606,10 @@ impl Engine {
             match tokio::time::timeout(Duration::from_secs(5), poll).await {
                 Ok(Ok(resp)) if !self.is_leader() => {
                     let rev = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
-                    if rev != seen {
+                    // A placement that failed here is adopted afresh (new streams to its
+                    // stages), whether or not the leader has published a new one.
+                    let failed_here = !matches!(self.model.state(), ServingState::Ready(_));
+                    if rev != seen || (failed_here && rev != 0) {
                         seen = rev;
                         match resp.kvs().first().map(|kv| self.adopt(kv.value())) {
                             Some(Ok(p)) => {
@@ -633,7 +650,7 @@ impl Engine {
                 })
             })
             .collect::<Result<Vec<_>, &str>>()?;
-        self.placement_of(stages)
+        self.placement_of(stages, v["epoch"].as_u64().unwrap_or(0))
     }
 
     /// Marks a placement broken (a stage failed) so it is re-planned.
@@ -670,6 +687,10 @@ impl Engine {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+        // Counted before the state is read, so a re-plan that waits for no request in flight
+        // cannot start between the two.
+        let in_flight = model.active.fetch_add(1, Ordering::SeqCst);
+        let _active = ActiveGuard(model.clone());
         let mut placement = match model.state() {
             ServingState::Ready(p) => p,
             ServingState::Loading(why) => {
@@ -679,8 +700,6 @@ impl Engine {
                 return Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
             }
         };
-        let in_flight = model.active.fetch_add(1, Ordering::SeqCst);
-        let _active = ActiveGuard(model.clone());
         if in_flight >= self.config.max_concurrent_requests {
             return Err(ServeError::Exhausted(format!(
                 "model {} already has {in_flight} requests in flight (max_concurrent_requests = {})",
@@ -724,6 +743,7 @@ impl Engine {
                         sampling: (pos == 0).then_some(sampling),
                         logprobs: req.logprobs,
                         prefill_only: pos + feed.len() < prefill_len,
+                        epoch: placement.epoch,
                     }],
                     hidden: None,
                 };
@@ -773,8 +793,14 @@ impl Engine {
                 };
                 let tok_err = |e: shardserve::Error| ServeError::Internal(e.to_string());
                 if model.eos.contains(&token) {
-                    event.text = stops.push(&decoder.flush(&model.tokenizer).map_err(tok_err)?).text + &stops.finish();
-                    event.finish_reason = Some("eos");
+                    let outcome = stops.push(&decoder.flush(&model.tokenizer).map_err(tok_err)?);
+                    event.text = outcome.text;
+                    if outcome.stopped {
+                        event.finish_reason = Some("stop");
+                    } else {
+                        event.text += &stops.finish();
+                        event.finish_reason = Some("eos");
+                    }
                 } else {
                     let piece = decoder.push(&model.tokenizer, token).map_err(tok_err)?;
                     let outcome = stops.push(&piece);
@@ -907,6 +933,15 @@ impl Engine {
             }
         }
     }
+}
+
+/// A placement id no other load in this cluster will pick.
+fn new_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 struct ActiveGuard(Arc<ModelEntry>);

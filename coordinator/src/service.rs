@@ -64,14 +64,15 @@ impl pb::inference_server::Inference for InferenceService {
         let valid = validate(&model, &req)?;
         // Fail before the stream opens when the model cannot serve, so the client sees the
         // status itself rather than an empty stream.
+        // (A model that served before and is being re-planned is waited for by the engine.)
         match model.state() {
-            ServingState::Ready(_) => {}
             ServingState::Loading(why) => {
                 return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name)).into())
             }
-            ServingState::Unavailable(why) => {
+            ServingState::Unavailable(why) if !model.was_ready() => {
                 return Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)).into())
             }
+            _ => {}
         }
         let prompt_ids = valid.prompt_ids.clone();
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
@@ -85,7 +86,16 @@ impl pb::inference_server::Inference for InferenceService {
             let forward = async move {
                 let mut first = true;
                 let mut completion = 0usize;
-                while let Some(ev) = rx.recv().await {
+                loop {
+                    let ev = tokio::select! {
+                        ev = rx.recv() => match ev {
+                            Some(ev) => ev,
+                            None => break,
+                        },
+                        // The client went away while nothing was produced (prefill, waiting):
+                        // returning drops the receiver, which stops the engine.
+                        _ = out.closed() => return,
+                    };
                     completion += ev.token_ids.len();
                     let msg = pb::GenerateStreamResponse {
                         text: ev.text,

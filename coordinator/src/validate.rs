@@ -8,6 +8,8 @@ use shardserve_proto::v1 as pb;
 
 /// Most stop sequences a request may carry.
 pub const MAX_STOP_SEQUENCES: usize = 8;
+/// Longest stop sequence accepted, in bytes.
+pub const MAX_STOP_BYTES: usize = 512;
 /// max_new_tokens when neither the request nor generation_config.json sets it.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 100;
 
@@ -54,6 +56,9 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
     }
     if let Some(i) = req.stop.iter().position(String::is_empty) {
         return Err(invalid(format!("stop[{i}] is empty")));
+    }
+    if let Some(i) = req.stop.iter().position(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!("stop[{i}] is longer than {MAX_STOP_BYTES} bytes")));
     }
     if let Some(m) = req.max_new_tokens {
         if m < 1 {

@@ -138,7 +138,8 @@ async fn keep_lease(client: &mut Client, lease: i64, ttl: Duration, period: Dura
             Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
             Ok(Ok(Some(_))) => return,
             _ => {
-                if last_ok.elapsed() > ttl {
+                // Step down before etcd can expire the lease, so two leaders never overlap.
+                if last_ok.elapsed() + period * 2 > ttl {
                     return;
                 }
                 keeper = tokio::time::timeout(Duration::from_secs(2), client.lease_keep_alive(lease)).await.ok().and_then(Result::ok);

@@ -51,9 +51,10 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Whether the choice is deterministic argmax.
+    /// Whether the choice is deterministic argmax. Temperatures too small to divide by
+    /// without overflowing to infinity are greedy in effect, and treated so.
     pub fn greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature < 1e-5
     }
 }
 
@@ -233,6 +234,16 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn vanishing_temperature_is_greedy_not_nan() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1e-30,
+            seed: 3,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[0.5, 2.0, 1.0], &[]), 1);
     }
 
     #[test]

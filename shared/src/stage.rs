@@ -145,6 +145,11 @@ impl StageClient {
             }
             let conn = guard.as_ref().expect("just opened");
             conn.pending.lock().expect("pending lock").insert(id, otx);
+            // The reader may have failed every waiter between the check above and the insert.
+            if conn.broken.load(Ordering::SeqCst) {
+                conn.pending.lock().expect("pending lock").remove(&id);
+                return Err(self.unavailable("the step stream broke"));
+            }
             if conn.tx.send(req).is_err() {
                 conn.pending.lock().expect("pending lock").remove(&id);
                 conn.broken.store(true, Ordering::SeqCst);

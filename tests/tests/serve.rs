@@ -242,6 +242,7 @@ async fn every_invalid_field_gets_its_status() {
         (s(&|p| p.repetition_penalty = Some(f32::NAN)), Code::InvalidArgument, "repetition_penalty"),
         (with(&|r| r.stop = (0..9).map(|i| format!("s{i}")).collect()), Code::InvalidArgument, "stop"),
         (with(&|r| r.stop = vec!["ok".into(), String::new()]), Code::InvalidArgument, "stop[1]"),
+        (with(&|r| r.stop = vec!["x".repeat(600)]), Code::InvalidArgument, "stop[0] is longer than 512 bytes"),
         (with(&|r| r.model = "no/such-model".into()), Code::NotFound, "no/such-model"),
     ];
     for (req, code, needle) in cases {

@@ -26,6 +26,7 @@ struct Sequence {
 
 /// The shard this worker serves.
 struct Loaded {
+    epoch: u64,
     shard: Arc<Shard>,
     model: String,
     stage: u32,
@@ -37,6 +38,9 @@ pub struct WorkerState {
     id: String,
     loaded: RwLock<Option<Arc<Loaded>>>,
     sequences: Mutex<HashMap<u64, Arc<Mutex<Sequence>>>>,
+    /// Recently released sequence ids: a step that arrives after its release (they race
+    /// across stages) must not bring the sequence back.
+    released: Mutex<(HashSet<u64>, std::collections::VecDeque<u64>)>,
     step_timeout: Duration,
     device: Device,
     compute: ComputeThread,
@@ -84,6 +88,7 @@ impl WorkerState {
             id,
             loaded: RwLock::new(None),
             sequences: Mutex::new(HashMap::new()),
+            released: Mutex::default(),
             step_timeout,
             device: Device::Cpu,
             compute: ComputeThread::start(),
@@ -106,8 +111,26 @@ impl WorkerState {
     }
 
     fn release(&self, ids: &[u64]) -> usize {
+        const REMEMBERED: usize = 65_536;
+        {
+            let mut released = self.released.lock().expect("released lock");
+            for &id in ids {
+                if released.0.insert(id) {
+                    released.1.push_back(id);
+                }
+            }
+            while released.1.len() > REMEMBERED {
+                if let Some(old) = released.1.pop_front() {
+                    released.0.remove(&old);
+                }
+            }
+        }
         let mut seqs = self.sequences.lock().expect("sequences lock");
         ids.iter().filter(|id| seqs.remove(id).is_some()).count()
+    }
+
+    fn was_released(&self, id: u64) -> bool {
+        self.released.lock().expect("released lock").0.contains(&id)
     }
 }
 
@@ -204,6 +227,12 @@ fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &
     let mut results = Vec::new();
     let mut outputs = Vec::new();
     for s in &req.sequences {
+        if s.epoch != 0 && loaded.epoch != 0 && s.epoch != loaded.epoch {
+            return Err(StepError {
+                code: tonic::Code::Unavailable,
+                text: format!("worker {} was re-planned (placement {} here, the step is for {})", state.id, loaded.epoch, s.epoch),
+            });
+        }
         let n = s.token_ids.len();
         if n == 0 {
             return Err(format!("sequence {}: a step must carry at least one token", s.seq_id).into());
@@ -212,6 +241,12 @@ fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &
             let mut seqs = state.sequences.lock().expect("sequences lock");
             match seqs.get(&s.seq_id) {
                 Some(seq) => seq.clone(),
+                None if s.start_pos == 0 && state.was_released(s.seq_id) => {
+                    return Err(StepError {
+                        code: tonic::Code::Cancelled,
+                        text: format!("sequence {} was released before this step arrived", s.seq_id),
+                    })
+                }
                 None if s.start_pos == 0 => {
                     let sampler = if spec.last {
                         Some(Sampler::new(sampling_params(s.sampling.as_ref())?))
@@ -336,6 +371,7 @@ impl pb::worker_server::Worker for WorkerService {
         );
         state.sequences.lock().expect("sequences lock").clear();
         *state.loaded.write().expect("loaded lock") = Some(Arc::new(Loaded {
+            epoch: req.epoch,
             shard: Arc::new(shard),
             model: req.model,
             stage: req.stage,
@@ -399,7 +435,15 @@ impl pb::worker_server::Worker for WorkerService {
                         break;
                     }
                 };
-                owned.lock().expect("owned lock").extend(fresh);
+                {
+                    let mut owned = owned.lock().expect("owned lock");
+                    owned.extend(fresh);
+                    // Keep only what is still held here, so the set stays small.
+                    if owned.len() > 4096 {
+                        let live = state.sequences.lock().expect("sequences lock");
+                        owned.retain(|id| live.contains_key(id));
+                    }
+                }
                 let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
                 match out {
                     Ok(Computed::Results(results)) => {
