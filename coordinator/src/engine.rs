@@ -205,6 +205,8 @@ pub struct Engine {
     etcd: Option<(Vec<String>, String)>,
     /// Mod revision of the placement this engine last wrote to etcd.
     placement_rev: std::sync::Mutex<i64>,
+    /// Epoch of the placement last written to etcd (0: none), so a failed write is retried.
+    published: AtomicU64,
     /// One etcd connection for the engine's own reads and writes, made on first use.
     etcd_client: tokio::sync::Mutex<Option<shardserve::membership::etcd_client::Client>>,
     model: Arc<ModelEntry>,
@@ -265,6 +267,7 @@ impl Engine {
             config,
             etcd,
             placement_rev: std::sync::Mutex::new(0),
+            published: AtomicU64::new(0),
             etcd_client: tokio::sync::Mutex::new(None),
             model,
             membership,
@@ -336,6 +339,11 @@ impl Engine {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
+            }
+            if let ServingState::Ready(p) = self.model.state() {
+                if self.etcd.is_some() && self.published.load(Ordering::SeqCst) != p.epoch {
+                    self.publish(&p).await;
+                }
             }
             let alive = self.membership.workers();
             let cordoned = self.cordoned().await;
@@ -421,7 +429,7 @@ impl Engine {
                 _ = shutdown.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
                 _ = self.broken.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)), if replan_pending => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)), if replan_pending || self.unpublished() => {}
             }
         }
     }
@@ -445,6 +453,10 @@ impl Engine {
     /// coordinators cannot overwrite each other's plan.
     async fn publish(&self, p: &Placement) {
         let Some((_, cluster)) = &self.etcd else { return };
+        if !self.is_leader() {
+            // Only the leader's plan goes to etcd; a deposed leader keeps quiet.
+            return;
+        }
         let key = shardserve::membership::placement_key(cluster, &self.model.name);
         let value = serde_json::json!({
             "model": self.model.name,
@@ -466,7 +478,10 @@ impl Engine {
             shardserve::membership::put_if_unchanged(&mut client, &key, value, rev).await
         };
         match tokio::time::timeout(Duration::from_secs(5), result).await {
-            Ok(Ok(Some(rev))) => *self.placement_rev.lock().expect("rev lock") = rev,
+            Ok(Ok(Some(rev))) => {
+                *self.placement_rev.lock().expect("rev lock") = rev;
+                self.published.store(p.epoch, Ordering::SeqCst);
+            }
             Ok(Ok(None)) => warn!(key = %key, "another writer changed the placement first; not overwritten"),
             Ok(Err(e)) => warn!(key = %key, error = %e, "writing the placement to etcd failed"),
             Err(_) => warn!(key = %key, "writing the placement to etcd timed out"),
@@ -527,9 +542,9 @@ impl Engine {
                 let mut client = shardserve::stage::connect(&w.address)
                     .await
                     .map_err(|e| (format!("worker {}: {}", w.id, e.message()), false))?;
-                let resp = client
-                    .load_shard(req)
+                let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
                     .await
+                    .map_err(|_| (format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
                     .map_err(|e| {
                         let permanent = matches!(
                             e.code(),
@@ -577,6 +592,14 @@ impl Engine {
                 Some(Ok(c))
             }
             Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Whether the placement being served has not reached etcd yet.
+    fn unpublished(&self) -> bool {
+        match (&self.etcd, self.model.state()) {
+            (Some(_), ServingState::Ready(p)) => self.published.load(Ordering::SeqCst) != p.epoch,
+            _ => false,
         }
     }
 
@@ -934,6 +957,9 @@ impl Engine {
         }
     }
 }
+
+/// Longest a worker may take to load its shard.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A placement id no other load in this cluster will pick.
 fn new_epoch() -> u64 {

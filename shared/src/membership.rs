@@ -422,9 +422,8 @@ impl EtcdFleet {
                                 }
                             }
                         }
-                        if let Some(h) = resp.header() {
-                            rev = rev.max(h.revision());
-                        }
+                        // Only delivered events advance the resume point: a header's revision
+                        // may be ahead of events still to come.
                         if changed {
                             self.bump();
                         }
