@@ -1,0 +1,128 @@
+//! Several coordinators on one etcd: the placement published by the leader, adopted by the
+//! followers.
+
+use super::*;
+
+impl Engine {
+    /// On a follower: serves whatever placement the leader publishes in etcd.
+    pub(super) async fn follow(self: Arc<Self>, cluster: String, shutdown: CancellationToken) {
+        let key = shardserve::membership::placement_key(&cluster, &self.model.name);
+        let mut seen = -1i64;
+        loop {
+            let poll = async {
+                let mut client = self.etcd_client().await.expect("etcd is configured")?;
+                client.get(key.as_str(), None).await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), poll).await {
+                Ok(Ok(resp)) if !self.is_leader() => {
+                    let rev = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
+                    // A placement that failed here is adopted afresh (new streams to its
+                    // stages), whether or not the leader has published a new one.
+                    let failed_here = !matches!(self.model.state(), ServingState::Ready(_));
+                    if rev != seen || (failed_here && rev != 0) {
+                        seen = rev;
+                        match resp.kvs().first().map(|kv| self.adopt(kv.value())) {
+                            Some(Ok(p)) => {
+                                info!(model = %self.model.name, stages = p.stages.len(), "serving the leader's placement");
+                                self.model.set_state(ServingState::Ready(Arc::new(p)));
+                            }
+                            Some(Err(e)) => warn!(key = %key, error = %e, "unreadable placement in etcd"),
+                            None => self.model.set_state(self.model.not_ready("waiting for the leader to place the model".into())),
+                        }
+                    }
+                }
+                Ok(Ok(_)) => seen = -1,
+                Ok(Err(e)) => debug!(error = %e, "reading the placement failed"),
+                Err(_) => debug!("reading the placement timed out"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// A placement read from etcd, as the leader wrote it.
+    pub(super) fn adopt(&self, value: &[u8]) -> Result<Placement, String> {
+        let v: serde_json::Value = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        let stages = v["stages"]
+            .as_array()
+            .ok_or("no stages")?
+            .iter()
+            .map(|s| {
+                let layers = s["layers"].as_array().ok_or("no layers")?;
+                let at = |i: usize| layers.get(i).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or("bad layers");
+                Ok(StageAssignment {
+                    worker_id: s["worker"].as_str().ok_or("no worker")?.to_string(),
+                    address: s["address"].as_str().ok_or("no address")?.to_string(),
+                    layers: at(0)?..at(1)?,
+                    bytes: s["bytes"].as_u64().unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>, &str>>()?;
+        self.placement_of(stages, v["epoch"].as_u64().unwrap_or(0))
+    }
+
+    /// Writes the placement to etcd (`placements/<model>`) with a revision check, so two
+    /// coordinators cannot overwrite each other's plan.
+    pub(super) async fn publish(&self, p: &Placement) {
+        let Some((_, cluster)) = &self.etcd else { return };
+        if !self.is_leader() {
+            // Only the leader's plan goes to etcd; a deposed leader keeps quiet.
+            return;
+        }
+        let key = shardserve::membership::placement_key(cluster, &self.model.name);
+        let value = serde_json::json!({
+            "model": self.model.name,
+            "epoch": p.epoch,
+            "stages": p.stages.iter().map(|s| serde_json::json!({
+                "worker": s.worker_id, "address": s.address,
+                "layers": [s.layers.start, s.layers.end], "bytes": s.bytes,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let result = async {
+            let mut client = self.etcd_client().await.expect("etcd is configured")?;
+            let current = client.get(key.as_str(), None).await?;
+            let rev = current.kvs().first().map_or(0, |kv| kv.mod_revision());
+            let expected = *self.placement_rev.lock().expect("rev lock");
+            if expected != rev && expected != 0 {
+                warn!(key = %key, "the placement in etcd was changed by someone else; overwriting with the current plan");
+            }
+            shardserve::membership::put_if_unchanged(&mut client, &key, value, rev).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), result).await {
+            Ok(Ok(Some(rev))) => {
+                *self.placement_rev.lock().expect("rev lock") = rev;
+                self.published.store(p.epoch, Ordering::SeqCst);
+            }
+            Ok(Ok(None)) => warn!(key = %key, "another writer changed the placement first; not overwritten"),
+            Ok(Err(e)) => warn!(key = %key, error = %e, "writing the placement to etcd failed"),
+            Err(_) => warn!(key = %key, "writing the placement to etcd timed out"),
+        }
+    }
+
+    /// Whether the placement being served has not reached etcd yet.
+    pub(super) fn unpublished(&self) -> bool {
+        match (&self.etcd, self.model.state()) {
+            (Some(_), ServingState::Ready(p)) => self.published.load(Ordering::SeqCst) != p.epoch,
+            _ => false,
+        }
+    }
+
+    /// The engine's etcd client (connecting on first use); `None` without etcd.
+    pub(super) async fn etcd_client(&self) -> Option<Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error>> {
+        let (endpoints, _) = self.etcd.as_ref()?;
+        let mut cached = self.etcd_client.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Some(Ok(c.clone()));
+        }
+        match shardserve::membership::connect(endpoints).await {
+            Ok(c) => {
+                *cached = Some(c.clone());
+                Some(Ok(c))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
