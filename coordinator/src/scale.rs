@@ -49,7 +49,9 @@ pub async fn scale(
     let mut stopped = Vec::new();
     if target > fleet.len() {
         for k in 0..target - fleet.len() {
-            let id = format!("scaled-{}-{}-{k}", std::process::id(), fleet.len());
+            // Never reused, so a new worker cannot inherit an old one's cordon.
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            let id = format!("scaled-{}-{stamp}-{k}", std::process::id());
             let child = tokio::process::Command::new(&local.bin)
                 .args(&local.args)
                 .args(["--id", &id, "--listen", "127.0.0.1:0"])

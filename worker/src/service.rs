@@ -62,7 +62,11 @@ impl ComputeThread {
             .name("compute".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    job();
+                    // A panicking step fails that step (its caller sees the channel drop), not
+                    // every later one.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a step panicked; the worker goes on");
+                    }
                 }
             })
             .expect("spawning the compute thread");
@@ -419,6 +423,11 @@ impl pb::worker_server::Worker for WorkerService {
                     }
                 };
                 let (st, l) = (state.clone(), loaded.clone());
+                let failed_step = pb::StepRequest {
+                    step_id: req.step_id,
+                    sequences: req.sequences.iter().map(|s| pb::SequenceStep { seq_id: s.seq_id, ..Default::default() }).collect(),
+                    hidden: None,
+                };
                 let computed = state.compute.run(move || {
                     let mut fresh = Vec::new();
                     let started = std::time::Instant::now();
@@ -431,8 +440,14 @@ impl pb::worker_server::Worker for WorkerService {
                 let (req, out, fresh) = match computed {
                     Ok(v) => v,
                     Err(e) => {
-                        warn!(error = %e, "step failed to run");
-                        break;
+                        warn!(worker = %state.id, error = %e, "a step failed to run");
+                        let ids: Vec<u64> = failed_step.sequences.iter().map(|s| s.seq_id).collect();
+                        state.release(&ids);
+                        let _ = tx.send(Ok(pb::StepResponse {
+                            step_id: failed_step.step_id,
+                            results: error_results(&failed_step, tonic::Code::Internal, &format!("worker {}: {e}", state.id)),
+                        }));
+                        continue;
                     }
                 };
                 {
