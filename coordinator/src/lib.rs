@@ -80,6 +80,20 @@ pub fn url(addr: &str) -> String {
     }
 }
 
+/// A random 64-bit value (never 0), for seeds and ids that must not repeat across restarts.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
 /// The default coordinator address clients use.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
 

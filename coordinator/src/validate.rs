@@ -95,7 +95,7 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
             .map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize)
             .min(limit - prompt_ids.len()),
     };
-    let seed = s.seed.unwrap_or_else(rand_seed);
+    let seed = s.seed.unwrap_or_else(crate::random_u64);
     let sampling = SamplingParams {
         temperature,
         top_k: top_k as usize,
@@ -110,16 +110,4 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
         stop: req.stop.clone(),
         logprobs: req.logprobs,
     })
-}
-
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }

@@ -70,8 +70,14 @@ const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer_config.json"];
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 
-/// Resolves `spec` (a folder or a Hub id) at `revision` (default `main`) to its files.
-pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
+/// What a model spec names.
+enum Source<'a> {
+    Folder(&'a Path),
+    Hub { repo: &'a str, revision: &'a str },
+}
+
+/// Tells a folder from a Hub id; a folder must hold config.json.
+fn source<'a>(spec: &'a str, revision: Option<&'a str>) -> Result<Source<'a>> {
     let path = Path::new(spec);
     if path.is_dir() {
         if !path.join("config.json").is_file() {
@@ -79,79 +85,68 @@ pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
                 "folder {spec} has no config.json (is it a Hugging Face model folder?)"
             )));
         }
-        return Ok(ModelFiles {
-            spec: spec.to_string(),
-            dir: path.to_path_buf(),
-            commit: None,
-        });
+        return Ok(Source::Folder(path));
     }
     if spec.starts_with('/') || spec.starts_with('.') || !is_repo_id(spec) {
         return Err(Error::ModelNotFound(format!(
             "model {spec:?} is neither a folder nor a Hugging Face model id (ORG/NAME)"
         )));
     }
-    let revision = revision.filter(|r| !r.is_empty()).unwrap_or("main");
+    Ok(Source::Hub {
+        repo: spec,
+        revision: revision.filter(|r| !r.is_empty()).unwrap_or("main"),
+    })
+}
+
+/// Resolves `spec` (a folder or a Hub id) at `revision` (default `main`) to its files.
+pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    let (repo, revision) = match source(spec, revision)? {
+        Source::Folder(path) => {
+            return Ok(ModelFiles {
+                spec: spec.to_string(),
+                dir: path.to_path_buf(),
+                commit: None,
+            })
+        }
+        Source::Hub { repo, revision } => (repo, revision),
+    };
     let cache = cache_dir();
-    match resolve_cached(&cache, spec, revision) {
+    match resolve_cached(&cache, repo, revision) {
         Ok(files) => Ok(files),
         Err(missing) if offline() => Err(Error::ModelNotFound(format!(
-            "model {spec} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1: {missing}",
+            "model {repo} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1: {missing}",
             cache.display()
         ))),
-        Err(_) => download(&cache, spec, revision),
+        Err(_) => download(&cache, repo, revision),
     }
 }
 
 /// Resolves only a model's `config.json` (all that planning needs), downloading just that
 /// file when online and missing.
 pub fn resolve_config(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        let cfg = path.join("config.json");
-        if !cfg.is_file() {
-            return Err(Error::ModelNotFound(format!("folder {spec} has no config.json (is it a Hugging Face model folder?)")));
-        }
-        return Ok(cfg);
-    }
-    if spec.starts_with('/') || spec.starts_with('.') || !is_repo_id(spec) {
-        return Err(Error::ModelNotFound(format!(
-            "model {spec:?} is neither a folder nor a Hugging Face model id (ORG/NAME)"
-        )));
-    }
-    let revision = revision.filter(|r| !r.is_empty()).unwrap_or("main");
-    let cache = cache_dir();
-    let folder = repo_folder(&cache, spec);
-    let commit = if is_commit_hash(revision) && folder.join("snapshots").join(revision).is_dir() {
-        Some(revision.to_string())
-    } else {
-        std::fs::read_to_string(folder.join("refs").join(revision)).ok().map(|s| s.trim().to_string())
+    let (repo, revision) = match source(spec, revision)? {
+        Source::Folder(path) => return Ok(path.join("config.json")),
+        Source::Hub { repo, revision } => (repo, revision),
     };
-    if let Some(c) = commit {
-        let cfg = folder.join("snapshots").join(c).join("config.json");
-        if cfg.is_file() {
-            return Ok(cfg);
+    let cache = cache_dir();
+    if let Ok((_, dir)) = snapshot(&cache, repo, revision) {
+        if dir.join("config.json").is_file() {
+            return Ok(dir.join("config.json"));
         }
     }
     if offline() {
         return Err(Error::ModelNotFound(format!(
-            "model {spec} (revision {revision}) has no config.json in the Hugging Face cache at {} and HF_HUB_OFFLINE=1",
+            "model {repo} (revision {revision}) has no config.json in the Hugging Face cache at {} and HF_HUB_OFFLINE=1",
             cache.display()
         )));
     }
-    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let err = |e: &dyn std::fmt::Display| Error::Download {
-        repo: spec.to_string(),
-        file: "config.json".into(),
-        message: e.to_string(),
-    };
-    let api = ApiBuilder::from_env().with_cache_dir(cache).with_progress(true).build().map_err(|e| err(&e))?;
-    api.repo(Repo::with_revision(spec.to_string(), RepoType::Model, revision.to_string()))
-        .get("config.json")
-        .map_err(|e| err(&e))
+    let err = |e: &dyn std::fmt::Display| download_error(repo, "config.json", e);
+    hub_repo(&cache, repo, revision)?.get("config.json").map_err(|e| err(&e))
 }
 
-/// Resolves from the cache alone; `Err` says what is missing.
-fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<ModelFiles, String> {
+/// The commit `revision` points at in the cache and its snapshot folder; `Err` says what is
+/// missing.
+fn snapshot(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<(String, PathBuf), String> {
     let folder = repo_folder(cache, repo_id);
     if !folder.is_dir() {
         return Err(format!("{} does not exist", folder.display()));
@@ -166,6 +161,12 @@ fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::R
             .to_string()
     };
     let dir = folder.join("snapshots").join(&commit);
+    Ok((commit, dir))
+}
+
+/// Resolves from the cache alone; `Err` says what is missing.
+fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<ModelFiles, String> {
+    let (commit, dir) = snapshot(cache, repo_id, revision)?;
     for f in REQUIRED {
         if !dir.join(f).is_file() {
             return Err(format!("{f} is missing from snapshot {commit}"));
@@ -181,6 +182,25 @@ fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::R
         dir,
         commit: Some(commit),
     })
+}
+
+fn download_error(repo: &str, file: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::Download {
+        repo: repo.to_string(),
+        file: file.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// hf-hub's view of a repo, downloading into `cache` with a progress bar.
+fn hub_repo(cache: &Path, repo_id: &str, revision: &str) -> Result<hf_hub::api::sync::ApiRepo> {
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+    let api = ApiBuilder::from_env()
+        .with_cache_dir(cache.to_path_buf())
+        .with_progress(true)
+        .build()
+        .map_err(|e| download_error(repo_id, "-", &e))?;
+    Ok(api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string())))
 }
 
 fn is_commit_hash(s: &str) -> bool {
@@ -203,22 +223,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<String>> {
 
 /// Downloads what the cache lacks with hf-hub, into the same cache, with a progress bar.
 fn download(cache: &Path, repo_id: &str, revision: &str) -> Result<ModelFiles> {
-    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let err = |file: &str, e: &dyn std::fmt::Display| Error::Download {
-        repo: repo_id.to_string(),
-        file: file.to_string(),
-        message: e.to_string(),
-    };
-    let api = ApiBuilder::from_env()
-        .with_cache_dir(cache.to_path_buf())
-        .with_progress(true)
-        .build()
-        .map_err(|e| err("-", &e))?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
+    let err = |file: &str, e: &dyn std::fmt::Display| download_error(repo_id, file, e);
+    let repo = hub_repo(cache, repo_id, revision)?;
     let mut dir = None;
     for f in REQUIRED {
         let p = repo.get(f).map_err(|e| err(f, &e))?;

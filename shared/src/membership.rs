@@ -375,12 +375,8 @@ impl EtcdFleet {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "etcd watch failed; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                    if let Ok(c) = connect(&endpoints).await {
-                        client = c;
+                    if !reconnect_after_pause(&endpoints, &mut client, &shutdown).await {
+                        return;
                     }
                     continue;
                 }
@@ -430,12 +426,8 @@ impl EtcdFleet {
                     }
                     Ok(None) | Err(_) => {
                         debug!(rev, "etcd watch ended; resuming");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                        }
-                        if let Ok(c) = connect(&endpoints).await {
-                            client = c;
+                        if !reconnect_after_pause(&endpoints, &mut client, &shutdown).await {
+                            return;
                         }
                         break;
                     }
@@ -443,6 +435,19 @@ impl EtcdFleet {
             }
         }
     }
+}
+
+/// Waits a moment, then replaces `client` with a fresh connection if one can be made; `false`
+/// when shutting down.
+async fn reconnect_after_pause(endpoints: &[String], client: &mut Client, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(Duration::from_millis(400)) => {}
+    }
+    if let Ok(c) = connect(endpoints).await {
+        *client = c;
+    }
+    true
 }
 
 fn parse_worker(value: &[u8]) -> Option<pb::WorkerInfo> {

@@ -2,7 +2,7 @@
 //! contiguous range of decoder layers, plus the embedding on the first stage and the final norm
 //! and lm_head on the last — reading from the checkpoint only the tensors it owns.
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::weights::{self, LoadedTensors};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -563,16 +563,6 @@ impl Shard {
             }
             _ => Ok(StageOutput::Hidden(x)),
         }
-    }
-}
-
-/// The architecture families as `shardctl dev tiny-model --arch` names them.
-pub fn arch_name(a: Architecture) -> &'static str {
-    match a {
-        Architecture::Qwen3 => "qwen3",
-        Architecture::Qwen2 => "qwen2",
-        Architecture::Llama => "llama",
-        Architecture::Mistral => "mistral",
     }
 }
 

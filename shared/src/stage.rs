@@ -114,8 +114,13 @@ impl StageClient {
                     Err(e) => break e.message().to_string(),
                 }
             };
-            b.store(true, Ordering::SeqCst);
-            let waiters: Vec<_> = p.lock().expect("pending lock").drain().collect();
+            // Marked broken under the pending lock, so a step registering itself either sees the
+            // mark or is among the waiters failed here.
+            let waiters: Vec<_> = {
+                let mut pending = p.lock().expect("pending lock");
+                b.store(true, Ordering::SeqCst);
+                pending.drain().collect()
+            };
             for (_, w) in waiters {
                 let _ = w.send(Err(Status::unavailable(format!("{who} failed: {reason}"))));
             }
@@ -144,11 +149,12 @@ impl StageClient {
                 *guard = Some(self.open().await?);
             }
             let conn = guard.as_ref().expect("just opened");
-            conn.pending.lock().expect("pending lock").insert(id, otx);
-            // The reader may have failed every waiter between the check above and the insert.
-            if conn.broken.load(Ordering::SeqCst) {
-                conn.pending.lock().expect("pending lock").remove(&id);
-                return Err(self.unavailable("the step stream broke"));
+            {
+                let mut pending = conn.pending.lock().expect("pending lock");
+                if conn.broken.load(Ordering::SeqCst) {
+                    return Err(self.unavailable("the step stream broke"));
+                }
+                pending.insert(id, otx);
             }
             if conn.tx.send(req).is_err() {
                 conn.pending.lock().expect("pending lock").remove(&id);
@@ -176,8 +182,4 @@ impl StageClient {
         }
     }
 
-    /// Closes the stream (steps in flight fail).
-    pub async fn close(&self) {
-        self.conn.lock().await.take();
-    }
 }

@@ -34,8 +34,6 @@ pub struct LoadedTensors {
     pub tensors: HashMap<String, Tensor>,
     /// The checkpoint files opened, by name.
     pub files: BTreeSet<String>,
-    /// The dtype the tensors had on disk.
-    pub disk_dtype: Option<DType>,
 }
 
 impl LoadedTensors {
@@ -107,7 +105,6 @@ fn read_file(
         let t = view
             .load(device)
             .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
-        out.disk_dtype.get_or_insert(t.dtype());
         let t = match dtype {
             Some(d) if d != t.dtype() => t
                 .to_dtype(d)

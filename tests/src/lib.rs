@@ -462,11 +462,9 @@ impl Drop for Etcd {
 
 /// A name no other test uses, for etcd key prefixes.
 pub fn unique_cluster(tag: &str) -> String {
-    format!("{tag}-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ rand_nanos())
-}
-
-fn rand_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{tag}-{}-{n}", std::process::id())
 }
 
 /// A process started by a test, killed when dropped.

@@ -186,16 +186,6 @@ async fn cancelling_a_stream_frees_kv_on_every_stage() {
     wait_no_sequences(&addrs).await;
 }
 
-/// A worker started by a test, killed when dropped.
-struct Spare(std::process::Child);
-
-impl Drop for Spare {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_middle_stage_fails_requests_and_a_new_worker_restores_service() {
     let cluster = Cluster::new(reference_model()).workers(3).arg("--lease-ttl-s").arg("2").start();
@@ -216,7 +206,7 @@ async fn killed_middle_stage_fails_requests_and_a_new_worker_restores_service() 
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 
     // A replacement joins; once the dead worker's lease is gone the model is re-planned.
-    let _spare = Spare(
+    let _spare = Proc(
         std::process::Command::new(bin("worker"))
             .args(["--coordinator", &cluster.url, "--listen", "127.0.0.1:0", "--id", "replacement"])
             .env("RUST_LOG", "warn")

@@ -286,16 +286,6 @@ async fn every_invalid_field_gets_its_status() {
     }
 }
 
-/// A coordinator alone, killed on drop.
-struct Lone(std::process::Child);
-
-impl Drop for Lone {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_without_workers_is_still_loading() {
     use std::io::BufRead;
@@ -306,7 +296,7 @@ async fn a_model_without_workers_is_still_loading() {
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
-    let lone = Lone(child);
+    let lone = Proc(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {

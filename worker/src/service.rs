@@ -184,10 +184,15 @@ enum Computed {
 }
 
 fn error_results(req: &pb::StepRequest, code: tonic::Code, message: &str) -> Vec<pb::SequenceResult> {
-    req.sequences
-        .iter()
-        .map(|s| pb::SequenceResult {
-            seq_id: s.seq_id,
+    let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
+    failed(&ids, code, message)
+}
+
+/// The same failure for each of the sequences `ids`.
+fn failed(ids: &[u64], code: tonic::Code, message: &str) -> Vec<pb::SequenceResult> {
+    ids.iter()
+        .map(|&seq_id| pb::SequenceResult {
+            seq_id,
             error: message.to_string(),
             code: code as i32,
             ..Default::default()
@@ -423,11 +428,7 @@ impl pb::worker_server::Worker for WorkerService {
                     }
                 };
                 let (st, l) = (state.clone(), loaded.clone());
-                let failed_step = pb::StepRequest {
-                    step_id: req.step_id,
-                    sequences: req.sequences.iter().map(|s| pb::SequenceStep { seq_id: s.seq_id, ..Default::default() }).collect(),
-                    hidden: None,
-                };
+                let (step_id, ids): (u64, Vec<u64>) = (req.step_id, req.sequences.iter().map(|s| s.seq_id).collect());
                 let computed = state.compute.run(move || {
                     let mut fresh = Vec::new();
                     let started = std::time::Instant::now();
@@ -441,11 +442,10 @@ impl pb::worker_server::Worker for WorkerService {
                     Ok(v) => v,
                     Err(e) => {
                         warn!(worker = %state.id, error = %e, "a step failed to run");
-                        let ids: Vec<u64> = failed_step.sequences.iter().map(|s| s.seq_id).collect();
                         state.release(&ids);
                         let _ = tx.send(Ok(pb::StepResponse {
-                            step_id: failed_step.step_id,
-                            results: error_results(&failed_step, tonic::Code::Internal, &format!("worker {}: {e}", state.id)),
+                            step_id,
+                            results: failed(&ids, tonic::Code::Internal, &format!("worker {}: {e}", state.id)),
                         }));
                         continue;
                     }
@@ -459,7 +459,6 @@ impl pb::worker_server::Worker for WorkerService {
                         owned.retain(|id| live.contains_key(id));
                     }
                 }
-                let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
                 match out {
                     Ok(Computed::Results(results)) => {
                         let _ = tx.send(Ok(pb::StepResponse { step_id: req.step_id, results }));

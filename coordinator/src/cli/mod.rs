@@ -82,6 +82,14 @@ pub async fn main() -> i32 {
     }
 }
 
+/// A client of the coordinator's Admin API.
+pub async fn admin(target: &Target) -> anyhow::Result<shardserve_proto::v1::admin_client::AdminClient<tonic::transport::Channel>> {
+    let url = crate::url(&target.coordinator);
+    shardserve_proto::v1::admin_client::AdminClient::connect(url.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))
+}
+
 /// Turns a gRPC status into a one-line error that keeps its code.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())

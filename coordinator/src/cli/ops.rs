@@ -1,6 +1,6 @@
 //! `shardctl cordon|uncordon|drain|scale`: the operator's hands on the fleet.
 
-use super::{status_error, Target};
+use super::{admin, status_error, Target};
 use shardserve_proto::v1 as pb;
 
 /// Arguments naming one worker.
@@ -36,13 +36,6 @@ pub struct ScaleArgs {
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
-}
-
-async fn admin(target: &Target) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
-    let url = crate::url(&target.coordinator);
-    pb::admin_client::AdminClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))
 }
 
 /// `shardctl cordon` (`on`) and `shardctl uncordon`.

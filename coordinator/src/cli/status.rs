@@ -1,6 +1,6 @@
 //! `shardctl status` and `shardctl workers`: what the cluster serves and who is in the fleet.
 
-use super::{status_error, Target};
+use super::{admin, status_error, Target};
 use shardserve_proto::v1 as pb;
 
 /// Arguments of `shardctl status`.
@@ -21,13 +21,6 @@ pub struct WorkersArgs {
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
-}
-
-async fn admin(target: &Target) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
-    let url = crate::url(&target.coordinator);
-    pb::admin_client::AdminClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))
 }
 
 /// `shardctl status`.

@@ -9,6 +9,15 @@ impl Engine {
         let key = shardserve::membership::placement_key(&cluster, &self.model.name);
         let mut seen = -1i64;
         loop {
+            if self.is_leader() {
+                // The leader writes the placement; it has nothing to read back.
+                seen = -1;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                continue;
+            }
             let poll = async {
                 let mut client = self.etcd_client().await.expect("etcd is configured")?;
                 client.get(key.as_str(), None).await

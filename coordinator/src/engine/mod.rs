@@ -262,10 +262,7 @@ impl Engine {
             active: AtomicUsize::new(0),
             ever_ready: Default::default(),
         });
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
+        let seed = crate::random_u64();
         let etcd_is_none = etcd.is_none();
         let engine = Arc::new(Engine {
             config,
@@ -483,7 +480,7 @@ impl Engine {
     async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, (String, bool)> {
         // A plan that cannot be made will not improve by retrying with the same fleet.
         let plan = self.plan(workers).map_err(|e| (e, true))?;
-        let epoch = new_epoch();
+        let epoch = crate::random_u64();
         let n = plan.len();
         let mut calls = Vec::new();
         for (i, stage) in plan.iter().enumerate() {
@@ -573,11 +570,3 @@ impl Engine {
 /// Longest a worker may take to load its shard.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// A placement id no other load in this cluster will pick.
-fn new_epoch() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.write_u32(std::process::id());
-    h.finish().max(1)
-}

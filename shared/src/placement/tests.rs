@@ -1,6 +1,7 @@
 //! The planner against transformers/accelerate's own device maps, and its edge cases.
 
 use super::accelerate::*;
+use super::sizes::*;
 use super::*;
 use serde::de::{MapAccess, Visitor};
 use serde::Deserializer;
@@ -467,12 +468,4 @@ fn clean_moves_collapsed_subtrees_to_the_end() {
             "model.layers"
         ]
     );
-}
-
-
-#[test]
-fn even_splits_cover_every_layer_once() {
-    assert_eq!(even_split(6, 1), vec![0..6]);
-    assert_eq!(even_split(6, 4), vec![0..2, 2..4, 4..5, 5..6]);
-    assert_eq!(even_split(2, 3), vec![0..1, 1..2]);
 }
