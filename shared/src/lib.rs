@@ -1,6 +1,7 @@
 //! The library shardserve's coordinator and workers share.
 //!
 //! - [`hub`]: resolve a model (a folder or a Hub id) through the Hugging Face cache.
+//! - [`collective`]: the all-reduce of a tensor-parallel group (TCP; NCCL with `cuda`).
 //! - [`config`]: `config.json` and `generation_config.json`, HF field names and defaults.
 //! - [`weights`]: memory-mapped safetensors, reading only the tensors a shard owns.
 //! - [`model`]: the sharded decoder (a layer range, plus embedding / head at the ends).
@@ -12,6 +13,7 @@
 //! - [`placement`]: which worker holds which layers.
 //! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
 
+pub mod collective;
 pub mod config;
 pub mod error;
 pub mod hub;

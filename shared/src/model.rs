@@ -2,6 +2,7 @@
 //! contiguous range of decoder layers, plus the embedding on the first stage and the final norm
 //! and lm_head on the last — reading from the checkpoint only the tensors it owns.
 
+use crate::collective::{tp_split, Collective, TpRank, TpSplit};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::weights::{self, LoadedTensors};
@@ -10,6 +11,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Which part of the model a stage holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +22,9 @@ pub struct StageSpec {
     pub first: bool,
     /// Holds the final norm and lm_head (and produces logits).
     pub last: bool,
+    /// The tensor-parallel rank: its slice of every layer. Only rank 0 of the last stage holds
+    /// the final norm and lm_head (it alone samples); the embedding is replicated.
+    pub tp: TpRank,
 }
 
 impl StageSpec {
@@ -29,6 +34,7 @@ impl StageSpec {
             layers: 0..cfg.num_layers,
             first: true,
             last: true,
+            tp: TpRank::default(),
         }
     }
 
@@ -38,7 +44,19 @@ impl StageSpec {
             layers,
             first: stage == 0,
             last: stage + 1 == num_stages,
+            tp: TpRank::default(),
         }
+    }
+
+    /// The same stage as rank `tp.rank` of a tensor-parallel group.
+    pub fn with_tp(mut self, tp: TpRank) -> Self {
+        self.tp = tp;
+        self
+    }
+
+    /// Whether this rank holds the final norm and lm_head.
+    pub fn has_head(&self) -> bool {
+        self.last && self.tp.is_leader()
     }
 
     /// Whether the checkpoint tensor `name` belongs to this stage.
@@ -52,15 +70,36 @@ impl StageSpec {
         }
         if name.starts_with("model.embed_tokens.") {
             // With tied embeddings the last stage's lm_head is the embedding matrix.
-            return self.first || (self.last && cfg.tie_word_embeddings);
+            return self.first || (self.has_head() && cfg.tie_word_embeddings);
         }
         if name.starts_with("model.norm.") {
-            return self.last;
+            return self.has_head();
         }
         if name.starts_with("lm_head.") {
-            return self.last && !cfg.tie_word_embeddings;
+            return self.has_head() && !cfg.tie_word_embeddings;
         }
         false
+    }
+
+    /// The part of `name` (shaped `shape` on disk) this rank reads: q/k/v and gate/up split by
+    /// rows (column-parallel), o_proj and down_proj by columns (row-parallel); everything else
+    /// whole.
+    pub fn slice_of(&self, split: &TpSplit, head_dim: usize, name: &str, shape: &[usize]) -> Option<(usize, Range<usize>)> {
+        if self.tp.size <= 1 {
+            return None;
+        }
+        let scaled = |r: &Range<usize>, by: usize| r.start * by..r.end * by;
+        let part = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        let (module, param) = part.rsplit_once('.')?;
+        let rows = |r: Range<usize>| Some((0, r));
+        match (module, param) {
+            ("self_attn.q_proj", _) => rows(scaled(&split.heads, head_dim)),
+            ("self_attn.k_proj" | "self_attn.v_proj", _) => rows(scaled(&split.kv_heads, head_dim)),
+            ("self_attn.o_proj", "weight") if shape.len() == 2 => Some((1, scaled(&split.heads, head_dim))),
+            ("mlp.gate_proj" | "mlp.up_proj", _) => rows(split.intermediate.clone()),
+            ("mlp.down_proj", "weight") if shape.len() == 2 => Some((1, split.intermediate.clone())),
+            _ => None,
+        }
     }
 }
 
@@ -195,7 +234,9 @@ struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
+    /// Without its bias: under tensor parallelism the bias is added once, after the sum.
     o_proj: Linear,
+    o_bias: Option<Tensor>,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     num_heads: usize,
@@ -204,8 +245,8 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (h, kv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, kv, d) = (split.heads.len(), split.kv_heads.len(), cfg.head_dim);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
                 Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?),
@@ -218,7 +259,8 @@ impl Attention {
             q_proj: linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"))?,
             k_proj: linear(cfg.hidden_size, kv * d, cfg.qkv_bias, vb.pp("k_proj"))?,
             v_proj: linear(cfg.hidden_size, kv * d, cfg.qkv_bias, vb.pp("v_proj"))?,
-            o_proj: linear(h * d, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"))?,
+            o_proj: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"))?,
+            o_bias: if cfg.o_bias { Some(vb.pp("o_proj").get(cfg.hidden_size, "bias")?) } else { None },
             q_norm,
             k_norm,
             num_heads: h,
@@ -234,6 +276,7 @@ impl Attention {
         sin: &Tensor,
         offset: usize,
         cache: &mut Option<(Tensor, Tensor)>,
+        group: Option<&dyn Collective>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -288,7 +331,19 @@ impl Attention {
             probs.matmul(&v)?
         };
         let ctx = ctx.transpose(1, 2)?.reshape((b, l, h * d))?;
-        self.o_proj.forward(&ctx)
+        row_parallel_out(self.o_proj.forward(&ctx)?, self.o_bias.as_ref(), group)
+    }
+}
+
+/// The end of a row-parallel layer: the ranks' partial products summed, then the bias once.
+fn row_parallel_out(x: Tensor, bias: Option<&Tensor>, group: Option<&dyn Collective>) -> candle_core::Result<Tensor> {
+    let x = match group {
+        Some(g) => g.all_reduce_sum(&x)?,
+        None => x,
+    };
+    match bias {
+        Some(b) => x.broadcast_add(b),
+        None => Ok(x),
     }
 }
 
@@ -314,21 +369,24 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    down_bias: Option<Tensor>,
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (hs, is) = (cfg.hidden_size, split.intermediate.len());
         Ok(Mlp {
             gate_proj: linear(hs, is, cfg.mlp_bias, vb.pp("gate_proj"))?,
             up_proj: linear(hs, is, cfg.mlp_bias, vb.pp("up_proj"))?,
-            down_proj: linear(is, hs, cfg.mlp_bias, vb.pp("down_proj"))?,
+            down_proj: linear(is, hs, false, vb.pp("down_proj"))?,
+            down_bias: if cfg.mlp_bias { Some(vb.pp("down_proj").get(hs, "bias")?) } else { None },
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, group: Option<&dyn Collective>) -> candle_core::Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let down = self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?;
+        row_parallel_out(down, self.down_bias.as_ref(), group)
     }
 }
 
@@ -340,10 +398,10 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(DecoderLayer {
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            self_attn: Attention::new(cfg, split, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, split, vb.pp("mlp"))?,
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_attention_layernorm: candle_nn::rms_norm(
                 cfg.hidden_size,
@@ -360,12 +418,13 @@ impl DecoderLayer {
         sin: &Tensor,
         offset: usize,
         cache: &mut Option<(Tensor, Tensor)>,
+        group: Option<&dyn Collective>,
     ) -> candle_core::Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, offset, cache)?;
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, offset, cache, group)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, group)?;
         x + h
     }
 }
@@ -393,6 +452,8 @@ pub struct Shard {
     device: Device,
     dtype: DType,
     report: LoadReport,
+    /// The all-reduce of this shard's tensor-parallel group (none without tensor parallelism).
+    group: Option<Arc<dyn Collective>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -418,7 +479,9 @@ impl Shard {
             // Nothing in the serving path is written for f64, and no checkpoint ships it.
             return Err(Error::LoadWeights("f64 is not supported; use f32, bf16 or f16".into()));
         }
-        let loaded: LoadedTensors = weights::load(dir, &|n| spec.owns(cfg, n), Some(dtype), device)?;
+        let split = tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, spec.tp).map_err(Error::LoadWeights)?;
+        let slicer = |name: &str, shape: &[usize]| spec.slice_of(&split, cfg.head_dim, name, shape);
+        let loaded: LoadedTensors = weights::load(dir, &|n| spec.owns(cfg, n), &slicer, Some(dtype), device)?;
         let report = LoadReport {
             tensors: loaded.tensors.keys().cloned().collect(),
             files: loaded.files.clone(),
@@ -439,9 +502,9 @@ impl Shard {
         let layers = spec
             .layers
             .clone()
-            .map(|i| DecoderLayer::new(cfg, vb.pp("model.layers").pp(i)).map_err(wrap))
+            .map(|i| DecoderLayer::new(cfg, &split, vb.pp("model.layers").pp(i)).map_err(wrap))
             .collect::<Result<Vec<_>>>()?;
-        let (norm, lm_head) = if spec.last {
+        let (norm, lm_head) = if spec.has_head() {
             let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm")).map_err(wrap)?;
             let head = if cfg.tie_word_embeddings {
                 Linear::new(embed_weight(&vb)?, None)
@@ -463,7 +526,13 @@ impl Shard {
             device: device.clone(),
             dtype,
             report,
+            group: None,
         })
+    }
+
+    /// Joins this shard to its tensor-parallel group; every row-parallel layer sums over it.
+    pub fn set_group(&mut self, group: Arc<dyn Collective>) {
+        self.group = Some(group);
     }
 
     /// The model's configuration.
@@ -552,8 +621,9 @@ impl Shard {
     fn run_layers(&self, mut x: Tensor, offset: usize, cache: &mut KvCache) -> candle_core::Result<StageOutput> {
         let l = x.dim(1)?;
         let (cos, sin) = self.rope.cos_sin(offset, l, self.dtype, &self.device)?;
+        let group = self.group.as_deref();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, offset, kv)?;
+            x = layer.forward(&x, &cos, &sin, offset, kv, group)?;
         }
         match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {

@@ -5,7 +5,12 @@ use crate::error::{Error, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::Path;
+
+/// Which part of a tensor to read: `Some((dim, range))` keeps only `range` along `dim` (a
+/// tensor-parallel rank's slice); `None` reads it whole. Given the name and the shape on disk.
+pub type Slicer<'a> = &'a dyn Fn(&str, &[usize]) -> Option<(usize, Range<usize>)>;
 
 /// Reads `model.safetensors.index.json`: tensor name → file name.
 pub fn read_index(path: &Path) -> Result<HashMap<String, String>> {
@@ -46,11 +51,12 @@ impl LoadedTensors {
     }
 }
 
-/// Loads every tensor for which `wanted(name)` holds, converted to `dtype` (or kept as on disk
-/// when `dtype` is `None`).
+/// Loads every tensor for which `wanted(name)` holds — only the part `slice` names — converted
+/// to `dtype` (or kept as on disk when `dtype` is `None`).
 pub fn load(
     dir: &Path,
     wanted: &dyn Fn(&str) -> bool,
+    slice: Slicer<'_>,
     dtype: Option<DType>,
     device: &Device,
 ) -> Result<LoadedTensors> {
@@ -72,7 +78,7 @@ pub fn load(
     let mut out = LoadedTensors::default();
     for (file, names) in plan {
         let path = dir.join(&file);
-        read_file(&path, &file, names.as_deref(), wanted, dtype, device, &mut out)?;
+        read_file(&path, &file, names.as_deref(), wanted, slice, dtype, device, &mut out)?;
         out.files.insert(file);
     }
     Ok(out)
@@ -83,6 +89,7 @@ fn read_file(
     file: &str,
     names: Option<&[String]>,
     wanted: &dyn Fn(&str) -> bool,
+    slice: Slicer<'_>,
     dtype: Option<DType>,
     device: &Device,
     out: &mut LoadedTensors,
@@ -102,9 +109,11 @@ fn read_file(
         let view = st.tensor(&name).map_err(|e| {
             Error::LoadWeights(format!("{file}: tensor {name} listed in the index is not there: {e}"))
         })?;
-        let t = view
-            .load(device)
-            .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
+        let t = match slice(&name, view.shape()) {
+            None => view.load(device).map_err(|e| e.to_string()),
+            Some((dim, range)) => load_slice(&view, dim, range, device),
+        }
+        .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
         let t = match dtype {
             Some(d) if d != t.dtype() => t
                 .to_dtype(d)
@@ -114,6 +123,34 @@ fn read_file(
         out.tensors.insert(name, t);
     }
     Ok(())
+}
+
+/// Reads `range` along `dim` of a tensor, touching only those bytes of the file.
+fn load_slice(view: &safetensors::tensor::TensorView<'_>, dim: usize, range: Range<usize>, device: &Device) -> std::result::Result<Tensor, String> {
+    use safetensors::Dtype as D;
+    let dtype = match view.dtype() {
+        D::F32 => DType::F32,
+        D::BF16 => DType::BF16,
+        D::F16 => DType::F16,
+        other => return Err(format!("cannot slice a {other:?} tensor")),
+    };
+    let shape = view.shape();
+    if dim >= shape.len() || range.start > range.end || range.end > shape[dim] {
+        return Err(format!("slice {range:?} of dimension {dim} is outside the shape {shape:?}"));
+    }
+    let elem = dtype.size_in_bytes();
+    let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
+    let outer: usize = shape[..dim].iter().product();
+    let row = shape[dim] * inner;
+    let (off, take) = (range.start * inner, range.len() * inner);
+    let data = view.data();
+    let mut bytes = Vec::with_capacity(outer * take);
+    for o in 0..outer {
+        bytes.extend_from_slice(&data[o * row + off..o * row + off + take]);
+    }
+    let mut sliced = shape.to_vec();
+    sliced[dim] = range.len();
+    Tensor::from_raw_buffer(&bytes, dtype, &sliced, device).map_err(|e| e.to_string())
 }
 
 #[allow(unsafe_code)]
