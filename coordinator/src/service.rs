@@ -173,6 +173,7 @@ fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> 
             embeddings: i == 0,
             lm_head: i + 1 == n,
             bytes: s.bytes,
+            ranks: s.followers.iter().map(|(id, _)| id.clone()).collect(),
         })
         .collect()
 }
@@ -219,7 +220,7 @@ impl pb::admin_server::Admin for AdminService {
                 p.stages
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| (s.worker_id.clone(), i as u32))
+                    .flat_map(|(i, s)| s.ranks().map(move |(id, _)| (id.to_string(), i as u32)))
                     .collect::<Vec<_>>()
             })
             .collect();

@@ -3,6 +3,7 @@
 //! - [`hub`]: resolve a model (a folder or a Hub id) through the Hugging Face cache.
 //! - [`collective`]: the all-reduce of a tensor-parallel group (TCP; NCCL with `cuda`).
 //! - [`config`]: `config.json` and `generation_config.json`, HF field names and defaults.
+//! - [`device`]: `cpu` / `cuda:N` device names, and a GPU's free memory.
 //! - [`weights`]: memory-mapped safetensors, reading only the tensors a shard owns.
 //! - [`model`]: the sharded decoder (a layer range, plus embedding / head at the ends).
 //! - [`sampling`]: next-token choice with transformers' semantics.
@@ -15,6 +16,7 @@
 
 pub mod collective;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod hub;
 pub mod membership;

@@ -59,6 +59,9 @@ pub struct WorkerRecord {
     pub state: String,
     #[serde(default)]
     pub pid: u32,
+    /// Where tensor-parallel peers reach the worker (host:port).
+    #[serde(default)]
+    pub collective_address: String,
 }
 
 impl From<&pb::WorkerInfo> for WorkerRecord {
@@ -78,6 +81,7 @@ impl From<&pb::WorkerInfo> for WorkerRecord {
             version: w.version.clone(),
             state: w.state.clone(),
             pid: w.pid,
+            collective_address: w.collective_address.clone(),
         }
     }
 }
@@ -100,6 +104,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             state: r.state,
             pid: r.pid,
             stage: None,
+            collective_address: r.collective_address,
         }
     }
 }

@@ -78,7 +78,7 @@ pub fn load(
     let mut out = LoadedTensors::default();
     for (file, names) in plan {
         let path = dir.join(&file);
-        read_file(&path, &file, names.as_deref(), wanted, slice, dtype, device, &mut out)?;
+        read_file(&path, &file, names.as_deref(), (wanted, slice), dtype, device, &mut out)?;
         out.files.insert(file);
     }
     Ok(out)
@@ -88,8 +88,7 @@ fn read_file(
     path: &Path,
     file: &str,
     names: Option<&[String]>,
-    wanted: &dyn Fn(&str) -> bool,
-    slice: Slicer<'_>,
+    (wanted, slice): (&dyn Fn(&str) -> bool, Slicer<'_>),
     dtype: Option<DType>,
     device: &Device,
     out: &mut LoadedTensors,

@@ -3,7 +3,9 @@
 //!
 //! - [`service`]: the `Worker` gRPC service (LoadShard, Step, Release, Stats).
 //! - [`register`]: joining the fleet and keeping the lease alive.
+//! - [`group`]: tensor-parallel groups: peers meeting at the leader, followers mirroring it.
 
+pub mod group;
 pub mod register;
 pub mod service;
 
@@ -28,11 +30,26 @@ pub struct WorkerConfig {
     pub cluster: String,
     /// TTL of the etcd lease the registration is bound to.
     pub lease_ttl: std::time::Duration,
+    /// Where tensor-parallel peers reach this worker's collective listener (host:port); set
+    /// by [`run`] once it listens.
+    pub collective_address: String,
+    /// Longest a collective operation may wait on a peer before the group is failed.
+    pub collective_timeout: std::time::Duration,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
-pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let state = Arc::new(service::WorkerState::new(config.id.clone(), config.step_timeout, shutdown.clone()));
+pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Tensor-parallel peers connect on the advertised host, on a port of their own.
+    let host = config.advertise.rsplit_once(':').map_or(config.advertise.as_str(), |(h, _)| h);
+    let rendezvous = group::Rendezvous::start(host)?;
+    config.collective_address = rendezvous.address().to_string();
+    let state = Arc::new(service::WorkerState::new(
+        config.id.clone(),
+        config.step_timeout,
+        config.collective_timeout,
+        rendezvous,
+        shutdown.clone(),
+    ));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<shardserve_proto::v1::worker_server::WorkerServer<service::WorkerService>>()

@@ -33,6 +33,9 @@ struct Args {
     /// Seconds the etcd lease lasts without a keep-alive (renewed every third of it).
     #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
     lease_ttl_s: u64,
+    /// Seconds a tensor-parallel all-reduce may wait on a peer before the group is failed.
+    #[arg(long, env = "SHARDSERVE_COLLECTIVE_TIMEOUT", default_value_t = 30)]
+    collective_timeout_s: u64,
 }
 
 fn hostname() -> String {
@@ -70,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
         etcd: args.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
         cluster: args.cluster,
         lease_ttl: std::time::Duration::from_secs(args.lease_ttl_s.max(1)),
+        collective_address: String::new(),
+        collective_timeout: std::time::Duration::from_secs(args.collective_timeout_s.max(1)),
     };
     println!("listening {bound}");
     tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");

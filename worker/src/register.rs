@@ -25,6 +25,7 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         state: "ready".into(),
         pid: std::process::id(),
         stage: None,
+        collective_address: config.collective_address.clone(),
     }
 }
 

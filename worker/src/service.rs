@@ -2,7 +2,10 @@
 //! streams, forwards hidden states to the next stage, samples on the last stage, and frees
 //! every sequence's state on release, on error, or when the stream that brought it closes.
 
+use crate::group::{Control, Rendezvous};
 use candle_core::{Device, Tensor};
+use shardserve::collective::tcp::TcpGroup;
+use shardserve::collective::TpRank;
 use shardserve::config::ModelConfig;
 use shardserve::model::{self, KvCache, Shard, StageInput, StageOutput, StageSpec};
 use shardserve::sampling::{Sampler, SamplingParams};
@@ -31,7 +34,21 @@ struct Loaded {
     model: String,
     stage: u32,
     next: Option<Arc<StageClient>>,
+    tp: TpRank,
+    /// The tensor-parallel group: on the leader its links to the followers, on a follower its
+    /// link to the leader.
+    group: Option<Arc<TcpGroup>>,
 }
+
+impl Loaded {
+    /// The group this worker leads, if it leads one.
+    fn followers(&self) -> Option<&Arc<TcpGroup>> {
+        self.group.as_ref().filter(|_| self.tp.is_leader())
+    }
+}
+
+/// Longest the ranks of a tensor-parallel group wait for each other while loading.
+const GROUP_WAIT: Duration = Duration::from_secs(600);
 
 /// Everything a worker holds.
 pub struct WorkerState {
@@ -42,6 +59,9 @@ pub struct WorkerState {
     /// across stages) must not bring the sequence back.
     released: Mutex<(HashSet<u64>, std::collections::VecDeque<u64>)>,
     step_timeout: Duration,
+    /// Longest a collective operation waits on a peer.
+    collective_timeout: Duration,
+    rendezvous: Arc<Rendezvous>,
     device: Device,
     compute: ComputeThread,
     /// Fires on shutdown: step streams stop taking new steps and close.
@@ -73,6 +93,11 @@ impl ComputeThread {
         ComputeThread { jobs }
     }
 
+    /// Queues `f` on the compute thread without waiting for it.
+    fn spawn(&self, f: impl FnOnce() + Send + 'static) {
+        let _ = self.jobs.send(Box::new(f));
+    }
+
     /// Runs `f` on the compute thread; `Err` when the thread is gone (it panicked).
     async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, &'static str> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -87,13 +112,21 @@ impl ComputeThread {
 
 impl WorkerState {
     /// An empty worker.
-    pub fn new(id: String, step_timeout: Duration, shutdown: tokio_util::sync::CancellationToken) -> Self {
+    pub fn new(
+        id: String,
+        step_timeout: Duration,
+        collective_timeout: Duration,
+        rendezvous: Arc<Rendezvous>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         WorkerState {
             id,
             loaded: RwLock::new(None),
             sequences: Mutex::new(HashMap::new()),
             released: Mutex::default(),
             step_timeout,
+            collective_timeout,
+            rendezvous,
             device: Device::Cpu,
             compute: ComputeThread::start(),
             shutdown,
@@ -102,8 +135,21 @@ impl WorkerState {
 
     /// Drops the shard and every sequence.
     pub fn unload(&self) {
-        *self.loaded.write().expect("loaded lock") = None;
+        if let Some(old) = self.loaded.write().expect("loaded lock").take() {
+            if let Some(g) = &old.group {
+                g.close();
+            }
+        }
         self.sequences.lock().expect("sequences lock").clear();
+    }
+
+    /// Drops `loaded` if it is still the shard served (a newer one is left alone).
+    fn unload_if_current(&self, loaded: &Arc<Loaded>) {
+        let mut current = self.loaded.write().expect("loaded lock");
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, loaded)) {
+            *current = None;
+            self.sequences.lock().expect("sequences lock").clear();
+        }
     }
 
     fn current(&self) -> Result<Arc<Loaded>, Status> {
@@ -129,8 +175,23 @@ impl WorkerState {
                 }
             }
         }
-        let mut seqs = self.sequences.lock().expect("sequences lock");
-        ids.iter().filter(|id| seqs.remove(id).is_some()).count()
+        let freed = {
+            let mut seqs = self.sequences.lock().expect("sequences lock");
+            ids.iter().filter(|id| seqs.remove(id).is_some()).count()
+        };
+        // Followers mirror the release in the order of the leader's steps: through the compute
+        // thread, which is the only one that talks to them.
+        if let Some(group) = self.current().ok().and_then(|l| l.followers().cloned()) {
+            if !ids.is_empty() {
+                let msg = Control::release(ids);
+                self.compute.spawn(move || {
+                    if let Err(why) = group.send_control(&msg) {
+                        debug!(reason = %why, "release not mirrored: the group is broken");
+                    }
+                });
+            }
+        }
+        freed
     }
 
     fn was_released(&self, id: u64) -> bool {
@@ -232,9 +293,8 @@ fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &
         (None, false) => return Err("this stage needs hidden states and the step carries none".into()),
         (Some(_), true) => return Err("the first stage takes tokens, but the step carries hidden states".into()),
     };
-    let mut offset = 0usize;
-    let mut results = Vec::new();
-    let mut outputs = Vec::new();
+    // First every check, so that a step the followers are sent is one they run as well.
+    let mut work = Vec::with_capacity(req.sequences.len());
     for s in &req.sequences {
         if s.epoch != 0 && loaded.epoch != 0 && s.epoch != loaded.epoch {
             return Err(StepError {
@@ -281,23 +341,35 @@ fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &
                 }
             }
         };
-        let mut seq = seq.lock().expect("sequence lock");
-        if seq.kv.len() != s.start_pos as usize {
+        let held = seq.lock().expect("sequence lock").kv.len();
+        if held != s.start_pos as usize {
             return Err(format!(
-                "sequence {}: step at position {} but worker {} holds {} tokens",
-                s.seq_id,
-                s.start_pos,
-                state.id,
-                seq.kv.len()
+                "sequence {}: step at position {} but worker {} holds {held} tokens",
+                s.seq_id, s.start_pos, state.id,
             )
             .into());
         }
+        work.push((s, seq));
+    }
+    if let Some(group) = loaded.followers() {
+        group.send_control(&Control::step(req)).map_err(|text| StepError { code: tonic::Code::Unavailable, text })?;
+    }
+    let mut offset = 0usize;
+    let mut results = Vec::new();
+    let mut outputs = Vec::new();
+    for (s, seq) in work {
+        let n = s.token_ids.len();
+        let mut seq = seq.lock().expect("sequence lock");
         let input = match &hidden {
             Some(h) => StageInput::Hidden(h.narrow(1, offset, n).map_err(|e| format!("splitting hidden states: {e}"))?),
             None => StageInput::Tokens(&s.token_ids),
         };
         offset += n;
-        let out = shard.forward(input, &mut seq.kv).map_err(|e| format!("sequence {}: {e}", s.seq_id))?;
+        let out = shard.forward(input, &mut seq.kv).map_err(|e| match loaded.group.as_ref().and_then(|g| g.broken()) {
+            // A rank is gone: the stage is, as far as the caller can tell.
+            Some(text) => StepError { code: tonic::Code::Unavailable, text },
+            None => format!("sequence {}: {e}", s.seq_id).into(),
+        })?;
         match out {
             StageOutput::Hidden(h) => outputs.push(h),
             StageOutput::Logits(logits) => {
@@ -353,39 +425,85 @@ impl pb::worker_server::Worker for WorkerService {
                 req.stage, req.num_stages
             )));
         }
+        let tp = TpRank { rank: req.tp_rank as usize, size: req.tp_size.max(1) as usize };
+        if tp.rank >= tp.size {
+            return Err(Status::invalid_argument(format!("tensor-parallel rank {} of {} does not exist", tp.rank, tp.size)));
+        }
+        if tp.size > 1 && (req.tp_group.is_empty() || (!tp.is_leader() && req.tp_leader.is_empty())) {
+            return Err(Status::invalid_argument("a tensor-parallel shard needs tp_group, and tp_leader on ranks above 0"));
+        }
         let state = self.state.clone();
+        // This worker's old group (if any) ends here: its peers stop waiting on it.
+        if let Ok(old) = state.current() {
+            if let Some(g) = &old.group {
+                g.close();
+            }
+        }
         let device = state.device.clone();
         let r = req.clone();
-        let shard = tokio::task::spawn_blocking(move || -> Result<Shard, shardserve::Error> {
-            let files = shardserve::hub::resolve(&r.model, Some(&r.revision))?;
-            let cfg = ModelConfig::from_file(&files.file("config.json"))?;
-            let dtype = model::resolve_dtype(&r.dtype, &cfg, &device)?;
-            let spec = StageSpec::new(
-                r.layer_start as usize..r.layer_end as usize,
-                r.stage as usize,
-                r.num_stages.max(1) as usize,
-            );
-            Shard::load(&cfg, spec, &files.dir, dtype, &device)
+        let st = state.clone();
+        let (shard, group) = tokio::task::spawn_blocking(move || -> Result<(Shard, Option<Arc<TcpGroup>>), Status> {
+            let load = || -> Result<Shard, shardserve::Error> {
+                let files = shardserve::hub::resolve(&r.model, Some(&r.revision))?;
+                let cfg = ModelConfig::from_file(&files.file("config.json"))?;
+                let dtype = model::resolve_dtype(&r.dtype, &cfg, &device)?;
+                let spec = StageSpec::new(
+                    r.layer_start as usize..r.layer_end as usize,
+                    r.stage as usize,
+                    r.num_stages.max(1) as usize,
+                )
+                .with_tp(tp);
+                Shard::load(&cfg, spec, &files.dir, dtype, &device)
+            };
+            let mut shard = load().map_err(to_status)?;
+            if tp.size == 1 {
+                return Ok((shard, None));
+            }
+            let names = r.tp_workers.clone();
+            let group = if tp.is_leader() {
+                let conns = st.rendezvous.wait(&r.tp_group, tp.size, &names, GROUP_WAIT).map_err(Status::unavailable)?;
+                TcpGroup::leader(conns, names, st.collective_timeout)
+            } else {
+                TcpGroup::follower(&r.tp_leader, &r.tp_group, tp.rank, tp.size, names, st.collective_timeout, GROUP_WAIT)
+            }
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "worker {}: forming tensor-parallel group {} (rank {} of {}): {e}",
+                    st.id, r.tp_group, tp.rank, tp.size
+                ))
+            })?;
+            let group = Arc::new(group);
+            shard.set_group(group.clone());
+            Ok((shard, Some(group)))
         })
         .await
-        .map_err(|e| Status::internal(format!("loading task failed: {e}")))?
-        .map_err(to_status)?;
+        .map_err(|e| Status::internal(format!("loading task failed: {e}")))??;
         let report = shard.report().clone();
         let dtype = format!("{:?}", shard.dtype()).to_lowercase();
         let next_name = if req.next_worker_id.is_empty() { format!("stage {}", req.stage + 1) } else { req.next_worker_id.clone() };
         let next = (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone())));
         info!(
             worker = %state.id, model = %req.model, stage = req.stage, layers = ?(req.layer_start..req.layer_end),
-            tensors = report.tensors.len(), bytes = report.bytes, "shard loaded"
+            tp_rank = tp.rank, tp_size = tp.size, tensors = report.tensors.len(), bytes = report.bytes, "shard loaded"
         );
         state.sequences.lock().expect("sequences lock").clear();
-        *state.loaded.write().expect("loaded lock") = Some(Arc::new(Loaded {
+        let loaded = Arc::new(Loaded {
             epoch: req.epoch,
             shard: Arc::new(shard),
             model: req.model,
             stage: req.stage,
-            next,
-        }));
+            next: if tp.is_leader() { next } else { None },
+            tp,
+            group: group.clone(),
+        });
+        *state.loaded.write().expect("loaded lock") = Some(loaded.clone());
+        if let (Some(group), false) = (group, tp.is_leader()) {
+            let st = state.clone();
+            std::thread::Builder::new()
+                .name("tp-follower".into())
+                .spawn(move || follow(st, loaded, group))
+                .map_err(|e| Status::internal(format!("starting the follower thread: {e}")))?;
+        }
         Ok(Response::new(pb::LoadShardResponse {
             bytes: report.bytes,
             tensors: report.tensors.len() as u32,
@@ -417,7 +535,16 @@ impl pb::worker_server::Worker for WorkerService {
                         break;
                     }
                 };
-                let loaded = match state.current() {
+                let loaded = match state.current().and_then(|l| {
+                    if l.tp.is_leader() {
+                        Ok(l)
+                    } else {
+                        Err(Status::failed_precondition(format!(
+                            "worker {} is tensor-parallel rank {}; steps go to rank 0",
+                            state.id, l.tp.rank
+                        )))
+                    }
+                }) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = tx.send(Ok(pb::StepResponse {
@@ -565,9 +692,40 @@ impl pb::worker_server::Worker for WorkerService {
             resp.weight_bytes = report.bytes;
             resp.tensors = report.tensors.iter().cloned().collect();
             resp.files = report.files.iter().cloned().collect();
+            resp.tp_rank = l.tp.rank as u32;
+            resp.tp_size = l.tp.size as u32;
         }
         Ok(Response::new(resp))
     }
+}
+
+/// A follower's life: run every step and release its leader sends, until the group ends; then
+/// drop the shard, which is of no use without its leader.
+fn follow(state: Arc<WorkerState>, loaded: Arc<Loaded>, group: Arc<TcpGroup>) {
+    let why = loop {
+        let msg = match group.recv_control() {
+            Ok(Some(m)) => m,
+            Ok(None) => break "the leader closed the group".to_string(),
+            Err(why) => break why,
+        };
+        match Control::decode(&msg) {
+            Ok(Control::Step(req)) => {
+                let mut fresh = Vec::new();
+                if let Err(e) = compute(&state, &loaded, &req, &mut fresh) {
+                    // The leader checked this step before sending it: failing here means this
+                    // rank no longer mirrors it, and the group cannot go on.
+                    break group.fail(format!("{} failed a step: {}", group.name(loaded.tp.rank), e.text));
+                }
+                trace!(step = req.step_id, "follower step done");
+            }
+            Ok(Control::Release(ids)) => {
+                state.release(&ids);
+            }
+            Err(e) => break group.fail(format!("unreadable control message: {e}")),
+        }
+    };
+    crate::group::follower_stopped(&state.id, &why);
+    state.unload_if_current(&loaded);
 }
 
 /// Frees sequences on the next stage (and, through it, every later one), best effort.

@@ -27,6 +27,10 @@ struct Args {
     /// Workers (pipeline stages) to spread the model over; waits until that many joined.
     #[arg(long, env = "SHARDSERVE_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Tensor-parallel ranks per pipeline stage: each stage is a group of this many workers
+    /// that split every layer (--workers = stages × --tp).
+    #[arg(long, env = "SHARDSERVE_TP", default_value_t = 1)]
+    tp: usize,
     /// Cap on prompt + generated tokens (default: the model's max_position_embeddings).
     #[arg(long, env = "SHARDSERVE_MAX_TOTAL_TOKENS")]
     max_total_tokens: Option<usize>,
@@ -84,6 +88,13 @@ impl TryFrom<Args> for CoordinatorConfig {
 
     fn try_from(a: Args) -> anyhow::Result<Self> {
         anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(a.tp >= 1, "--tp must be at least 1");
+        anyhow::ensure!(
+            a.workers.is_multiple_of(a.tp),
+            "--workers {} is not a multiple of --tp {} (workers = stages × tp)",
+            a.workers,
+            a.tp
+        );
         anyhow::ensure!(a.max_concurrent_requests >= 1, "--max-concurrent-requests must be at least 1");
         anyhow::ensure!(a.lease_ttl_s >= 1, "--lease-ttl-s must be at least 1");
         if let Some(m) = a.max_total_tokens {
@@ -121,6 +132,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 revision: a.revision,
                 dtype: a.dtype,
                 workers: a.workers,
+                tp: a.tp,
                 max_total_tokens: a.max_total_tokens,
                 max_concurrent_requests: a.max_concurrent_requests,
                 step_timeout: Duration::from_secs(a.step_timeout_s),

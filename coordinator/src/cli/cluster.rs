@@ -18,10 +18,11 @@ pub struct UpArgs {
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     pub revision: Option<String>,
-    /// Worker processes; each holds one pipeline stage (= stages × --tp).
+    /// Worker processes (= pipeline stages × --tp); each holds one stage, or one rank of one.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Tensor-parallel ranks per stage.
+    /// Tensor-parallel ranks per stage: each stage is a group of this many workers that split
+    /// every layer and all-reduce between them.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
     /// etcd endpoints for membership (without it, membership is embedded in the coordinator).
@@ -127,12 +128,13 @@ impl LocalCluster {
         if a.workers == 0 {
             bail!("--workers must be at least 1");
         }
-        if a.tp != 1 {
-            bail!("--tp {}: tensor parallelism is not available in this version; use --tp 1", a.tp);
+        if a.tp == 0 || !a.workers.is_multiple_of(a.tp) {
+            bail!("--workers {} is not a multiple of --tp {} (workers = stages × tp)", a.workers, a.tp);
         }
         let mut cmd = Command::new(bin_path("coordinator")?);
         cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype])
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
+            .args(["--tp", &a.tp.to_string()])
             .args(["--max-concurrent-requests", &a.max_concurrent_requests.to_string()])
             .stdout(Stdio::piped())
             .stdin(Stdio::null())

@@ -46,6 +46,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "embeddings": st.embeddings,
                     "lm_head": st.lm_head,
                     "bytes": st.bytes,
+                    // The stage's tensor-parallel group, rank 0 first (one worker without).
+                    "group": std::iter::once(&st.worker_id).chain(&st.ranks).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -71,6 +73,9 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 st.layer_end,
                 human_bytes(st.bytes)
             );
+            if !st.ranks.is_empty() {
+                println!("    tensor-parallel group of {}: ranks 1.. on {}", st.ranks.len() + 1, st.ranks.join(", "));
+            }
         }
     }
     Ok(())

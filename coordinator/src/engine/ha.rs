@@ -66,6 +66,15 @@ impl Engine {
                     address: s["address"].as_str().ok_or("no address")?.to_string(),
                     layers: at(0)?..at(1)?,
                     bytes: s["bytes"].as_u64().unwrap_or(0),
+                    followers: s["followers"]
+                        .as_array()
+                        .map(|f| {
+                            f.iter()
+                                .map(|r| Some((r["worker"].as_str()?.to_string(), r["address"].as_str()?.to_string())))
+                                .collect::<Option<Vec<_>>>()
+                        })
+                        .unwrap_or(Some(Vec::new()))
+                        .ok_or("bad followers")?,
                 })
             })
             .collect::<Result<Vec<_>, &str>>()?;
@@ -87,6 +96,7 @@ impl Engine {
             "stages": p.stages.iter().map(|s| serde_json::json!({
                 "worker": s.worker_id, "address": s.address,
                 "layers": [s.layers.start, s.layers.end], "bytes": s.bytes,
+                "followers": s.followers.iter().map(|(w, a)| serde_json::json!({"worker": w, "address": a})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
         .to_string();

@@ -30,8 +30,10 @@ pub struct EngineConfig {
     pub name: String,
     /// "auto", "f32", "bf16" or "f16".
     pub dtype: String,
-    /// Pipeline stages, one worker each.
+    /// Workers the first plan waits for (pipeline stages × `tp`).
     pub workers: usize,
+    /// Tensor-parallel ranks per stage: consecutive workers form a stage's group.
+    pub tp: usize,
     /// Caps prompt + generated tokens below the model's own limit.
     pub max_total_tokens: Option<usize>,
     /// Requests in flight per model before RESOURCE_EXHAUSTED.
@@ -63,10 +65,27 @@ pub struct EngineConfig {
 /// One stage of a placement.
 #[derive(Debug, Clone)]
 pub struct StageAssignment {
+    /// The worker that takes the stage's steps (tensor-parallel rank 0).
     pub worker_id: String,
     pub address: String,
     pub layers: Range<usize>,
+    /// Weight bytes on the stage's rank 0.
     pub bytes: u64,
+    /// Tensor-parallel ranks 1.. of the stage: (worker id, address).
+    pub followers: Vec<(String, String)>,
+}
+
+impl StageAssignment {
+    /// Every worker of the stage, rank 0 first: (id, address).
+    pub fn ranks(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::iter::once((self.worker_id.as_str(), self.address.as_str()))
+            .chain(self.followers.iter().map(|(i, a)| (i.as_str(), a.as_str())))
+    }
+
+    /// Whether `id` is one of the stage's workers.
+    pub fn uses(&self, id: &str) -> bool {
+        self.ranks().any(|(w, _)| w == id)
+    }
 }
 
 /// Where a model lives, and the stream into its first stage.
@@ -177,6 +196,11 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
     let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
     let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
     let dtype = shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
+    if config.tp > 1 {
+        let tp = shardserve::collective::TpRank { rank: 0, size: config.tp };
+        shardserve::collective::tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config.model))?;
+    }
     if let Some(map) = &config.device_map {
         // Checked against worker indices only here; ids are checked once workers join.
         anyhow::ensure!(map.is_object(), "--device-map must hold a JSON object of module → worker");
@@ -354,7 +378,7 @@ impl Engine {
                 ServingState::Ready(p) => p
                     .stages
                     .iter()
-                    .all(|s| alive.iter().any(|w| w.id == s.worker_id && w.address == s.address)),
+                    .all(|s| s.ranks().all(|(id, addr)| alive.iter().any(|w| w.id == id && w.address == addr))),
                 _ => false,
             };
             // A worker joined: re-plan when the plan over the larger fleet differs, once no
@@ -364,7 +388,7 @@ impl Engine {
             if let (true, ServingState::Ready(p)) = (healthy, &state) {
                 let on_cordoned = {
                     let evicting = self.evicting.lock().expect("evict lock");
-                    p.stages.iter().any(|s| evicting.contains(&s.worker_id))
+                    p.stages.iter().any(|s| s.ranks().any(|(id, _)| evicting.contains(id)))
                 };
                 if (on_cordoned && !workers.is_empty()) || self.differs_from_plan(p, &workers) {
                     // Let requests in flight finish on the old placement; new ones wait.
@@ -385,8 +409,9 @@ impl Engine {
                     let gone: Vec<&str> = p
                         .stages
                         .iter()
-                        .filter(|s| !workers.iter().any(|w| w.id == s.worker_id))
-                        .map(|s| s.worker_id.as_str())
+                        .flat_map(|s| s.ranks())
+                        .filter(|(id, _)| !workers.iter().any(|w| w.id == *id))
+                        .map(|(id, _)| id)
                         .collect();
                     let why = format!("worker(s) {} left the fleet", gone.join(", "));
                     warn!(model = %self.model.name, reason = %why, "placement lost");
@@ -437,13 +462,18 @@ impl Engine {
 
     /// Whether planning over `workers` now gives other stages than `p`.
     fn differs_from_plan(&self, p: &Placement, workers: &[pb::WorkerInfo]) -> bool {
-        if workers.iter().all(|w| p.stages.iter().any(|s| s.worker_id == w.id)) {
+        if workers.iter().all(|w| p.stages.iter().any(|s| s.uses(&w.id))) {
             return false;
         }
         match self.plan(workers) {
             Ok(plan) => {
-                let new: Vec<(&str, Range<usize>)> = plan.iter().map(|s| (workers[s.worker].id.as_str(), s.layers.clone())).collect();
-                let old: Vec<(&str, Range<usize>)> = p.stages.iter().map(|s| (s.worker_id.as_str(), s.layers.clone())).collect();
+                let tp = self.config.tp.max(1);
+                let new: Vec<(Vec<&str>, Range<usize>)> = plan
+                    .iter()
+                    .map(|s| (workers[s.worker * tp..(s.worker + 1) * tp].iter().map(|w| w.id.as_str()).collect(), s.layers.clone()))
+                    .collect();
+                let old: Vec<(Vec<&str>, Range<usize>)> =
+                    p.stages.iter().map(|s| (s.ranks().map(|(id, _)| id).collect(), s.layers.clone())).collect();
                 new != old
             }
             Err(_) => false,
@@ -451,12 +481,28 @@ impl Engine {
     }
 
     /// Which worker holds which layers: the explicit map, or accelerate's strategy over the
-    /// workers' budgets.
+    /// workers' budgets. With tensor parallelism the plan is over groups of `tp` consecutive
+    /// workers (`StagePlan::worker` is then a group index; workers past the last whole group
+    /// are left out).
     pub fn plan(&self, workers: &[pb::WorkerInfo]) -> Result<Vec<shardserve::placement::cluster::StagePlan>, String> {
         use shardserve::placement::{cluster, Device};
         let m = &self.model;
+        let tp = self.config.tp.max(1);
+        if tp > 1 {
+            shardserve::collective::tp_split(
+                m.config.num_heads,
+                m.config.num_kv_heads,
+                m.config.intermediate_size,
+                shardserve::collective::TpRank { rank: 0, size: tp },
+            )?;
+        }
+        let groups = workers.len() / tp;
+        if groups == 0 {
+            return Err(format!("--tp {tp} needs {tp} workers per stage; the fleet has {}", workers.len()));
+        }
         if let Some(map) = &self.config.device_map {
-            let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+            // With tensor parallelism a map names groups, by index or by their rank-0 worker.
+            let ids: Vec<String> = (0..groups).map(|g| workers[g * tp].id.clone()).collect();
             return cluster::from_explicit_map(&m.shape, m.dtype_bytes, map, &ids).map_err(|e| e.to_string());
         }
         let budgets: Vec<cluster::WorkerBudget> = workers
@@ -473,6 +519,16 @@ impl Engine {
                 cluster::WorkerBudget { id: w.id.clone(), bytes }
             })
             .collect();
+        // A group holds 1/tp of each layer on every rank (plus replicated norms and embedding):
+        // it offers tp times its smallest rank.
+        let budgets: Vec<cluster::WorkerBudget> = budgets
+            .chunks(tp)
+            .take(groups)
+            .map(|g| cluster::WorkerBudget {
+                id: g[0].id.clone(),
+                bytes: g.iter().map(|b| b.bytes).min().unwrap_or(0).saturating_mul(tp as u64),
+            })
+            .collect();
         cluster::plan(&m.shape, m.dtype_bytes, &budgets, self.config.strategy).map_err(|e| e.to_string())
     }
 
@@ -482,48 +538,75 @@ impl Engine {
         let plan = self.plan(workers).map_err(|e| (e, true))?;
         let epoch = crate::random_u64();
         let n = plan.len();
+        let tp = self.config.tp.max(1);
+        let group_of = |g: usize| &workers[g * tp..(g + 1) * tp];
         let mut calls = Vec::new();
         for (i, stage) in plan.iter().enumerate() {
-            let range = stage.layers.clone();
-            let w = workers[stage.worker].clone();
-            let next = plan.get(i + 1).map(|s| &workers[s.worker]);
+            let group = group_of(stage.worker);
+            let next = plan.get(i + 1).map(|s| &group_of(s.worker)[0]);
             let (next_address, next_worker_id) = next.map(|w| (w.address.clone(), w.id.clone())).unwrap_or_default();
-            let req = pb::LoadShardRequest {
-                model: self.config.model.clone(),
-                revision: self.config.revision.clone().unwrap_or_default(),
-                dtype: self.config.dtype.clone(),
-                stage: i as u32,
-                num_stages: n as u32,
-                layer_start: range.start as u32,
-                layer_end: range.end as u32,
-                next_address,
-                next_worker_id,
-                epoch,
-            };
-            calls.push(async move {
-                let mut client = shardserve::stage::connect(&w.address)
-                    .await
-                    .map_err(|e| (format!("worker {}: {}", w.id, e.message()), false))?;
-                let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
-                    .await
-                    .map_err(|_| (format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
-                    .map_err(|e| {
-                        let permanent = matches!(
-                            e.code(),
-                            tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
-                        );
-                        (format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
-                    })?
-                    .into_inner();
-                Ok::<_, (String, bool)>(StageAssignment {
-                    worker_id: w.id.clone(),
-                    address: w.address.clone(),
-                    layers: range.clone(),
-                    bytes: resp.bytes,
-                })
-            });
+            let tp_group = format!("{epoch:016x}-{i}");
+            let tp_workers: Vec<String> = group.iter().map(|w| w.id.clone()).collect();
+            for (rank, w) in group.iter().enumerate() {
+                if tp > 1 && w.collective_address.is_empty() {
+                    return Err((format!("worker {} has no collective address; it cannot join a tensor-parallel group", w.id), true));
+                }
+                let range = stage.layers.clone();
+                let w = w.clone();
+                let req = pb::LoadShardRequest {
+                    model: self.config.model.clone(),
+                    revision: self.config.revision.clone().unwrap_or_default(),
+                    dtype: self.config.dtype.clone(),
+                    stage: i as u32,
+                    num_stages: n as u32,
+                    layer_start: range.start as u32,
+                    layer_end: range.end as u32,
+                    next_address: next_address.clone(),
+                    next_worker_id: next_worker_id.clone(),
+                    epoch,
+                    tp_rank: rank as u32,
+                    tp_size: tp as u32,
+                    tp_group: if tp > 1 { tp_group.clone() } else { String::new() },
+                    tp_leader: if tp > 1 { group[0].collective_address.clone() } else { String::new() },
+                    tp_workers: if tp > 1 { tp_workers.clone() } else { Vec::new() },
+                };
+                calls.push(async move {
+                    let mut client = shardserve::stage::connect(&w.address)
+                        .await
+                        .map_err(|e| (format!("worker {}: {}", w.id, e.message()), false))?;
+                    let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
+                        .await
+                        .map_err(|_| (format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
+                        .map_err(|e| {
+                            let permanent = matches!(
+                                e.code(),
+                                tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+                            );
+                            (format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
+                        })?
+                        .into_inner();
+                    Ok::<_, (String, bool)>((i, rank, StageAssignment {
+                        worker_id: w.id.clone(),
+                        address: w.address.clone(),
+                        layers: range.clone(),
+                        bytes: resp.bytes,
+                        followers: Vec::new(),
+                    }))
+                });
+            }
         }
-        let stages = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // The first failure ends the load at once (the ranks of a group would otherwise wait for
+        // a peer that is not coming).
+        let loaded = futures::future::try_join_all(calls).await?;
+        let mut stages: Vec<StageAssignment> = Vec::with_capacity(n);
+        for (i, rank, a) in loaded {
+            if rank == 0 {
+                debug_assert_eq!(stages.len(), i);
+                stages.push(a);
+            } else {
+                stages[i].followers.push((a.worker_id, a.address));
+            }
+        }
         self.placement_of(stages, epoch).map_err(|e| (e, true))
     }
 

@@ -67,7 +67,7 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let ServingState::Ready(p) = self.model.state() {
-                if !p.stages.iter().any(|s| s.worker_id == id) {
+                if !p.stages.iter().any(|s| s.uses(id)) {
                     self.evicting.lock().expect("evict lock").remove(id);
                     return Ok(p.stages.clone());
                 }

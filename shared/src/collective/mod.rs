@@ -67,16 +67,16 @@ pub fn tp_split(heads: usize, kv_heads: usize, intermediate: usize, tp: TpRank) 
     if n == 0 || tp.rank >= n {
         return Err(format!("rank {} of a tensor-parallel group of {n} does not exist", tp.rank));
     }
-    if heads % n != 0 {
+    if !heads.is_multiple_of(n) {
         return Err(format!("--tp {n} does not divide num_attention_heads ({heads})"));
     }
-    if intermediate % n != 0 {
+    if !intermediate.is_multiple_of(n) {
         return Err(format!("--tp {n} does not divide intermediate_size ({intermediate})"));
     }
-    let kv = if kv_heads % n == 0 {
+    let kv = if kv_heads.is_multiple_of(n) {
         let per = kv_heads / n;
         tp.rank * per..(tp.rank + 1) * per
-    } else if n % kv_heads == 0 {
+    } else if n.is_multiple_of(kv_heads) {
         // Fewer key/value heads than ranks: each is replicated on n / kv_heads ranks.
         let k = tp.rank / (n / kv_heads);
         k..k + 1
