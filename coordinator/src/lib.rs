@@ -54,9 +54,10 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's own tcp_nodelay covers only sockets it binds itself: without it on these,
+    // Nagle's algorithm holds streamed tokens back until the client's delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
         .add_service(InferenceServer::new(service::InferenceService(engine.clone())))

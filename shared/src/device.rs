@@ -18,7 +18,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cuda" => 0,
         _ => match spec.strip_prefix("cuda:") {
             Some(n) => n.parse::<usize>().map_err(|_| {
-                Error::config("device", format!("`{spec}`: the GPU index must be a number, as in cuda:0"))
+                Error::config(
+                    "device",
+                    format!("`{spec}`: the GPU index must be a number, as in cuda:0"),
+                )
             })?,
             None => {
                 return Err(Error::config(
@@ -74,7 +77,10 @@ mod tests {
         for spec in ["gpu", "", "CPU", "cuda0", "metal"] {
             let m = message(spec);
             assert!(m.starts_with("device: "), "{m}");
-            assert!(m.contains(&format!("`{spec}`")) && m.contains("cpu, cuda or cuda:N"), "{m}");
+            assert!(
+                m.contains(&format!("`{spec}`")) && m.contains("cpu, cuda or cuda:N"),
+                "{m}"
+            );
         }
     }
 
@@ -82,7 +88,10 @@ mod tests {
     fn a_gpu_index_must_be_a_number() {
         for spec in ["cuda:", "cuda:x", "cuda:-1", "cuda:1.5"] {
             let m = message(spec);
-            assert!(m.contains(&format!("`{spec}`")) && m.contains("must be a number"), "{m}");
+            assert!(
+                m.contains(&format!("`{spec}`")) && m.contains("must be a number"),
+                "{m}"
+            );
         }
     }
 

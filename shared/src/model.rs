@@ -482,6 +482,36 @@ impl Shard {
         let split = tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, spec.tp).map_err(Error::LoadWeights)?;
         let slicer = |name: &str, shape: &[usize]| spec.slice_of(&split, cfg.head_dim, name, shape);
         let loaded: LoadedTensors = weights::load(dir, &|n| spec.owns(cfg, n), &slicer, Some(dtype), device)?;
+        Self::build(cfg, spec, &split, loaded, dtype, device)
+    }
+
+    /// The stage `spec` with random weights made on `device` (normal, std 0.02; norms 1), for
+    /// benchmarks of model shapes whose checkpoints would not fit on disk. Seeded: a tensor's
+    /// values depend on the seed and its name (for one kind of device).
+    pub fn random(cfg: &ModelConfig, spec: StageSpec, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        if spec.layers.end > cfg.num_layers || spec.layers.start > spec.layers.end {
+            return Err(Error::LoadWeights(format!(
+                "layer range {}..{} is outside the model's {} layers",
+                spec.layers.start, spec.layers.end, cfg.num_layers
+            )));
+        }
+        let split = tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, spec.tp).map_err(Error::LoadWeights)?;
+        let wanted: Vec<(String, Vec<usize>)> = checkpoint_shapes(cfg)
+            .into_iter()
+            .filter(|(n, _)| spec.owns(cfg, n))
+            .map(|(n, mut shape)| {
+                if let Some((dim, r)) = spec.slice_of(&split, cfg.head_dim, &n, &shape) {
+                    shape[dim] = r.len();
+                }
+                (n, shape)
+            })
+            .collect();
+        let tensors = random_tensors(&wanted, dtype, device, seed).map_err(|e| Error::LoadWeights(e.to_string()))?;
+        let loaded = LoadedTensors { tensors, files: Default::default() };
+        Self::build(cfg, spec, &split, loaded, dtype, device)
+    }
+
+    fn build(cfg: &ModelConfig, spec: StageSpec, split: &TpSplit, loaded: LoadedTensors, dtype: DType, device: &Device) -> Result<Self> {
         let report = LoadReport {
             tensors: loaded.tensors.keys().cloned().collect(),
             files: loaded.files.clone(),
@@ -502,7 +532,7 @@ impl Shard {
         let layers = spec
             .layers
             .clone()
-            .map(|i| DecoderLayer::new(cfg, &split, vb.pp("model.layers").pp(i)).map_err(wrap))
+            .map(|i| DecoderLayer::new(cfg, split, vb.pp("model.layers").pp(i)).map_err(wrap))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if spec.has_head() {
             let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm")).map_err(wrap)?;
@@ -634,6 +664,77 @@ impl Shard {
             _ => Ok(StageOutput::Hidden(x)),
         }
     }
+}
+
+/// Every tensor of a checkpoint for `cfg`, in Hugging Face's names and shapes.
+pub fn checkpoint_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (qh, kvh, v) = (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+        push("input_layernorm.weight", vec![h]);
+        push("post_attention_layernorm.weight", vec![h]);
+        push("self_attn.q_proj.weight", vec![qh * d, h]);
+        push("self_attn.k_proj.weight", vec![kvh * d, h]);
+        push("self_attn.v_proj.weight", vec![kvh * d, h]);
+        push("self_attn.o_proj.weight", vec![h, qh * d]);
+        if cfg.qkv_bias {
+            push("self_attn.q_proj.bias", vec![qh * d]);
+            push("self_attn.k_proj.bias", vec![kvh * d]);
+            push("self_attn.v_proj.bias", vec![kvh * d]);
+        }
+        if cfg.o_bias {
+            push("self_attn.o_proj.bias", vec![h]);
+        }
+        if cfg.qk_norm {
+            push("self_attn.q_norm.weight", vec![d]);
+            push("self_attn.k_norm.weight", vec![d]);
+        }
+        push("mlp.gate_proj.weight", vec![i, h]);
+        push("mlp.up_proj.weight", vec![i, h]);
+        push("mlp.down_proj.weight", vec![h, i]);
+        if cfg.mlp_bias {
+            push("mlp.gate_proj.bias", vec![i]);
+            push("mlp.up_proj.bias", vec![i]);
+            push("mlp.down_proj.bias", vec![h]);
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+/// Random tensors for `shapes` on `device`: norm weights are ones, the rest normal with std
+/// 0.02. A GPU makes them itself (no host copy).
+pub fn random_tensors(
+    shapes: &[(String, Vec<usize>)],
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
+    use rand::SeedableRng;
+    let mut out = std::collections::HashMap::with_capacity(shapes.len());
+    for (name, shape) in shapes {
+        // Each tensor's values depend on the seed and its name only, so a stage draws the same
+        // values as a whole model does.
+        let own_seed = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape.as_slice(), dtype, device)?
+        } else if device.is_cpu() {
+            let n = shape.iter().product();
+            let values = crate::tiny::Normal(rand::rngs::StdRng::seed_from_u64(own_seed)).sample(n, 0.0, 0.02);
+            Tensor::from_vec(values, shape.as_slice(), device)?.to_dtype(dtype)?
+        } else {
+            device.set_seed(own_seed)?;
+            Tensor::randn(0f32, 0.02, shape.as_slice(), device)?.to_dtype(dtype)?
+        };
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
 }
 
 /// Softmax over `logits` then log, as f32 values.

@@ -33,6 +33,12 @@ pub struct TinySpec {
     pub seed: u64,
     /// Standard deviation of the random weights.
     pub init_std: f32,
+    /// Write the safetensors files (false: only config and tokenizer files, for workers that
+    /// make random weights themselves).
+    pub weights: bool,
+    /// config.json's vocab_size when larger than the trained tokenizer's (the shape of a real
+    /// model's embedding; ids past the tokenizer decode to nothing).
+    pub config_vocab: Option<usize>,
 }
 
 impl TinySpec {
@@ -54,6 +60,8 @@ impl TinySpec {
             shards: 1,
             seed: 0,
             init_std: 0.1,
+            weights: true,
+            config_vocab: None,
         }
     }
 }
@@ -117,10 +125,11 @@ pub fn train_tokenizer(arch: Architecture, vocab_size: usize) -> Result<tokenize
     Ok(tokenizers::Tokenizer::from(tk))
 }
 
-struct Normal(rand::rngs::StdRng);
+/// Seeded normal samples (Box–Muller over `StdRng`).
+pub(crate) struct Normal(pub(crate) rand::rngs::StdRng);
 
 impl Normal {
-    fn sample(&mut self, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    pub(crate) fn sample(&mut self, n: usize, mean: f32, std: f32) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 // Box–Muller: deterministic for a seed, needs no extra crate.
@@ -189,7 +198,7 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tokenizer = train_tokenizer(spec.arch, spec.vocab_size)?;
-    let vocab = tokenizer.get_vocab_size(true);
+    let vocab = tokenizer.get_vocab_size(true).max(spec.config_vocab.unwrap_or(0));
     let tok_path = dir.join("tokenizer.json");
     tokenizer
         .save(&tok_path, true)
@@ -247,6 +256,9 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
         }),
     )?;
 
+    if !spec.weights {
+        return Ok(());
+    }
     let mut rng = Normal(rand::rngs::StdRng::seed_from_u64(spec.seed));
     let shapes = tensor_shapes(spec, vocab);
     let mut tensors = Vec::with_capacity(shapes.len());

@@ -35,6 +35,8 @@ pub struct WorkerConfig {
     pub collective_address: String,
     /// Longest a collective operation may wait on a peer before the group is failed.
     pub collective_timeout: std::time::Duration,
+    /// Where shards compute.
+    pub device: candle_core::Device,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
@@ -48,6 +50,7 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
         config.step_timeout,
         config.collective_timeout,
         rendezvous,
+        config.device.clone(),
         shutdown.clone(),
     ));
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -61,10 +64,10 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
     let svc = shardserve_proto::v1::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))
         .max_decoding_message_size(shardserve::stage::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(shardserve::stage::MAX_MESSAGE_BYTES);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Accepted sockets need nodelay set here (the builder's covers only sockets it binds).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server_stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(health)

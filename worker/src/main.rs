@@ -33,6 +33,9 @@ struct Args {
     /// Seconds the etcd lease lasts without a keep-alive (renewed every third of it).
     #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
     lease_ttl_s: u64,
+    /// Where shards compute: cpu, cuda (GPU 0) or cuda:N (needs a build with --features cuda).
+    #[arg(long, env = "SHARDSERVE_DEVICE", default_value = "cpu")]
+    device: String,
     /// Seconds a tensor-parallel all-reduce may wait on a peer before the group is failed.
     #[arg(long, env = "SHARDSERVE_COLLECTIVE_TIMEOUT", default_value_t = 30)]
     collective_timeout_s: u64,
@@ -65,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         format!("http://{}", args.coordinator)
     };
+    let device = shardserve::device::parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let config = WorkerConfig {
         id: args.id.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
         advertise,
@@ -74,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         cluster: args.cluster,
         lease_ttl: std::time::Duration::from_secs(args.lease_ttl_s.max(1)),
         collective_address: String::new(),
+        device,
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_s.max(1)),
     };
     println!("listening {bound}");

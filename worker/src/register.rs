@@ -12,12 +12,15 @@ use tracing::{info, warn};
 
 /// This worker as the fleet sees it.
 pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
-    let (total, free) = memory();
+    let (name, (total, free)) = match shardserve::device::memory(&config.device) {
+        Some(gpu) => (device_name(&config.device), gpu),
+        None => ("cpu".to_string(), memory()),
+    };
     pb::WorkerInfo {
         id: config.id.clone(),
         address: config.advertise.clone(),
         devices: vec![pb::Device {
-            name: "cpu".into(),
+            name,
             total_memory: total,
             free_memory: free,
         }],
@@ -26,6 +29,15 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         pid: std::process::id(),
         stage: None,
         collective_address: config.collective_address.clone(),
+    }
+}
+
+/// `cpu` or `cuda:N`.
+fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        other => format!("{other:?}"),
     }
 }
 

@@ -117,6 +117,7 @@ impl WorkerState {
         step_timeout: Duration,
         collective_timeout: Duration,
         rendezvous: Arc<Rendezvous>,
+        device: Device,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         WorkerState {
@@ -127,7 +128,7 @@ impl WorkerState {
             step_timeout,
             collective_timeout,
             rendezvous,
-            device: Device::Cpu,
+            device,
             compute: ComputeThread::start(),
             shutdown,
         }
@@ -365,9 +366,13 @@ fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &
             None => StageInput::Tokens(&s.token_ids),
         };
         offset += n;
-        let out = shard.forward(input, &mut seq.kv).map_err(|e| match loaded.group.as_ref().and_then(|g| g.broken()) {
-            // A rank is gone: the stage is, as far as the caller can tell.
-            Some(text) => StepError { code: tonic::Code::Unavailable, text },
+        let out = shard.forward(input, &mut seq.kv).map_err(|e| match &loaded.group {
+            // A rank failed part-way through a step: the ranks no longer hold the same state,
+            // so the group is done, and so is the stage as far as the caller can tell.
+            Some(g) => StepError {
+                code: tonic::Code::Unavailable,
+                text: g.broken().unwrap_or_else(|| g.fail(format!("sequence {}: {e}", s.seq_id))),
+            },
             None => format!("sequence {}: {e}", s.seq_id).into(),
         })?;
         match out {
@@ -453,6 +458,9 @@ impl pb::worker_server::Worker for WorkerService {
                     r.num_stages.max(1) as usize,
                 )
                 .with_tp(tp);
+                if r.random_weights {
+                    return Shard::random(&cfg, spec, dtype, &device, 0);
+                }
                 Shard::load(&cfg, spec, &files.dir, dtype, &device)
             };
             let mut shard = load().map_err(to_status)?;
@@ -473,7 +481,7 @@ impl pb::worker_server::Worker for WorkerService {
                 ))
             })?;
             let group = Arc::new(group);
-            shard.set_group(group.clone());
+            shard.set_group(all_reduce(&st, &group, tp, &device)?);
             Ok((shard, Some(group)))
         })
         .await
@@ -696,6 +704,39 @@ impl pb::worker_server::Worker for WorkerService {
             resp.tp_size = l.tp.size as u32;
         }
         Ok(Response::new(resp))
+    }
+}
+
+/// The group's all-reduce: over its TCP links on CPUs; over NCCL on GPUs, where rank 0 makes
+/// the NCCL id and sends it to the other ranks on those links, and every rank joins the
+/// communicator on its own GPU.
+fn all_reduce(
+    state: &WorkerState,
+    group: &Arc<TcpGroup>,
+    tp: TpRank,
+    device: &Device,
+) -> Result<Arc<dyn shardserve::collective::Collective>, Status> {
+    if device.is_cpu() {
+        return Ok(group.clone());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use shardserve::collective::nccl;
+        let fail = |e: String| Status::unavailable(format!("worker {}: NCCL for rank {} of {}: {e}", state.id, tp.rank, tp.size));
+        let id = if tp.is_leader() {
+            let id = nccl::unique_id().map_err(|e| fail(e.to_string()))?;
+            group.send_control(&id).map_err(fail)?;
+            id
+        } else {
+            group.recv_control().map_err(fail)?.ok_or_else(|| fail("the leader closed the group".into()))?
+        };
+        let comm = nccl::NcclCollective::init(device, tp.rank, tp.size, &id, state.collective_timeout).map_err(|e| fail(e.to_string()))?;
+        Ok(Arc::new(comm))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (state, tp);
+        Err(Status::failed_precondition(shardserve::device::NO_CUDA))
     }
 }
 

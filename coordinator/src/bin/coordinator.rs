@@ -31,6 +31,10 @@ struct Args {
     /// that split every layer (--workers = stages × --tp).
     #[arg(long, env = "SHARDSERVE_TP", default_value_t = 1)]
     tp: usize,
+    /// Workers make seeded random weights of the model's shapes instead of reading its
+    /// checkpoint (benchmarks of shapes whose weights are not on disk).
+    #[arg(long, env = "SHARDSERVE_RANDOM_WEIGHTS")]
+    random_weights: bool,
     /// Cap on prompt + generated tokens (default: the model's max_position_embeddings).
     #[arg(long, env = "SHARDSERVE_MAX_TOTAL_TOKENS")]
     max_total_tokens: Option<usize>,
@@ -133,6 +137,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 dtype: a.dtype,
                 workers: a.workers,
                 tp: a.tp,
+                random_weights: a.random_weights,
                 max_total_tokens: a.max_total_tokens,
                 max_concurrent_requests: a.max_concurrent_requests,
                 step_timeout: Duration::from_secs(a.step_timeout_s),

@@ -38,9 +38,27 @@ pub struct BenchArgs {
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
-    /// Also run candle-transformers' model on these weights (folder or Hub id), on CPU in f32.
+    /// Also run candle-transformers' model on these weights (folder or Hub id), in this process.
     #[arg(long)]
     pub baseline: Option<String>,
+    /// The baseline's device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub baseline_device: String,
+    /// The baseline's dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub baseline_dtype: String,
+    /// The baseline uses seeded random weights of its config's shapes — the same values the
+    /// workers make under `up --random-weights` — instead of reading a checkpoint.
+    #[arg(long)]
+    pub baseline_random: bool,
+    /// Measure only the baseline (no cluster is contacted): for models too large to hold twice
+    /// on one device. Its JSON document can be given to a later run with --baseline-from.
+    #[arg(long)]
+    pub baseline_only: bool,
+    /// The baseline as measured earlier by `--baseline-only --json` (a file holding that
+    /// document): ratios are computed against it.
+    #[arg(long, conflicts_with = "baseline")]
+    pub baseline_from: Option<std::path::PathBuf>,
     /// Free text copied into the report.
     #[arg(long, default_value = "")]
     pub label: String,
@@ -109,6 +127,20 @@ impl Report {
             "aggregate_tok_s": num(self.aggregate_tok_s),
             "tokens": self.tokens,
             "wall_s": num(self.wall_s),
+        })
+    }
+
+    /// Reads back what [`Report::to_json`] wrote.
+    fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let f = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
+        let pair = |k: &str| Some((f(v.get(k)?.get("p50")?), f(v.get(k)?.get("p99")?)));
+        Some(Report {
+            ttft_ms: pair("ttft_ms")?,
+            itl_ms: pair("itl_ms")?,
+            decode_tok_s: pair("decode_tok_s")?,
+            aggregate_tok_s: f(v.get("aggregate_tok_s")?),
+            tokens: v.get("tokens")?.as_u64()? as usize,
+            wall_s: f(v.get("wall_s")?),
         })
     }
 
@@ -250,20 +282,38 @@ enum Baseline {
     Llama(candle_transformers::models::llama::Llama, candle_transformers::models::llama::Config),
 }
 
-fn load_baseline(files: &shardserve::hub::ModelFiles) -> anyhow::Result<Baseline> {
-    use candle_core::{DType, Device};
+/// Where and how the baseline runs.
+#[derive(Debug, Clone)]
+struct BaselineSetup {
+    files: shardserve::hub::ModelFiles,
+    device: candle_core::Device,
+    dtype: candle_core::DType,
+    random: bool,
+}
+
+fn load_baseline(setup: &BaselineSetup) -> anyhow::Result<Baseline> {
     use candle_transformers::models::{llama, qwen3};
+    let files = &setup.files;
+    let (dtype, device) = (setup.dtype, &setup.device);
     let text = std::fs::read_to_string(files.file("config.json")).context("reading config.json of the baseline")?;
     let value: serde_json::Value = serde_json::from_str(&text).context("parsing config.json of the baseline")?;
     let arch = value["architectures"][0].as_str().unwrap_or("").to_string();
-    let weights: Vec<_> = shardserve::hub::weight_files(&files.dir)
-        .map_err(|e| anyhow!("{e}"))?
-        .into_iter()
-        .map(|f| files.dir.join(f))
-        .collect();
-    #[allow(unsafe_code)]
-    // SAFETY: the checkpoint is only read; nothing in this process writes these files while mapped.
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu)? };
+    let vb = if setup.random {
+        let cfg = shardserve::config::ModelConfig::from_file(&files.file("config.json"))?;
+        let shapes = shardserve::model::checkpoint_shapes(&cfg);
+        candle_nn::VarBuilder::from_tensors(shardserve::model::random_tensors(&shapes, dtype, device, 0)?, dtype, device)
+    } else {
+        let weights: Vec<_> = shardserve::hub::weight_files(&files.dir)
+            .map_err(|e| anyhow!("{e}"))?
+            .into_iter()
+            .map(|f| files.dir.join(f))
+            .collect();
+        #[allow(unsafe_code)]
+        // SAFETY: the checkpoint is only read; nothing in this process writes these files while mapped.
+        unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&weights, dtype, device)?
+        }
+    };
     match arch.as_str() {
         "Qwen3ForCausalLM" => {
             let cfg: qwen3::Config = serde_json::from_str(&text).context("config.json as a Qwen3 config")?;
@@ -279,19 +329,30 @@ fn load_baseline(files: &shardserve::hub::ModelFiles) -> anyhow::Result<Baseline
 }
 
 fn argmax(logits: &candle_core::Tensor) -> anyhow::Result<u32> {
-    Ok(shardserve::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?))
+    // The token comes back to the host each step, as it does from a serving worker.
+    Ok(shardserve::sampling::argmax(&logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?))
+}
+
+/// Loads the baseline and runs it `requests` times (after one unmeasured run) on `prompt`.
+fn measure_baseline(setup: &BaselineSetup, prompt: &[u32], n: usize, requests: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let mut m = load_baseline(setup).with_context(|| format!("loading the baseline {}", setup.files.spec))?;
+    baseline_once(&mut m, setup, prompt, n)?;
+    let start = Instant::now();
+    let runs = (0..requests).map(|_| baseline_once(&mut m, setup, prompt, n)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((runs, start.elapsed().as_secs_f64()))
 }
 
 /// Greedy generation of `n` tokens: prefill in one forward, then one token per forward.
-fn baseline_once(model: &mut Baseline, prompt: &[u32], n: usize) -> anyhow::Result<Sample> {
-    use candle_core::{DType, Device, Tensor};
+fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n: usize) -> anyhow::Result<Sample> {
+    use candle_core::Tensor;
+    let device = &setup.device;
     let mut llama_cache = None;
     match model {
         Baseline::Qwen3(m) => m.clear_kv_cache(),
-        Baseline::Llama(_, cfg) => llama_cache = Some(candle_transformers::models::llama::Cache::new(true, DType::F32, cfg, &Device::Cpu)?),
+        Baseline::Llama(_, cfg) => llama_cache = Some(candle_transformers::models::llama::Cache::new(true, setup.dtype, cfg, device)?),
     }
     let mut forward = |ids: &[u32], pos: usize| -> anyhow::Result<u32> {
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(ids, device)?.unsqueeze(0)?;
         let logits = match model {
             Baseline::Qwen3(m) => m.forward(&input, pos)?,
             Baseline::Llama(m, _) => m.forward(&input, pos, llama_cache.as_mut().expect("a llama cache"))?,
@@ -323,8 +384,43 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         bail!("--concurrency, --requests, --output-tokens and --prompt-tokens must be at least 1");
     }
     // Resolved up front so a wrong --baseline fails before minutes of cluster measurement.
-    let baseline_files = match &a.baseline {
-        Some(spec) => Some(shardserve::hub::resolve(spec, None).map_err(|e| anyhow!("--baseline: {e}"))?),
+    let setup = match &a.baseline {
+        Some(spec) => Some(BaselineSetup {
+            files: shardserve::hub::resolve(spec, None).map_err(|e| anyhow!("--baseline: {e}"))?,
+            device: shardserve::device::parse_device(&a.baseline_device).map_err(|e| anyhow!("--baseline-device: {e}"))?,
+            dtype: match a.baseline_dtype.as_str() {
+                "f32" | "float32" => candle_core::DType::F32,
+                "bf16" | "bfloat16" => candle_core::DType::BF16,
+                "f16" | "float16" => candle_core::DType::F16,
+                other => bail!("--baseline-dtype {other:?}: expected f32, bf16 or f16"),
+            },
+            random: a.baseline_random,
+        }),
+        None => None,
+    };
+    if a.baseline_only {
+        let setup = setup.context("--baseline-only needs --baseline")?;
+        // Any ids do for timing; these stay inside every vocabulary.
+        let ids: Vec<u32> = (0..a.prompt_tokens).map(|i| 10 + (i % 200) as u32).collect();
+        let (n, label) = (a.output_tokens, a.label.clone());
+        let (runs, wall) = tokio::task::spawn_blocking(move || measure_baseline(&setup, &ids, n, requests)).await.context("the baseline panicked")??;
+        let base = Report::new(&runs, wall);
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"label": label, "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens, "requests": requests, "baseline": base.to_json()})
+            );
+        } else {
+            base.print("baseline");
+        }
+        return Ok(());
+    }
+    let earlier = match &a.baseline_from {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--baseline-from {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| format!("--baseline-from {}: not JSON", path.display()))?;
+            Some(Report::from_json(&v["baseline"]).with_context(|| format!("--baseline-from {}: no baseline report", path.display()))?)
+        }
         None => None,
     };
     let url = crate::url(&a.target.coordinator);
@@ -360,20 +456,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         eprintln!("shardctl bench: some requests ended early (end-of-sequence); rates use the tokens actually produced");
     }
 
-    let mut baseline = None;
-    if let Some(files) = baseline_files {
+    let mut baseline = earlier;
+    if let Some(setup) = setup {
         // Same token count as the cluster produced, so both decode over the same context lengths.
         let n = samples.iter().map(|s| s.tokens).max().unwrap_or(a.output_tokens);
         let ids = prompt_ids.clone();
-        let base = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Sample>, f64)> {
-            let mut m = load_baseline(&files).with_context(|| format!("loading the baseline {}", files.spec))?;
-            baseline_once(&mut m, &ids, n)?;
-            let start = Instant::now();
-            let runs = (0..requests).map(|_| baseline_once(&mut m, &ids, n)).collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((runs, start.elapsed().as_secs_f64()))
-        })
-        .await
-        .context("the baseline panicked")??;
+        let base = tokio::task::spawn_blocking(move || measure_baseline(&setup, &ids, n, requests))
+            .await
+            .context("the baseline panicked")??;
         // Greedy on the same weights should agree; a mismatch is worth knowing, not fatal
         // (near-tied logits in random-weight models can flip under different kernels).
         if let (Some(o), Some(b)) = (samples.first(), base.0.first()) {

@@ -25,6 +25,10 @@ pub struct UpArgs {
     /// every layer and all-reduce between them.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Workers make seeded random weights of the model's shapes instead of reading its
+    /// checkpoint (for benchmarks; the folder needs only config and tokenizer files).
+    #[arg(long)]
+    pub random_weights: bool,
     /// etcd endpoints for membership (without it, membership is embedded in the coordinator).
     #[arg(long, env = "SHARDSERVE_ETCD")]
     pub etcd: Option<String>,
@@ -34,6 +38,10 @@ pub struct UpArgs {
     /// Address the coordinator serves on (port 0 picks a free one).
     #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Where the workers compute: cpu, cuda or cuda:N (every worker on the same device; a
+    /// build with --features cuda).
+    #[arg(long, env = "SHARDSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Compute dtype: auto, f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
@@ -135,6 +143,7 @@ impl LocalCluster {
         cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype])
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
             .args(["--tp", &a.tp.to_string()])
+            .args(a.random_weights.then_some("--random-weights"))
             .args(["--max-concurrent-requests", &a.max_concurrent_requests.to_string()])
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
@@ -185,7 +194,8 @@ impl LocalCluster {
             if quiet {
                 cmd.env("RUST_LOG", "warn");
             }
-            cmd.args(["--cluster", &a.cluster, "--lease-ttl-s", &a.lease_ttl_s.to_string()]);
+            cmd.args(["--cluster", &a.cluster, "--lease-ttl-s", &a.lease_ttl_s.to_string()])
+                .args(["--device", &a.device]);
             if let Some(e) = &a.etcd {
                 cmd.args(["--etcd", e]);
             }

@@ -10,6 +10,40 @@ use std::path::PathBuf;
 pub enum DevCommand {
     /// Write a random-weight checkpoint (config, safetensors, trained BPE tokenizer).
     TinyModel(TinyModelArgs),
+    /// Run a checkpoint on the CPU and on another device and compare logits and greedy tokens
+    /// (one JSON line).
+    CheckDevice(CheckDeviceArgs),
+    /// Create an NCCL communicator on a GPU and time an all-reduce (one JSON line; a build
+    /// with --features cuda).
+    CheckNccl(CheckNcclArgs),
+}
+
+/// Arguments of `shardctl dev check-device`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckDeviceArgs {
+    /// The checkpoint (a folder or Hub id).
+    #[arg(long)]
+    pub model: String,
+    /// The device compared with the CPU: cuda or cuda:N.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    /// Prompt to run.
+    #[arg(long, default_value = "The quick brown fox jumps over the lazy dog")]
+    pub prompt: String,
+    /// Greedy tokens compared after the prompt.
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+}
+
+/// Arguments of `shardctl dev check-nccl`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckNcclArgs {
+    /// The GPU: cuda or cuda:N.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    /// Elements (f32) of the tensor all-reduced.
+    #[arg(long, default_value_t = 1 << 22)]
+    pub elements: usize,
 }
 
 /// Arguments of `shardctl dev tiny-model`.
@@ -57,6 +91,13 @@ pub struct TinyModelArgs {
     /// Random seed of the weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// config.json's vocab_size, when larger than the trained tokenizer's (a real model's
+    /// embedding shape, e.g. 151936 for Qwen3).
+    #[arg(long)]
+    pub config_vocab: Option<usize>,
+    /// Write only config and tokenizer files, no weights (for `up --random-weights`).
+    #[arg(long)]
+    pub no_weights: bool,
 }
 
 impl TryFrom<&TinyModelArgs> for TinySpec {
@@ -80,6 +121,8 @@ impl TryFrom<&TinyModelArgs> for TinySpec {
         }
         s.shards = a.shards;
         s.seed = a.seed;
+        s.weights = !a.no_weights;
+        s.config_vocab = a.config_vocab;
         if let Some(v) = a.layers {
             s.num_layers = v;
         }
@@ -134,5 +177,91 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
             println!("wrote {} ({} {} layers, {:?}, {} file(s))", a.out.display(), a.arch, spec.num_layers, spec.dtype, spec.shards);
             Ok(())
         }
+        DevCommand::CheckDevice(a) => check_device(&a),
+        DevCommand::CheckNccl(a) => check_nccl(&a),
     }
+}
+
+/// Greedy decoding of `n` tokens on one whole-model shard: (tokens, logits after the prompt).
+fn greedy(shard: &shardserve::model::Shard, prompt: &[u32], n: usize) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
+    use shardserve::model::{StageInput, StageOutput};
+    let mut cache = shard.new_cache();
+    let (mut tokens, mut first) = (Vec::new(), Vec::new());
+    let mut feed = prompt.to_vec();
+    for _ in 0..n {
+        let logits: Vec<f32> = match shard.forward(StageInput::Tokens(&feed), &mut cache)? {
+            StageOutput::Logits(l) => l.to_vec1()?,
+            StageOutput::Hidden(_) => bail!("a whole-model shard returned hidden states"),
+        };
+        if first.is_empty() {
+            first = logits.clone();
+        }
+        let t = shardserve::sampling::argmax(&logits);
+        tokens.push(t);
+        feed = vec![t];
+    }
+    Ok((tokens, first))
+}
+
+fn check_device(a: &CheckDeviceArgs) -> anyhow::Result<()> {
+    use shardserve::model::{Shard, StageSpec};
+    let files = shardserve::hub::resolve(&a.model, None)?;
+    let cfg = shardserve::config::ModelConfig::from_file(&files.file("config.json"))?;
+    let tok = shardserve::tokenizer::Tokenizer::from_file(&files.file("tokenizer.json"))?;
+    let prompt = tok.encode(&a.prompt)?;
+    let device = shardserve::device::parse_device(&a.device)?;
+    let dtype = candle_core::DType::F32;
+    let cpu = Shard::load(&cfg, StageSpec::whole(&cfg), &files.dir, dtype, &candle_core::Device::Cpu)?;
+    let other = Shard::load(&cfg, StageSpec::whole(&cfg), &files.dir, dtype, &device)?;
+    let (want, want_logits) = greedy(&cpu, &prompt, a.tokens)?;
+    let (got, got_logits) = greedy(&other, &prompt, a.tokens)?;
+    let diff = want_logits.iter().zip(&got_logits).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let ok = got == want && diff < 1e-3;
+    println!(
+        "{}",
+        serde_json::json!({
+            "check": "cpu_vs_device_logits", "device": a.device, "model": a.model, "dtype": "f32",
+            "max_abs_logit_diff": diff, "tokens_equal": got == want, "tokens": a.tokens, "ok": ok,
+        })
+    );
+    if !ok {
+        bail!("{} disagrees with the CPU: logits differ by up to {diff}, tokens {got:?} vs {want:?}", a.device);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn check_nccl(a: &CheckNcclArgs) -> anyhow::Result<()> {
+    use shardserve::collective::{nccl, Collective};
+    let device = shardserve::device::parse_device(&a.device)?;
+    let started = std::time::Instant::now();
+    let id = nccl::unique_id()?;
+    let comm = nccl::NcclCollective::init(&device, 0, 1, &id, std::time::Duration::from_secs(60))?;
+    let init_ms = started.elapsed().as_secs_f64() * 1e3;
+    let x = candle_core::Tensor::arange(0f32, a.elements as f32, &device)?;
+    let y = comm.all_reduce_sum(&x)?;
+    let equal = y.to_vec1::<f32>()? == x.to_vec1::<f32>()?;
+    let rounds = 20;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        comm.all_reduce_sum(&x)?;
+    }
+    device.synchronize()?;
+    let us = started.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "check": "nccl_all_reduce", "device": a.device, "ranks": 1, "elements": a.elements,
+            "init_ms": init_ms, "us_per_all_reduce": us, "ok": equal,
+        })
+    );
+    if !equal {
+        bail!("a 1-rank all-reduce changed its input");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_nccl(_a: &CheckNcclArgs) -> anyhow::Result<()> {
+    bail!("{}", shardserve::device::NO_CUDA)
 }

@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Tensor-parallel ranks per stage: consecutive workers form a stage's group.
     pub tp: usize,
+    /// Workers make seeded random weights instead of reading the checkpoint (benchmarks).
+    pub random_weights: bool,
     /// Caps prompt + generated tokens below the model's own limit.
     pub max_total_tokens: Option<usize>,
     /// Requests in flight per model before RESOURCE_EXHAUSTED.
@@ -569,6 +571,7 @@ impl Engine {
                     tp_group: if tp > 1 { tp_group.clone() } else { String::new() },
                     tp_leader: if tp > 1 { group[0].collective_address.clone() } else { String::new() },
                     tp_workers: if tp > 1 { tp_workers.clone() } else { Vec::new() },
+                    random_weights: self.config.random_weights,
                 };
                 calls.push(async move {
                     let mut client = shardserve::stage::connect(&w.address)
