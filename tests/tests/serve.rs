@@ -392,3 +392,23 @@ async fn broken_models_fail_up_with_a_clear_error() {
     std::fs::write(shape.path().join("config.json"), cfg.replace("\"intermediate_size\": 192", "\"intermediate_size\": 200")).unwrap();
     up_fails(shape.path(), &["shape mismatch", "mlp"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_tokens_arrive_as_they_are_generated() {
+    // A small model steps in a millisecond or two; each token must reach the client then, not
+    // in a burst at the end (as Nagle's algorithm on the server's sockets would have it).
+    let cluster = Cluster::new(reference_model()).workers(2).start();
+    let mut c = cluster.client().await;
+    let case = &reference_cases()[0];
+    let mut s = c.generate_stream(greedy(&case.prompt, 32)).await.unwrap().into_inner();
+    let mut arrivals = Vec::new();
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(30), s.message()).await.expect("stream stalled").unwrap() {
+        arrivals.push((Instant::now(), m.token_ids.len()));
+    }
+    assert!(arrivals.len() >= 16, "only {} messages", arrivals.len());
+    assert!(arrivals.iter().all(|(_, n)| *n == 1), "tokens were batched into messages");
+    let mut gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(median > Duration::from_micros(200), "tokens arrived in bursts: median gap {median:?}, gaps {gaps:?}");
+}
