@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         format!("http://{}", args.coordinator)
     };
-    let device = shardserve::device::parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = shardserve::device::parse_device(&args.device).map_err(|e| anyhow::anyhow!("{e}"))?;
     let config = WorkerConfig {
         id: args.id.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
         advertise,

@@ -731,6 +731,12 @@ fn all_reduce(
             group.recv_control().map_err(fail)?.ok_or_else(|| fail("the leader closed the group".into()))?
         };
         let comm = nccl::NcclCollective::init(device, tp.rank, tp.size, &id, state.collective_timeout).map_err(|e| fail(e.to_string()))?;
+        if tp.is_leader() {
+            // A follower that dies leaves NCCL waiting until the timeout; its link closing
+            // says so at once.
+            let stop = comm.stopper();
+            group.watch_followers(move |why| stop.stop(why));
+        }
         Ok(Arc::new(comm))
     }
     #[cfg(not(feature = "cuda"))]

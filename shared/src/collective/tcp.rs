@@ -192,6 +192,29 @@ impl TcpGroup {
         first
     }
 
+    /// Leader: watches every follower's link on threads of its own and calls `lost` with the
+    /// reason when one closes or fails (the group is failed first). For groups whose data goes
+    /// elsewhere (NCCL), where followers never write to these links, so anything read here is
+    /// the end of the link.
+    pub fn watch_followers(self: &std::sync::Arc<Self>, lost: impl Fn(String) + Send + Sync + 'static) {
+        let lost = std::sync::Arc::new(lost);
+        for (i, s) in self.shutters.iter().enumerate() {
+            let Ok(s) = s.try_clone() else { continue };
+            let (group, lost) = (std::sync::Arc::downgrade(self), lost.clone());
+            let _ = std::thread::Builder::new().name("tp-watch".into()).spawn(move || {
+                let mut byte = [0u8; 1];
+                let _ = s.set_read_timeout(None);
+                let why = match s.peek(&mut byte) {
+                    Ok(_) => "connection closed".to_string(),
+                    Err(e) => describe(&e),
+                };
+                if let Some(g) = group.upgrade() {
+                    lost(g.fail(format!("{}: {why}", g.name(i + 1))));
+                }
+            });
+        }
+    }
+
     /// Closes the group without an error (a new shard replaces it).
     pub fn close(&self) {
         self.fail("the group was closed".into());
@@ -412,6 +435,22 @@ mod tests {
         // Broken for good: the next call fails at once with the same reason.
         let again = leader.all_reduce_sum(&t).unwrap_err().to_string();
         assert_eq!(err, again);
+    }
+
+    #[test]
+    fn watching_followers_reports_a_closed_link_at_once() {
+        let (leader, threads) = group(3);
+        let mut followers: Vec<TcpGroup> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let leader = std::sync::Arc::new(leader);
+        let (tx, rx) = std::sync::mpsc::channel();
+        leader.watch_followers(move |why| {
+            let _ = tx.send(why);
+        });
+        // Rank 2 goes away; rank 1 stays.
+        drop(followers.pop());
+        let why = rx.recv_timeout(Duration::from_secs(3)).expect("no report within 3 s");
+        assert!(why.contains("rank 2 (worker w2)"), "{why}");
+        assert_eq!(leader.broken().as_deref(), Some(why.as_str()));
     }
 
     #[test]
