@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the README's benchmark figures on this machine: a Qwen3-shaped random model
-# (8 layers, hidden 512, f32 on CPU) served by 1, 2 and 3 pipeline stages, measured with
+# (8 layers, hidden 512, f32 on CPU) served by 1, 2 and 3 pipeline stages (and by tensor-parallel
+# groups of 2: 1 stage × 2 ranks, 2 stages × 2 ranks), measured with
 # `shardctl bench`; the 1-stage run also measures candle-transformers' own model in-process on
 # the same weights (--baseline). One JSON document per run on stdout.
 set -euo pipefail
@@ -14,16 +15,17 @@ $BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" --layers 8 --hidden 512
     --heads 8 --kv-heads 4 --head-dim 64 --vocab 1024 --seed 7 >&2
 PROMPT=${PROMPT_TOKENS:-128}
 OUTPUT=${OUTPUT_TOKENS:-64}
-run() { # stages concurrency requests [extra bench args]
+run() { # stages concurrency requests [extra bench args]; TP=N makes each stage N ranks
     local stages=$1 conc=$2 reqs=$3; shift 3
+    local tp=${TP:-1}
     local out; out=$(mktemp)
-    RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$stages" --listen 127.0.0.1:0 >"$out" &
+    RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers $((stages * tp)) --tp "$tp" --listen 127.0.0.1:0 >"$out" &
     local pid=$!
     for _ in $(seq 600); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
     [ -n "$url" ] || { echo "cluster did not start" >&2; kill $pid; exit 1; }
     $BIN/shardctl bench --coordinator "$url" --prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" \
-        --concurrency "$conc" --requests "$reqs" --label "stages=$stages concurrency=$conc" --json "$@"
+        --concurrency "$conc" --requests "$reqs" --label "stages=$stages tp=$tp concurrency=$conc" --json "$@"
     kill -TERM $pid; wait $pid || true; rm -f "$out"
 }
 run 1 1 6 --baseline "$MODEL"
@@ -31,3 +33,5 @@ run 2 1 6
 run 3 1 6
 run 1 8 16
 run 2 8 16
+TP=2 run 1 1 6
+TP=2 run 2 1 6
