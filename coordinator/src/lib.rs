@@ -12,6 +12,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod membership;
+pub mod models;
 pub mod scale;
 pub mod service;
 pub mod validate;
@@ -47,7 +48,9 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
             .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", config.etcd.join(",")))?;
         (fleet, Some((config.etcd.clone(), config.cluster.clone())))
     };
-    let engine = engine::Engine::start(config.engine.clone(), fleet, etcd, shutdown.clone()).await?;
+    let is_etcd = etcd.is_some();
+    let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd, shutdown.clone()).await?;
+    let models = models::Models::new(engine.clone(), fleet, is_etcd, shutdown.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -60,9 +63,9 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(InferenceServer::new(service::InferenceService(engine.clone())))
+        .add_service(InferenceServer::new(service::InferenceService(models.clone())))
         .add_service(AdminServer::new(service::AdminService {
-            engine: engine.clone(),
+            models: models.clone(),
             local: config.local_workers.clone(),
             spawned: Arc::default(),
         }))

@@ -2,7 +2,7 @@
 //! and stops local ones, until the fleet has the size asked for. The Kubernetes deployment
 //! provides the same operation for in-cluster fleets.
 
-use crate::engine::Engine;
+use crate::models::Models;
 use crate::error::ServeError;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -31,7 +31,7 @@ fn is_local(address: &str) -> bool {
 /// Changes the fleet to `target` workers: starts new local ones, or drains and stops local ones
 /// (the newest first, so the longest-serving stay). Returns (started, stopped) ids.
 pub async fn scale(
-    engine: &Engine,
+    models: &Models,
     local: Option<&LocalWorkers>,
     spawned: &Spawned,
     target: usize,
@@ -44,6 +44,7 @@ pub async fn scale(
     if target == 0 {
         return Err(ServeError::InvalidArgument("workers must be at least 1".into()));
     }
+    let engine = models.primary();
     let fleet = engine.membership().workers();
     let mut started = Vec::new();
     let mut stopped = Vec::new();
@@ -78,7 +79,7 @@ pub async fn scale(
         }
         for w in candidates.into_iter().take(excess) {
             // Drained first, so no request in flight fails.
-            engine.drain(&w.id, Duration::from_secs(60)).await?;
+            models.engine_using(&w.id).drain(&w.id, Duration::from_secs(60)).await?;
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGTERM);
             stopped.push(w.id.clone());
             info!(worker = %w.id, pid = w.pid, "worker stopped by scale");
@@ -93,7 +94,7 @@ pub async fn scale(
     Ok((started, stopped))
 }
 
-async fn wait_for(engine: &Engine, within: Duration, done: impl Fn(&[String]) -> bool) -> Result<(), ServeError> {
+async fn wait_for(engine: &crate::engine::Engine, within: Duration, done: impl Fn(&[String]) -> bool) -> Result<(), ServeError> {
     let deadline = Instant::now() + within;
     loop {
         let ids: Vec<String> = engine.membership().workers().into_iter().map(|w| w.id).collect();

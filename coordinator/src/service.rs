@@ -1,6 +1,7 @@
 //! The coordinator's gRPC services: `Inference` for clients and `Admin` for operators.
 
-use crate::engine::{Engine, GenEvent, ServingState};
+use crate::engine::{GenEvent, ServingState};
+use crate::models::Models;
 use crate::error::ServeError;
 use crate::validate::validate;
 use shardserve_proto::v1 as pb;
@@ -10,8 +11,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-/// `Inference` over an [`Engine`].
-pub struct InferenceService(pub Arc<Engine>);
+/// `Inference` over the [`Models`] served.
+pub struct InferenceService(pub Arc<Models>);
 
 fn usage(prompt: usize, completion: usize) -> pb::Usage {
     pb::Usage {
@@ -27,11 +28,10 @@ impl pb::inference_server::Inference for InferenceService {
     #[instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
         let req = request.into_inner();
-        let model = self.0.model(&req.model)?;
+        let (engine, model) = self.0.find(&req.model)?;
         let valid = validate(&model, &req)?;
         let prompt_ids = valid.prompt_ids.clone();
         let (tx, mut rx) = mpsc::channel::<GenEvent>(64);
-        let engine = self.0.clone();
         let m = model.clone();
         let run = async move { engine.generate(&m, valid, tx).await };
         let collect = async {
@@ -60,7 +60,7 @@ impl pb::inference_server::Inference for InferenceService {
     #[instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let req = request.into_inner();
-        let model = self.0.model(&req.model)?;
+        let (engine, model) = self.0.find(&req.model)?;
         let valid = validate(&model, &req)?;
         // Fail before the stream opens when the model cannot serve, so the client sees the
         // status itself rather than an empty stream.
@@ -76,7 +76,6 @@ impl pb::inference_server::Inference for InferenceService {
         }
         let prompt_ids = valid.prompt_ids.clone();
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
-        let engine = self.0.clone();
         tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel::<GenEvent>(16);
             let run = engine.generate(&model, valid, tx);
@@ -123,7 +122,7 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let model = self.0.model(&req.model)?;
+        let (_, model) = self.0.find(&req.model)?;
         let token_ids = model
             .tokenizer
             .encode(&req.text)
@@ -136,12 +135,12 @@ impl pb::inference_server::Inference for InferenceService {
     }
 
     async fn list_models(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.0.models().iter().map(|m| model_info(m)).collect();
+        let models = self.0.engines().iter().map(|e| model_info(e.entry())).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }
 
-fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
+pub(crate) fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
     pb::ModelInfo {
         name: m.name.clone(),
         state: m.state().name().to_string(),
@@ -152,9 +151,9 @@ fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
     }
 }
 
-/// `Admin` over an [`Engine`], with the means to start local workers when it has them.
+/// `Admin` over the [`Models`] served, with the means to start local workers when it has them.
 pub struct AdminService {
-    pub engine: Arc<Engine>,
+    pub models: Arc<Models>,
     pub local: Option<crate::scale::LocalWorkers>,
     pub spawned: Arc<crate::scale::Spawned>,
 }
@@ -182,10 +181,11 @@ fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> 
 impl pb::admin_server::Admin for AdminService {
     async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let models = self
-            .engine
-            .models()
+            .models
+            .engines()
             .iter()
-            .map(|m| {
+            .map(|e| {
+                let m = e.entry();
                 let state = m.state();
                 let (stages, detail) = match &state {
                     ServingState::Ready(p) => (stage_infos(&p.stages), format!("{} requests in flight", m.active())),
@@ -200,19 +200,19 @@ impl pb::admin_server::Admin for AdminService {
             .collect();
         Ok(Response::new(pb::ClusterStatusResponse {
             models,
-            workers: self.engine.membership().workers().len() as u32,
-            membership: self.engine.membership().kind().to_string(),
-            role: self.engine.role().to_string(),
+            workers: self.models.primary().membership().workers().len() as u32,
+            membership: self.models.primary().membership().kind().to_string(),
+            role: self.models.primary().role().to_string(),
         }))
     }
 
     async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let mut workers = self.engine.membership().workers();
+        let mut workers = self.models.primary().membership().workers();
         let serving: Vec<(String, u32)> = self
-            .engine
-            .models()
+            .models
+            .engines()
             .iter()
-            .filter_map(|m| match m.state() {
+            .filter_map(|e| match e.entry().state() {
                 ServingState::Ready(p) => Some(p),
                 _ => None,
             })
@@ -224,7 +224,7 @@ impl pb::admin_server::Admin for AdminService {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let cordoned = self.engine.cordoned().await;
+        let cordoned = self.models.primary().cordoned().await;
         for w in &mut workers {
             w.stage = serving.iter().find(|(id, _)| *id == w.id).map(|(_, s)| *s);
             if cordoned.contains(&w.id) {
@@ -237,29 +237,38 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn cordon(&self, request: Request<pb::CordonRequest>) -> Result<Response<pb::CordonResponse>, Status> {
-        self.engine.cordon(&request.into_inner().worker_id, true).await?;
+        self.models.primary().cordon(&request.into_inner().worker_id, true).await?;
         Ok(Response::new(pb::CordonResponse {}))
     }
 
     async fn uncordon(&self, request: Request<pb::CordonRequest>) -> Result<Response<pb::CordonResponse>, Status> {
-        self.engine.cordon(&request.into_inner().worker_id, false).await?;
+        self.models.primary().cordon(&request.into_inner().worker_id, false).await?;
         Ok(Response::new(pb::CordonResponse {}))
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         let r = request.into_inner();
         let within = std::time::Duration::from_secs(if r.timeout_seconds == 0 { 60 } else { u64::from(r.timeout_seconds) });
-        let stages = self.engine.drain(&r.worker_id, within).await?;
+        let stages = self.models.engine_using(&r.worker_id).drain(&r.worker_id, within).await?;
         Ok(Response::new(pb::DrainResponse { stages: stage_infos(&stages) }))
     }
 
     async fn scale(&self, request: Request<pb::ScaleRequest>) -> Result<Response<pb::ScaleResponse>, Status> {
         let target = request.into_inner().workers as usize;
-        let (started, stopped) = crate::scale::scale(&self.engine, self.local.as_ref(), &self.spawned, target).await?;
+        let (started, stopped) = crate::scale::scale(&self.models, self.local.as_ref(), &self.spawned, target).await?;
         Ok(Response::new(pb::ScaleResponse {
-            workers: self.engine.membership().workers().len() as u32,
+            workers: self.models.primary().membership().workers().len() as u32,
             started,
             stopped,
         }))
+    }
+
+    async fn load_model(&self, request: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelResponse>, Status> {
+        Ok(Response::new(self.models.load(request.into_inner()).await?))
+    }
+
+    async fn unload_model(&self, request: Request<pb::UnloadModelRequest>) -> Result<Response<pb::UnloadModelResponse>, Status> {
+        let workers = self.models.unload(&request.into_inner().name).await?;
+        Ok(Response::new(pb::UnloadModelResponse { workers }))
     }
 }

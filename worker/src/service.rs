@@ -682,6 +682,22 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(pb::ReleaseResponse { released: released as u32 }))
     }
 
+    async fn unload(&self, request: Request<pb::UnloadRequest>) -> Result<Response<pb::UnloadResponse>, Status> {
+        let epoch = request.into_inner().epoch;
+        let unloaded = match self.state.current() {
+            Ok(l) if epoch == 0 || l.epoch == epoch => {
+                self.state.unload_if_current(&l);
+                if let Some(g) = &l.group {
+                    g.close();
+                }
+                info!(worker = %self.state.id, model = %l.model, "shard unloaded");
+                true
+            }
+            _ => false,
+        };
+        Ok(Response::new(pb::UnloadResponse { unloaded }))
+    }
+
     async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let seqs: Vec<Arc<Mutex<Sequence>>> = self.state.sequences.lock().expect("sequences lock").values().cloned().collect();
         let kv_bytes = seqs.iter().map(|s| s.lock().expect("sequence lock").kv.bytes()).sum();

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod demo;
 pub mod dev;
 pub mod generate;
+pub mod models;
 pub mod ops;
 pub mod plan;
 pub mod status;
@@ -51,6 +52,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure TTFT, inter-token latency and tokens/s of a running cluster.
     Bench(bench::BenchArgs),
+    /// List, load and unload the models served.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
     /// Developer tools.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -71,6 +75,7 @@ pub async fn main() -> i32 {
         Command::Scale(a) => ops::scale(a).await,
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::Models(m) => models::run(m).await,
         Command::Dev(d) => dev::run(d),
     };
     match result {

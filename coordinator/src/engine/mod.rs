@@ -148,6 +148,11 @@ impl ModelEntry {
         *self.state.write().expect("state lock") = s;
     }
 
+    /// Marks the model as no longer served.
+    pub(crate) fn set_unavailable(&self, why: String) {
+        self.set_state(ServingState::Unavailable(why));
+    }
+
     /// Not-ready state with the right flavour: loading until first ready, unavailable after.
     fn not_ready(&self, why: String) -> ServingState {
         if self.ever_ready.load(Ordering::SeqCst) {
@@ -228,6 +233,72 @@ pub struct Prepared {
     pub tokenizer: Tokenizer,
 }
 
+/// What the engines of one coordinator (one per model) share.
+#[derive(Default)]
+pub struct Shared {
+    /// Workers left out of plans (mirrored in etcd under `cordoned/` when membership is there).
+    cordoned: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Workers reserved for a model loaded at run time: worker id → model name.
+    pins: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Every engine, so each sees the workers the others use.
+    engines: RwLock<Vec<std::sync::Weak<Engine>>>,
+}
+
+impl Shared {
+    /// The engines still alive.
+    fn engines(&self) -> Vec<Arc<Engine>> {
+        self.engines.read().expect("engines lock").iter().filter_map(|e| e.upgrade()).collect()
+    }
+
+    /// Wakes every engine's planner (the fleet they may use changed).
+    pub fn wake_all(&self) {
+        for e in self.engines() {
+            e.broken.notify_one();
+        }
+    }
+
+    /// Reserves `ids` for `model`.
+    pub fn pin(&self, ids: &[String], model: &str) {
+        let mut pins = self.pins.lock().expect("pins lock");
+        for id in ids {
+            pins.insert(id.clone(), model.to_string());
+        }
+    }
+
+    /// Frees every worker reserved for `model`.
+    pub fn unpin(&self, model: &str) {
+        self.pins.lock().expect("pins lock").retain(|_, m| m != model);
+    }
+
+    /// Workers reserved for models other than `model`.
+    pub fn pinned_elsewhere(&self, model: &str) -> std::collections::HashSet<String> {
+        self.pins.lock().expect("pins lock").iter().filter(|(_, m)| *m != model).map(|(w, _)| w.clone()).collect()
+    }
+
+    /// Workers reserved for `model`.
+    pub fn pinned_to(&self, model: &str) -> Vec<String> {
+        self.pins.lock().expect("pins lock").iter().filter(|(_, m)| *m == model).map(|(w, _)| w.clone()).collect()
+    }
+
+    /// Workers that the placements of models other than `model` use, by model.
+    pub fn used_elsewhere(&self, model: &str) -> std::collections::HashMap<String, String> {
+        let mut out = std::collections::HashMap::new();
+        for e in self.engines() {
+            if e.model.name == model {
+                continue;
+            }
+            if let ServingState::Ready(p) = e.model.state() {
+                for st in &p.stages {
+                    for (id, _) in st.ranks() {
+                        out.insert(id.to_string(), e.model.name.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The engine.
 pub struct Engine {
     config: EngineConfig,
@@ -246,8 +317,10 @@ pub struct Engine {
     leader: std::sync::atomic::AtomicBool,
     /// Wakes the planner when leadership is won.
     elected: Notify,
-    /// Workers left out of plans (mirrored in etcd under `cordoned/` when membership is there).
-    cordoned: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Shared with the other models' engines: cordons, reservations, who uses which worker.
+    shared: Arc<Shared>,
+    /// Plans only over workers reserved for this model (a model loaded at run time).
+    pinned: bool,
     /// Workers being drained: the model moves off them once requests in flight are done.
     evicting: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Set while the model moves off cordoned workers: new requests wait for the new placement
@@ -266,6 +339,19 @@ impl Engine {
         config: EngineConfig,
         membership: Arc<dyn Membership>,
         etcd: Option<(Vec<String>, String)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::start_in(config, membership, etcd, Arc::default(), false, shutdown).await
+    }
+
+    /// Starts an engine that shares cordons and workers with others through `shared`;
+    /// `pinned`: it plans only over the workers reserved for its model.
+    pub async fn start_in(
+        config: EngineConfig,
+        membership: Arc<dyn Membership>,
+        etcd: Option<(Vec<String>, String)>,
+        shared: Arc<Shared>,
+        pinned: bool,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let c = config.clone();
@@ -301,7 +387,8 @@ impl Engine {
             broken: Notify::new(),
             leader: std::sync::atomic::AtomicBool::new(etcd_is_none),
             elected: Notify::new(),
-            cordoned: Default::default(),
+            shared: shared.clone(),
+            pinned,
             evicting: Default::default(),
             moving: Default::default(),
             placed: Notify::new(),
@@ -309,6 +396,7 @@ impl Engine {
             next_seq: AtomicU64::new(seed & 0x0fff_ffff_ffff_ffff),
             next_placement: AtomicU64::new(1),
         });
+        shared.engines.write().expect("engines lock").push(Arc::downgrade(&engine));
         if let Some((endpoints, cluster)) = engine.etcd.clone() {
             // Every coordinator serves; the elected one plans and the others follow its plan.
             let e = engine.clone();
@@ -330,6 +418,21 @@ impl Engine {
         }
         tokio::spawn(engine.clone().reconcile(shutdown));
         Ok(engine)
+    }
+
+    /// The model this engine serves.
+    pub fn entry(&self) -> &Arc<ModelEntry> {
+        &self.model
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// What it shares with the other models' engines.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The models served.
@@ -374,7 +477,16 @@ impl Engine {
             }
             let alive = self.membership.workers();
             let cordoned = self.cordoned().await;
-            let workers: Vec<pb::WorkerInfo> = alive.iter().filter(|w| !cordoned.contains(&w.id)).cloned().collect();
+            // Other models' workers are not ours to plan on: those reserved for them, and those
+            // their placements still use; a model loaded at run time plans only on its own.
+            let (elsewhere, used) = (self.shared.pinned_elsewhere(&self.model.name), self.shared.used_elsewhere(&self.model.name));
+            let mine = self.shared.pinned_to(&self.model.name);
+            let workers: Vec<pb::WorkerInfo> = alive
+                .iter()
+                .filter(|w| !cordoned.contains(&w.id) && !elsewhere.contains(&w.id) && !used.contains_key(&w.id))
+                .filter(|w| !self.pinned || mine.contains(&w.id))
+                .cloned()
+                .collect();
             let state = self.model.state();
             let mut healthy = match &state {
                 ServingState::Ready(p) => p
@@ -390,7 +502,7 @@ impl Engine {
             if let (true, ServingState::Ready(p)) = (healthy, &state) {
                 let on_cordoned = {
                     let evicting = self.evicting.lock().expect("evict lock");
-                    p.stages.iter().any(|s| s.ranks().any(|(id, _)| evicting.contains(id)))
+                    p.stages.iter().any(|s| s.ranks().any(|(id, _)| evicting.contains(id) || elsewhere.contains(id)))
                 };
                 if (on_cordoned && !workers.is_empty()) || self.differs_from_plan(p, &workers) {
                     // Let requests in flight finish on the old placement; new ones wait.
@@ -434,6 +546,8 @@ impl Engine {
                             self.model.set_state(ServingState::Ready(Arc::new(p)));
                             self.moving.store(false, Ordering::SeqCst);
                             self.placed.notify_waiters();
+                            // Other models may be waiting for workers this plan let go.
+                            self.shared.wake_all();
                             backoff = Duration::from_millis(250);
                         }
                         Err((why, permanent)) => {

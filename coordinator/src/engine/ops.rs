@@ -17,11 +17,11 @@ impl Engine {
                     .iter()
                     .filter_map(|kv| String::from_utf8_lossy(kv.key()).strip_prefix(&prefix).map(String::from))
                     .collect();
-                *self.cordoned.lock().expect("cordon lock") = set.clone();
+                *self.shared.cordoned.lock().expect("cordon lock") = set.clone();
                 return set;
             }
         }
-        self.cordoned.lock().expect("cordon lock").clone()
+        self.shared.cordoned.lock().expect("cordon lock").clone()
     }
 
     /// Cordons (`on`) or uncordons a worker of the fleet.
@@ -46,7 +46,7 @@ impl Engine {
             }
         }
         {
-            let mut set = self.cordoned.lock().expect("cordon lock");
+            let mut set = self.shared.cordoned.lock().expect("cordon lock");
             if on {
                 set.insert(id.to_string());
             } else {
@@ -54,7 +54,7 @@ impl Engine {
             }
         }
         info!(worker = %id, cordoned = on, "cordon changed");
-        self.broken.notify_one();
+        self.shared.wake_all();
         Ok(())
     }
 

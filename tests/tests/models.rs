@@ -1,0 +1,126 @@
+//! Several models on one coordinator: `shardctl models load` reserves workers for another model
+//! (taking them from the coordinator's own model, which moves off them without failing a
+//! request), both serve their own tokens, and `models unload` gives the workers back.
+
+use shardserve_proto::v1 as pb;
+use shardserve_tests::*;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+type Client = pb::inference_client::InferenceClient<tonic::transport::Channel>;
+
+async fn generate(c: &mut Client, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
+        .await
+        .expect("Generate did not answer within 60 s")
+        .map(|r| r.into_inner())
+}
+
+fn on(model: &str, mut req: pb::GenerateRequest) -> pb::GenerateRequest {
+    req.model = model.into();
+    req
+}
+
+async fn stages(cluster: &Cluster, model: &str) -> Vec<pb::StageInfo> {
+    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    s.models
+        .iter()
+        .find(|m| m.model.as_ref().is_some_and(|i| i.name == model))
+        .map(|m| m.stages.clone())
+        .unwrap_or_default()
+}
+
+fn shardctl_json(args: &[&str]) -> serde_json::Value {
+    let out = run_shardctl(args, &[], Duration::from_secs(120));
+    assert!(out.status.success(), "shardctl {args:?}: {}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_model_is_loaded_on_reserved_workers_and_unloaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = dir.path().to_str().unwrap().to_string();
+    let out = run_shardctl(&["dev", "tiny-model", "--arch", "llama", "--out", &llama, "--layers", "4", "--seed", "21"], &[], Duration::from_secs(60));
+    assert!(out.status.success(), "{}", out.stderr);
+    let prompt = "The quick brown fox";
+    let want_llama = {
+        let one = Cluster::new(dir.path()).start();
+        let mut c = one.client().await;
+        generate(&mut c, greedy(prompt, 16)).await.unwrap().token_ids
+    };
+
+    let primary = reference_model().to_str().unwrap().to_string();
+    let cluster = Cluster::new(reference_model()).workers(3).start();
+    let mut c = cluster.client().await;
+    assert_eq!(stages(&cluster, &primary).await.len(), 3);
+    let long = greedy("a", 200);
+    let want_long = generate(&mut c, long.clone()).await.unwrap().token_ids;
+
+    // Loading while a request streams: the primary gives up a worker once it is idle, and the
+    // request in flight finishes undisturbed.
+    let mut s = c.generate_stream(long).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap().unwrap();
+    let loaded = shardctl_json(&["models", "load", &llama, "--name", "llama", "--json", "--coordinator", &cluster.url]);
+    assert_eq!(loaded["model"]["state"], "ready", "{loaded}");
+    let reserved: Vec<String> = serde_json::from_value(loaded["workers"].clone()).unwrap();
+    assert_eq!(reserved.len(), 1);
+    let mut got = first.token_ids;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap() {
+        got.extend(m.token_ids);
+    }
+    assert_eq!(got, want_long, "the stream in flight was disturbed by the load");
+
+    // Both serve, each on its own workers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = stages(&cluster, &primary).await;
+        if !p.is_empty() && !p.iter().any(|s| s.worker_id == reserved[0]) {
+            assert_eq!(p.len(), 2, "{p:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the primary still uses {}: {p:?}", reserved[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let l = stages(&cluster, "llama").await;
+    assert_eq!(l.iter().map(|s| s.worker_id.clone()).collect::<Vec<_>>(), reserved);
+    assert_eq!(generate(&mut c, on("llama", greedy(prompt, 16))).await.unwrap().token_ids, want_llama);
+    for case in &reference_cases()[..2] {
+        assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+        assert_eq!(generate(&mut c, on(&primary, greedy(&case.prompt, 32))).await.unwrap().token_ids, case.new_ids);
+    }
+    let listed = shardctl_json(&["models", "list", "--json", "--coordinator", &cluster.url]);
+    let names: Vec<&str> = listed["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec![primary.as_str(), "llama"]);
+    let workers = cluster.workers_json();
+    assert!(workers["workers"].as_array().unwrap().iter().all(|w| w["state"] == "serving"), "{workers}");
+
+    // What cannot be done is refused with the reason.
+    let mut admin = cluster.admin().await;
+    let load = |name: &str, workers: u32| pb::LoadModelRequest { model: llama.clone(), name: name.into(), workers, ..Default::default() };
+    let e = admin.load_model(load("llama", 1)).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("already served"), "{e:?}");
+    let e = admin.load_model(load("big", 5)).await.unwrap_err();
+    assert!(e.code() == Code::ResourceExhausted && e.message().contains("add workers"), "{e:?}");
+    let e = admin
+        .load_model(pb::LoadModelRequest { model: "/nonexistent/model".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("/nonexistent/model"), "{e:?}");
+    let e = admin.unload_model(pb::UnloadModelRequest { name: primary.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = admin.unload_model(pb::UnloadModelRequest { name: "nobody".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Unloaded: its name is unknown at once, its worker drops the shard and goes back.
+    let unloaded = shardctl_json(&["models", "unload", "llama", "--json", "--coordinator", &cluster.url]);
+    assert_eq!(unloaded["workers"], serde_json::json!(reserved));
+    let e = generate(&mut c, on("llama", greedy(prompt, 4))).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stages(&cluster, &primary).await.len() != 3 {
+        assert!(Instant::now() < deadline, "the primary did not take the worker back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let case = &reference_cases()[3];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+}
