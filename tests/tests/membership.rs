@@ -297,3 +297,32 @@ async fn cordon_drain_and_scale_change_the_fleet_and_the_placement() {
     assert!(!stages(&cluster).await.iter().any(|s| s.worker_id == started));
     assert_eq!(generate(&mut c, greedy(&cases[2].prompt, 32)).await.unwrap().token_ids, cases[2].new_ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_asked_of_a_follower_coordinator_moves_the_leaders_plan() {
+    let etcd = Etcd::start();
+    let name = unique_cluster("drainf");
+    let model = reference_model();
+    let url_e = etcd.url();
+    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
+    let (_a, url_a) = spawn_coordinator(&args);
+    let _w1 = spare_worker(&etcd, &name, "w1", 2);
+    let _w2 = spare_worker(&etcd, &name, "w2", 2);
+    wait_ready(&url_a, Duration::from_secs(30)).await;
+    let (_b, url_b) = spawn_coordinator(&args);
+    wait_ready(&url_b, Duration::from_secs(30)).await;
+    assert_eq!(cluster_status(&url_b).await.role, "follower");
+    let st = cluster_status(&url_a).await.models[0].stages.clone();
+    assert_eq!(st.len(), 2, "{st:?}");
+    let victim = st[1].worker_id.clone();
+    // Asked of the follower; it is the leader that plans, and it moves off the worker.
+    let drained = shardctl_ok(&["drain", &victim, "--timeout-s", "20", "--json", "--coordinator", &url_b]);
+    assert_eq!(drained["state"], "drained", "{drained}");
+    for url in [&url_a, &url_b] {
+        let st = cluster_status(url).await.models[0].stages.clone();
+        assert!(!st.is_empty() && st.iter().all(|s| s.worker_id != victim), "{url}: {st:?}");
+    }
+    let mut c = pb::inference_client::InferenceClient::connect(url_b.clone()).await.unwrap();
+    let case = &reference_cases()[4];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+}

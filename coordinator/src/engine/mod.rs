@@ -321,7 +321,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     /// Plans only over workers reserved for this model (a model loaded at run time).
     pinned: bool,
-    /// Workers being drained: the model moves off them once requests in flight are done.
+    /// Workers being drained: the model moves off them once requests in flight are done
+    /// (mirrors `draining/` in etcd).
     evicting: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Set while the model moves off cordoned workers: new requests wait for the new placement
     /// instead of starting on the old one.
@@ -501,8 +502,8 @@ impl Engine {
             let mut move_wanted = false;
             if let (true, ServingState::Ready(p)) = (healthy, &state) {
                 let on_cordoned = {
-                    let evicting = self.evicting.lock().expect("evict lock");
-                    p.stages.iter().any(|s| s.ranks().any(|(id, _)| evicting.contains(id) || elsewhere.contains(id)))
+                    let draining = self.draining().await;
+                    p.stages.iter().any(|s| s.ranks().any(|(id, _)| draining.contains(id) || elsewhere.contains(id)))
                 };
                 if (on_cordoned && !workers.is_empty()) || self.differs_from_plan(p, &workers) {
                     // Let requests in flight finish on the old placement; new ones wait.
@@ -572,6 +573,8 @@ impl Engine {
                 r = changes.changed() => if r.is_err() { return },
                 _ = self.broken.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)), if replan_pending || self.unpublished() => {}
+                // Cordons and drains may be set through another coordinator: read etcd again.
+                _ = tokio::time::sleep(Duration::from_secs(1)), if self.etcd.is_some() => {}
             }
         }
     }

@@ -3,10 +3,11 @@
 use super::*;
 
 impl Engine {
-    /// The workers left out of plans.
-    pub async fn cordoned(&self) -> std::collections::BTreeSet<String> {
+    /// The workers marked under `sub/` in etcd (the cluster-wide truth, so every coordinator
+    /// sees what any of them set), or `local` without etcd; `local` mirrors etcd when read.
+    async fn marked(&self, sub: &str, local: &std::sync::Mutex<std::collections::BTreeSet<String>>) -> std::collections::BTreeSet<String> {
         if let Some((_, cluster)) = &self.etcd {
-            let prefix = format!("{}cordoned/", shardserve::membership::prefix(cluster));
+            let prefix = format!("{}{sub}/", shardserve::membership::prefix(cluster));
             let read = async {
                 let mut c = self.etcd_client().await.expect("etcd is configured")?;
                 c.get(prefix.as_str(), Some(shardserve::membership::etcd_client::GetOptions::new().with_prefix())).await
@@ -17,20 +18,18 @@ impl Engine {
                     .iter()
                     .filter_map(|kv| String::from_utf8_lossy(kv.key()).strip_prefix(&prefix).map(String::from))
                     .collect();
-                *self.shared.cordoned.lock().expect("cordon lock") = set.clone();
+                *local.lock().expect("mark lock") = set.clone();
                 return set;
             }
         }
-        self.shared.cordoned.lock().expect("cordon lock").clone()
+        local.lock().expect("mark lock").clone()
     }
 
-    /// Cordons (`on`) or uncordons a worker of the fleet.
-    pub async fn cordon(&self, id: &str, on: bool) -> Result<(), ServeError> {
-        if on && !self.membership.workers().iter().any(|w| w.id == id) {
-            return Err(ServeError::NotFound(format!("worker {id:?} is not in the fleet")));
-        }
+    /// Marks (`on`) or unmarks worker `id` under `sub/`: in etcd when membership is there, and
+    /// in `local`.
+    async fn mark(&self, sub: &str, local: &std::sync::Mutex<std::collections::BTreeSet<String>>, id: &str, on: bool) -> Result<(), ServeError> {
         if let Some((_, cluster)) = &self.etcd {
-            let key = format!("{}cordoned/{id}", shardserve::membership::prefix(cluster));
+            let key = format!("{}{sub}/{id}", shardserve::membership::prefix(cluster));
             let write = async {
                 let mut c = self.etcd_client().await.expect("etcd is configured")?;
                 if on {
@@ -45,14 +44,32 @@ impl Engine {
                 Err(_) => return Err(ServeError::Unavailable("etcd did not answer within 5 s".into())),
             }
         }
-        {
-            let mut set = self.shared.cordoned.lock().expect("cordon lock");
-            if on {
-                set.insert(id.to_string());
-            } else {
-                set.remove(id);
-            }
+        let mut set = local.lock().expect("mark lock");
+        if on {
+            set.insert(id.to_string());
+        } else {
+            set.remove(id);
         }
+        Ok(())
+    }
+
+    /// The workers left out of plans.
+    pub async fn cordoned(&self) -> std::collections::BTreeSet<String> {
+        self.marked("cordoned", &self.shared.cordoned).await
+    }
+
+    /// The workers being drained: the model moves off them once no request is in flight. Kept
+    /// in etcd too, so a drain asked of a follower coordinator moves the leader's plan.
+    pub(super) async fn draining(&self) -> std::collections::BTreeSet<String> {
+        self.marked("draining", &self.evicting).await
+    }
+
+    /// Cordons (`on`) or uncordons a worker of the fleet.
+    pub async fn cordon(&self, id: &str, on: bool) -> Result<(), ServeError> {
+        if on && !self.membership.workers().iter().any(|w| w.id == id) {
+            return Err(ServeError::NotFound(format!("worker {id:?} is not in the fleet")));
+        }
+        self.mark("cordoned", &self.shared.cordoned, id, on).await?;
         info!(worker = %id, cordoned = on, "cordon changed");
         self.shared.wake_all();
         Ok(())
@@ -62,24 +79,27 @@ impl Engine {
     /// placement no longer uses it.
     pub async fn drain(&self, id: &str, within: Duration) -> Result<Vec<StageAssignment>, ServeError> {
         self.cordon(id, true).await?;
-        self.evicting.lock().expect("evict lock").insert(id.to_string());
-        self.broken.notify_one();
+        self.mark("draining", &self.evicting, id, true).await?;
+        self.shared.wake_all();
         let deadline = tokio::time::Instant::now() + within;
-        loop {
+        let outcome = loop {
             if let ServingState::Ready(p) = self.model.state() {
                 if !p.stages.iter().any(|s| s.uses(id)) {
-                    self.evicting.lock().expect("evict lock").remove(id);
-                    return Ok(p.stages.clone());
+                    break Ok(p.stages.clone());
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                self.evicting.lock().expect("evict lock").remove(id);
-                return Err(ServeError::DeadlineExceeded(format!(
+                break Err(ServeError::DeadlineExceeded(format!(
                     "worker {id} still holds part of the model after {within:?} ({} requests in flight)",
                     self.model.active()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Cordoned it stays; the move is done (or given up).
+        if let Err(e) = self.mark("draining", &self.evicting, id, false).await {
+            warn!(worker = %id, error = %e, "clearing the drain mark failed");
         }
+        outcome
     }
 }
