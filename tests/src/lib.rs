@@ -529,3 +529,53 @@ pub async fn cluster_status(url: &str) -> pb::ClusterStatusResponse {
         .expect("connect");
     a.cluster_status(pb::ClusterStatusRequest {}).await.expect("ClusterStatus").into_inner()
 }
+
+/// A client of the coordinator's Inference API.
+pub type Client = pb::inference_client::InferenceClient<tonic::transport::Channel>;
+
+/// `Generate`, bounded: panics when no answer comes within 60 s.
+pub async fn generate(c: &mut Client, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
+        .await
+        .expect("Generate did not answer within 60 s")
+        .map(|r| r.into_inner())
+}
+
+/// A seeded sampling request (temperature, top-p and repetition penalty all in play).
+pub fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        max_new_tokens: Some(20),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(1.3),
+            top_k: Some(0),
+            top_p: Some(0.97),
+            repetition_penalty: Some(1.1),
+            seed: Some(seed),
+        }),
+        ..Default::default()
+    }
+}
+
+
+/// The placement of the coordinator's (first) model.
+pub async fn placement(cluster: &Cluster) -> Vec<pb::StageInfo> {
+    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    s.models[0].stages.clone()
+}
+
+
+/// Waits (5 s at most) until every worker at `addresses` holds no sequence and no KV cache.
+pub async fn wait_no_sequences(addresses: &[String]) {
+    for addr in addresses {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let st = Cluster::worker_stats(addr).await;
+            if st.sequences == 0 && st.kv_bytes == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stage at {addr} still holds {} sequences ({} KV bytes)", st.sequences, st.kv_bytes);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

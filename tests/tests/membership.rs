@@ -6,13 +6,6 @@ use shardserve_tests::*;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-async fn generate(c: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
-    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
-        .await
-        .expect("Generate did not answer within 60 s")
-        .map(|r| r.into_inner())
-}
-
 async fn stages(cluster: &Cluster) -> Vec<pb::StageInfo> {
     let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
     s.models[0].stages.clone()

@@ -7,15 +7,6 @@ use shardserve_tests::*;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-type Client = pb::inference_client::InferenceClient<tonic::transport::Channel>;
-
-async fn generate(c: &mut Client, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
-    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
-        .await
-        .expect("Generate did not answer within 60 s")
-        .map(|r| r.into_inner())
-}
-
 fn on(model: &str, mut req: pb::GenerateRequest) -> pb::GenerateRequest {
     req.model = model.into();
     req

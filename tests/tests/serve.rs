@@ -7,13 +7,6 @@ use shardserve_tests::*;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-async fn generate(c: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
-    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
-        .await
-        .expect("Generate did not answer within 60 s")
-        .map(|r| r.into_inner())
-}
-
 /// Collects a stream into (text, token_ids, prompt_token_ids, finish_reason, completion_tokens).
 async fn stream_all(
     c: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>,
@@ -407,8 +400,10 @@ async fn streamed_tokens_arrive_as_they_are_generated() {
     }
     assert!(arrivals.len() >= 16, "only {} messages", arrivals.len());
     assert!(arrivals.iter().all(|(_, n)| *n == 1), "tokens were batched into messages");
-    let mut gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].0 - w[0].0).collect();
-    gaps.sort();
-    let median = gaps[gaps.len() / 2];
-    assert!(median > Duration::from_micros(200), "tokens arrived in bursts: median gap {median:?}, gaps {gaps:?}");
+    // Held back, every message after the first arrives in one burst at the end (gaps of a few
+    // microseconds); sent as generated, most gaps are a step long. A loaded machine may bunch
+    // a few, hence the margin.
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    let spaced = gaps.iter().filter(|g| **g > Duration::from_micros(200)).count();
+    assert!(spaced * 4 >= gaps.len(), "tokens arrived in bursts: only {spaced} of {} gaps over 200 µs: {gaps:?}", gaps.len());
 }

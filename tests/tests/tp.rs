@@ -8,35 +8,6 @@ use shardserve_tests::*;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-type Client = pb::inference_client::InferenceClient<tonic::transport::Channel>;
-
-async fn generate(c: &mut Client, req: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
-    tokio::time::timeout(Duration::from_secs(60), c.generate(req))
-        .await
-        .expect("Generate did not answer within 60 s")
-        .map(|r| r.into_inner())
-}
-
-fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: prompt.into(),
-        max_new_tokens: Some(20),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(1.2),
-            top_k: Some(0),
-            top_p: Some(0.95),
-            repetition_penalty: Some(1.1),
-            seed: Some(seed),
-        }),
-        ..Default::default()
-    }
-}
-
-async fn placement(cluster: &Cluster) -> Vec<pb::StageInfo> {
-    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
-    s.models[0].stages.clone()
-}
-
 /// Every worker of the placement, stage by stage and rank by rank: (id, address, pid).
 fn ranks(cluster: &Cluster, stages: &[pb::StageInfo]) -> Vec<Vec<(String, String, u32)>> {
     let workers = cluster.workers_json();
@@ -48,20 +19,6 @@ fn ranks(cluster: &Cluster, stages: &[pb::StageInfo]) -> Vec<Vec<(String, String
         .iter()
         .map(|s| std::iter::once(&s.worker_id).chain(&s.ranks).map(|id| find(id)).collect())
         .collect()
-}
-
-async fn wait_no_sequences(addresses: &[String]) {
-    for addr in addresses {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let st = Cluster::worker_stats(addr).await;
-            if st.sequences == 0 && st.kv_bytes == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "rank at {addr} still holds {} sequences ({} KV bytes)", st.sequences, st.kv_bytes);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// Checks the placement is `stages` groups of `tp` ranks whose shards say so, no final norm
