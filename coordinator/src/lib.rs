@@ -48,9 +48,8 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
             .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", config.etcd.join(",")))?;
         (fleet, Some((config.etcd.clone(), config.cluster.clone())))
     };
-    let is_etcd = etcd.is_some();
-    let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd, shutdown.clone()).await?;
-    let models = models::Models::new(engine.clone(), fleet, is_etcd, shutdown.clone());
+    let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd.clone(), shutdown.clone()).await?;
+    let models = models::Models::new(engine.clone(), fleet, etcd, shutdown.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

@@ -3,6 +3,10 @@
 //! workers reserved for it, taken from the free workers first and then from the coordinator's
 //! own model, which moves off them (once no request is in flight) as it does off a drained
 //! worker. Unloading a model gives its workers back.
+//!
+//! With etcd, the models loaded at run time are kept under `models/<name>` (the request and the
+//! workers reserved), written by the leader; every coordinator runs an engine for each, which
+//! plans while that coordinator leads and otherwise serves the placement the leader publishes.
 
 use crate::engine::{Engine, EngineConfig, ModelEntry, ServingState};
 use crate::error::ServeError;
@@ -19,12 +23,25 @@ struct Loaded {
     stop: CancellationToken,
 }
 
+/// A model loaded at run time, as kept in etcd.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    model: String,
+    revision: String,
+    name: String,
+    workers: usize,
+    tp: usize,
+    dtype: String,
+    /// The workers reserved for it.
+    pinned: Vec<String>,
+}
+
 /// Every model served here.
 pub struct Models {
     primary: Arc<Engine>,
     loaded: Mutex<Vec<Loaded>>,
     membership: Arc<dyn Membership>,
-    etcd: bool,
+    etcd: Option<(Vec<String>, String)>,
     shutdown: CancellationToken,
     /// One load or unload at a time: each looks at which workers are free.
     changing: tokio::sync::Mutex<()>,
@@ -35,15 +52,113 @@ const UNLOAD_WAIT: Duration = Duration::from_secs(30);
 
 impl Models {
     /// The coordinator's own model (`primary`), and none loaded yet.
-    pub fn new(primary: Arc<Engine>, membership: Arc<dyn Membership>, etcd: bool, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(Models {
+    pub fn new(
+        primary: Arc<Engine>,
+        membership: Arc<dyn Membership>,
+        etcd: Option<(Vec<String>, String)>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let models = Arc::new(Models {
             primary,
             loaded: Mutex::new(Vec::new()),
             membership,
             etcd,
             shutdown,
             changing: tokio::sync::Mutex::new(()),
-        })
+        });
+        if models.etcd.is_some() {
+            tokio::spawn(models.clone().sync());
+        }
+        models
+    }
+
+    fn records_prefix(&self) -> Option<String> {
+        self.etcd.as_ref().map(|(_, cluster)| format!("{}models/", shardserve::membership::prefix(cluster)))
+    }
+
+    async fn etcd_client(&self) -> Result<shardserve::membership::etcd_client::Client, ServeError> {
+        let (endpoints, _) = self.etcd.as_ref().ok_or_else(|| ServeError::Internal("no etcd".into()))?;
+        tokio::time::timeout(Duration::from_secs(5), shardserve::membership::connect(endpoints))
+            .await
+            .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
+            .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))
+    }
+
+    /// The records in etcd, by name.
+    async fn records(&self) -> Result<Vec<Record>, ServeError> {
+        let prefix = self.records_prefix().unwrap_or_default();
+        let mut c = self.etcd_client().await?;
+        let opts = shardserve::membership::etcd_client::GetOptions::new().with_prefix();
+        let resp = tokio::time::timeout(Duration::from_secs(5), c.get(prefix.as_str(), Some(opts)))
+            .await
+            .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
+            .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+        Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
+    }
+
+    /// With etcd: keeps an engine running for every model loaded at run time by any
+    /// coordinator, and none for the unloaded ones.
+    async fn sync(self: Arc<Self>) {
+        let mut failed: Vec<Record> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let Ok(records) = self.records().await else { continue };
+            let _one_at_a_time = self.changing.lock().await;
+            let running: Vec<String> = self.loaded.lock().expect("models lock").iter().map(|l| l.engine.entry().name.clone()).collect();
+            for r in &records {
+                if !running.contains(&r.name) && !failed.contains(r) {
+                    if let Err(e) = self.start_engine(r).await {
+                        tracing::warn!(model = %r.name, error = %e.to_string(), "cannot serve a model loaded elsewhere");
+                        failed.push(r.clone());
+                    }
+                }
+            }
+            for name in running {
+                if !records.iter().any(|r| r.name == name) {
+                    self.stop_engine(&name, false).await;
+                }
+            }
+        }
+    }
+
+    /// Starts the engine of a model loaded at run time, on the workers reserved for it.
+    async fn start_engine(&self, r: &Record) -> Result<Arc<Engine>, ServeError> {
+        let config = EngineConfig {
+            model: r.model.clone(),
+            revision: (!r.revision.is_empty()).then(|| r.revision.clone()),
+            name: r.name.clone(),
+            dtype: r.dtype.clone(),
+            workers: r.workers,
+            tp: r.tp,
+            random_weights: false,
+            max_memory: None,
+            device_map: None,
+            ..self.primary.config().clone()
+        };
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || crate::engine::preflight(&c))
+            .await
+            .map_err(|e| ServeError::Internal(format!("checking the model: {e}")))?
+            .map_err(|e| ServeError::InvalidArgument(format!("{}: {e:#}", r.model)))?;
+        let shared = self.primary.shared().clone();
+        shared.pin(&r.pinned, &r.name);
+        let stop = self.shutdown.child_token();
+        let started = Engine::start_in(config, self.membership.clone(), self.etcd.clone(), shared.clone(), Some(self.primary.clone()), stop.clone()).await;
+        let engine = match started {
+            Ok(e) => e,
+            Err(e) => {
+                shared.unpin(&r.name);
+                return Err(ServeError::InvalidArgument(format!("{}: {e:#}", r.model)));
+            }
+        };
+        info!(model = %r.name, workers = ?r.pinned, "serving a model loaded at run time");
+        self.loaded.lock().expect("models lock").push(Loaded { engine: engine.clone(), stop });
+        // The coordinator's own model moves off the reserved workers.
+        shared.wake_all();
+        Ok(engine)
     }
 
     /// The engine of the model the coordinator was started with.
@@ -85,9 +200,9 @@ impl Models {
 
     /// Serves another model on workers reserved for it.
     pub async fn load(&self, req: pb::LoadModelRequest) -> Result<pb::LoadModelResponse, ServeError> {
-        if self.etcd {
+        if self.etcd.is_some() && !self.primary.is_leader() {
             return Err(ServeError::Loading(
-                "loading models at run time needs embedded membership in this version (with etcd, start a coordinator per model)".into(),
+                "this coordinator is a follower: load models through the leader (shardctl status shows the role)".into(),
             ));
         }
         if req.model.is_empty() {
@@ -102,40 +217,38 @@ impl Models {
         if self.engines().iter().any(|e| e.entry().name == name) {
             return Err(ServeError::InvalidArgument(format!("a model named {name:?} is already served")));
         }
-        let config = EngineConfig {
+        let c = EngineConfig {
             model: req.model.clone(),
             revision: (!req.revision.is_empty()).then(|| req.revision.clone()),
-            name: name.clone(),
             dtype: if req.dtype.is_empty() { "auto".into() } else { req.dtype.clone() },
-            workers,
             tp,
-            random_weights: false,
-            max_memory: None,
-            device_map: None,
             ..self.primary.config().clone()
         };
-        let c = config.clone();
+        // Checked before any worker is reserved, so a bad model takes nothing.
         tokio::task::spawn_blocking(move || crate::engine::preflight(&c))
             .await
             .map_err(|e| ServeError::Internal(format!("checking the model: {e}")))?
             .map_err(|e| ServeError::InvalidArgument(format!("{}: {e:#}", req.model)))?;
-        let chosen = self.choose_workers(workers).await?;
-        let shared = self.primary.shared().clone();
-        shared.pin(&chosen, &name);
-        let stop = self.shutdown.child_token();
-        let engine = match Engine::start_in(config, self.membership.clone(), None, shared.clone(), true, stop.clone()).await {
-            Ok(e) => e,
-            Err(e) => {
-                shared.unpin(&name);
-                return Err(ServeError::InvalidArgument(format!("{}: {e:#}", req.model)));
-            }
+        let record = Record {
+            model: req.model.clone(),
+            revision: req.revision.clone(),
+            name: name.clone(),
+            workers,
+            tp,
+            dtype: if req.dtype.is_empty() { "auto".into() } else { req.dtype.clone() },
+            pinned: self.choose_workers(workers).await?,
         };
-        info!(model = %name, workers = ?chosen, "model loaded at run time");
-        let info = crate::service::model_info(engine.entry());
-        self.loaded.lock().expect("models lock").push(Loaded { engine, stop });
-        // The coordinator's own model moves off the reserved workers.
-        shared.wake_all();
-        Ok(pb::LoadModelResponse { model: Some(info), workers: chosen })
+        if let Some(prefix) = self.records_prefix() {
+            // Kept in etcd first: every coordinator (and a future leader) serves it from there.
+            let mut c = self.etcd_client().await?;
+            let value = serde_json::to_string(&record).map_err(|e| ServeError::Internal(e.to_string()))?;
+            tokio::time::timeout(Duration::from_secs(5), c.put(format!("{prefix}{}", name.replace('/', "--")), value, None))
+                .await
+                .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
+                .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+        }
+        let engine = self.start_engine(&record).await?;
+        Ok(pb::LoadModelResponse { model: Some(crate::service::model_info(engine.entry())), workers: record.pinned })
     }
 
     /// Picks `n` workers for a new model: free ones first, then from the coordinator's own
@@ -179,22 +292,44 @@ impl Models {
                 "{name:?} is the model this coordinator was started with; stop the coordinator to stop serving it"
             )));
         }
+        if !self.loaded.lock().expect("models lock").iter().any(|l| l.engine.entry().name == name) {
+            return Err(ServeError::NotFound(format!("model {name:?} is not served here")));
+        }
+        if let Some(prefix) = self.records_prefix() {
+            if !self.primary.is_leader() {
+                return Err(ServeError::Loading(
+                    "this coordinator is a follower: unload models through the leader (shardctl status shows the role)".into(),
+                ));
+            }
+            let mut c = self.etcd_client().await?;
+            tokio::time::timeout(Duration::from_secs(5), c.delete(format!("{prefix}{}", name.replace('/', "--")), None))
+                .await
+                .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
+                .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+        }
+        Ok(self.stop_engine(name, true).await)
+    }
+
+    /// Stops serving `name`; `release`: also wait for its requests and have its workers drop
+    /// their shards (the coordinator that unloads it does; the others only stop). Returns the
+    /// workers it had reserved.
+    async fn stop_engine(&self, name: &str, release: bool) -> Vec<String> {
         let loaded = {
             let mut all = self.loaded.lock().expect("models lock");
-            let i = all.iter().position(|l| l.engine.entry().name == name).ok_or_else(|| {
-                ServeError::NotFound(format!("model {name:?} is not served here"))
-            })?;
-            all.remove(i)
+            match all.iter().position(|l| l.engine.entry().name == name) {
+                Some(i) => all.remove(i),
+                None => return Vec::new(),
+            }
         };
         let entry = loaded.engine.entry().clone();
-        let deadline = tokio::time::Instant::now() + UNLOAD_WAIT;
+        let deadline = tokio::time::Instant::now() + if release { UNLOAD_WAIT } else { Duration::ZERO };
         while entry.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         loaded.stop.cancel();
         let shared = self.primary.shared().clone();
         let workers = shared.pinned_to(name);
-        if let ServingState::Ready(p) = entry.state() {
+        if let (true, ServingState::Ready(p)) = (release, entry.state()) {
             let mut ranks: Vec<(String, String)> = Vec::new();
             for st in &p.stages {
                 ranks.push((st.worker_id.clone(), st.address.clone()));
@@ -214,6 +349,6 @@ impl Models {
         shared.unpin(name);
         shared.wake_all();
         info!(model = %name, workers = ?workers, "model unloaded");
-        Ok(workers)
+        workers
     }
 }

@@ -115,3 +115,63 @@ async fn a_second_model_is_loaded_on_reserved_workers_and_unloaded_again() {
     let case = &reference_cases()[3];
     assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_every_coordinator_serves_a_model_the_leader_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = dir.path().to_str().unwrap().to_string();
+    let out = run_shardctl(&["dev", "tiny-model", "--arch", "llama", "--out", &llama, "--layers", "4", "--seed", "22"], &[], Duration::from_secs(60));
+    assert!(out.status.success(), "{}", out.stderr);
+    let prompt = "Once upon a time";
+    let want_llama = {
+        let one = Cluster::new(dir.path()).start();
+        let mut c = one.client().await;
+        generate(&mut c, greedy(prompt, 16)).await.unwrap().token_ids
+    };
+    let etcd = Etcd::start();
+    let name = unique_cluster("models");
+    let model = reference_model();
+    let url_e = etcd.url();
+    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
+    let (_a, leader) = spawn_coordinator(&args);
+    let _w = ["w1", "w2", "w3"].map(|id| spare_worker(&etcd, &name, id, 2));
+    let ready = |url: String, model: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = cluster_status(&url).await;
+            if s.models.iter().any(|m| m.model.as_ref().is_some_and(|i| i.name == model && i.state == "ready")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{model} not ready on {url}: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let primary = model.to_str().unwrap().to_string();
+    ready(leader.clone(), primary.clone()).await;
+    let (_b, follower) = spawn_coordinator(&args);
+    ready(follower.clone(), primary.clone()).await;
+    assert_eq!(cluster_status(&follower).await.role, "follower");
+
+    // Loading goes through the leader; the follower says so.
+    let out = run_shardctl(&["models", "load", &llama, "--name", "llama", "--coordinator", &follower], &[], Duration::from_secs(60));
+    assert!(!out.status.success() && out.stderr.contains("follower"), "{}", out.stderr);
+    let loaded = shardctl_json(&["models", "load", &llama, "--name", "llama", "--json", "--coordinator", &leader]);
+    assert_eq!(loaded["model"]["state"], "ready", "{loaded}");
+    // The follower serves it too, on the leader's placement.
+    ready(follower.clone(), "llama".into()).await;
+    let mut c = pb::inference_client::InferenceClient::connect(follower.clone()).await.unwrap();
+    assert_eq!(generate(&mut c, on("llama", greedy(prompt, 16))).await.unwrap().token_ids, want_llama);
+    let case = &reference_cases()[5];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+
+    // Unloaded through the leader: gone everywhere.
+    shardctl_json(&["models", "unload", "llama", "--json", "--coordinator", &leader]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match generate(&mut c, on("llama", greedy(prompt, 2))).await {
+            Err(e) if e.code() == Code::NotFound => break,
+            other => assert!(Instant::now() < deadline, "the follower still serves llama: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -342,19 +342,21 @@ impl Engine {
         etcd: Option<(Vec<String>, String)>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        Self::start_in(config, membership, etcd, Arc::default(), false, shutdown).await
+        Self::start_in(config, membership, etcd, Arc::default(), None, shutdown).await
     }
 
-    /// Starts an engine that shares cordons and workers with others through `shared`;
-    /// `pinned`: it plans only over the workers reserved for its model.
+    /// Starts an engine that shares cordons and workers with others through `shared`. With
+    /// `primary` (a model loaded at run time) it plans only over the workers reserved for its
+    /// model, and with etcd it leads exactly when the coordinator's own engine does.
     pub async fn start_in(
         config: EngineConfig,
         membership: Arc<dyn Membership>,
         etcd: Option<(Vec<String>, String)>,
         shared: Arc<Shared>,
-        pinned: bool,
+        primary: Option<Arc<Engine>>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
+        let pinned = primary.is_some();
         let c = config.clone();
         let Prepared { files, config: cfg, shape, dtype_bytes, generation, tokenizer } =
             tokio::task::spawn_blocking(move || preflight(&c)).await??;
@@ -398,7 +400,25 @@ impl Engine {
             next_placement: AtomicU64::new(1),
         });
         shared.engines.write().expect("engines lock").push(Arc::downgrade(&engine));
-        if let Some((endpoints, cluster)) = engine.etcd.clone() {
+        if let (Some((_, cluster)), Some(primary)) = (engine.etcd.clone(), primary) {
+            // One election per coordinator: this model's engine follows the primary's role.
+            let (e, stop) = (Arc::downgrade(&engine), shutdown.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let Some(e) = e.upgrade() else { return };
+                    let leading = primary.is_leader();
+                    if e.leader.swap(leading, Ordering::SeqCst) != leading && leading {
+                        e.elected.notify_one();
+                    }
+                    drop(e);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            });
+            tokio::spawn(engine.clone().follow(cluster, shutdown.clone()));
+        } else if let Some((endpoints, cluster)) = engine.etcd.clone() {
             // Every coordinator serves; the elected one plans and the others follow its plan.
             let e = engine.clone();
             let value = format!("coordinator pid {}", std::process::id());
@@ -520,12 +540,15 @@ impl Engine {
             // Recomputed on every pass, so a move that is no longer wanted never holds requests.
             self.moving.store(move_wanted, Ordering::SeqCst);
             if !healthy {
-                if let ServingState::Ready(p) = &state {
+                // A planned move (the fleet grew, a drain, another model's reservation) is not a
+                // loss; a placement whose workers are gone is.
+                let planned = matches!(self.model.state(), ServingState::Unavailable(ref why) if why.starts_with("re-planning"));
+                if let (ServingState::Ready(p), false) = (&state, planned) {
                     let gone: Vec<&str> = p
                         .stages
                         .iter()
                         .flat_map(|s| s.ranks())
-                        .filter(|(id, _)| !workers.iter().any(|w| w.id == *id))
+                        .filter(|(id, _)| !alive.iter().any(|w| w.id == *id))
                         .map(|(id, _)| id)
                         .collect();
                     let why = format!("worker(s) {} left the fleet", gone.join(", "));
