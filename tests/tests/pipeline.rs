@@ -232,3 +232,42 @@ async fn placement_inputs_are_checked_before_anything_loads() {
     let case = &reference_cases()[3];
     assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_worker_that_cannot_load_is_left_out_and_the_model_keeps_serving() {
+    // The model is named by a relative path, which a worker started elsewhere cannot resolve:
+    // a joiner that has not got the model.
+    let here = std::env::current_dir().unwrap();
+    let model = reference_model().canonicalize().unwrap();
+    let relative = format!("{}{}", "../".repeat(here.components().count() - 1), model.strip_prefix("/").unwrap().display());
+    let cluster = Cluster::new(&relative).workers(2).start();
+    let mut c = cluster.client().await;
+    let cases = reference_cases();
+    assert_eq!(generate(&mut c, greedy(&cases[0].prompt, 32)).await.unwrap().token_ids, cases[0].new_ids);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let deep = elsewhere.path().join("a/b/c/d/e/f/g/h/i/j/k/l");
+    std::fs::create_dir_all(&deep).unwrap();
+    let _joiner = Proc(
+        std::process::Command::new(bin("worker"))
+            .args(["--coordinator", &cluster.url, "--listen", "127.0.0.1:0", "--id", "joiner"])
+            .current_dir(&deep)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The coordinator tries the larger fleet, the joiner fails, and the model goes back to the
+    // two that work — serving the right tokens throughout, never UNAVAILABLE for good.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Whatever else it says, the coordinator names the joiner when its load fails.
+    while !cluster.stderr().contains("joiner") {
+        assert!(Instant::now() < deadline, "the joiner was never tried: {}", cluster.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for case in &cases[1..4] {
+        assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+    }
+    let p = placement(&cluster).await;
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p.iter().all(|s| s.worker_id != "joiner"), "{p:?}");
+}

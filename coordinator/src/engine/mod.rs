@@ -319,6 +319,8 @@ pub struct Engine {
     elected: Notify,
     /// Shared with the other models' engines: cordons, reservations, who uses which worker.
     shared: Arc<Shared>,
+    /// Workers that failed to load a shard, left out of plans until the instant given.
+    quarantined: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Plans only over workers reserved for this model (a model loaded at run time).
     pinned: bool,
     /// Workers being drained: the model moves off them once requests in flight are done
@@ -391,6 +393,7 @@ impl Engine {
             leader: std::sync::atomic::AtomicBool::new(etcd_is_none),
             elected: Notify::new(),
             shared: shared.clone(),
+            quarantined: Default::default(),
             pinned,
             evicting: Default::default(),
             moving: Default::default(),
@@ -505,6 +508,7 @@ impl Engine {
             let workers: Vec<pb::WorkerInfo> = alive
                 .iter()
                 .filter(|w| !cordoned.contains(&w.id) && !elsewhere.contains(&w.id) && !used.contains_key(&w.id))
+                .filter(|w| !self.is_quarantined(&w.id))
                 .filter(|w| !self.pinned || mine.contains(&w.id))
                 .cloned()
                 .collect();
@@ -574,7 +578,17 @@ impl Engine {
                             self.shared.wake_all();
                             backoff = Duration::from_millis(250);
                         }
-                        Err((why, permanent)) => {
+                        Err(LoadFailure { why, worker: Some(bad), .. })
+                            if self.model.ever_ready.load(Ordering::SeqCst) && workers.len() > 1 =>
+                        {
+                            // The model loaded before, so the checkpoint is fine: this worker is
+                            // what failed (a joiner without the model in its cache, say). Leave it
+                            // out for a while and place the model over the others again at once.
+                            warn!(model = %self.model.name, worker = %bad, error = %why, "a worker failed to load its shard; left out of plans for {QUARANTINE:?}");
+                            self.quarantined.lock().expect("quarantine lock").insert(bad, std::time::Instant::now() + QUARANTINE);
+                            continue;
+                        }
+                        Err(LoadFailure { why, permanent, .. }) => {
                             warn!(model = %self.model.name, error = %why, "loading failed; will retry");
                             // A broken checkpoint will not fix itself on retry: say so plainly.
                             let state = if permanent { ServingState::Unavailable(why) } else { self.model.not_ready(why) };
@@ -675,9 +689,9 @@ impl Engine {
     }
 
     /// Plans over `workers` and loads every stage.
-    async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, (String, bool)> {
+    async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, LoadFailure> {
         // A plan that cannot be made will not improve by retrying with the same fleet.
-        let plan = self.plan(workers).map_err(|e| (e, true))?;
+        let plan = self.plan(workers).map_err(|why| LoadFailure { why, permanent: true, worker: None })?;
         let epoch = crate::random_u64();
         let n = plan.len();
         let tp = self.config.tp.max(1);
@@ -691,7 +705,11 @@ impl Engine {
             let tp_workers: Vec<String> = group.iter().map(|w| w.id.clone()).collect();
             for (rank, w) in group.iter().enumerate() {
                 if tp > 1 && w.collective_address.is_empty() {
-                    return Err((format!("worker {} has no collective address; it cannot join a tensor-parallel group", w.id), true));
+                    return Err(LoadFailure {
+                        why: format!("worker {} has no collective address; it cannot join a tensor-parallel group", w.id),
+                        permanent: true,
+                        worker: Some(w.id.clone()),
+                    });
                 }
                 let range = stage.layers.clone();
                 let w = w.clone();
@@ -714,21 +732,22 @@ impl Engine {
                     random_weights: self.config.random_weights,
                 };
                 calls.push(async move {
+                    let failed = |why: String, permanent: bool| LoadFailure { why, permanent, worker: Some(w.id.clone()) };
                     let mut client = shardserve::stage::connect(&w.address)
                         .await
-                        .map_err(|e| (format!("worker {}: {}", w.id, e.message()), false))?;
+                        .map_err(|e| failed(format!("worker {}: {}", w.id, e.message()), false))?;
                     let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
                         .await
-                        .map_err(|_| (format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
+                        .map_err(|_| failed(format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
                         .map_err(|e| {
                             let permanent = matches!(
                                 e.code(),
                                 tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
                             );
-                            (format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
+                            failed(format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
                         })?
                         .into_inner();
-                    Ok::<_, (String, bool)>((i, rank, StageAssignment {
+                    Ok::<_, LoadFailure>((i, rank, StageAssignment {
                         worker_id: w.id.clone(),
                         address: w.address.clone(),
                         layers: range.clone(),
@@ -750,7 +769,7 @@ impl Engine {
                 stages[i].followers.push((a.worker_id, a.address));
             }
         }
-        self.placement_of(stages, epoch).map_err(|e| (e, true))
+        self.placement_of(stages, epoch).map_err(|why| LoadFailure { why, permanent: true, worker: None })
     }
 
     /// A placement over stages already loaded: the stream into stage 0 and its release client.
@@ -765,6 +784,14 @@ impl Engine {
             release,
             id: self.next_placement.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Whether `id` failed to load a shard lately and is left out of plans.
+    fn is_quarantined(&self, id: &str) -> bool {
+        let mut q = self.quarantined.lock().expect("quarantine lock");
+        let now = std::time::Instant::now();
+        q.retain(|_, until| *until > now);
+        q.contains_key(id)
     }
 
     /// Whether this coordinator plans (the elected leader, or the only coordinator).
@@ -792,6 +819,18 @@ impl Engine {
     }
 
 }
+
+/// Why a placement could not be loaded.
+struct LoadFailure {
+    why: String,
+    /// Retrying with the same fleet will fail the same way.
+    permanent: bool,
+    /// The worker that failed, when one did.
+    worker: Option<String>,
+}
+
+/// How long a worker that failed to load a shard of a model that loads elsewhere is left out.
+const QUARANTINE: Duration = Duration::from_secs(60);
 
 /// Longest a worker may take to load its shard.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
