@@ -45,6 +45,8 @@ pub struct Models {
     shutdown: CancellationToken,
     /// One load or unload at a time: each looks at which workers are free.
     changing: tokio::sync::Mutex<()>,
+    /// The etcd connection, made on first use.
+    client: tokio::sync::Mutex<Option<shardserve::membership::etcd_client::Client>>,
 }
 
 /// How long an unload waits for the model's requests in flight.
@@ -65,6 +67,7 @@ impl Models {
             etcd,
             shutdown,
             changing: tokio::sync::Mutex::new(()),
+            client: tokio::sync::Mutex::new(None),
         });
         if models.etcd.is_some() {
             tokio::spawn(models.clone().sync());
@@ -78,10 +81,16 @@ impl Models {
 
     async fn etcd_client(&self) -> Result<shardserve::membership::etcd_client::Client, ServeError> {
         let (endpoints, _) = self.etcd.as_ref().ok_or_else(|| ServeError::Internal("no etcd".into()))?;
-        tokio::time::timeout(Duration::from_secs(5), shardserve::membership::connect(endpoints))
+        let mut cached = self.client.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(Duration::from_secs(5), shardserve::membership::connect(endpoints))
             .await
             .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
-            .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))
+            .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+        *cached = Some(c.clone());
+        Ok(c)
     }
 
     /// The records in etcd, by name.
