@@ -119,7 +119,12 @@ impl Models {
             let running: Vec<String> = self.loaded.lock().expect("models lock").iter().map(|l| l.engine.entry().name.clone()).collect();
             for r in &records {
                 if !running.contains(&r.name) && !failed.contains(r) {
-                    if let Err(e) = self.start_engine(r).await {
+                    let config = self.config_of(r);
+                    let started = match Self::check(&config).await {
+                        Ok(()) => self.start_engine(r, config).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = started {
                         tracing::warn!(model = %r.name, error = %e.to_string(), "cannot serve a model loaded elsewhere");
                         failed.push(r.clone());
                     }
@@ -133,9 +138,9 @@ impl Models {
         }
     }
 
-    /// Starts the engine of a model loaded at run time, on the workers reserved for it.
-    async fn start_engine(&self, r: &Record) -> Result<Arc<Engine>, ServeError> {
-        let config = EngineConfig {
+    /// The engine configuration of a model loaded at run time.
+    fn config_of(&self, r: &Record) -> EngineConfig {
+        EngineConfig {
             model: r.model.clone(),
             revision: (!r.revision.is_empty()).then(|| r.revision.clone()),
             name: r.name.clone(),
@@ -146,12 +151,22 @@ impl Models {
             max_memory: None,
             device_map: None,
             ..self.primary.config().clone()
-        };
+        }
+    }
+
+    /// Reads the model's configs and tokenizer, so a bad model fails before anything starts.
+    async fn check(config: &EngineConfig) -> Result<(), ServeError> {
         let c = config.clone();
         tokio::task::spawn_blocking(move || crate::engine::preflight(&c))
             .await
             .map_err(|e| ServeError::Internal(format!("checking the model: {e}")))?
-            .map_err(|e| ServeError::InvalidArgument(format!("{}: {e:#}", r.model)))?;
+            .map_err(|e| ServeError::InvalidArgument(format!("{}: {e:#}", config.model)))?;
+        Ok(())
+    }
+
+    /// Starts the engine of a model loaded at run time (`config`, already checked), on the
+    /// workers reserved for it.
+    async fn start_engine(&self, r: &Record, config: EngineConfig) -> Result<Arc<Engine>, ServeError> {
         let shared = self.primary.shared().clone();
         shared.pin(&r.pinned, &r.name);
         let stop = self.shutdown.child_token();
@@ -226,27 +241,19 @@ impl Models {
         if self.engines().iter().any(|e| e.entry().name == name) {
             return Err(ServeError::InvalidArgument(format!("a model named {name:?} is already served")));
         }
-        let c = EngineConfig {
-            model: req.model.clone(),
-            revision: (!req.revision.is_empty()).then(|| req.revision.clone()),
-            dtype: if req.dtype.is_empty() { "auto".into() } else { req.dtype.clone() },
-            tp,
-            ..self.primary.config().clone()
-        };
-        // Checked before any worker is reserved, so a bad model takes nothing.
-        tokio::task::spawn_blocking(move || crate::engine::preflight(&c))
-            .await
-            .map_err(|e| ServeError::Internal(format!("checking the model: {e}")))?
-            .map_err(|e| ServeError::InvalidArgument(format!("{}: {e:#}", req.model)))?;
-        let record = Record {
+        let mut record = Record {
             model: req.model.clone(),
             revision: req.revision.clone(),
             name: name.clone(),
             workers,
             tp,
             dtype: if req.dtype.is_empty() { "auto".into() } else { req.dtype.clone() },
-            pinned: self.choose_workers(workers).await?,
+            pinned: Vec::new(),
         };
+        // Checked before any worker is reserved, so a bad model takes nothing.
+        let config = self.config_of(&record);
+        Self::check(&config).await?;
+        record.pinned = self.choose_workers(workers).await?;
         if let Some(prefix) = self.records_prefix() {
             // Kept in etcd first: every coordinator (and a future leader) serves it from there.
             let mut c = self.etcd_client().await?;
@@ -256,7 +263,7 @@ impl Models {
                 .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
                 .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
         }
-        let engine = self.start_engine(&record).await?;
+        let engine = self.start_engine(&record, config).await?;
         Ok(pb::LoadModelResponse { model: Some(crate::service::model_info(engine.entry())), workers: record.pinned })
     }
 

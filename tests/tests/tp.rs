@@ -137,17 +137,7 @@ async fn a_killed_rank_fails_the_request_with_unavailable_at_once() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     // The survivors hold nothing, and nothing was left running by the dead rank.
     let survivors: Vec<String> = groups.iter().flatten().filter(|(id, _, _)| *id != victim).map(|(_, a, _)| a.clone()).collect();
-    for addr in &survivors {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let st = Cluster::worker_stats(addr).await;
-            if st.sequences == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{addr} still holds {} sequences", st.sequences);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_no_sequences(&survivors).await;
     wait_until("the killed rank is gone", Duration::from_secs(5), || !alive(pid));
     // Three workers are left: one group of two is re-planned and serves the right tokens.
     let case = &reference_cases()[2];
