@@ -1,0 +1,210 @@
+//! Placing the model: planning stages over the fleet (accelerate's rules, cordoned, drained and
+//! quarantined workers left out), loading every stage's shard, and noticing when a placement
+//! is broken or a better one exists.
+
+use super::*;
+
+impl Engine {
+    /// Whether planning over `workers` now gives other stages than `p`.
+    pub(super) fn differs_from_plan(&self, p: &Placement, workers: &[pb::WorkerInfo]) -> bool {
+        if workers.iter().all(|w| p.stages.iter().any(|s| s.uses(&w.id))) {
+            return false;
+        }
+        match self.plan(workers) {
+            Ok(plan) => {
+                let tp = self.config.tp.max(1);
+                let new: Vec<(Vec<&str>, Range<usize>)> = plan
+                    .iter()
+                    .map(|s| (workers[s.worker * tp..(s.worker + 1) * tp].iter().map(|w| w.id.as_str()).collect(), s.layers.clone()))
+                    .collect();
+                let old: Vec<(Vec<&str>, Range<usize>)> =
+                    p.stages.iter().map(|s| (s.ranks().map(|(id, _)| id).collect(), s.layers.clone())).collect();
+                new != old
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Which worker holds which layers: the explicit map, or accelerate's strategy over the
+    /// workers' budgets. With tensor parallelism the plan is over groups of `tp` consecutive
+    /// workers (`StagePlan::worker` is then a group index; workers past the last whole group
+    /// are left out).
+    pub fn plan(&self, workers: &[pb::WorkerInfo]) -> Result<Vec<shardserve::placement::cluster::StagePlan>, String> {
+        use shardserve::placement::{cluster, Device};
+        let m = &self.model;
+        let tp = self.config.tp.max(1);
+        if tp > 1 {
+            shardserve::collective::tp_split(
+                m.config.num_heads,
+                m.config.num_kv_heads,
+                m.config.intermediate_size,
+                shardserve::collective::TpRank { rank: 0, size: tp },
+            )?;
+        }
+        let groups = workers.len() / tp;
+        if groups == 0 {
+            return Err(format!("--tp {tp} needs {tp} workers per stage; the fleet has {}", workers.len()));
+        }
+        if let Some(map) = &self.config.device_map {
+            // With tensor parallelism a map names groups, by index or by their rank-0 worker.
+            let ids: Vec<String> = (0..groups).map(|g| workers[g * tp].id.clone()).collect();
+            return cluster::from_explicit_map(&m.shape, m.dtype_bytes, map, &ids).map_err(|e| e.to_string());
+        }
+        let budgets: Vec<cluster::WorkerBudget> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let bytes = match &self.config.max_memory {
+                    Some(mm) => mm.iter().find(|(d, _)| *d == Device::Index(i as u32)).map_or(0, |(_, b)| *b),
+                    None => {
+                        let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
+                        (free as f64 * (1.0 - self.config.reserve)) as u64
+                    }
+                };
+                cluster::WorkerBudget { id: w.id.clone(), bytes }
+            })
+            .collect();
+        // A group holds 1/tp of each layer on every rank (plus replicated norms and embedding):
+        // it offers tp times its smallest rank.
+        let budgets: Vec<cluster::WorkerBudget> = budgets
+            .chunks(tp)
+            .take(groups)
+            .map(|g| cluster::WorkerBudget {
+                id: g[0].id.clone(),
+                bytes: g.iter().map(|b| b.bytes).min().unwrap_or(0).saturating_mul(tp as u64),
+            })
+            .collect();
+        cluster::plan(&m.shape, m.dtype_bytes, &budgets, self.config.strategy).map_err(|e| e.to_string())
+    }
+
+    /// Plans over `workers` and loads every stage.
+    pub(super) async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, LoadFailure> {
+        // A plan that cannot be made will not improve by retrying with the same fleet.
+        let plan = self.plan(workers).map_err(|why| LoadFailure { why, permanent: true, worker: None })?;
+        let epoch = crate::random_u64();
+        let n = plan.len();
+        let tp = self.config.tp.max(1);
+        let group_of = |g: usize| &workers[g * tp..(g + 1) * tp];
+        let mut calls = Vec::new();
+        for (i, stage) in plan.iter().enumerate() {
+            let group = group_of(stage.worker);
+            let next = plan.get(i + 1).map(|s| &group_of(s.worker)[0]);
+            let (next_address, next_worker_id) = next.map(|w| (w.address.clone(), w.id.clone())).unwrap_or_default();
+            let tp_group = format!("{epoch:016x}-{i}");
+            let tp_workers: Vec<String> = group.iter().map(|w| w.id.clone()).collect();
+            for (rank, w) in group.iter().enumerate() {
+                if tp > 1 && w.collective_address.is_empty() {
+                    return Err(LoadFailure {
+                        why: format!("worker {} has no collective address; it cannot join a tensor-parallel group", w.id),
+                        permanent: true,
+                        worker: Some(w.id.clone()),
+                    });
+                }
+                let range = stage.layers.clone();
+                let w = w.clone();
+                let req = pb::LoadShardRequest {
+                    model: self.config.model.clone(),
+                    revision: self.config.revision.clone().unwrap_or_default(),
+                    dtype: self.config.dtype.clone(),
+                    stage: i as u32,
+                    num_stages: n as u32,
+                    layer_start: range.start as u32,
+                    layer_end: range.end as u32,
+                    next_address: next_address.clone(),
+                    next_worker_id: next_worker_id.clone(),
+                    epoch,
+                    tp_rank: rank as u32,
+                    tp_size: tp as u32,
+                    tp_group: if tp > 1 { tp_group.clone() } else { String::new() },
+                    tp_leader: if tp > 1 { group[0].collective_address.clone() } else { String::new() },
+                    tp_workers: if tp > 1 { tp_workers.clone() } else { Vec::new() },
+                    random_weights: self.config.random_weights,
+                };
+                calls.push(async move {
+                    let failed = |why: String, permanent: bool| LoadFailure { why, permanent, worker: Some(w.id.clone()) };
+                    let mut client = shardserve::stage::connect(&w.address)
+                        .await
+                        .map_err(|e| failed(format!("worker {}: {}", w.id, e.message()), false))?;
+                    let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
+                        .await
+                        .map_err(|_| failed(format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
+                        .map_err(|e| {
+                            let permanent = matches!(
+                                e.code(),
+                                tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+                            );
+                            failed(format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
+                        })?
+                        .into_inner();
+                    Ok::<_, LoadFailure>((i, rank, StageAssignment {
+                        worker_id: w.id.clone(),
+                        address: w.address.clone(),
+                        layers: range.clone(),
+                        bytes: resp.bytes,
+                        followers: Vec::new(),
+                    }))
+                });
+            }
+        }
+        // The first failure ends the load at once (the ranks of a group would otherwise wait for
+        // a peer that is not coming).
+        let loaded = futures::future::try_join_all(calls).await?;
+        let mut stages: Vec<StageAssignment> = Vec::with_capacity(n);
+        for (i, rank, a) in loaded {
+            if rank == 0 {
+                debug_assert_eq!(stages.len(), i);
+                stages.push(a);
+            } else {
+                stages[i].followers.push((a.worker_id, a.address));
+            }
+        }
+        self.placement_of(stages, epoch).map_err(|why| LoadFailure { why, permanent: true, worker: None })
+    }
+
+    /// A placement over stages already loaded: the stream into stage 0 and its release client.
+    pub(super) fn placement_of(&self, stages: Vec<StageAssignment>, epoch: u64) -> Result<Placement, String> {
+        let head = stages.first().ok_or("a placement needs at least one stage")?;
+        let first = Arc::new(StageClient::new(head.worker_id.clone(), head.address.clone()));
+        let release = shardserve::stage::lazy_client(&head.address).map_err(|e| e.message().to_string())?;
+        Ok(Placement {
+            stages,
+            epoch,
+            first,
+            release,
+            id: self.next_placement.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Whether `id` failed to load a shard lately and is left out of plans.
+    pub(super) fn is_quarantined(&self, id: &str) -> bool {
+        let mut q = self.quarantined.lock().expect("quarantine lock");
+        let now = std::time::Instant::now();
+        q.retain(|_, until| *until > now);
+        q.contains_key(id)
+    }
+
+    /// Marks a placement broken (a stage failed) so it is re-planned.
+    pub(super) fn placement_failed(&self, placement: &Placement, why: &str) {
+        let current = matches!(self.model.state(), ServingState::Ready(p) if p.id == placement.id);
+        if current {
+            warn!(model = %self.model.name, reason = %why, "stage failed; re-planning");
+            self.model.set_state(ServingState::Unavailable(why.to_string()));
+            self.broken.notify_one();
+        }
+    }
+}
+
+/// Why a placement could not be loaded.
+pub(super) struct LoadFailure {
+    pub(super) why: String,
+    /// Retrying with the same fleet will fail the same way.
+    pub(super) permanent: bool,
+    /// The worker that failed, when one did.
+    pub(super) worker: Option<String>,
+}
+
+/// How long a worker that failed to load a shard of a model that loads elsewhere is left out.
+pub(super) const QUARANTINE: Duration = Duration::from_secs(60);
+
+/// Longest a worker may take to load its shard.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
