@@ -62,6 +62,9 @@ pub struct WorkerRecord {
     /// Where tensor-parallel peers reach the worker (host:port).
     #[serde(default)]
     pub collective_address: String,
+    /// Random per worker process (see `WorkerInfo.instance`).
+    #[serde(default)]
+    pub instance: String,
 }
 
 impl From<&pb::WorkerInfo> for WorkerRecord {
@@ -82,6 +85,7 @@ impl From<&pb::WorkerInfo> for WorkerRecord {
             state: w.state.clone(),
             pid: w.pid,
             collective_address: w.collective_address.clone(),
+            instance: w.instance.clone(),
         }
     }
 }
@@ -105,6 +109,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             pid: r.pid,
             stage: None,
             collective_address: r.collective_address,
+            instance: r.instance,
         }
     }
 }

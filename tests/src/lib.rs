@@ -486,10 +486,20 @@ impl ClusterBuilder {
 
 /// Starts one more worker process joining `cluster` through `etcd`.
 pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
+    worker_at(etcd, cluster, id, ttl_s, "127.0.0.1:0")
+}
+
+/// A free loopback address to listen on.
+pub fn free_address() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// Like [`spare_worker`], listening on `listen` (host:port).
+pub fn worker_at(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64, listen: &str) -> Proc {
     Proc(
         Command::new(bin("worker"))
             .args(["--etcd", &etcd.url(), "--cluster", cluster, "--id", id, "--lease-ttl-s", &ttl_s.to_string()])
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()

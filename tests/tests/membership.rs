@@ -319,3 +319,48 @@ async fn a_drain_asked_of_a_follower_coordinator_moves_the_leaders_plan() {
     let case = &reference_cases()[4];
     assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
 }
+
+/// A worker restarted under the same id and address (a StatefulSet pod, say) is a new process
+/// holding no shard: the coordinator sees it register again and places the model anew, so the
+/// next request is served, not failed against a stage that lost its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_under_the_same_id_and_address_is_placed_again() {
+    let etcd = Etcd::start();
+    let name = unique_cluster("restart");
+    let model = reference_model();
+    let url_e = etcd.url();
+    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
+    let (_coordinator, url) = spawn_coordinator(&args);
+    let address = free_address();
+    // A long lease: the old process's registration would outlive the restart, so nothing but
+    // the new process registering can tell the coordinator.
+    let _w1 = spare_worker(&etcd, &name, "w1", 2);
+    let w2 = worker_at(&etcd, &name, "w2", 30, &address);
+    wait_ready(&url, Duration::from_secs(30)).await;
+    let stages = cluster_status(&url).await.models[0].stages.clone();
+    assert!(stages.iter().any(|s| s.worker_id == "w2" && s.address == address), "{stages:?}");
+    let cases = reference_cases();
+    let mut c = pb::inference_client::InferenceClient::connect(url.clone()).await.unwrap();
+    assert_eq!(generate(&mut c, greedy(&cases[0].prompt, 32)).await.unwrap().token_ids, cases[0].new_ids);
+
+    drop(w2);
+    let _w2 = worker_at(&etcd, &name, "w2", 30, &address);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // The new process may not listen yet: any answer but a loaded shard means "not yet".
+        let held = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut w = pb::worker_client::WorkerClient::connect(format!("http://{address}")).await.ok()?;
+            w.stats(pb::StatsRequest {}).await.ok().map(|r| r.into_inner())
+        })
+        .await
+        .ok()
+        .flatten();
+        if held.as_ref().is_some_and(|s| s.layer_end > s.layer_start) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted w2 was not given a shard again: {held:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_ready(&url, Duration::from_secs(20)).await;
+    assert_eq!(generate(&mut c, greedy(&cases[1].prompt, 32)).await.unwrap().token_ids, cases[1].new_ids);
+}

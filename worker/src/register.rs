@@ -29,7 +29,20 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         pid: std::process::id(),
         stage: None,
         collective_address: config.collective_address.clone(),
+        instance: instance().to_string(),
     }
+}
+
+/// This process's instance id: random, drawn once.
+fn instance() -> &'static str {
+    use std::hash::{BuildHasher, Hasher};
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        // std's hasher keys are random per process: a source of randomness with no dependency.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        format!("{:016x}", h.finish())
+    })
 }
 
 /// `cpu` or `cuda:N`.

@@ -101,6 +101,19 @@ pub struct Placement {
     first: Arc<StageClient>,
     release: shardserve_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>,
     id: u64,
+    /// Worker id → the instance of the process its shard was loaded on (where known: a
+    /// placement adopted from etcd does not know them).
+    instances: std::collections::HashMap<String, String>,
+}
+
+impl Placement {
+    /// Whether `w` is the process that holds the rank `(id, address)` of this placement: the
+    /// same id and address, and the same instance where it is known.
+    fn held_by(&self, w: &pb::WorkerInfo, id: &str, address: &str) -> bool {
+        w.id == id
+            && w.address == address
+            && self.instances.get(id).is_none_or(|i| w.instance.is_empty() || *i == w.instance)
+    }
 }
 
 /// Whether a model can take requests.
@@ -520,7 +533,7 @@ impl Engine {
                 ServingState::Ready(p) => p
                     .stages
                     .iter()
-                    .all(|s| s.ranks().all(|(id, addr)| alive.iter().any(|w| w.id == id && w.address == addr))),
+                    .all(|s| s.ranks().all(|(id, addr)| alive.iter().any(|w| p.held_by(w, id, addr)))),
                 _ => false,
             };
             // A worker joined: re-plan when the plan over the larger fleet differs, once no

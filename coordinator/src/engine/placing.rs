@@ -158,7 +158,15 @@ impl Engine {
                 stages[i].followers.push((a.worker_id, a.address));
             }
         }
-        self.placement_of(stages, epoch).map_err(|why| LoadFailure { why, permanent: true, worker: None })
+        let mut placement = self.placement_of(stages, epoch).map_err(|why| LoadFailure { why, permanent: true, worker: None })?;
+        // The processes the shards were loaded on: one restarted under the same id and address
+        // holds nothing, and the placement is broken from the moment it registers again.
+        placement.instances = workers
+            .iter()
+            .filter(|w| !w.instance.is_empty() && placement.stages.iter().any(|s| s.uses(&w.id)))
+            .map(|w| (w.id.clone(), w.instance.clone()))
+            .collect();
+        Ok(placement)
     }
 
     /// A placement over stages already loaded: the stream into stage 0 and its release client.
@@ -172,6 +180,7 @@ impl Engine {
             first,
             release,
             id: self.next_placement.fetch_add(1, Ordering::Relaxed),
+            instances: Default::default(),
         })
     }
 
