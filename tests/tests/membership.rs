@@ -343,6 +343,9 @@ async fn a_worker_restarted_under_the_same_id_and_address_is_placed_again() {
     let mut c = pb::inference_client::InferenceClient::connect(url.clone()).await.unwrap();
     assert_eq!(generate(&mut c, greedy(&cases[0].prompt, 32)).await.unwrap().token_ids, cases[0].new_ids);
 
+    let before = instance_of(&url, "w2");
+    assert!(!before.is_empty());
+
     drop(w2);
     let _w2 = worker_at(&etcd, &name, "w2", 30, &address);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -363,4 +366,16 @@ async fn a_worker_restarted_under_the_same_id_and_address_is_placed_again() {
     }
     wait_ready(&url, Duration::from_secs(20)).await;
     assert_eq!(generate(&mut c, greedy(&cases[1].prompt, 32)).await.unwrap().token_ids, cases[1].new_ids);
+    // `workers --json` tells the two processes apart.
+    let after = instance_of(&url, "w2");
+    assert!(!after.is_empty() && after != before, "instance {before:?} then {after:?}");
+}
+
+/// The `instance` that `shardctl workers --json` shows for worker `id`.
+fn instance_of(url: &str, id: &str) -> String {
+    let out = run_shardctl(&["workers", "--json", "--coordinator", url], &[], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let w = v["workers"].as_array().unwrap().iter().find(|w| w["id"] == id).cloned();
+    w.and_then(|w| w["instance"].as_str().map(str::to_string)).unwrap_or_default()
 }

@@ -94,6 +94,7 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
                     "address": w.address,
                     "state": w.state,
                     "pid": w.pid,
+                    "instance": w.instance,
                     "stage": w.stage,
                     "version": w.version,
                     "devices": w.devices.iter().map(|d| serde_json::json!({
