@@ -45,8 +45,6 @@ pub struct Models {
     shutdown: CancellationToken,
     /// One load or unload at a time: each looks at which workers are free.
     changing: tokio::sync::Mutex<()>,
-    /// The etcd connection, made on first use.
-    client: tokio::sync::Mutex<Option<shardserve::membership::etcd_client::Client>>,
 }
 
 /// How long an unload waits for the model's requests in flight.
@@ -67,7 +65,6 @@ impl Models {
             etcd,
             shutdown,
             changing: tokio::sync::Mutex::new(()),
-            client: tokio::sync::Mutex::new(None),
         });
         if models.etcd.is_some() {
             tokio::spawn(models.clone().sync());
@@ -79,29 +76,16 @@ impl Models {
         self.etcd.as_ref().map(|(_, cluster)| format!("{}models/", shardserve::membership::prefix(cluster)))
     }
 
-    async fn etcd_client(&self) -> Result<shardserve::membership::etcd_client::Client, ServeError> {
-        let (endpoints, _) = self.etcd.as_ref().ok_or_else(|| ServeError::Internal("no etcd".into()))?;
-        let mut cached = self.client.lock().await;
-        if let Some(c) = cached.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = tokio::time::timeout(Duration::from_secs(5), shardserve::membership::connect(endpoints))
-            .await
-            .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
-            .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
-        *cached = Some(c.clone());
-        Ok(c)
+    /// The etcd key of the model loaded at run time as `name`.
+    fn record_key(&self, name: &str) -> Option<String> {
+        self.records_prefix().map(|prefix| format!("{prefix}{}", name.replace('/', "--")))
     }
 
     /// The records in etcd, by name.
     async fn records(&self) -> Result<Vec<Record>, ServeError> {
         let prefix = self.records_prefix().unwrap_or_default();
-        let mut c = self.etcd_client().await?;
         let opts = shardserve::membership::etcd_client::GetOptions::new().with_prefix();
-        let resp = tokio::time::timeout(Duration::from_secs(5), c.get(prefix.as_str(), Some(opts)))
-            .await
-            .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
-            .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+        let resp = self.primary.etcd_call(|mut c| async move { c.get(prefix, Some(opts)).await }).await?;
         Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
     }
 
@@ -254,14 +238,10 @@ impl Models {
         let config = self.config_of(&record);
         Self::check(&config).await?;
         record.pinned = self.choose_workers(workers).await?;
-        if let Some(prefix) = self.records_prefix() {
+        if let Some(key) = self.record_key(&name) {
             // Kept in etcd first: every coordinator (and a future leader) serves it from there.
-            let mut c = self.etcd_client().await?;
             let value = serde_json::to_string(&record).map_err(|e| ServeError::Internal(e.to_string()))?;
-            tokio::time::timeout(Duration::from_secs(5), c.put(format!("{prefix}{}", name.replace('/', "--")), value, None))
-                .await
-                .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
-                .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+            self.primary.etcd_call(|mut c| async move { c.put(key, value, None).await }).await?;
         }
         let engine = self.start_engine(&record, config).await?;
         Ok(pb::LoadModelResponse { model: Some(crate::service::model_info(engine.entry())), workers: record.pinned })
@@ -311,17 +291,13 @@ impl Models {
         if !self.loaded.lock().expect("models lock").iter().any(|l| l.engine.entry().name == name) {
             return Err(ServeError::NotFound(format!("model {name:?} is not served here")));
         }
-        if let Some(prefix) = self.records_prefix() {
+        if let Some(key) = self.record_key(name) {
             if !self.primary.is_leader() {
                 return Err(ServeError::Loading(
                     "this coordinator is a follower: unload models through the leader (shardctl status shows the role)".into(),
                 ));
             }
-            let mut c = self.etcd_client().await?;
-            tokio::time::timeout(Duration::from_secs(5), c.delete(format!("{prefix}{}", name.replace('/', "--")), None))
-                .await
-                .map_err(|_| ServeError::Unavailable("etcd did not answer within 5 s".into()))?
-                .map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))?;
+            self.primary.etcd_call(|mut c| async move { c.delete(key, None).await }).await?;
         }
         Ok(self.stop_engine(name, true).await)
     }

@@ -507,6 +507,14 @@ pub fn worker_at(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64, listen: &str)
     )
 }
 
+/// Starts a `coordinator` of the reference model with its membership in `etcd` under
+/// `cluster`, planning over 2 workers with 2 s leases; returns it with its URL.
+pub fn etcd_coordinator(etcd: &Etcd, cluster: &str) -> (Proc, String) {
+    let model = reference_model();
+    let url = etcd.url();
+    spawn_coordinator(&["--model", model.to_str().unwrap(), "--etcd", &url, "--cluster", cluster, "--workers", "2", "--lease-ttl-s", "2"])
+}
+
 /// Starts a `coordinator` process with `args` (plus `--listen 127.0.0.1:0`) and returns it with
 /// its URL once it listens.
 pub fn spawn_coordinator(args: &[&str]) -> (Proc, String) {

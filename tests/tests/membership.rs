@@ -186,14 +186,11 @@ async fn wait_ready(url: &str, within: Duration) {
 async fn when_the_leader_coordinator_dies_the_other_takes_over_within_two_ttl() {
     let etcd = Etcd::start();
     let name = unique_cluster("ha");
-    let model = reference_model();
-    let url_e = etcd.url();
-    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
-    let (a, url_a) = spawn_coordinator(&args);
+    let (a, url_a) = etcd_coordinator(&etcd, &name);
     let _w1 = spare_worker(&etcd, &name, "w1", 2);
     let w2 = spare_worker(&etcd, &name, "w2", 2);
     wait_ready(&url_a, Duration::from_secs(30)).await;
-    let (_b, url_b) = spawn_coordinator(&args);
+    let (_b, url_b) = etcd_coordinator(&etcd, &name);
     wait_ready(&url_b, Duration::from_secs(30)).await;
     assert_eq!(cluster_status(&url_a).await.role, "leader");
     assert_eq!(cluster_status(&url_b).await.role, "follower");
@@ -295,14 +292,11 @@ async fn cordon_drain_and_scale_change_the_fleet_and_the_placement() {
 async fn a_drain_asked_of_a_follower_coordinator_moves_the_leaders_plan() {
     let etcd = Etcd::start();
     let name = unique_cluster("drainf");
-    let model = reference_model();
-    let url_e = etcd.url();
-    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
-    let (_a, url_a) = spawn_coordinator(&args);
+    let (_a, url_a) = etcd_coordinator(&etcd, &name);
     let _w1 = spare_worker(&etcd, &name, "w1", 2);
     let _w2 = spare_worker(&etcd, &name, "w2", 2);
     wait_ready(&url_a, Duration::from_secs(30)).await;
-    let (_b, url_b) = spawn_coordinator(&args);
+    let (_b, url_b) = etcd_coordinator(&etcd, &name);
     wait_ready(&url_b, Duration::from_secs(30)).await;
     assert_eq!(cluster_status(&url_b).await.role, "follower");
     let st = cluster_status(&url_a).await.models[0].stages.clone();
@@ -327,10 +321,7 @@ async fn a_drain_asked_of_a_follower_coordinator_moves_the_leaders_plan() {
 async fn a_worker_restarted_under_the_same_id_and_address_is_placed_again() {
     let etcd = Etcd::start();
     let name = unique_cluster("restart");
-    let model = reference_model();
-    let url_e = etcd.url();
-    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
-    let (_coordinator, url) = spawn_coordinator(&args);
+    let (_coordinator, url) = etcd_coordinator(&etcd, &name);
     let address = free_address();
     // A long lease: the old process's registration would outlive the restart, so nothing but
     // the new process registering can tell the coordinator.

@@ -27,18 +27,26 @@ fn shardctl_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout))
 }
 
+
+/// A 4-layer tiny llama checkpoint made with `seed`, and the 16 greedy tokens one worker
+/// serving it alone generates for `prompt`.
+async fn tiny_llama(seed: u32, prompt: &str) -> (tempfile::TempDir, Vec<u32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap().to_string();
+    let made = run_shardctl(&["dev", "tiny-model", "--arch", "llama", "--out", &out, "--layers", "4", "--seed", &seed.to_string()], &[], Duration::from_secs(60));
+    assert!(made.status.success(), "{}", made.stderr);
+    let one = Cluster::new(dir.path()).start();
+    let mut c = one.client().await;
+    let tokens = generate(&mut c, greedy(prompt, 16)).await.unwrap().token_ids;
+    drop(one);
+    (dir, tokens)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_model_is_loaded_on_reserved_workers_and_unloaded_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let llama = dir.path().to_str().unwrap().to_string();
-    let out = run_shardctl(&["dev", "tiny-model", "--arch", "llama", "--out", &llama, "--layers", "4", "--seed", "21"], &[], Duration::from_secs(60));
-    assert!(out.status.success(), "{}", out.stderr);
     let prompt = "The quick brown fox";
-    let want_llama = {
-        let one = Cluster::new(dir.path()).start();
-        let mut c = one.client().await;
-        generate(&mut c, greedy(prompt, 16)).await.unwrap().token_ids
-    };
+    let (dir, want_llama) = tiny_llama(21, prompt).await;
+    let llama = dir.path().to_str().unwrap().to_string();
 
     let primary = reference_model().to_str().unwrap().to_string();
     let cluster = Cluster::new(reference_model()).workers(3).start();
@@ -118,22 +126,12 @@ async fn a_second_model_is_loaded_on_reserved_workers_and_unloaded_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_etcd_every_coordinator_serves_a_model_the_leader_loaded() {
-    let dir = tempfile::tempdir().unwrap();
-    let llama = dir.path().to_str().unwrap().to_string();
-    let out = run_shardctl(&["dev", "tiny-model", "--arch", "llama", "--out", &llama, "--layers", "4", "--seed", "22"], &[], Duration::from_secs(60));
-    assert!(out.status.success(), "{}", out.stderr);
     let prompt = "Once upon a time";
-    let want_llama = {
-        let one = Cluster::new(dir.path()).start();
-        let mut c = one.client().await;
-        generate(&mut c, greedy(prompt, 16)).await.unwrap().token_ids
-    };
+    let (dir, want_llama) = tiny_llama(22, prompt).await;
+    let llama = dir.path().to_str().unwrap().to_string();
     let etcd = Etcd::start();
     let name = unique_cluster("models");
-    let model = reference_model();
-    let url_e = etcd.url();
-    let args = ["--model", model.to_str().unwrap(), "--etcd", &url_e, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2"];
-    let (_a, leader) = spawn_coordinator(&args);
+    let (_a, leader) = etcd_coordinator(&etcd, &name);
     let _w = ["w1", "w2", "w3"].map(|id| spare_worker(&etcd, &name, id, 2));
     let ready = |url: String, model: String| async move {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -146,9 +144,9 @@ async fn with_etcd_every_coordinator_serves_a_model_the_leader_loaded() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let primary = model.to_str().unwrap().to_string();
+    let primary = reference_model().to_str().unwrap().to_string();
     ready(leader.clone(), primary.clone()).await;
-    let (_b, follower) = spawn_coordinator(&args);
+    let (_b, follower) = etcd_coordinator(&etcd, &name);
     ready(follower.clone(), primary.clone()).await;
     assert_eq!(cluster_status(&follower).await.role, "follower");
 

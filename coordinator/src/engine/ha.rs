@@ -129,6 +129,26 @@ impl Engine {
         }
     }
 
+    /// One bounded request to etcd on the engine's connection: `call` gets the client. Fails
+    /// with UNAVAILABLE when etcd errs or does not answer within 5 s (connecting included).
+    pub(crate) async fn etcd_call<T, F, Fut>(&self, call: F) -> Result<T, ServeError>
+    where
+        F: FnOnce(shardserve::membership::etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, shardserve::membership::etcd_client::Error>>,
+    {
+        let run = async {
+            let client = self.etcd_client().await.ok_or_else(|| ServeError::Internal("this coordinator has no etcd".into()))?;
+            let answer = match client {
+                Ok(c) => call(c).await,
+                Err(e) => Err(e),
+            };
+            answer.map_err(|e| ServeError::Unavailable(format!("etcd: {e}")))
+        };
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap_or_else(|_| Err(ServeError::Unavailable("etcd did not answer within 5 s".into())))
+    }
+
     /// The engine's etcd client (connecting on first use); `None` without etcd.
     pub(super) async fn etcd_client(&self) -> Option<Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error>> {
         let (endpoints, _) = self.etcd.as_ref()?;

@@ -30,19 +30,14 @@ impl Engine {
     async fn mark(&self, sub: &str, local: &std::sync::Mutex<std::collections::BTreeSet<String>>, id: &str, on: bool) -> Result<(), ServeError> {
         if let Some((_, cluster)) = &self.etcd {
             let key = format!("{}{sub}/{id}", shardserve::membership::prefix(cluster));
-            let write = async {
-                let mut c = self.etcd_client().await.expect("etcd is configured")?;
+            self.etcd_call(|mut c| async move {
                 if on {
-                    c.put(key.as_str(), "1", None).await.map(|_| ())
+                    c.put(key, "1", None).await.map(|_| ())
                 } else {
-                    c.delete(key.as_str(), None).await.map(|_| ())
+                    c.delete(key, None).await.map(|_| ())
                 }
-            };
-            match tokio::time::timeout(Duration::from_secs(5), write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(ServeError::Unavailable(format!("etcd: {e}"))),
-                Err(_) => return Err(ServeError::Unavailable("etcd did not answer within 5 s".into())),
-            }
+            })
+            .await?;
         }
         let mut set = local.lock().expect("mark lock");
         if on {

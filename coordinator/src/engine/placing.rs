@@ -1,12 +1,147 @@
-//! Placing the model: planning stages over the fleet (accelerate's rules, cordoned, drained and
-//! quarantined workers left out), loading every stage's shard, and noticing when a placement
-//! is broken or a better one exists.
+//! Placing the model: the reconcile loop that keeps it placed, planning stages over the fleet
+//! (accelerate's rules, cordoned, drained and quarantined workers left out), loading every
+//! stage's shard, and noticing when a placement is broken or a better one exists.
 
 use super::*;
 
 impl Engine {
+    /// Keeps the placement matching the fleet until shutdown.
+    pub(super) async fn reconcile(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut changes = self.membership.changes();
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if !self.is_leader() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.elected.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            if let ServingState::Ready(p) = self.model.state() {
+                if self.etcd.is_some() && self.published.load(Ordering::SeqCst) != p.epoch {
+                    self.publish(&p).await;
+                }
+            }
+            let alive = self.membership.workers();
+            let cordoned = self.cordoned().await;
+            // Other models' workers are not ours to plan on: those reserved for them, and those
+            // their placements still use; a model loaded at run time plans only on its own.
+            let (elsewhere, used) = (self.shared.pinned_elsewhere(&self.model.name), self.shared.used_elsewhere(&self.model.name));
+            let mine = self.shared.pinned_to(&self.model.name);
+            let workers: Vec<pb::WorkerInfo> = alive
+                .iter()
+                .filter(|w| !cordoned.contains(&w.id) && !elsewhere.contains(&w.id) && !used.contains_key(&w.id))
+                .filter(|w| !self.is_quarantined(&w.id))
+                .filter(|w| !self.pinned || mine.contains(&w.id))
+                .cloned()
+                .collect();
+            let state = self.model.state();
+            let mut healthy = match &state {
+                ServingState::Ready(p) => p
+                    .stages
+                    .iter()
+                    .all(|s| s.ranks().all(|(id, addr)| alive.iter().any(|w| p.held_by(w, id, addr)))),
+                _ => false,
+            };
+            // A worker joined: re-plan when the plan over the larger fleet differs, once no
+            // request is in flight (loading moves layers between workers under them).
+            let mut replan_pending = false;
+            let mut move_wanted = false;
+            if let (true, ServingState::Ready(p)) = (healthy, &state) {
+                let on_cordoned = {
+                    let draining = self.draining().await;
+                    p.stages.iter().any(|s| s.ranks().any(|(id, _)| draining.contains(id) || elsewhere.contains(id)))
+                };
+                if (on_cordoned && !workers.is_empty()) || self.differs_from_plan(p, &workers) {
+                    // Let requests in flight finish on the old placement; new ones wait.
+                    move_wanted = true;
+                    if self.model.active() == 0 {
+                        info!(model = %self.model.name, workers = workers.len(), "the fleet changed; re-planning");
+                        self.model.set_state(ServingState::Unavailable("re-planning for a changed fleet".into()));
+                        healthy = false;
+                    } else {
+                        replan_pending = true;
+                    }
+                }
+            }
+            // Recomputed on every pass, so a move that is no longer wanted never holds requests.
+            self.moving.store(move_wanted, Ordering::SeqCst);
+            if !healthy {
+                // A planned move (the fleet grew, a drain, another model's reservation) is not a
+                // loss; a placement whose workers are gone is.
+                let planned = matches!(self.model.state(), ServingState::Unavailable(ref why) if why.starts_with("re-planning"));
+                if let (ServingState::Ready(p), false) = (&state, planned) {
+                    let gone: Vec<&str> = p
+                        .stages
+                        .iter()
+                        .flat_map(|s| s.ranks())
+                        .filter(|(id, _)| !alive.iter().any(|w| w.id == *id))
+                        .map(|(id, _)| id)
+                        .collect();
+                    let why = format!("worker(s) {} left the fleet", gone.join(", "));
+                    warn!(model = %self.model.name, reason = %why, "placement lost");
+                    self.model.set_state(ServingState::Unavailable(why));
+                }
+                // `workers` is what the first plan waits for; afterwards the model is re-planned
+                // over whatever fleet remains.
+                let wanted = if self.model.ever_ready.load(Ordering::SeqCst) { 1 } else { self.config.workers };
+                if workers.len() < wanted {
+                    let why = format!("waiting for workers: {} of {wanted} registered and not cordoned", workers.len());
+                    self.model.set_state(self.model.not_ready(why));
+                    self.moving.store(false, Ordering::SeqCst);
+                } else {
+                    match self.load(&workers).await {
+                        Ok(p) => {
+                            info!(model = %self.model.name, stages = p.stages.len(), "model ready");
+                            self.publish(&p).await;
+                            self.model.set_state(ServingState::Ready(Arc::new(p)));
+                            self.moving.store(false, Ordering::SeqCst);
+                            self.placed.notify_waiters();
+                            // Other models may be waiting for workers this plan let go.
+                            self.shared.wake_all();
+                            backoff = Duration::from_millis(250);
+                        }
+                        Err(LoadFailure { why, worker: Some(bad), .. })
+                            if self.model.ever_ready.load(Ordering::SeqCst) && workers.len() > 1 =>
+                        {
+                            // The model loaded before, so the checkpoint is fine: this worker is
+                            // what failed (a joiner without the model in its cache, say). Leave it
+                            // out for a while and place the model over the others again at once.
+                            warn!(model = %self.model.name, worker = %bad, error = %why, "a worker failed to load its shard; left out of plans for {QUARANTINE:?}");
+                            self.quarantined.lock().expect("quarantine lock").insert(bad, std::time::Instant::now() + QUARANTINE);
+                            continue;
+                        }
+                        Err(LoadFailure { why, permanent, .. }) => {
+                            warn!(model = %self.model.name, error = %why, "loading failed; will retry");
+                            // A broken checkpoint will not fix itself on retry: say so plainly.
+                            let state = if permanent { ServingState::Unavailable(why) } else { self.model.not_ready(why) };
+                            self.model.set_state(state);
+                            // Retry after a while, or at once when the fleet changes.
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                                r = changes.changed() => if r.is_err() { return },
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+                _ = self.broken.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)), if replan_pending || self.unpublished() => {}
+                // Cordons and drains may be set through another coordinator: read etcd again.
+                _ = tokio::time::sleep(Duration::from_secs(1)), if self.etcd.is_some() => {}
+            }
+        }
+    }
+
     /// Whether planning over `workers` now gives other stages than `p`.
-    pub(super) fn differs_from_plan(&self, p: &Placement, workers: &[pb::WorkerInfo]) -> bool {
+    fn differs_from_plan(&self, p: &Placement, workers: &[pb::WorkerInfo]) -> bool {
         if workers.iter().all(|w| p.stages.iter().any(|s| s.uses(&w.id))) {
             return false;
         }
@@ -78,7 +213,7 @@ impl Engine {
     }
 
     /// Plans over `workers` and loads every stage.
-    pub(super) async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, LoadFailure> {
+    async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, LoadFailure> {
         // A plan that cannot be made will not improve by retrying with the same fleet.
         let plan = self.plan(workers).map_err(|why| LoadFailure { why, permanent: true, worker: None })?;
         let epoch = crate::random_u64();
@@ -185,7 +320,7 @@ impl Engine {
     }
 
     /// Whether `id` failed to load a shard lately and is left out of plans.
-    pub(super) fn is_quarantined(&self, id: &str) -> bool {
+    fn is_quarantined(&self, id: &str) -> bool {
         let mut q = self.quarantined.lock().expect("quarantine lock");
         let now = std::time::Instant::now();
         q.retain(|_, until| *until > now);
@@ -204,16 +339,16 @@ impl Engine {
 }
 
 /// Why a placement could not be loaded.
-pub(super) struct LoadFailure {
-    pub(super) why: String,
+struct LoadFailure {
+    why: String,
     /// Retrying with the same fleet will fail the same way.
-    pub(super) permanent: bool,
+    permanent: bool,
     /// The worker that failed, when one did.
-    pub(super) worker: Option<String>,
+    worker: Option<String>,
 }
 
 /// How long a worker that failed to load a shard of a model that loads elsewhere is left out.
-pub(super) const QUARANTINE: Duration = Duration::from_secs(60);
+const QUARANTINE: Duration = Duration::from_secs(60);
 
 /// Longest a worker may take to load its shard.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
