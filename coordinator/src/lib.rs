@@ -1,16 +1,18 @@
 //! The shardserve coordinator and the operator CLI.
 //!
-//! - [`engine`]: a model's placement over the fleet and the per-request step loop.
+//! - [`engine`]: a model's placement over the fleet and its scheduler (continuous batching).
 //! - [`validate`]: client requests parsed into validated ones.
 //! - [`service`]: the `Inference` and `Admin` gRPC services.
 //! - [`membership`]: the fleet view, embedded in the coordinator or (later) in etcd.
 //! - [`error`]: request failures and their gRPC statuses.
+//! - [`flags`]: flags the coordinator and `shardctl up` share.
 //! - [`scale`]: starting and stopping local workers.
 //! - [`cli`]: `shardctl`, the operator CLI.
 
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod flags;
 pub mod membership;
 pub mod models;
 pub mod scale;
@@ -34,6 +36,8 @@ pub struct CoordinatorConfig {
     pub cluster: String,
     /// How to start workers on this machine (for `Scale`), when the coordinator may.
     pub local_workers: Option<scale::LocalWorkers>,
+    /// Where Prometheus metrics are served (bound already), if they are.
+    pub metrics_listen: Option<String>,
 }
 
 /// Serves the coordinator on `listener` until `shutdown` fires.
@@ -67,6 +71,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
             models: models.clone(),
             local: config.local_workers.clone(),
             spawned: Arc::default(),
+            metrics_address: config.metrics_listen.clone().unwrap_or_default(),
         }))
         .add_service(MembershipServer::new(membership::MembershipService(embedded)))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

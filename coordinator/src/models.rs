@@ -128,7 +128,8 @@ impl Models {
             model: r.model.clone(),
             revision: (!r.revision.is_empty()).then(|| r.revision.clone()),
             name: r.name.clone(),
-            dtype: r.dtype.clone(),
+            // Checked when the record was made.
+            dtype: r.dtype.parse().unwrap_or_default(),
             workers: r.workers,
             tp: r.tp,
             random_weights: false,
@@ -231,7 +232,11 @@ impl Models {
             name: name.clone(),
             workers,
             tp,
-            dtype: if req.dtype.is_empty() { "auto".into() } else { req.dtype.clone() },
+            dtype: req
+                .dtype
+                .parse::<shardserve::dtype::Dtype>()
+                .map_err(|e| ServeError::InvalidArgument(e.to_string()))?
+                .to_string(),
             pinned: Vec::new(),
         };
         // Checked before any worker is reserved, so a bad model takes nothing.

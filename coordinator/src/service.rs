@@ -1,6 +1,6 @@
 //! The coordinator's gRPC services: `Inference` for clients and `Admin` for operators.
 
-use crate::engine::{GenEvent, ServingState};
+use crate::engine::{RequestHandle, ServingState};
 use crate::models::Models;
 use crate::error::ServeError;
 use crate::validate::validate;
@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::Instrument;
 
 /// `Inference` over the [`Models`] served.
 pub struct InferenceService(pub Arc<Models>);
@@ -21,79 +21,145 @@ fn usage(prompt: usize, completion: usize) -> pb::Usage {
     }
 }
 
+/// The metadata key a request's id travels under (from the client, if it sends one; back to it
+/// on the response; to the workers with its sequence).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The client's request id, or a new one.
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .map(String::from)
+        .unwrap_or_else(|| format!("{:016x}", crate::random_u64()))
+}
+
+fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
+    if let Ok(v) = id.parse() {
+        resp.metadata_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// Counts a finished request by its outcome (the gRPC code's name, `ok` on success).
+fn record(model: &str, code: tonic::Code) {
+    let outcome = match code {
+        tonic::Code::Ok => "ok",
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "internal",
+    };
+    metrics::counter!("shardserve_requests_total", "model" => model.to_string(), "outcome" => outcome).increment(1);
+}
+
 type GenStream = Pin<Box<dyn futures::Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+impl InferenceService {
+    /// Validates `req` and hands it to its model's scheduler.
+    async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>, String), ServeError> {
+        let (engine, model) = self.0.find(&req.model)?;
+        let valid = validate(&model, req)?;
+        let prompt_ids = valid.prompt_ids.clone();
+        let handle = engine.submit(&model, valid, id).await?;
+        Ok((handle, prompt_ids, model.name.clone()))
+    }
+
+    async fn generate_all(&self, req: pb::GenerateRequest, id: String) -> (String, Result<pb::GenerateResponse, ServeError>) {
+        let (mut handle, prompt_ids, name) = match self.start(&req, id).await {
+            Ok(v) => v,
+            Err(e) => return (req.model, Err(e)),
+        };
+        let mut resp = pb::GenerateResponse { prompt_token_ids: prompt_ids.clone(), ..Default::default() };
+        while let Some(ev) = handle.next().await {
+            resp.text.push_str(&ev.text);
+            resp.token_ids.extend(ev.token_ids);
+            resp.logprobs.extend(ev.logprobs);
+            if let Some(r) = ev.finish_reason {
+                resp.finish_reason = r.to_string();
+            }
+        }
+        let result = handle.outcome().await.map(|()| {
+            resp.usage = Some(usage(prompt_ids.len(), resp.token_ids.len()));
+            resp
+        });
+        (name, result)
+    }
+}
 
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceService {
-    #[instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let id = request_id(&request);
         let req = request.into_inner();
-        let (engine, model) = self.0.find(&req.model)?;
-        let valid = validate(&model, &req)?;
-        let prompt_ids = valid.prompt_ids.clone();
-        let (tx, mut rx) = mpsc::channel::<GenEvent>(64);
-        let m = model.clone();
-        let run = async move { engine.generate(&m, valid, tx).await };
-        let collect = async {
-            let mut resp = pb::GenerateResponse {
-                prompt_token_ids: prompt_ids.clone(),
-                ..Default::default()
-            };
-            while let Some(ev) = rx.recv().await {
-                resp.text.push_str(&ev.text);
-                resp.token_ids.extend(ev.token_ids);
-                resp.logprobs.extend(ev.logprobs);
-                if let Some(r) = ev.finish_reason {
-                    resp.finish_reason = r.to_string();
-                }
-            }
-            resp
-        };
-        let (result, mut resp) = tokio::join!(run, collect);
-        result?;
-        resp.usage = Some(usage(prompt_ids.len(), resp.token_ids.len()));
-        Ok(Response::new(resp))
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        let (name, result) = self.generate_all(req, id.clone()).instrument(span).await;
+        record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
+        Ok(with_id(Response::new(result?), &id))
     }
 
     type GenerateStreamStream = GenStream;
 
-    #[instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
+        let id = request_id(&request);
         let req = request.into_inner();
-        let (engine, model) = self.0.find(&req.model)?;
-        let valid = validate(&model, &req)?;
-        // Fail before the stream opens when the model cannot serve, so the client sees the
-        // status itself rather than an empty stream.
-        // (A model that served before and is being re-planned is waited for by the engine.)
-        match model.state() {
-            ServingState::Loading(why) => {
-                return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name)).into())
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        // Refused before the stream opens when the model cannot serve or the request is bad,
+        // so the client sees the status itself rather than an empty stream. (A model that
+        // served before and is being re-planned is waited for.)
+        let precheck = async {
+            let (_, model) = self.0.find(&req.model)?;
+            validate(&model, &req)?;
+            match model.state() {
+                ServingState::Loading(why) => Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name))),
+                ServingState::Unavailable(why) if !model.was_ready() => {
+                    Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
+                }
+                _ => Ok(()),
             }
-            ServingState::Unavailable(why) if !model.was_ready() => {
-                return Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)).into())
-            }
-            _ => {}
+        };
+        if let Err(e) = precheck.await {
+            record(&req.model, e.code());
+            return Err(e.into());
         }
-        let prompt_ids = valid.prompt_ids.clone();
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
-        tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel::<GenEvent>(16);
-            let run = engine.generate(&model, valid, tx);
-            let out = out_tx.clone();
-            // Owns the receiver: when the client goes away this returns, the receiver drops,
-            // and the engine sees its output closed and stops.
-            let forward = async move {
+        let models = self.0.clone();
+        let request_id = id.clone();
+        tokio::spawn(
+            async move {
+                let this = InferenceService(models);
+                let started = tokio::select! {
+                    s = this.start(&req, request_id) => s,
+                    // The client went away while the request waited to start.
+                    _ = out_tx.closed() => Err(ServeError::Cancelled("the client went away".into())),
+                };
+                let (mut handle, prompt_ids, name) = match started {
+                    Ok(v) => v,
+                    Err(e) => {
+                        record(&req.model, e.code());
+                        let _ = out_tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
                 let mut first = true;
                 let mut completion = 0usize;
                 loop {
                     let ev = tokio::select! {
-                        ev = rx.recv() => match ev {
+                        ev = handle.next() => match ev {
                             Some(ev) => ev,
                             None => break,
                         },
-                        // The client went away while nothing was produced (prefill, waiting):
-                        // returning drops the receiver, which stops the engine.
-                        _ = out.closed() => return,
+                        // Dropping the handle cancels the request: its sequence leaves at the
+                        // next step.
+                        _ = out_tx.closed() => {
+                            record(&name, tonic::Code::Cancelled);
+                            return;
+                        }
                     };
                     completion += ev.token_ids.len();
                     let msg = pb::GenerateStreamResponse {
@@ -105,19 +171,22 @@ impl pb::inference_server::Inference for InferenceService {
                         prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
                     };
                     first = false;
-                    if out.send(Ok(msg)).await.is_err() {
+                    if out_tx.send(Ok(msg)).await.is_err() {
+                        record(&name, tonic::Code::Cancelled);
                         return;
                     }
                 }
-            };
-            let (result, ()) = tokio::join!(run, forward);
-            if let Err(e) = result {
-                if !matches!(e, ServeError::Cancelled(_)) {
-                    let _ = out_tx.send(Err(e.into())).await;
+                let outcome = handle.outcome().await;
+                record(&name, outcome.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
+                if let Err(e) = outcome {
+                    if !matches!(e, ServeError::Cancelled(_)) {
+                        let _ = out_tx.send(Err(e.into())).await;
+                    }
                 }
             }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+            .instrument(span),
+        );
+        Ok(with_id(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))), &id))
     }
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
@@ -146,7 +215,7 @@ pub(crate) fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
         state: m.state().name().to_string(),
         architecture: m.config.architecture.hf_name().to_string(),
         max_position_embeddings: m.max_total_tokens as u32,
-        dtype: m.dtype.clone(),
+        dtype: m.dtype.to_string(),
         num_layers: m.config.num_layers as u32,
     }
 }
@@ -156,6 +225,8 @@ pub struct AdminService {
     pub models: Arc<Models>,
     pub local: Option<crate::scale::LocalWorkers>,
     pub spawned: Arc<crate::scale::Spawned>,
+    /// Where this coordinator serves metrics (empty: it does not).
+    pub metrics_address: String,
 }
 
 fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> {
@@ -173,6 +244,8 @@ fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> 
             lm_head: i + 1 == n,
             bytes: s.bytes,
             ranks: s.followers.iter().map(|(id, _)| id.clone()).collect(),
+            kv_blocks: s.kv_blocks as u32,
+            kv_block_size: s.kv_block_size as u32,
         })
         .collect()
 }
@@ -188,7 +261,7 @@ impl pb::admin_server::Admin for AdminService {
                 let m = e.entry();
                 let state = m.state();
                 let (stages, detail) = match &state {
-                    ServingState::Ready(p) => (stage_infos(&p.stages), format!("{} requests in flight", m.active())),
+                    ServingState::Ready(p) => (stage_infos(&p.stages), format!("{} requests running, {} waiting", m.active(), m.queued())),
                     ServingState::Loading(why) | ServingState::Unavailable(why) => (Vec::new(), why.clone()),
                 };
                 pb::ModelStatus {
@@ -203,6 +276,7 @@ impl pb::admin_server::Admin for AdminService {
             workers: self.models.primary().membership().workers().len() as u32,
             membership: self.models.primary().membership().kind().to_string(),
             role: self.models.primary().role().to_string(),
+            metrics_address: self.metrics_address.clone(),
         }))
     }
 

@@ -58,6 +58,25 @@ pub fn memory(device: &Device) -> Option<(u64, u64)> {
     }
 }
 
+/// The machine's memory: (total, available), from /proc/meminfo.
+pub fn host_memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// (total, free) memory of `device`: the GPU's, or the machine's for the CPU.
+pub fn memory_of(device: &Device) -> (u64, u64) {
+    memory(device).unwrap_or_else(host_memory)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

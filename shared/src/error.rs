@@ -38,6 +38,9 @@ pub enum Error {
     /// A sequence's state is missing or inconsistent on this stage.
     #[error("{0}")]
     Sequence(String),
+    /// The stage's KV pool has too few free blocks for a step.
+    #[error("the KV cache is full: the step needs {needed} more blocks, {free} of {total} are free")]
+    KvFull { needed: usize, free: usize, total: usize },
     /// A tensor on the wire is malformed.
     #[error("wire tensor: {0}")]
     Wire(String),

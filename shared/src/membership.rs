@@ -65,6 +65,9 @@ pub struct WorkerRecord {
     /// Random per worker process (see `WorkerInfo.instance`).
     #[serde(default)]
     pub instance: String,
+    /// Where the worker serves Prometheus metrics (host:port), if it does.
+    #[serde(default)]
+    pub metrics_address: String,
 }
 
 impl From<&pb::WorkerInfo> for WorkerRecord {
@@ -86,6 +89,7 @@ impl From<&pb::WorkerInfo> for WorkerRecord {
             pid: w.pid,
             collective_address: w.collective_address.clone(),
             instance: w.instance.clone(),
+            metrics_address: w.metrics_address.clone(),
         }
     }
 }
@@ -110,6 +114,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             stage: None,
             collective_address: r.collective_address,
             instance: r.instance,
+            metrics_address: r.metrics_address,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::collective::{tp_split, Collective, TpRank, TpSplit};
 use crate::config::ModelConfig;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::weights::{self, LoadedTensors};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -13,9 +14,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod kv;
 mod layers;
 mod shapes;
 
+pub use kv::KvPool;
 use layers::{DecoderLayer, Rope};
 pub use shapes::{checkpoint_shapes, random_tensors};
 
@@ -109,75 +112,74 @@ impl StageSpec {
     }
 }
 
-/// Picks the compute dtype: `auto` keeps the checkpoint's dtype on GPU and uses f32 on CPU,
-/// where bf16/f16 matmuls are an order of magnitude slower.
-pub fn resolve_dtype(requested: &str, cfg: &ModelConfig, device: &Device) -> Result<DType> {
-    match requested {
-        "" | "auto" => {
-            if device.is_cpu() {
-                return Ok(DType::F32);
-            }
-            Ok(match cfg.checkpoint_dtype.as_deref() {
-                Some("bfloat16") => DType::BF16,
-                Some("float16") => DType::F16,
-                _ => DType::F32,
-            })
-        }
-        "f32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        other => Err(Error::config(
-            "dtype",
-            format!("unknown dtype {other:?} (expected auto, f32, bf16 or f16)"),
-        )),
-    }
+/// The dtype `device` computes `cfg` in for the `requested` choice (see [`Dtype::resolve`]).
+pub fn resolve_dtype(requested: Dtype, cfg: &ModelConfig, device: &Device) -> DType {
+    requested.resolve(cfg.checkpoint_dtype.as_deref(), !device.is_cpu())
 }
 
-/// Per-sequence attention cache of one stage: keys and values of every layer it holds,
-/// shaped (1, kv_heads, seq, head_dim).
-#[derive(Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Tokens cached so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
-            .sum()
-    }
-}
-
-/// What enters a stage.
+/// What enters a stage for one sequence ([`Shard::forward`]).
 #[derive(Debug)]
 pub enum StageInput<'a> {
     /// Token ids (first stage).
     Tokens(&'a [u32]),
-    /// Hidden states from the previous stage, (1, tokens, hidden).
+    /// Hidden states from the previous stage, `(1, tokens, hidden)` or `(tokens, hidden)`.
     Hidden(Tensor),
 }
 
-/// What leaves a stage.
+/// What leaves a stage for one sequence.
 #[derive(Debug)]
 pub enum StageOutput {
     /// Hidden states for the next stage, (1, tokens, hidden).
     Hidden(Tensor),
     /// Logits at the last position, f32, (vocab,).
     Logits(Tensor),
+}
+
+/// What enters a stage for a whole step: the rows of every sequence, in the step's order.
+#[derive(Debug)]
+pub enum BatchInput<'a> {
+    /// Token ids (first stage).
+    Tokens(&'a [u32]),
+    /// Hidden states from the previous stage, `(rows, hidden)`.
+    Hidden(Tensor),
+}
+
+/// What leaves a stage for a whole step.
+#[derive(Debug)]
+pub enum BatchOutput {
+    /// Hidden states for the next stage, `(rows, hidden)`.
+    Hidden(Tensor),
+    /// Last stage: f32 logits at the last position of each sequence that asked for them, in
+    /// step order, `(sequences, vocab)`.
+    Logits(Tensor),
+}
+
+/// One sequence of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep {
+    /// The sequence, as its pool knows it.
+    pub id: u64,
+    /// Tokens this step feeds it (at its next positions).
+    pub tokens: usize,
+    /// Last stage: whether to produce logits for it (a non-final prefill chunk does not).
+    pub logits: bool,
+}
+
+/// Where each sequence's rows lie within a step, and where its tokens lie in the pool.
+pub(crate) struct Batch {
+    pub(crate) seqs: Vec<BatchSeq>,
+}
+
+pub(crate) struct BatchSeq {
+    pub(crate) id: u64,
+    /// First row of this sequence in the step.
+    pub(crate) offset: usize,
+    /// Rows (tokens) it has in the step.
+    pub(crate) len: usize,
+    /// Position of its first row.
+    pub(crate) start: usize,
+    /// Pool slots of its positions `0..start + len` (the same in every layer).
+    pub(crate) slots: Vec<u32>,
 }
 
 /// What a shard read from the checkpoint.
@@ -199,7 +201,10 @@ pub struct Shard {
     layers: Vec<DecoderLayer>,
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
-    rope: Rope,
+    /// RoPE's cos and sin of every position, built once at load.
+    rope: (Tensor, Tensor),
+    /// Key/value heads this rank holds per layer.
+    kv_heads: usize,
     device: Device,
     dtype: DType,
     report: LoadReport,
@@ -303,7 +308,8 @@ impl Shard {
             layers,
             norm,
             lm_head,
-            rope: Rope::new(cfg),
+            rope: Rope::new(cfg).table(cfg.max_position_embeddings, dtype, device).map_err(wrap)?,
+            kv_heads: split.kv_heads.len(),
             device: device.clone(),
             dtype,
             report,
@@ -341,78 +347,149 @@ impl Shard {
         &self.report
     }
 
-    /// An empty cache for a new sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: (0..self.layers.len()).map(|_| None).collect(),
-            len: 0,
-        }
+    /// A KV pool of `blocks` blocks of `block_size` tokens for this shard's layers, allocated
+    /// now on its device.
+    pub fn new_pool(&self, blocks: usize, block_size: usize) -> Result<KvPool> {
+        KvPool::new(self.layers.len(), self.kv_heads, self.cfg.head_dim, block_size, blocks, self.dtype, &self.device)
     }
 
-    /// Runs this stage for one sequence: `input` holds the tokens at positions
-    /// `cache.len()..`, and the cache grows by as many.
-    pub fn forward(&self, input: StageInput<'_>, cache: &mut KvCache) -> Result<StageOutput> {
-        let offset = cache.len;
-        let x = match (input, &self.embed) {
-            (StageInput::Tokens(ids), Some(embed)) => {
-                if ids.is_empty() {
-                    return Err(Error::Sequence("a step must carry at least one token".into()));
-                }
-                if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-                    return Err(Error::Sequence(format!(
-                        "token id {bad} is outside the vocabulary ({})",
-                        self.cfg.vocab_size
-                    )));
-                }
-                let ids = Tensor::new(ids, &self.device).and_then(|t| t.unsqueeze(0));
-                ids.and_then(|ids| embed.forward(&ids)).map_err(Error::Forward)?
-            }
-            (StageInput::Hidden(h), None) => {
-                let dims = h.dims().to_vec();
-                if dims.len() != 3 || dims[0] != 1 || dims[2] != self.cfg.hidden_size || dims[1] == 0 {
-                    return Err(Error::Sequence(format!(
-                        "hidden states of shape {dims:?} do not fit hidden_size {}",
-                        self.cfg.hidden_size
-                    )));
-                }
-                h.to_device(&self.device)
-                    .and_then(|h| h.to_dtype(self.dtype))
-                    .map_err(Error::Forward)?
-            }
-            (StageInput::Tokens(_), None) => {
-                return Err(Error::Sequence("this stage takes hidden states, not tokens".into()))
-            }
-            (StageInput::Hidden(_), Some(_)) => {
-                return Err(Error::Sequence("this stage takes tokens, not hidden states".into()))
-            }
-        };
-        let l = x.dim(1).map_err(Error::Forward)?;
-        if offset + l > self.cfg.max_position_embeddings {
+    /// Bytes one token's keys and values take on this shard.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        kv::bytes_per_token(self.layers.len(), self.kv_heads, self.cfg.head_dim, self.dtype)
+    }
+
+    /// Checks the token ids a first stage would embed.
+    pub fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::Sequence("a step must carry at least one token".into()));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Sequence(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// Checks that positions `start..start + tokens` exist in this model.
+    pub fn check_positions(&self, start: usize, tokens: usize) -> Result<()> {
+        if start + tokens > self.cfg.max_position_embeddings {
             return Err(Error::Sequence(format!(
                 "position {} is past max_position_embeddings ({})",
-                offset + l,
+                start + tokens,
                 self.cfg.max_position_embeddings
             )));
         }
-        let out = self.run_layers(x, offset, cache).map_err(Error::Forward)?;
-        cache.len = offset + l;
+        Ok(())
+    }
+
+    /// Runs this stage for one sequence `id` of `pool` (held from now on if it was not):
+    /// `input` holds the tokens at its next positions.
+    pub fn forward(&self, pool: &mut KvPool, id: u64, input: StageInput<'_>) -> Result<StageOutput> {
+        pool.insert(id);
+        let (batch_input, tokens) = match input {
+            StageInput::Tokens(ids) => (BatchInput::Tokens(ids), ids.len()),
+            StageInput::Hidden(h) => {
+                let h = if h.rank() == 3 { h.squeeze(0).map_err(Error::Forward)? } else { h };
+                let n = h.dim(0).map_err(Error::Forward)?;
+                (BatchInput::Hidden(h), n)
+            }
+        };
+        let seq = SeqStep { id, tokens, logits: true };
+        match self.forward_batch(pool, &[seq], batch_input)? {
+            BatchOutput::Hidden(h) => Ok(StageOutput::Hidden(h.unsqueeze(0).map_err(Error::Forward)?)),
+            BatchOutput::Logits(l) => Ok(StageOutput::Logits(l.flatten_all().map_err(Error::Forward)?)),
+        }
+    }
+
+    /// Runs this stage for every sequence of a step at once: each linear layer is one matmul
+    /// over all rows, attention runs per sequence against its own blocks. The sequences must be
+    /// held by `pool`; they get the blocks their new tokens need (all or none: a pool too full
+    /// fails the step with [`Error::KvFull`] before anything changes).
+    pub fn forward_batch(&self, pool: &mut KvPool, seqs: &[SeqStep], input: BatchInput<'_>) -> Result<BatchOutput> {
+        let total: usize = seqs.iter().map(|s| s.tokens).sum();
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens == 0) {
+            return Err(Error::Sequence("a step must carry at least one token for each sequence".into()));
+        }
+        let x = match (input, &self.embed) {
+            (BatchInput::Tokens(ids), Some(embed)) => {
+                self.check_tokens(ids)?;
+                if ids.len() != total {
+                    return Err(Error::Sequence(format!("the step carries {} tokens for sequences of {total}", ids.len())));
+                }
+                let ids = Tensor::new(ids, &self.device).map_err(Error::Forward)?;
+                embed.forward(&ids).map_err(Error::Forward)?
+            }
+            (BatchInput::Hidden(h), None) => {
+                let dims = h.dims().to_vec();
+                if dims.len() != 2 || dims[1] != self.cfg.hidden_size || dims[0] != total {
+                    return Err(Error::Sequence(format!(
+                        "hidden states of shape {dims:?} do not fit {total} rows of hidden_size {}",
+                        self.cfg.hidden_size
+                    )));
+                }
+                h.to_device(&self.device).and_then(|h| h.to_dtype(self.dtype)).map_err(Error::Forward)?
+            }
+            (BatchInput::Tokens(_), None) => return Err(Error::Sequence("this stage takes hidden states, not tokens".into())),
+            (BatchInput::Hidden(_), Some(_)) => return Err(Error::Sequence("this stage takes tokens, not hidden states".into())),
+        };
+        let mut starts = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let start = pool.len_of(s.id).ok_or_else(|| Error::Sequence(format!("sequence {} is not held here", s.id)))?;
+            self.check_positions(start, s.tokens)?;
+            starts.push(start);
+        }
+        let needed: usize = seqs.iter().map(|s| pool.blocks_needed(s.id, s.tokens)).sum();
+        if needed > pool.blocks_free() {
+            return Err(Error::KvFull { needed, free: pool.blocks_free(), total: pool.blocks_total() });
+        }
+        for s in seqs {
+            pool.grow(s.id, s.tokens)?;
+        }
+        let mut offset = 0;
+        let mut positions = Vec::with_capacity(total);
+        let batch = Batch {
+            seqs: seqs
+                .iter()
+                .zip(&starts)
+                .map(|(s, &start)| {
+                    positions.extend(start as u32..(start + s.tokens) as u32);
+                    let b = BatchSeq { id: s.id, offset, len: s.tokens, start, slots: pool.slots(s.id, start + s.tokens) };
+                    offset += s.tokens;
+                    b
+                })
+                .collect(),
+        };
+        let out = self.run_layers(x, &positions, &batch, seqs, pool).map_err(Error::Forward)?;
+        for s in seqs {
+            pool.advance(s.id, s.tokens);
+        }
         Ok(out)
     }
 
-    fn run_layers(&self, mut x: Tensor, offset: usize, cache: &mut KvCache) -> candle_core::Result<StageOutput> {
-        let l = x.dim(1)?;
-        let (cos, sin) = self.rope.cos_sin(offset, l, self.dtype, &self.device)?;
+    fn run_layers(&self, mut x: Tensor, positions: &[u32], batch: &Batch, seqs: &[SeqStep], pool: &KvPool) -> candle_core::Result<BatchOutput> {
+        let pos = Tensor::new(positions, &self.device)?;
+        let cos = self.rope.0.index_select(&pos, 0)?;
+        let sin = self.rope.1.index_select(&pos, 0)?;
         let group = self.group.as_deref();
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, offset, kv, group)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, batch, pool, i, group)?;
         }
         match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
-                let last = x.narrow(1, l - 1, 1)?;
+                let rows: Vec<u32> = batch
+                    .seqs
+                    .iter()
+                    .zip(seqs)
+                    .filter(|(_, s)| s.logits)
+                    .map(|(b, _)| (b.offset + b.len - 1) as u32)
+                    .collect();
+                if rows.is_empty() {
+                    return Ok(BatchOutput::Logits(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?));
+                }
+                let last = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
                 let logits = head.forward(&norm.forward(&last)?)?;
-                Ok(StageOutput::Logits(logits.to_dtype(DType::F32)?.flatten_all()?))
+                Ok(BatchOutput::Logits(logits.to_dtype(DType::F32)?))
             }
-            _ => Ok(StageOutput::Hidden(x)),
+            _ => Ok(BatchOutput::Hidden(x)),
         }
     }
 }

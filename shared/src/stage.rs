@@ -18,8 +18,13 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<pb::StepResponse, Status>>>>>;
 
+/// Steps (with their hidden states) queued for one stream before senders wait: the channel
+/// that carries activations is bounded.
+const STEPS_QUEUED: usize = 8;
+
+#[derive(Clone)]
 struct Conn {
-    tx: mpsc::UnboundedSender<pb::StepRequest>,
+    tx: mpsc::Sender<pb::StepRequest>,
     pending: Pending,
     broken: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -28,13 +33,37 @@ struct Conn {
 pub struct StageClient {
     name: String,
     address: String,
-    conn: tokio::sync::Mutex<Option<Conn>>,
+    /// The open stream, if any. Held only to read or swap it, never across a connect.
+    conn: Mutex<Option<Conn>>,
+    /// Serialises reconnects, so one broken stream is replaced by one new one.
+    connecting: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
 }
 
-impl std::fmt::Debug for StageClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StageClient").field("name", &self.name).field("address", &self.address).finish()
+/// A step sent on a stream, waiting for its answer.
+pub struct PendingStep {
+    rx: oneshot::Receiver<Result<pb::StepResponse, Status>>,
+    id: u64,
+    caller_id: u64,
+    conn: Conn,
+    describe: String,
+}
+
+impl PendingStep {
+    /// Waits (bounded by `timeout`) for the answer.
+    pub async fn answer(self, timeout: Duration) -> Result<pb::StepResponse, Status> {
+        match tokio::time::timeout(timeout, self.rx).await {
+            Ok(Ok(Ok(mut resp))) => {
+                resp.step_id = self.caller_id;
+                Ok(resp)
+            }
+            Ok(Ok(Err(status))) => Err(status),
+            Ok(Err(_)) => Err(Status::unavailable(format!("{}: the step stream closed", self.describe))),
+            Err(_) => {
+                self.conn.pending.lock().expect("pending lock").remove(&self.id);
+                Err(Status::deadline_exceeded(format!("{} did not answer a step within {timeout:?}", self.describe)))
+            }
+        }
     }
 }
 
@@ -74,7 +103,8 @@ impl StageClient {
         StageClient {
             name: name.into(),
             address: address.into(),
-            conn: tokio::sync::Mutex::new(None),
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -91,8 +121,8 @@ impl StageClient {
 
     async fn open(&self) -> Result<Conn, Status> {
         let mut client = connect(&self.address).await.map_err(|e| self.unavailable(e.message()))?;
-        let (tx, rx) = mpsc::unbounded_channel::<pb::StepRequest>();
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let (tx, rx) = mpsc::channel::<pb::StepRequest>(STEPS_QUEUED);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut inbound = client
             .step(stream)
             .await
@@ -136,50 +166,50 @@ impl StageClient {
         Status::unavailable(format!("{}: {what}", self.describe()))
     }
 
-    /// Sends one step and waits for its answer (bounded by `timeout`).
-    pub async fn step(&self, mut req: pb::StepRequest, timeout: Duration) -> Result<pb::StepResponse, Status> {
+    fn healthy(&self) -> Option<Conn> {
+        self.conn.lock().expect("conn lock").as_ref().filter(|c| !c.broken.load(Ordering::SeqCst)).cloned()
+    }
+
+    /// The open stream, or a new one when there is none or it broke.
+    async fn stream(&self) -> Result<Conn, Status> {
+        if let Some(c) = self.healthy() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        // Another caller may have reconnected while this one waited.
+        if let Some(c) = self.healthy() {
+            return Ok(c);
+        }
+        let c = self.open().await?;
+        *self.conn.lock().expect("conn lock") = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Queues one step on the stream (in the order callers submit) and returns its pending
+    /// answer. Waits while the stream holds [`STEPS_QUEUED`] unsent steps.
+    pub async fn submit(&self, mut req: pb::StepRequest) -> Result<PendingStep, Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let caller_id = req.step_id;
         req.step_id = id;
+        let conn = self.stream().await?;
         let (otx, orx) = oneshot::channel();
         {
-            let mut guard = self.conn.lock().await;
-            let stale = guard.as_ref().is_none_or(|c| c.broken.load(Ordering::SeqCst));
-            if stale {
-                *guard = Some(self.open().await?);
+            let mut pending = conn.pending.lock().expect("pending lock");
+            if conn.broken.load(Ordering::SeqCst) {
+                return Err(self.unavailable("the step stream broke"));
             }
-            let conn = guard.as_ref().expect("just opened");
-            {
-                let mut pending = conn.pending.lock().expect("pending lock");
-                if conn.broken.load(Ordering::SeqCst) {
-                    return Err(self.unavailable("the step stream broke"));
-                }
-                pending.insert(id, otx);
-            }
-            if conn.tx.send(req).is_err() {
-                conn.pending.lock().expect("pending lock").remove(&id);
-                conn.broken.store(true, Ordering::SeqCst);
-                return Err(self.unavailable("the step stream is closed"));
-            }
+            pending.insert(id, otx);
         }
-        match tokio::time::timeout(timeout, orx).await {
-            Ok(Ok(Ok(mut resp))) => {
-                resp.step_id = caller_id;
-                Ok(resp)
-            }
-            Ok(Ok(Err(status))) => Err(status),
-            Ok(Err(_)) => Err(self.unavailable("the step stream closed")),
-            Err(_) => {
-                if let Some(c) = self.conn.lock().await.as_ref() {
-                    c.pending.lock().expect("pending lock").remove(&id);
-                }
-                Err(Status::deadline_exceeded(format!(
-                    "{} did not answer a step within {:?}",
-                    self.describe(),
-                    timeout
-                )))
-            }
+        if conn.tx.send(req).await.is_err() {
+            conn.pending.lock().expect("pending lock").remove(&id);
+            conn.broken.store(true, Ordering::SeqCst);
+            return Err(self.unavailable("the step stream is closed"));
         }
+        Ok(PendingStep { rx: orx, id, caller_id, conn, describe: self.describe() })
     }
 
+    /// Sends one step and waits for its answer (bounded by `timeout`).
+    pub async fn step(&self, req: pb::StepRequest, timeout: Duration) -> Result<pb::StepResponse, Status> {
+        self.submit(req).await?.answer(timeout).await
+    }
 }

@@ -175,12 +175,7 @@ pub fn tensor_shapes(spec: &TinySpec, vocab: usize) -> Vec<(String, Vec<usize>)>
 }
 
 fn dtype_str(d: DType) -> Result<&'static str> {
-    match d {
-        DType::F32 => Ok("float32"),
-        DType::BF16 => Ok("bfloat16"),
-        DType::F16 => Ok("float16"),
-        other => Err(Error::WriteModel(format!("dtype {other:?} is not supported on disk"))),
-    }
+    crate::dtype::Dtype::hf_name(d).ok_or_else(|| Error::WriteModel(format!("dtype {d:?} is not supported on disk")))
 }
 
 /// Writes a complete checkpoint for `spec` into `dir` (created if missing).

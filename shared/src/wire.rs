@@ -1,24 +1,18 @@
 //! Tensors on the wire: raw little-endian bytes with dtype and shape, no compression.
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use shardserve_proto::v1 as pb;
 
 fn dtype_name(d: DType) -> Result<&'static str> {
-    match d {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        DType::F16 => Ok("f16"),
-        other => Err(Error::Wire(format!("dtype {other:?} is not sent between stages"))),
-    }
+    Dtype::short_name(d).ok_or_else(|| Error::Wire(format!("dtype {d:?} is not sent between stages")))
 }
 
 fn dtype_of(name: &str) -> Result<DType> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(Error::Wire(format!("unknown dtype {other:?}"))),
+    match name.parse::<Dtype>() {
+        Ok(Dtype::Auto) | Err(_) => Err(Error::Wire(format!("unknown dtype {name:?}"))),
+        Ok(d) => Ok(d.resolve(None, false)),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use shardserve::config::{Architecture, ModelConfig};
-use shardserve::model::{KvCache, Shard, StageInput, StageOutput, StageSpec};
+use shardserve::model::{KvPool, Shard, StageInput, StageOutput, StageSpec};
 use shardserve::tiny::{self, TinySpec};
 use shardserve::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decoding through a chain of stages, as the pipeline runs it.
 fn greedy(stages: &[Shard], prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
-    let mut caches: Vec<KvCache> = stages.iter().map(|s| s.new_cache()).collect();
+    let mut caches: Vec<KvPool> = stages.iter().map(|s| s.new_pool(64, 16).unwrap()).collect();
     let mut out = Vec::new();
     let mut first_logits = Vec::new();
     let mut feed = prompt.to_vec();
@@ -42,7 +42,7 @@ fn greedy(stages: &[Shard], prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
         let mut input = StageInput::Tokens(&feed);
         let mut result = None;
         for (s, c) in stages.iter().zip(caches.iter_mut()) {
-            match s.forward(input, c).unwrap() {
+            match s.forward(c, 0, input).unwrap() {
                 StageOutput::Hidden(h) => input = StageInput::Hidden(h),
                 l @ StageOutput::Logits(_) => {
                     result = Some(logits(l));
@@ -103,6 +103,108 @@ fn pipeline_stages_equal_one_stage() {
     }
 }
 
+/// Greedy decoding of many prompts as one batch through a chain of stages: sequence `i` joins
+/// at step `i % 3`, so steps mix prefill chunks of up to `chunk` tokens with decode rows.
+fn greedy_batched(stages: &[Shard], prompts: &[Vec<u32>], n: usize, chunk: usize) -> Vec<Vec<u32>> {
+    use shardserve::model::{BatchInput, BatchOutput, SeqStep};
+    let mut pools: Vec<KvPool> = stages.iter().map(|s| s.new_pool(128, 4).unwrap()).collect();
+    let ids: Vec<u64> = (0..prompts.len() as u64).map(|i| 1000 + i * 7).collect();
+    for p in pools.iter_mut() {
+        for &id in &ids {
+            p.insert(id);
+        }
+    }
+    let mut fed = vec![0usize; prompts.len()];
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut mixed = false;
+    for step in 0.. {
+        let mut seqs = Vec::new();
+        let mut tokens = Vec::new();
+        let mut which = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            if step < i % 3 || out[i].len() == n {
+                continue;
+            }
+            let feed: Vec<u32> = if fed[i] < p.len() {
+                p[fed[i]..p.len().min(fed[i] + chunk)].to_vec()
+            } else {
+                vec![*out[i].last().unwrap()]
+            };
+            let logits = fed[i] + feed.len() >= p.len();
+            seqs.push(SeqStep { id: ids[i], tokens: feed.len(), logits });
+            fed[i] += feed.len();
+            tokens.extend(feed);
+            which.push((i, logits));
+        }
+        if seqs.is_empty() {
+            break;
+        }
+        mixed |= seqs.iter().any(|s| s.tokens > 1) && seqs.iter().any(|s| s.tokens == 1);
+        let mut input = BatchInput::Tokens(&tokens);
+        let mut logits = None;
+        for (s, pool) in stages.iter().zip(pools.iter_mut()) {
+            match s.forward_batch(pool, &seqs, input).unwrap() {
+                BatchOutput::Hidden(h) => input = BatchInput::Hidden(h),
+                BatchOutput::Logits(l) => {
+                    logits = Some(l);
+                    input = BatchInput::Tokens(&[]);
+                }
+            }
+        }
+        let logits = logits.unwrap();
+        let mut row = 0;
+        for (i, sampled) in which {
+            if sampled {
+                let l: Vec<f32> = logits.get(row).unwrap().to_vec1().unwrap();
+                out[i].push(argmax(&l));
+                row += 1;
+            }
+        }
+    }
+    assert!(mixed, "no step mixed prefill and decode rows");
+    for (pool, s) in pools.iter_mut().zip(stages) {
+        let held: usize = ids.iter().map(|&id| pool.len_of(id).unwrap()).sum();
+        let want: usize = prompts.iter().map(|p| p.len() + n - 1).sum();
+        assert_eq!(held, want, "tokens held on a stage of {:?}", s.spec().layers);
+        for &id in &ids {
+            assert!(pool.remove(id));
+        }
+        assert_eq!(pool.blocks_used(), 0);
+    }
+    out
+}
+
+#[test]
+fn the_reference_prompts_in_one_batch_give_transformers_tokens() {
+    let dir = fixtures().join("hf-reference/tiny-qwen3");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf-reference/tiny-qwen3.reference.json")).unwrap())
+            .unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["new_ids"].clone()).unwrap()).collect();
+    let n = want[0].len();
+    assert!(want.iter().all(|w| w.len() == n));
+    let whole = load(&dir, None);
+    assert_eq!(greedy_batched(std::slice::from_ref(&whole), &prompts, n, 5), want, "one stage");
+    let stages: Vec<Shard> = [0..2, 2..3, 3..6].into_iter().enumerate().map(|(i, r)| load(&dir, Some(StageSpec::new(r, i, 3)))).collect();
+    assert_eq!(greedy_batched(&stages, &prompts, n, 3), want, "three stages");
+}
+
+#[test]
+fn a_full_pool_fails_the_step_before_anything_changes() {
+    use shardserve::model::{BatchInput, SeqStep};
+    let dir = fixtures().join("hf-reference/tiny-qwen3");
+    let whole = load(&dir, None);
+    let mut pool = whole.new_pool(2, 4).unwrap();
+    pool.insert(1);
+    pool.insert(2);
+    let seqs = [SeqStep { id: 1, tokens: 5, logits: true }, SeqStep { id: 2, tokens: 4, logits: true }];
+    let err = whole.forward_batch(&mut pool, &seqs, BatchInput::Tokens(&[1, 2, 3, 4, 5, 6, 7, 8, 9])).unwrap_err();
+    assert!(matches!(err, shardserve::Error::KvFull { needed: 3, free: 2, total: 2 }), "{err}");
+    assert_eq!((pool.blocks_used(), pool.len_of(1), pool.len_of(2)), (0, Some(0), Some(0)));
+}
+
 fn write_tiny(arch: Architecture, dtype: DType, shards: usize) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     let mut spec = TinySpec::new(arch);
@@ -134,13 +236,13 @@ fn check_qwen3(dir: &Path) {
     let cfg: qwen3::Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let mut theirs = qwen3::ModelForCausalLM::new(&cfg, candle_vb(dir)).unwrap();
     let ours = load(dir, None);
-    let mut cache = ours.new_cache();
+    let mut cache = ours.new_pool(64, 16).unwrap();
     let mut feed: Vec<u32> = vec![5, 17, 99, 3, 250, 8, 41];
     let mut pos = 0;
     for _ in 0..6 {
         let input = Tensor::new(feed.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let t = theirs.forward(&input, pos).unwrap();
-        let o = logits(ours.forward(StageInput::Tokens(&feed), &mut cache).unwrap());
+        let o = logits(ours.forward(&mut cache, 0, StageInput::Tokens(&feed)).unwrap());
         let d = max_diff(&t, &o);
         assert!(d < 1e-4, "qwen3 logits differ by {d} at position {pos}");
         pos += feed.len();
@@ -155,13 +257,13 @@ fn check_llama(dir: &Path) {
     let theirs = llama::Llama::load(candle_vb(dir), &cfg).unwrap();
     let mut tcache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
     let ours = load(dir, None);
-    let mut cache = ours.new_cache();
+    let mut cache = ours.new_pool(64, 16).unwrap();
     let mut feed: Vec<u32> = vec![1, 17, 99, 3, 250, 8, 41];
     let mut pos = 0;
     for _ in 0..6 {
         let input = Tensor::new(feed.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let t = theirs.forward(&input, pos, &mut tcache).unwrap();
-        let o = logits(ours.forward(StageInput::Tokens(&feed), &mut cache).unwrap());
+        let o = logits(ours.forward(&mut cache, 0, StageInput::Tokens(&feed)).unwrap());
         let d = max_diff(&t, &o);
         assert!(d < 1e-4, "llama logits differ by {d} at position {pos}");
         pos += feed.len();

@@ -50,7 +50,7 @@ fn greedy(run: &mut dyn FnMut(&[u32], usize) -> Vec<f32>, prompt: &[u32], n: usi
 /// threads fed the same tokens.
 struct TpStage {
     leader: Shard,
-    cache: shardserve::model::KvCache,
+    cache: shardserve::model::KvPool,
     feeds: Vec<mpsc::Sender<Vec<u32>>>,
     followers: Vec<std::thread::JoinHandle<Shard>>,
 }
@@ -71,9 +71,9 @@ impl TpStage {
                 let mut shard = load(&dir, whole(&dir).with_tp(TpRank { rank, size: tp }));
                 let group = TcpGroup::follower(&addr, "g", rank, tp, names, t, t).unwrap();
                 shard.set_group(Arc::new(group));
-                let mut cache = shard.new_cache();
+                let mut cache = shard.new_pool(64, 16).unwrap();
                 while let Ok(tokens) = rx.recv() {
-                    match shard.forward(StageInput::Tokens(&tokens), &mut cache).unwrap() {
+                    match shard.forward(&mut cache, 0, StageInput::Tokens(&tokens)).unwrap() {
                         StageOutput::Hidden(_) => {}
                         StageOutput::Logits(_) => panic!("only rank 0 holds lm_head"),
                     }
@@ -91,7 +91,7 @@ impl TpStage {
         conns.sort_by_key(|(r, _)| *r);
         let mut leader = load(dir, whole(dir).with_tp(TpRank { rank: 0, size: tp }));
         leader.set_group(Arc::new(TcpGroup::leader(conns.into_iter().map(|(_, s)| s).collect(), names, t).unwrap()));
-        let cache = leader.new_cache();
+        let cache = leader.new_pool(64, 16).unwrap();
         TpStage { leader, cache, feeds, followers }
     }
 
@@ -99,7 +99,7 @@ impl TpStage {
         for f in &self.feeds {
             f.send(tokens.to_vec()).unwrap();
         }
-        match self.leader.forward(StageInput::Tokens(tokens), &mut self.cache).unwrap() {
+        match self.leader.forward(&mut self.cache, 0, StageInput::Tokens(tokens)).unwrap() {
             StageOutput::Logits(l) => l.to_vec1().unwrap(),
             StageOutput::Hidden(_) => panic!("rank 0 of the last stage returns logits"),
         }
@@ -114,9 +114,9 @@ impl TpStage {
 fn check(dir: &Path, tp: usize) {
     let prompt = [42u32, 71, 401, 81, 14, 391];
     let single = load(dir, whole(dir));
-    let mut cache = single.new_cache();
+    let mut cache = single.new_pool(64, 16).unwrap();
     let (want, want_logits) = greedy(
-        &mut |t, _| match single.forward(StageInput::Tokens(t), &mut cache).unwrap() {
+        &mut |t, _| match single.forward(&mut cache, 0, StageInput::Tokens(t)).unwrap() {
             StageOutput::Logits(l) => l.to_vec1().unwrap(),
             StageOutput::Hidden(_) => unreachable!(),
         },

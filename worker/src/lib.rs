@@ -37,6 +37,9 @@ pub struct WorkerConfig {
     pub collective_timeout: std::time::Duration,
     /// Where shards compute.
     pub device: candle_core::Device,
+    /// Where Prometheus metrics are served (host:port), if they are; set by the caller once
+    /// it listens.
+    pub metrics_address: String,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.

@@ -39,6 +39,10 @@ struct Args {
     /// Seconds a tensor-parallel all-reduce may wait on a peer before the group is failed.
     #[arg(long, env = "SHARDSERVE_COLLECTIVE_TIMEOUT", default_value_t = 30)]
     collective_timeout_s: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0 picks a free one,
+    /// printed as `metrics ADDR`).
+    #[arg(long, env = "SHARDSERVE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 fn hostname() -> String {
@@ -69,6 +73,17 @@ async fn main() -> anyhow::Result<()> {
         format!("http://{}", args.coordinator)
     };
     let device = shardserve::device::parse_device(&args.device).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let shutdown = CancellationToken::new();
+    let metrics_address = match &args.metrics_listen {
+        Some(a) => {
+            let bound = shardserve::telemetry::start(a, shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {a}: {e}"))?;
+            println!("metrics {bound}");
+            bound.to_string()
+        }
+        None => String::new(),
+    };
     let config = WorkerConfig {
         id: args.id.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
         advertise,
@@ -80,10 +95,10 @@ async fn main() -> anyhow::Result<()> {
         collective_address: String::new(),
         device,
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_s.max(1)),
+        metrics_address,
     };
     println!("listening {bound}");
     tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");
-    let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
         shutdown_signal().await;

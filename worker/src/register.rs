@@ -14,7 +14,7 @@ use tracing::{info, warn};
 pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
     let (name, (total, free)) = match shardserve::device::memory(&config.device) {
         Some(gpu) => (device_name(&config.device), gpu),
-        None => ("cpu".to_string(), memory()),
+        None => ("cpu".to_string(), shardserve::device::host_memory()),
     };
     pb::WorkerInfo {
         id: config.id.clone(),
@@ -30,6 +30,7 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         stage: None,
         collective_address: config.collective_address.clone(),
         instance: instance().to_string(),
+        metrics_address: config.metrics_address.clone(),
     }
 }
 
@@ -55,19 +56,6 @@ fn device_name(device: &candle_core::Device) -> String {
 }
 
 /// Total and available memory from /proc/meminfo (0 where unknown).
-fn memory() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-            .unwrap_or(0)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
-}
-
 /// Keeps this worker registered until `shutdown`.
 pub async fn keep_registered(config: WorkerConfig, state: Arc<WorkerState>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);

@@ -6,30 +6,38 @@ mod compute;
 mod tp;
 
 use crate::group::{Control, Rendezvous};
-use compute::{compute, ComputeThread, Computed};
+use compute::{compute, ComputeThread};
 use tp::{all_reduce, follow};
 use candle_core::Device;
 use shardserve::collective::tcp::TcpGroup;
 use shardserve::collective::TpRank;
 use shardserve::config::ModelConfig;
-use shardserve::model::{self, KvCache, Shard, StageSpec};
+use shardserve::model::{self, KvPool, Shard, StageSpec};
 use shardserve::sampling::Sampler;
 use shardserve::stage::StageClient;
 use shardserve_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, warn};
 
-/// State of one sequence on this stage.
-struct Sequence {
-    kv: KvCache,
+/// A sequence's state on this stage beside its KV blocks.
+struct SeqState {
     /// Last stage only: the sampler and every token of the sequence so far.
     sampler: Option<Sampler>,
     history: Vec<u32>,
+    /// The client request it serves (for log lines).
+    request_id: String,
+}
+
+/// The KV pool of the shard served and the sequences in it.
+struct StageKv {
+    pool: KvPool,
+    seqs: HashMap<u64, SeqState>,
 }
 
 /// The shard this worker serves.
@@ -43,6 +51,15 @@ struct Loaded {
     /// The tensor-parallel group: on the leader its links to the followers, on a follower its
     /// link to the leader.
     group: Option<Arc<TcpGroup>>,
+    /// Changed only by the thread that computes steps (the compute thread, or a follower's).
+    kv: Mutex<StageKv>,
+    /// The pool's blocks in use and sequences held, published after every change so `Stats`
+    /// never waits for a step.
+    blocks_used: AtomicUsize,
+    sequences: AtomicUsize,
+    blocks_total: usize,
+    block_size: usize,
+    block_bytes: u64,
 }
 
 impl Loaded {
@@ -50,16 +67,27 @@ impl Loaded {
     fn followers(&self) -> Option<&Arc<TcpGroup>> {
         self.group.as_ref().filter(|_| self.tp.is_leader())
     }
+
+    fn publish(&self, kv: &StageKv) {
+        self.blocks_used.store(kv.pool.blocks_used(), Ordering::SeqCst);
+        self.sequences.store(kv.seqs.len(), Ordering::SeqCst);
+        let stage = self.stage.to_string();
+        metrics::gauge!("shardserve_kv_blocks_used", "stage" => stage.clone()).set(kv.pool.blocks_used() as f64);
+        metrics::gauge!("shardserve_kv_blocks_total", "stage" => stage.clone()).set(self.blocks_total as f64);
+        metrics::gauge!("shardserve_worker_sequences", "stage" => stage).set(kv.seqs.len() as f64);
+    }
 }
 
 /// Longest the ranks of a tensor-parallel group wait for each other while loading.
 const GROUP_WAIT: Duration = Duration::from_secs(600);
 
+/// Tokens per KV block when the coordinator does not say.
+const DEFAULT_BLOCK_SIZE: usize = model::kv::DEFAULT_BLOCK_SIZE;
+
 /// Everything a worker holds.
 pub struct WorkerState {
     id: String,
     loaded: RwLock<Option<Arc<Loaded>>>,
-    sequences: Mutex<HashMap<u64, Arc<Mutex<Sequence>>>>,
     /// Recently released sequence ids: a step that arrives after its release (they race
     /// across stages) must not bring the sequence back.
     released: Mutex<(HashSet<u64>, std::collections::VecDeque<u64>)>,
@@ -86,7 +114,6 @@ impl WorkerState {
         WorkerState {
             id,
             loaded: RwLock::new(None),
-            sequences: Mutex::new(HashMap::new()),
             released: Mutex::default(),
             step_timeout,
             collective_timeout,
@@ -104,7 +131,6 @@ impl WorkerState {
                 g.close();
             }
         }
-        self.sequences.lock().expect("sequences lock").clear();
     }
 
     /// Drops `loaded` if it is still the shard served (a newer one is left alone).
@@ -112,7 +138,6 @@ impl WorkerState {
         let mut current = self.loaded.write().expect("loaded lock");
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, loaded)) {
             *current = None;
-            self.sequences.lock().expect("sequences lock").clear();
         }
     }
 
@@ -124,8 +149,12 @@ impl WorkerState {
             .ok_or_else(|| Status::failed_precondition(format!("worker {} holds no shard", self.id)))
     }
 
-    fn release(&self, ids: &[u64]) -> usize {
+    /// Frees sequences `ids` in `kv` and remembers them as released; how many were held.
+    fn forget(&self, kv: &mut StageKv, ids: &[u64]) -> usize {
         const REMEMBERED: usize = 65_536;
+        if ids.is_empty() {
+            return 0;
+        }
         {
             let mut released = self.released.lock().expect("released lock");
             for &id in ids {
@@ -139,28 +168,71 @@ impl WorkerState {
                 }
             }
         }
-        let freed = {
-            let mut seqs = self.sequences.lock().expect("sequences lock");
-            ids.iter().filter(|id| seqs.remove(id).is_some()).count()
-        };
-        // Followers mirror the release in the order of the leader's steps: through the compute
-        // thread, which is the only one that talks to them.
-        if let Some(group) = self.current().ok().and_then(|l| l.followers().cloned()) {
-            if !ids.is_empty() {
-                let msg = Control::release(ids);
-                self.compute.spawn(move || {
-                    if let Err(why) = group.send_control(&msg) {
-                        debug!(reason = %why, "release not mirrored: the group is broken");
-                    }
-                });
+        let mut freed = 0;
+        for id in ids {
+            kv.pool.remove(*id);
+            if let Some(s) = kv.seqs.remove(id) {
+                freed += 1;
+                if !s.request_id.is_empty() {
+                    debug!(worker = %self.id, request_id = %s.request_id, seq = id, "sequence freed");
+                }
             }
         }
         freed
     }
 
+    /// Frees sequences `ids`, in order with the steps (on the compute thread), and mirrors the
+    /// release to the followers; how many were held here.
+    async fn release(self: &Arc<Self>, ids: Vec<u64>) -> usize {
+        let Ok(loaded) = self.current() else { return 0 };
+        if ids.is_empty() {
+            return 0;
+        }
+        let st = self.clone();
+        let freed = self
+            .compute
+            .run(move || {
+                let freed = {
+                    let mut kv = loaded.kv.lock().expect("kv lock");
+                    let freed = st.forget(&mut kv, &ids);
+                    loaded.publish(&kv);
+                    freed
+                };
+                if let Some(group) = loaded.followers() {
+                    if let Err(why) = group.send_control(&Control::release(&ids)) {
+                        debug!(reason = %why, "release not mirrored: the group is broken");
+                    }
+                }
+                freed
+            })
+            .await;
+        freed.unwrap_or(0)
+    }
+
     fn was_released(&self, id: u64) -> bool {
         self.released.lock().expect("released lock").0.contains(&id)
     }
+}
+
+/// Blocks of `block_bytes` that `wanted` bytes of KV memory make (0: a quarter of what
+/// `device` has free now), limited to what it has free less a margin for activations.
+fn kv_blocks(wanted: u64, block_bytes: u64, device: &Device, tp: bool) -> Result<usize, String> {
+    let (_, free) = shardserve::device::memory_of(device);
+    let margin = free / 10;
+    let available = free.saturating_sub(margin);
+    let bytes = match wanted {
+        0 => free / 4,
+        // Every rank of a group must hold the same blocks: one that cannot is refused.
+        w if w > available && tp => {
+            return Err(format!("the KV cache needs {w} bytes but {available} are free after the weights (less a margin)"))
+        }
+        w => w.min(available),
+    };
+    let blocks = bytes / block_bytes.max(1);
+    if blocks == 0 {
+        return Err(format!("{bytes} bytes of KV memory hold no block of {block_bytes} bytes"));
+    }
+    Ok(blocks.min(u32::MAX as u64) as usize)
 }
 
 /// The gRPC face of [`WorkerState`].
@@ -185,11 +257,6 @@ fn to_status(e: shardserve::Error) -> Status {
         }
         _ => Status::internal(m),
     }
-}
-
-fn error_results(req: &pb::StepRequest, code: tonic::Code, message: &str) -> Vec<pb::SequenceResult> {
-    let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
-    failed(&ids, code, message)
 }
 
 /// The same failure for each of the sequences `ids`.
@@ -239,11 +306,11 @@ impl pb::worker_server::Worker for WorkerService {
         let device = state.device.clone();
         let r = req.clone();
         let st = state.clone();
-        let (shard, group) = tokio::task::spawn_blocking(move || -> Result<(Shard, Option<Arc<TcpGroup>>), Status> {
+        let (shard, group, pool) = tokio::task::spawn_blocking(move || -> Result<(Shard, Option<Arc<TcpGroup>>, KvPool), Status> {
             let load = || -> Result<Shard, shardserve::Error> {
                 let files = shardserve::hub::resolve(&r.model, Some(&r.revision))?;
                 let cfg = ModelConfig::from_file(&files.file("config.json"))?;
-                let dtype = model::resolve_dtype(&r.dtype, &cfg, &device)?;
+                let dtype = model::resolve_dtype(r.dtype.parse()?, &cfg, &device);
                 let spec = StageSpec::new(
                     r.layer_start as usize..r.layer_end as usize,
                     r.stage as usize,
@@ -256,8 +323,14 @@ impl pb::worker_server::Worker for WorkerService {
                 Shard::load(&cfg, spec, &files.dir, dtype, &device)
             };
             let mut shard = load().map_err(to_status)?;
+            // The KV pool is allocated now, once: steps never allocate cache memory.
+            let block_size = if r.kv_block_size == 0 { DEFAULT_BLOCK_SIZE } else { r.kv_block_size as usize };
+            let block_bytes = shard.kv_bytes_per_token() * block_size as u64;
+            let blocks = kv_blocks(r.kv_memory, block_bytes, &device, tp.size > 1)
+                .map_err(|e| Status::resource_exhausted(format!("worker {}: {e}", st.id)))?;
+            let pool = shard.new_pool(blocks, block_size).map_err(to_status)?;
             if tp.size == 1 {
-                return Ok((shard, None));
+                return Ok((shard, None, pool));
             }
             let names = r.tp_workers.clone();
             let group = if tp.is_leader() {
@@ -274,7 +347,7 @@ impl pb::worker_server::Worker for WorkerService {
             })?;
             let group = Arc::new(group);
             shard.set_group(all_reduce(&st, &group, tp, &device)?);
-            Ok((shard, Some(group)))
+            Ok((shard, Some(group), pool))
         })
         .await
         .map_err(|e| Status::internal(format!("loading task failed: {e}")))??;
@@ -282,11 +355,12 @@ impl pb::worker_server::Worker for WorkerService {
         let dtype = format!("{:?}", shard.dtype()).to_lowercase();
         let next_name = if req.next_worker_id.is_empty() { format!("stage {}", req.stage + 1) } else { req.next_worker_id.clone() };
         let next = (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone())));
+        let (blocks_total, block_size, block_bytes) = (pool.blocks_total(), pool.block_size(), pool.bytes_per_block());
         info!(
             worker = %state.id, model = %req.model, stage = req.stage, layers = ?(req.layer_start..req.layer_end),
-            tp_rank = tp.rank, tp_size = tp.size, tensors = report.tensors.len(), bytes = report.bytes, "shard loaded"
+            tp_rank = tp.rank, tp_size = tp.size, tensors = report.tensors.len(), bytes = report.bytes,
+            kv_blocks = blocks_total, kv_block_size = block_size, "shard loaded"
         );
-        state.sequences.lock().expect("sequences lock").clear();
         let loaded = Arc::new(Loaded {
             epoch: req.epoch,
             shard: Arc::new(shard),
@@ -295,7 +369,14 @@ impl pb::worker_server::Worker for WorkerService {
             next: if tp.is_leader() { next } else { None },
             tp,
             group: group.clone(),
+            kv: Mutex::new(StageKv { pool, seqs: HashMap::new() }),
+            blocks_used: AtomicUsize::new(0),
+            sequences: AtomicUsize::new(0),
+            blocks_total,
+            block_size,
+            block_bytes,
         });
+        loaded.publish(&loaded.kv.lock().expect("kv lock"));
         *state.loaded.write().expect("loaded lock") = Some(loaded.clone());
         if let (Some(group), false) = (group, tp.is_leader()) {
             let st = state.clone();
@@ -308,6 +389,9 @@ impl pb::worker_server::Worker for WorkerService {
             bytes: report.bytes,
             tensors: report.tensors.len() as u32,
             dtype,
+            kv_blocks: blocks_total as u32,
+            kv_block_size: block_size as u32,
+            kv_block_bytes: block_bytes,
         }))
     }
 
@@ -316,11 +400,12 @@ impl pb::worker_server::Worker for WorkerService {
     async fn step(&self, request: Request<Streaming<pb::StepRequest>>) -> Result<Response<Self::StepStream>, Status> {
         let mut inbound = request.into_inner();
         let state = self.state.clone();
+        // Answers carry token ids only (no activations); at most one per step in flight.
         let (tx, rx) = mpsc::unbounded_channel::<Result<pb::StepResponse, Status>>();
         tokio::spawn(async move {
             // Sequences first seen on this stream: freed when it closes, so a vanished caller
             // leaves nothing behind.
-            let owned: Arc<Mutex<HashSet<u64>>> = Arc::default();
+            let mut owned: HashSet<u64> = HashSet::new();
             loop {
                 let next = tokio::select! {
                     m = inbound.message() => m,
@@ -347,29 +432,37 @@ impl pb::worker_server::Worker for WorkerService {
                 }) {
                     Ok(l) => l,
                     Err(e) => {
+                        let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
                         let _ = tx.send(Ok(pb::StepResponse {
                             step_id: req.step_id,
-                            results: error_results(&req, tonic::Code::Unavailable, e.message()),
+                            results: failed(&ids, tonic::Code::Unavailable, e.message()),
                         }));
                         continue;
                     }
                 };
+                let step_id = req.step_id;
+                let ids: Vec<u64> = req.sequences.iter().map(|s| s.seq_id).collect();
                 let (st, l) = (state.clone(), loaded.clone());
-                let (step_id, ids): (u64, Vec<u64>) = (req.step_id, req.sequences.iter().map(|s| s.seq_id).collect());
-                let computed = state.compute.run(move || {
-                    let mut fresh = Vec::new();
-                    let started = std::time::Instant::now();
-                    let out = compute(&st, &l, &req, &mut fresh);
-                    let tokens: usize = req.sequences.iter().map(|s| s.token_ids.len()).sum();
-                    trace!(step = req.step_id, sequences = req.sequences.len(), tokens, compute_us = started.elapsed().as_micros() as u64, "step computed");
-                    (req, out, fresh)
-                })
-                .await;
-                let (req, out, fresh) = match computed {
-                    Ok(v) => v,
+                let computed = state
+                    .compute
+                    .run(move || {
+                        let started = std::time::Instant::now();
+                        let (sequences, rows) = (req.sequences.len(), req.sequences.iter().map(|s| s.token_ids.len()).sum::<usize>());
+                        let out = compute(&st, &l, req);
+                        if sequences > 0 {
+                            let stage = l.stage.to_string();
+                            metrics::histogram!("shardserve_step_duration_seconds", "stage" => stage.clone()).record(started.elapsed().as_secs_f64());
+                            metrics::histogram!("shardserve_stage_batch_tokens", "stage" => stage).record(rows as f64);
+                            tracing::trace!(step = step_id, sequences, rows, compute_us = started.elapsed().as_micros() as u64, "step computed");
+                        }
+                        out
+                    })
+                    .await;
+                let computed = match computed {
+                    Ok(c) => c,
                     Err(e) => {
                         warn!(worker = %state.id, error = %e, "a step failed to run");
-                        state.release(&ids);
+                        state.release(ids.clone()).await;
                         let _ = tx.send(Ok(pb::StepResponse {
                             step_id,
                             results: failed(&ids, tonic::Code::Internal, &format!("worker {}: {e}", state.id)),
@@ -377,79 +470,50 @@ impl pb::worker_server::Worker for WorkerService {
                         continue;
                     }
                 };
-                {
-                    let mut owned = owned.lock().expect("owned lock");
-                    owned.extend(fresh);
+                owned.extend(&computed.fresh);
+                if owned.len() > 4096 {
                     // Keep only what is still held here, so the set stays small.
-                    if owned.len() > 4096 {
-                        let live = state.sequences.lock().expect("sequences lock");
-                        owned.retain(|id| live.contains_key(id));
-                    }
+                    let kv = loaded.kv.lock().expect("kv lock");
+                    owned.retain(|id| kv.pool.contains(*id));
                 }
-                match out {
-                    Ok(Computed::Results(results)) => {
-                        let _ = tx.send(Ok(pb::StepResponse { step_id: req.step_id, results }));
-                    }
-                    Ok(Computed::Forward(hidden)) => {
-                        let Some(next) = loaded.next.clone() else {
-                            let _ = tx.send(Ok(pb::StepResponse {
-                                step_id: req.step_id,
-                                results: error_results(&req, tonic::Code::Internal, "this stage is not the last and has no next stage"),
-                            }));
-                            continue;
-                        };
-                        let wire = match shardserve::wire::encode(&hidden) {
-                            Ok(w) => w,
-                            Err(e) => {
-                                state.release(&ids);
-                                let _ = tx.send(Ok(pb::StepResponse {
-                                    step_id: req.step_id,
-                                    results: error_results(&req, tonic::Code::Internal, &e.to_string()),
-                                }));
-                                continue;
-                            }
-                        };
-                        let forward = pb::StepRequest {
-                            step_id: req.step_id,
-                            sequences: req.sequences.clone(),
-                            hidden: Some(wire),
-                        };
-                        // Forward without waiting, so this stage takes the next step while
-                        // later stages work on this one.
-                        let (tx, st, timeout) = (tx.clone(), state.clone(), state.step_timeout);
-                        tokio::spawn(async move {
-                            let resp = match next.step(forward, timeout).await {
-                                Ok(r) => r,
-                                Err(e) => {
-                                    st.release(&ids);
-                                    pb::StepResponse {
-                                        step_id: req.step_id,
-                                        results: error_results(&req, e.code(), e.message()),
-                                    }
-                                }
-                            };
-                            for r in &resp.results {
-                                if !r.error.is_empty() {
-                                    st.release(&[r.seq_id]);
-                                }
-                            }
-                            let _ = tx.send(Ok(resp));
-                        });
-                    }
-                    Err(message) => {
-                        state.release(&ids);
-                        if let Some(next) = &loaded.next {
-                            release_downstream(next.clone(), ids.clone());
+                let mut results = computed.results;
+                let Some(forward) = computed.forward else {
+                    let _ = tx.send(Ok(pb::StepResponse { step_id, results }));
+                    continue;
+                };
+                let Some(next) = loaded.next.clone() else {
+                    let e = "this stage is not the last and has no next stage";
+                    results.extend(failed(&forward.sequences.iter().map(|s| s.seq_id).collect::<Vec<_>>(), tonic::Code::Internal, e));
+                    let _ = tx.send(Ok(pb::StepResponse { step_id, results }));
+                    continue;
+                };
+                // Queued on the next stage's stream here, in this stream's order (releases
+                // included), then answered without waiting, so this stage takes the next step
+                // while later stages work on this one.
+                let forwarded: Vec<u64> = forward.sequences.iter().map(|s| s.seq_id).collect();
+                let pending = next.submit(forward).await;
+                let (tx, st, timeout) = (tx.clone(), state.clone(), state.step_timeout);
+                tokio::spawn(async move {
+                    let answer = match pending {
+                        Ok(p) => p.answer(timeout).await,
+                        Err(e) => Err(e),
+                    };
+                    match answer {
+                        Ok(resp) => {
+                            let gone: Vec<u64> = resp.results.iter().filter(|r| !r.error.is_empty()).map(|r| r.seq_id).collect();
+                            st.release(gone).await;
+                            results.extend(resp.results);
                         }
-                        let _ = tx.send(Ok(pb::StepResponse {
-                            step_id: req.step_id,
-                            results: error_results(&req, message.code, &format!("worker {}: {}", state.id, message.text)),
-                        }));
+                        Err(e) => {
+                            st.release(forwarded.clone()).await;
+                            results.extend(failed(&forwarded, e.code(), e.message()));
+                        }
                     }
-                }
+                    let _ = tx.send(Ok(pb::StepResponse { step_id, results }));
+                });
             }
-            let ids: Vec<u64> = owned.lock().expect("owned lock").drain().collect();
-            let freed = state.release(&ids);
+            let ids: Vec<u64> = owned.into_iter().collect();
+            let freed = state.release(ids.clone()).await;
             if freed > 0 {
                 debug!(worker = %state.id, freed, "step stream closed; sequences freed");
             }
@@ -465,7 +529,7 @@ impl pb::worker_server::Worker for WorkerService {
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
         let ids = request.into_inner().seq_ids;
-        let released = self.state.release(&ids);
+        let released = self.state.release(ids.clone()).await;
         if let Ok(l) = self.state.current() {
             if let Some(next) = &l.next {
                 release_downstream(next.clone(), ids);
@@ -491,16 +555,16 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
-        let seqs: Vec<Arc<Mutex<Sequence>>> = self.state.sequences.lock().expect("sequences lock").values().cloned().collect();
-        let kv_bytes = seqs.iter().map(|s| s.lock().expect("sequence lock").kv.bytes()).sum();
-        let mut resp = pb::StatsResponse {
-            sequences: seqs.len() as u32,
-            kv_bytes,
-            ..Default::default()
-        };
+        let mut resp = pb::StatsResponse::default();
         if let Ok(l) = self.state.current() {
             let spec = l.shard.spec();
             let report = l.shard.report();
+            let used = l.blocks_used.load(Ordering::SeqCst);
+            resp.sequences = l.sequences.load(Ordering::SeqCst) as u32;
+            resp.kv_bytes = used as u64 * l.block_bytes;
+            resp.kv_blocks_used = used as u32;
+            resp.kv_blocks_total = l.blocks_total as u32;
+            resp.kv_block_size = l.block_size as u32;
             resp.model = l.model.clone();
             resp.stage = l.stage;
             resp.layer_start = spec.layers.start as u32;

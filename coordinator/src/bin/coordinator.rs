@@ -22,8 +22,8 @@ struct Args {
     #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
     /// Compute dtype: auto (checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
-    #[arg(long, env = "SHARDSERVE_DTYPE", default_value = "auto")]
-    dtype: String,
+    #[arg(long, env = "SHARDSERVE_DTYPE", value_enum, default_value_t = shardserve::dtype::Dtype::Auto)]
+    dtype: shardserve::dtype::Dtype,
     /// Workers (pipeline stages) to spread the model over; waits until that many joined.
     #[arg(long, env = "SHARDSERVE_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -38,9 +38,11 @@ struct Args {
     /// Cap on prompt + generated tokens (default: the model's max_position_embeddings).
     #[arg(long, env = "SHARDSERVE_MAX_TOTAL_TOKENS")]
     max_total_tokens: Option<usize>,
-    /// Requests in flight per model before new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "SHARDSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
+    /// Requests per model (running or waiting) before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SHARDSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     max_concurrent_requests: usize,
+    #[command(flatten)]
+    batch: shardserve_coordinator::flags::BatchArgs,
     /// Seconds a worker's lease lasts without a keep-alive.
     #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
     lease_ttl_s: u64,
@@ -106,6 +108,7 @@ impl TryFrom<Args> for CoordinatorConfig {
         }
         anyhow::ensure!((0.0..1.0).contains(&a.kv_reserve), "--kv-reserve must be in [0, 1), got {}", a.kv_reserve);
         anyhow::ensure!(a.prefill_chunk >= 1, "--prefill-chunk must be at least 1");
+        let kv_memory = a.batch.validate()?;
         anyhow::ensure!(
             !a.cluster.is_empty() && a.cluster.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
             "--cluster {:?}: use letters, digits, '-', '_' or '.'",
@@ -140,6 +143,12 @@ impl TryFrom<Args> for CoordinatorConfig {
                 random_weights: a.random_weights,
                 max_total_tokens: a.max_total_tokens,
                 max_concurrent_requests: a.max_concurrent_requests,
+                max_batch_size: a.batch.max_batch_size,
+                max_batch_tokens: a.batch.max_batch_tokens,
+                max_waiting: a.batch.max_waiting,
+                kv_memory,
+                kv_block_size: a.batch.kv_block_size,
+                max_buffered_tokens: a.batch.max_buffered_tokens,
                 step_timeout: Duration::from_secs(a.step_timeout_s),
                 strategy,
                 max_memory,
@@ -152,6 +161,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 replan_wait: Duration::from_secs(a.replan_wait_s),
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
+            metrics_listen: a.batch.metrics_listen.clone(),
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
             local_workers: a.worker_bin.map(|bin| shardserve_coordinator::scale::LocalWorkers {
                 bin,
@@ -175,15 +185,26 @@ async fn main() {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let bound = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        if let Some(m) = config.metrics_listen.clone() {
+            let at = shardserve::telemetry::start(&m, shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {m}: {e}"))?;
+            config.metrics_listen = Some(at.to_string());
+            println!("metrics {at}");
+        }
         if let Some(local) = &mut config.local_workers {
             // Workers it starts join the same fleet.
             local.args.extend(["--coordinator".to_string(), format!("http://{bound}")]);
             if !config.etcd.is_empty() {
                 local.args.extend(["--etcd".to_string(), config.etcd.join(",")]);
             }
+            if let Some(m) = &config.metrics_listen {
+                let host = m.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                local.args.extend(["--metrics-listen".to_string(), format!("{host}:0")]);
+            }
         }
         println!("listening {bound}");
-        let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             shardserve_coordinator::shutdown_signal().await;

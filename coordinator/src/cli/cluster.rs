@@ -42,18 +42,20 @@ pub struct UpArgs {
     /// build with --features cuda).
     #[arg(long, env = "SHARDSERVE_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: auto, f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    /// Compute dtype: auto (the checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, value_enum, default_value_t = shardserve::dtype::Dtype::Auto)]
+    pub dtype: shardserve::dtype::Dtype,
     /// Cap on prompt + generated tokens.
     #[arg(long)]
     pub max_total_tokens: Option<usize>,
     /// Seconds a worker's lease lasts without a keep-alive.
     #[arg(long, default_value_t = 10)]
     pub lease_ttl_s: u64,
-    /// Requests in flight per model before new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 128)]
+    /// Requests per model (running or waiting) before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
     pub max_concurrent_requests: usize,
+    #[command(flatten)]
+    pub batch: crate::flags::BatchArgs,
     /// Placement over the workers, as transformers' device_map: auto, balanced,
     /// balanced_low_0 or sequential.
     #[arg(long, default_value = "auto")]
@@ -140,7 +142,9 @@ impl LocalCluster {
             bail!("--workers {} is not a multiple of --tp {} (workers = stages × tp)", a.workers, a.tp);
         }
         let mut cmd = Command::new(bin_path("coordinator")?);
-        cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype])
+        a.batch.validate()?;
+        cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype.to_string()])
+            .args(a.batch.to_args())
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
             .args(["--tp", &a.tp.to_string()])
             .args(a.random_weights.then_some("--random-weights"))
@@ -196,6 +200,11 @@ impl LocalCluster {
             }
             cmd.args(["--cluster", &a.cluster, "--lease-ttl-s", &a.lease_ttl_s.to_string()])
                 .args(["--device", &a.device]);
+            if let Some(m) = &a.batch.metrics_listen {
+                // Each worker on a free port of the same host.
+                let host = m.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                cmd.args(["--metrics-listen", &format!("{host}:0")]);
+            }
             if let Some(e) = &a.etcd {
                 cmd.args(["--etcd", e]);
             }

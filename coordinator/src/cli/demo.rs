@@ -46,31 +46,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             tmp.display().to_string()
         }
     };
-    let up = UpArgs {
-        model,
-        revision: None,
-        workers: a.workers,
-        tp: 1,
-        random_weights: false,
-        etcd: None,
-        cluster: "default".into(),
-        listen: "127.0.0.1:0".into(),
-        device: "cpu".into(),
-        dtype: "auto".into(),
-        max_total_tokens: None,
-        lease_ttl_s: 10,
-        max_concurrent_requests: 128,
-        quiet: true,
-        strategy: "auto".into(),
-        max_memory: None,
-        device_map: None,
-        kv_reserve: 0.1,
-        prefill_chunk: 512,
-        worker_threads: None,
-        migration_limit: 0,
-        replan_wait_s: 10,
-        ready_timeout_s: 600,
-    };
+    // Every other flag of `up` at its default.
+    #[derive(clap::Parser)]
+    struct Up {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+    let workers = a.workers.to_string();
+    let mut up = <Up as clap::Parser>::try_parse_from(["up", "--model", &model, "--workers", &workers, "--listen", "127.0.0.1:0"])?.up;
+    up.quiet = true;
     eprintln!("starting a coordinator and {} worker(s)", a.workers);
     let cluster = LocalCluster::start(&up).await?;
     let result = async {

@@ -185,11 +185,11 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
 /// Greedy decoding of `n` tokens on one whole-model shard: (tokens, logits after the prompt).
 fn greedy(shard: &shardserve::model::Shard, prompt: &[u32], n: usize) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
     use shardserve::model::{StageInput, StageOutput};
-    let mut cache = shard.new_cache();
+    let mut cache = shard.new_pool(64, 16)?;
     let (mut tokens, mut first) = (Vec::new(), Vec::new());
     let mut feed = prompt.to_vec();
     for _ in 0..n {
-        let logits: Vec<f32> = match shard.forward(StageInput::Tokens(&feed), &mut cache)? {
+        let logits: Vec<f32> = match shard.forward(&mut cache, 0, StageInput::Tokens(&feed))? {
             StageOutput::Logits(l) => l.to_vec1()?,
             StageOutput::Hidden(_) => bail!("a whole-model shard returned hidden states"),
         };

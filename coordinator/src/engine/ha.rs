@@ -53,32 +53,21 @@ impl Engine {
 
     /// A placement read from etcd, as the leader wrote it.
     pub(super) fn adopt(&self, value: &[u8]) -> Result<Placement, String> {
-        let v: serde_json::Value = serde_json::from_slice(value).map_err(|e| e.to_string())?;
-        let stages = v["stages"]
-            .as_array()
-            .ok_or("no stages")?
-            .iter()
-            .map(|s| {
-                let layers = s["layers"].as_array().ok_or("no layers")?;
-                let at = |i: usize| layers.get(i).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or("bad layers");
-                Ok(StageAssignment {
-                    worker_id: s["worker"].as_str().ok_or("no worker")?.to_string(),
-                    address: s["address"].as_str().ok_or("no address")?.to_string(),
-                    layers: at(0)?..at(1)?,
-                    bytes: s["bytes"].as_u64().unwrap_or(0),
-                    followers: s["followers"]
-                        .as_array()
-                        .map(|f| {
-                            f.iter()
-                                .map(|r| Some((r["worker"].as_str()?.to_string(), r["address"].as_str()?.to_string())))
-                                .collect::<Option<Vec<_>>>()
-                        })
-                        .unwrap_or(Some(Vec::new()))
-                        .ok_or("bad followers")?,
-                })
+        let record: PlacementRecord = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        let stages = record
+            .stages
+            .into_iter()
+            .map(|s| StageAssignment {
+                worker_id: s.worker,
+                address: s.address,
+                layers: s.layers[0]..s.layers[1],
+                bytes: s.bytes,
+                followers: s.followers.into_iter().map(|r| (r.worker, r.address)).collect(),
+                kv_blocks: s.kv_blocks,
+                kv_block_size: s.kv_block_size,
             })
-            .collect::<Result<Vec<_>, &str>>()?;
-        self.placement_of(stages, v["epoch"].as_u64().unwrap_or(0))
+            .collect();
+        self.placement_of(stages, record.epoch)
     }
 
     /// Writes the placement to etcd (`placements/<model>`) with a revision check, so two
@@ -90,16 +79,24 @@ impl Engine {
             return;
         }
         let key = shardserve::membership::placement_key(cluster, &self.model.name);
-        let value = serde_json::json!({
-            "model": self.model.name,
-            "epoch": p.epoch,
-            "stages": p.stages.iter().map(|s| serde_json::json!({
-                "worker": s.worker_id, "address": s.address,
-                "layers": [s.layers.start, s.layers.end], "bytes": s.bytes,
-                "followers": s.followers.iter().map(|(w, a)| serde_json::json!({"worker": w, "address": a})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })
-        .to_string();
+        let record = PlacementRecord {
+            model: self.model.name.clone(),
+            epoch: p.epoch,
+            stages: p
+                .stages
+                .iter()
+                .map(|s| StageRecord {
+                    worker: s.worker_id.clone(),
+                    address: s.address.clone(),
+                    layers: [s.layers.start, s.layers.end],
+                    bytes: s.bytes,
+                    followers: s.followers.iter().map(|(w, a)| RankRecord { worker: w.clone(), address: a.clone() }).collect(),
+                    kv_blocks: s.kv_blocks,
+                    kv_block_size: s.kv_block_size,
+                })
+                .collect(),
+        };
+        let value = serde_json::to_string(&record).expect("a placement serializes");
         let result = async {
             let mut client = self.etcd_client().await.expect("etcd is configured")?;
             let current = client.get(key.as_str(), None).await?;
@@ -163,5 +160,60 @@ impl Engine {
             }
             Err(e) => Some(Err(e)),
         }
+    }
+}
+
+/// What `placements/<model>` holds: the leader's plan, for the other coordinators to serve.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct PlacementRecord {
+    model: String,
+    epoch: u64,
+    stages: Vec<StageRecord>,
+}
+
+/// One stage of a [`PlacementRecord`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct StageRecord {
+    worker: String,
+    address: String,
+    /// Start and (exclusive) end.
+    layers: [usize; 2],
+    bytes: u64,
+    #[serde(default)]
+    followers: Vec<RankRecord>,
+    kv_blocks: usize,
+    kv_block_size: usize,
+}
+
+/// A tensor-parallel rank above 0 of a stage.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RankRecord {
+    worker: String,
+    address: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placement_record_round_trips_and_a_missing_field_is_an_error() {
+        let r = PlacementRecord {
+            model: "m".into(),
+            epoch: 7,
+            stages: vec![StageRecord {
+                worker: "w0".into(),
+                address: "127.0.0.1:1".into(),
+                layers: [0, 4],
+                bytes: 10,
+                followers: vec![RankRecord { worker: "w1".into(), address: "127.0.0.1:2".into() }],
+                kv_blocks: 64,
+                kv_block_size: 16,
+            }],
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<PlacementRecord>(&text).unwrap(), r);
+        let no_kv = text.replace(",\"kv_blocks\":64", "");
+        assert!(serde_json::from_str::<PlacementRecord>(&no_kv).unwrap_err().to_string().contains("kv_blocks"));
     }
 }

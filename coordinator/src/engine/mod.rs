@@ -1,6 +1,8 @@
 //! The serving engine: for each model, its tokenizer and configs, its placement over the fleet
-//! (planned, loaded and re-planned when workers come and go), and the per-request loop that
-//! drives steps through the pipeline, detokenizes, and stops on eos, stop strings or length.
+//! (planned, loaded and re-planned when workers come and go), and its scheduler, which admits
+//! requests while every stage's KV pool can hold them and runs them all as batched steps through
+//! the pipeline (as many steps in flight as the pipeline has stages), detokenizing and stopping
+//! each on eos, stop strings or length.
 
 use crate::error::ServeError;
 use crate::membership::Membership;
@@ -9,10 +11,11 @@ use shardserve::stage::StageClient;
 use shardserve::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
 use shardserve_proto::v1 as pb;
 use std::ops::Range;
+use shardserve::dtype::Dtype;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -20,6 +23,10 @@ mod generate;
 mod ha;
 mod ops;
 mod placing;
+mod scheduler;
+mod steps;
+
+pub use generate::RequestHandle;
 
 /// How the engine serves its model.
 #[derive(Debug, Clone)]
@@ -29,8 +36,8 @@ pub struct EngineConfig {
     pub revision: Option<String>,
     /// The name clients use; defaults to `model`.
     pub name: String,
-    /// "auto", "f32", "bf16" or "f16".
-    pub dtype: String,
+    /// The compute dtype the workers load.
+    pub dtype: Dtype,
     /// Workers the first plan waits for (pipeline stages × `tp`).
     pub workers: usize,
     /// Tensor-parallel ranks per stage: consecutive workers form a stage's group.
@@ -39,8 +46,21 @@ pub struct EngineConfig {
     pub random_weights: bool,
     /// Caps prompt + generated tokens below the model's own limit.
     pub max_total_tokens: Option<usize>,
-    /// Requests in flight per model before RESOURCE_EXHAUSTED.
+    /// Requests in flight per model (running or waiting) before RESOURCE_EXHAUSTED.
     pub max_concurrent_requests: usize,
+    /// Most sequences in one step.
+    pub max_batch_size: usize,
+    /// Most tokens in one step, prefill chunks included.
+    pub max_batch_tokens: usize,
+    /// Requests waiting for admission before new ones get RESOURCE_EXHAUSTED.
+    pub max_waiting: usize,
+    /// KV cache per stage (per rank) in bytes; `None`: half of `reserve` of the worker's free
+    /// memory.
+    pub kv_memory: Option<u64>,
+    /// Tokens per KV block.
+    pub kv_block_size: usize,
+    /// Generated tokens buffered for a client that does not read them before it is cancelled.
+    pub max_buffered_tokens: usize,
     /// Longest one step may take.
     pub step_timeout: Duration,
     /// accelerate's strategy, applied over the workers.
@@ -76,6 +96,9 @@ pub struct StageAssignment {
     pub bytes: u64,
     /// Tensor-parallel ranks 1.. of the stage: (worker id, address).
     pub followers: Vec<(String, String)>,
+    /// KV blocks of the stage's pool (its smallest rank's), and tokens per block.
+    pub kv_blocks: usize,
+    pub kv_block_size: usize,
 }
 
 impl StageAssignment {
@@ -105,6 +128,13 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// KV blocks every stage can hold, and tokens per block: what admission counts against.
+    pub fn kv_capacity(&self) -> (usize, usize) {
+        let blocks = self.stages.iter().map(|s| s.kv_blocks).min().unwrap_or(0);
+        let size = self.stages.first().map_or(1, |s| s.kv_block_size.max(1));
+        (blocks, size)
+    }
+
     /// Whether `w` is the process that holds the rank `(id, address)` of this placement: the
     /// same id and address, and the same instance where it is known.
     fn held_by(&self, w: &pb::WorkerInfo, id: &str, address: &str) -> bool {
@@ -138,28 +168,36 @@ pub struct ModelEntry {
     pub name: String,
     pub config: ModelConfig,
     pub shape: shardserve::placement::ModelShape,
-    pub dtype_bytes: u64,
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
     pub eos: Vec<u32>,
     pub max_total_tokens: usize,
-    pub dtype: String,
-    state: RwLock<ServingState>,
+    pub dtype: Dtype,
+    /// What others wait on: the scheduler, new requests, drains.
+    state: watch::Sender<ServingState>,
+    /// Sequences admitted and not finished (the scheduler keeps it).
     active: AtomicUsize,
+    /// Requests waiting for admission.
+    queued: AtomicUsize,
     ever_ready: std::sync::atomic::AtomicBool,
 }
 
 impl ModelEntry {
     /// The current state.
     pub fn state(&self) -> ServingState {
-        self.state.read().expect("state lock").clone()
+        self.state.borrow().clone()
+    }
+
+    /// The state, to wait on.
+    pub fn subscribe(&self) -> watch::Receiver<ServingState> {
+        self.state.subscribe()
     }
 
     fn set_state(&self, s: ServingState) {
         if matches!(s, ServingState::Ready(_)) {
             self.ever_ready.store(true, Ordering::SeqCst);
         }
-        *self.state.write().expect("state lock") = s;
+        self.state.send_replace(s);
     }
 
     /// Marks the model as no longer served.
@@ -181,9 +219,14 @@ impl ModelEntry {
         self.ever_ready.load(Ordering::SeqCst)
     }
 
-    /// Requests in flight.
+    /// Sequences admitted and running (or waiting to move to a new placement).
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Requests waiting for admission.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
     }
 }
 
@@ -216,7 +259,6 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
     let shape = shardserve::placement::ModelShape::from_config_json(&raw)?;
     let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
     let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
-    let dtype = shardserve::model::resolve_dtype(&config.dtype, &cfg, &candle_core::Device::Cpu)?;
     if config.tp > 1 {
         let tp = shardserve::collective::TpRank { rank: 0, size: config.tp };
         shardserve::collective::tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
@@ -230,7 +272,6 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
         files,
         config: cfg,
         shape,
-        dtype_bytes: dtype.size_in_bytes() as u64,
         generation,
         tokenizer,
     })
@@ -241,8 +282,6 @@ pub struct Prepared {
     pub files: shardserve::hub::ModelFiles,
     pub config: ModelConfig,
     pub shape: shardserve::placement::ModelShape,
-    /// Bytes per weight in the compute dtype.
-    pub dtype_bytes: u64,
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
 }
@@ -342,11 +381,17 @@ pub struct Engine {
     evicting: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Set while the model moves off cordoned workers: new requests wait for the new placement
     /// instead of starting on the old one.
-    moving: std::sync::atomic::AtomicBool,
-    /// Notified whenever a new placement is ready.
-    placed: Notify,
+    moving: watch::Sender<bool>,
+    /// Requests for the scheduler (bounded by `waiting` and `requests`).
+    inbox: mpsc::UnboundedSender<scheduler::Submission>,
+    /// Free places in the waiting queue (`max_waiting`).
+    waiting: Arc<tokio::sync::Semaphore>,
+    /// Free places for requests running or waiting (`max_concurrent_requests`).
+    requests: Arc<tokio::sync::Semaphore>,
     next_seq: AtomicU64,
     next_placement: AtomicU64,
+    /// Fires when the engine stops (shutdown, or its model unloaded).
+    stop: CancellationToken,
 }
 
 impl Engine {
@@ -374,7 +419,7 @@ impl Engine {
     ) -> anyhow::Result<Arc<Self>> {
         let pinned = primary.is_some();
         let c = config.clone();
-        let Prepared { files, config: cfg, shape, dtype_bytes, generation, tokenizer } =
+        let Prepared { files, config: cfg, shape, generation, tokenizer } =
             tokio::task::spawn_blocking(move || preflight(&c)).await??;
         let eos = generation.eos_ids(&cfg);
         let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
@@ -383,18 +428,20 @@ impl Engine {
             name: config.name.clone(),
             eos,
             max_total_tokens,
-            dtype: config.dtype.clone(),
+            dtype: config.dtype,
             config: cfg,
             shape,
-            dtype_bytes,
             generation,
             tokenizer,
-            state: RwLock::new(ServingState::Loading(format!("waiting for workers: 0 of {}", config.workers))),
+            state: watch::Sender::new(ServingState::Loading(format!("waiting for workers: 0 of {}", config.workers))),
             active: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
             ever_ready: Default::default(),
         });
         let seed = crate::random_u64();
         let etcd_is_none = etcd.is_none();
+        let (inbox, submissions) = mpsc::unbounded_channel();
+        let (waiting, requests) = (config.max_waiting, config.max_concurrent_requests);
         let engine = Arc::new(Engine {
             config,
             etcd,
@@ -410,11 +457,14 @@ impl Engine {
             quarantined: Default::default(),
             pinned,
             evicting: Default::default(),
-            moving: Default::default(),
-            placed: Notify::new(),
+            moving: watch::Sender::new(false),
+            inbox,
+            waiting: Arc::new(tokio::sync::Semaphore::new(waiting)),
+            requests: Arc::new(tokio::sync::Semaphore::new(requests)),
             // Ids from a restarted coordinator do not collide with stale ones on workers.
             next_seq: AtomicU64::new(seed & 0x0fff_ffff_ffff_ffff),
             next_placement: AtomicU64::new(1),
+            stop: shutdown.clone(),
         });
         shared.engines.write().expect("engines lock").push(Arc::downgrade(&engine));
         if let (Some((_, cluster)), Some(primary)) = (engine.etcd.clone(), primary) {
@@ -454,6 +504,7 @@ impl Engine {
             ));
             tokio::spawn(engine.clone().follow(cluster, shutdown.clone()));
         }
+        tokio::spawn(scheduler::run(engine.clone(), submissions, shutdown.clone()));
         tokio::spawn(engine.clone().reconcile(shutdown));
         Ok(engine)
     }

@@ -76,20 +76,18 @@ impl Engine {
         self.cordon(id, true).await?;
         self.mark("draining", &self.evicting, id, true).await?;
         self.shared.wake_all();
-        let deadline = tokio::time::Instant::now() + within;
-        let outcome = loop {
-            if let ServingState::Ready(p) = self.model.state() {
-                if !p.stages.iter().any(|s| s.uses(id)) {
-                    break Ok(p.stages.clone());
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break Err(ServeError::DeadlineExceeded(format!(
-                    "worker {id} still holds part of the model after {within:?} ({} requests in flight)",
-                    self.model.active()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut state = self.model.subscribe();
+        let moved = state.wait_for(|s| matches!(s, ServingState::Ready(p) if !p.stages.iter().any(|s| s.uses(id))));
+        let outcome = match tokio::time::timeout(within, moved).await {
+            Ok(Ok(s)) => match &*s {
+                ServingState::Ready(p) => Ok(p.stages.clone()),
+                _ => unreachable!("waited for a ready placement"),
+            },
+            Ok(Err(_)) => Err(ServeError::Unavailable("the coordinator is shutting down".into())),
+            Err(_) => Err(ServeError::DeadlineExceeded(format!(
+                "worker {id} still holds part of the model after {within:?} ({} requests in flight)",
+                self.model.active()
+            ))),
         };
         // Cordoned it stays; the move is done (or given up).
         if let Err(e) = self.mark("draining", &self.evicting, id, false).await {

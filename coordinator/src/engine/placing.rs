@@ -66,7 +66,7 @@ impl Engine {
                 }
             }
             // Recomputed on every pass, so a move that is no longer wanted never holds requests.
-            self.moving.store(move_wanted, Ordering::SeqCst);
+            self.moving.send_if_modified(|m| std::mem::replace(m, move_wanted) != move_wanted);
             if !healthy {
                 // A planned move (the fleet grew, a drain, another model's reservation) is not a
                 // loss; a placement whose workers are gone is.
@@ -89,15 +89,14 @@ impl Engine {
                 if workers.len() < wanted {
                     let why = format!("waiting for workers: {} of {wanted} registered and not cordoned", workers.len());
                     self.model.set_state(self.model.not_ready(why));
-                    self.moving.store(false, Ordering::SeqCst);
+                    self.moving.send_if_modified(|m| std::mem::replace(m, false));
                 } else {
                     match self.load(&workers).await {
                         Ok(p) => {
                             info!(model = %self.model.name, stages = p.stages.len(), "model ready");
                             self.publish(&p).await;
                             self.model.set_state(ServingState::Ready(Arc::new(p)));
-                            self.moving.store(false, Ordering::SeqCst);
-                            self.placed.notify_waiters();
+                            self.moving.send_if_modified(|m| std::mem::replace(m, false));
                             // Other models may be waiting for workers this plan let go.
                             self.shared.wake_all();
                             backoff = Duration::from_millis(250);
@@ -183,7 +182,7 @@ impl Engine {
         if let Some(map) = &self.config.device_map {
             // With tensor parallelism a map names groups, by index or by their rank-0 worker.
             let ids: Vec<String> = (0..groups).map(|g| workers[g * tp].id.clone()).collect();
-            return cluster::from_explicit_map(&m.shape, m.dtype_bytes, map, &ids).map_err(|e| e.to_string());
+            return cluster::from_explicit_map(&m.shape, self.dtype_bytes(workers), map, &ids).map_err(|e| e.to_string());
         }
         let budgets: Vec<cluster::WorkerBudget> = workers
             .iter()
@@ -192,8 +191,11 @@ impl Engine {
                 let bytes = match &self.config.max_memory {
                     Some(mm) => mm.iter().find(|(d, _)| *d == Device::Index(i as u32)).map_or(0, |(_, b)| *b),
                     None => {
+                        // What is free, less the reserve for KV caches and activations, less an
+                        // explicit KV pool.
                         let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
-                        (free as f64 * (1.0 - self.config.reserve)) as u64
+                        let weights = (free as f64 * (1.0 - self.config.reserve)) as u64;
+                        weights.saturating_sub(self.config.kv_memory.unwrap_or(0))
                     }
                 };
                 cluster::WorkerBudget { id: w.id.clone(), bytes }
@@ -209,7 +211,30 @@ impl Engine {
                 bytes: g.iter().map(|b| b.bytes).min().unwrap_or(0).saturating_mul(tp as u64),
             })
             .collect();
-        cluster::plan(&m.shape, m.dtype_bytes, &budgets, self.config.strategy).map_err(|e| e.to_string())
+        cluster::plan(&m.shape, self.dtype_bytes(workers), &budgets, self.config.strategy).map_err(|e| e.to_string())
+    }
+
+    /// Bytes per weight as `workers` will hold them: `--dtype auto` is the checkpoint's dtype on
+    /// GPU workers and f32 on CPU ones (the widest, when a fleet has both).
+    fn dtype_bytes(&self, workers: &[pb::WorkerInfo]) -> u64 {
+        let checkpoint = self.model.config.checkpoint_dtype.as_deref();
+        workers
+            .iter()
+            .map(|w| {
+                let gpu = w.devices.iter().any(|d| d.name != "cpu");
+                self.config.dtype.resolve(checkpoint, gpu).size_in_bytes() as u64
+            })
+            .max()
+            .unwrap_or_else(|| self.config.dtype.resolve(checkpoint, false).size_in_bytes() as u64)
+    }
+
+    /// Bytes of KV pool to ask of worker `w`: `--kv-memory`, or half the reserve of its free
+    /// memory (the other half is left for activations).
+    fn kv_memory_for(&self, w: &pb::WorkerInfo) -> u64 {
+        self.config.kv_memory.unwrap_or_else(|| {
+            let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
+            (free as f64 * self.config.reserve / 2.0) as u64
+        })
     }
 
     /// Plans over `workers` and loads every stage.
@@ -240,7 +265,7 @@ impl Engine {
                 let req = pb::LoadShardRequest {
                     model: self.config.model.clone(),
                     revision: self.config.revision.clone().unwrap_or_default(),
-                    dtype: self.config.dtype.clone(),
+                    dtype: self.config.dtype.to_string(),
                     stage: i as u32,
                     num_stages: n as u32,
                     layer_start: range.start as u32,
@@ -254,6 +279,8 @@ impl Engine {
                     tp_leader: if tp > 1 { group[0].collective_address.clone() } else { String::new() },
                     tp_workers: if tp > 1 { tp_workers.clone() } else { Vec::new() },
                     random_weights: self.config.random_weights,
+                    kv_memory: self.kv_memory_for(&w),
+                    kv_block_size: self.config.kv_block_size as u32,
                 };
                 calls.push(async move {
                     let failed = |why: String, permanent: bool| LoadFailure { why, permanent, worker: Some(w.id.clone()) };
@@ -277,6 +304,8 @@ impl Engine {
                         layers: range.clone(),
                         bytes: resp.bytes,
                         followers: Vec::new(),
+                        kv_blocks: resp.kv_blocks as usize,
+                        kv_block_size: resp.kv_block_size as usize,
                     }))
                 });
             }
@@ -290,6 +319,8 @@ impl Engine {
                 debug_assert_eq!(stages.len(), i);
                 stages.push(a);
             } else {
+                // Every rank runs the same steps: the stage holds what its smallest pool holds.
+                stages[i].kv_blocks = stages[i].kv_blocks.min(a.kv_blocks);
                 stages[i].followers.push((a.worker_id, a.address));
             }
         }

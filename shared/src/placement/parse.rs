@@ -108,15 +108,10 @@ pub fn parse_max_memory(s: &str) -> Result<Vec<(Device, u64)>, PlacementError> {
 
 /// Bytes per element of a floating-point dtype name (`torch.` prefix allowed).
 pub fn dtype_bytes(dtype: &str) -> Result<u64, PlacementError> {
-    let name = dtype.trim();
-    let name = name
-        .strip_prefix("torch.")
-        .unwrap_or(name)
-        .to_ascii_lowercase();
-    match name.as_str() {
-        "float32" | "f32" | "float" | "fp32" => Ok(4),
-        "bfloat16" | "bf16" => Ok(2),
-        "float16" | "f16" | "half" | "fp16" => Ok(2),
+    match dtype.parse::<crate::dtype::Dtype>() {
+        Ok(d @ (crate::dtype::Dtype::F32 | crate::dtype::Dtype::Bf16 | crate::dtype::Dtype::F16)) => {
+            Ok(d.resolve(None, false).size_in_bytes() as u64)
+        }
         _ => Err(PlacementError::UnsupportedDtype(dtype.to_string())),
     }
 }

@@ -1,17 +1,20 @@
-//! Running steps: the worker's compute thread, and one step through the shard (checks first,
-//! then the forward pass of every sequence, then sampling on the last stage).
+//! Running steps: the worker's compute thread, and one step through the shard — the step's
+//! releases first, then a check of every sequence (one that fails is answered with its own
+//! error and left out; the others run), then one batched forward pass over the rest, then
+//! sampling on the last stage.
 
-use super::{Loaded, Sequence, WorkerState};
+use super::{Loaded, SeqState, WorkerState};
 use crate::group::Control;
 use candle_core::Tensor;
-use shardserve::model::{self, StageInput, StageOutput};
+use shardserve::model::{self, BatchInput, BatchOutput, SeqStep};
 use shardserve::sampling::{Sampler, SamplingParams};
 use shardserve_proto::v1 as pb;
-use std::sync::{Arc, Mutex};
+use tonic::Code;
 
 /// The one thread that runs this worker's forward passes. Steps run one at a time on a thread
 /// that lives as long as the worker, so its allocations and caches stay warm; candle's kernels
-/// spread each step over the CPU cores themselves.
+/// spread each step over the CPU cores themselves. Everything that changes the KV pool (steps,
+/// releases) runs here, in the order it arrived.
 pub(super) struct ComputeThread {
     jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
 }
@@ -32,11 +35,6 @@ impl ComputeThread {
             })
             .expect("spawning the compute thread");
         ComputeThread { jobs }
-    }
-
-    /// Queues `f` on the compute thread without waiting for it.
-    pub(super) fn spawn(&self, f: impl FnOnce() + Send + 'static) {
-        let _ = self.jobs.send(Box::new(f));
     }
 
     /// Runs `f` on the compute thread; `Err` when the thread is gone (it panicked).
@@ -64,160 +62,336 @@ fn sampling_params(p: Option<&pb::SamplingParams>) -> Result<SamplingParams, Str
     Ok(params)
 }
 
-/// The outcome of running one step on this stage.
-pub(super) enum Computed {
-    /// Last stage: one result per sequence.
-    Results(Vec<pb::SequenceResult>),
-    /// Hidden states to forward, all sequences concatenated along the token axis.
-    Forward(Tensor),
+/// Why one sequence (or a whole step) failed on this stage.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StepError {
+    /// The step is for another placement than the one loaded here.
+    #[error("worker {worker} was re-planned (placement {here} here, the step is for {step})")]
+    Replanned { worker: String, here: u64, step: u64 },
+    /// The sequence was released before this step arrived (its request ended).
+    #[error("sequence {0} was released before this step arrived")]
+    Released(u64),
+    /// The sequence's state is not here (the worker restarted or reloaded).
+    #[error("sequence {seq} is unknown on worker {worker} (its state was lost)")]
+    Lost { seq: u64, worker: String },
+    /// The step's description of the sequence is wrong.
+    #[error("sequence {seq}: {why}")]
+    Invalid { seq: u64, why: String },
+    /// No KV blocks left for the sequence's new tokens.
+    #[error("worker {worker}: sequence {seq}: {source}")]
+    KvFull {
+        worker: String,
+        seq: u64,
+        #[source]
+        source: shardserve::Error,
+    },
+    /// The forward pass failed.
+    #[error("worker {worker}: {source}")]
+    Forward {
+        worker: String,
+        #[source]
+        source: shardserve::Error,
+    },
+    /// The tensor-parallel group broke: the stage is gone as far as the caller can tell.
+    #[error("{0}")]
+    Group(String),
+    /// The step itself is malformed (its hidden states, say).
+    #[error("worker {worker}: {why}")]
+    Malformed { worker: String, why: String },
 }
 
-/// Why a step failed here.
-pub(super) struct StepError {
-    pub(super) code: tonic::Code,
-    pub(super) text: String,
-}
+impl StepError {
+    /// The status a caller gets for it.
+    pub(super) fn code(&self) -> Code {
+        match self {
+            // The worker is alive but serves a newer placement: the caller's plan is stale.
+            StepError::Replanned { .. } => Code::Aborted,
+            StepError::Lost { .. } | StepError::Group(_) => Code::Unavailable,
+            StepError::Released(_) => Code::Cancelled,
+            StepError::Invalid { .. } | StepError::Malformed { .. } => Code::InvalidArgument,
+            StepError::KvFull { .. } => Code::ResourceExhausted,
+            StepError::Forward { .. } => Code::Internal,
+        }
+    }
 
-impl From<String> for StepError {
-    fn from(text: String) -> Self {
-        StepError {
-            code: tonic::Code::Internal,
-            text: shardserve::brief(&text),
+    /// The result a caller gets for sequence `seq_id` failing with it.
+    pub(super) fn result(&self, seq_id: u64) -> pb::SequenceResult {
+        pb::SequenceResult {
+            seq_id,
+            error: shardserve::brief(self),
+            code: self.code() as i32,
+            ..Default::default()
         }
     }
 }
 
-impl From<&str> for StepError {
-    fn from(text: &str) -> Self {
-        text.to_string().into()
-    }
+/// What running a step here produced.
+#[derive(Debug, Default)]
+pub(super) struct Computed {
+    /// Results settled here: every sequence that failed here, and on the last stage every
+    /// other one (a sampled token, or an empty result for a non-final prefill chunk).
+    pub(super) results: Vec<pb::SequenceResult>,
+    /// The step for the next stage: the sequences that ran here with their hidden states, and
+    /// what it must release. `None` on the last stage.
+    pub(super) forward: Option<pb::StepRequest>,
+    /// Sequences first seen here in this step.
+    pub(super) fresh: Vec<u64>,
 }
 
-/// Runs `req` through the shard. Any failure fails the whole step; the caller frees the
-/// sequences it names.
-pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: &pb::StepRequest, fresh: &mut Vec<u64>) -> Result<Computed, StepError> {
+/// Runs `req` through the shard.
+pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest) -> Computed {
     let shard = &loaded.shard;
     let spec = shard.spec().clone();
-    let hidden = match (&req.hidden, spec.first) {
-        (Some(t), false) => Some(shardserve::wire::decode(t, &state.device).map_err(|e| e.to_string())?),
-        (None, true) => None,
-        (None, false) => return Err("this stage needs hidden states and the step carries none".into()),
-        (Some(_), true) => return Err("the first stage takes tokens, but the step carries hidden states".into()),
+    let mut kv = loaded.kv.lock().expect("kv lock");
+    let mut out = Computed::default();
+    // Releases first: their blocks are free for this step's sequences.
+    let mut release = req.release.clone();
+    state.forget(&mut kv, &req.release);
+    let fail_all = |e: StepError, out: &mut Computed| {
+        out.results.extend(req.sequences.iter().map(|s| e.result(s.seq_id)));
     };
-    // First every check, so that a step the followers are sent is one they run as well.
-    let mut work = Vec::with_capacity(req.sequences.len());
+    if let Some(s) = req.sequences.iter().find(|s| s.epoch != 0 && loaded.epoch != 0 && s.epoch != loaded.epoch) {
+        fail_all(StepError::Replanned { worker: state.id.clone(), here: loaded.epoch, step: s.epoch }, &mut out);
+        out.forward = forward_release(loaded, release);
+        loaded.publish(&kv);
+        return out;
+    }
+    let hidden = match (&req.hidden, spec.first) {
+        (_, _) if req.sequences.is_empty() => None,
+        (Some(t), false) => match shardserve::wire::decode(t, &state.device) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                fail_all(StepError::Malformed { worker: state.id.clone(), why: e.to_string() }, &mut out);
+                None
+            }
+        },
+        (None, true) => None,
+        (None, false) => {
+            let why = "this stage needs hidden states and the step carries none".to_string();
+            fail_all(StepError::Malformed { worker: state.id.clone(), why }, &mut out);
+            None
+        }
+        (Some(_), true) => {
+            let why = "the first stage takes tokens, but the step carries hidden states".to_string();
+            fail_all(StepError::Malformed { worker: state.id.clone(), why }, &mut out);
+            None
+        }
+    };
+    let rows: usize = req.sequences.iter().map(|s| s.token_ids.len()).sum();
+    if let (Some(h), true) = (&hidden, out.results.is_empty()) {
+        if h.dims().first() != Some(&rows) {
+            let why = format!("hidden states of shape {:?} for {rows} rows", h.dims());
+            fail_all(StepError::Malformed { worker: state.id.clone(), why }, &mut out);
+        }
+    }
+    if !out.results.is_empty() {
+        // The step as a whole is unusable: its sequences are done for here and downstream.
+        release.extend(req.sequences.iter().map(|s| s.seq_id));
+        state.forget(&mut kv, &release);
+        out.forward = forward_release(loaded, release);
+        loaded.publish(&kv);
+        return out;
+    }
+    // Every check before anything runs, so that the step the followers are sent is one they
+    // run as well; a sequence that fails a check is answered alone.
+    let mut ok: Vec<(usize, &pb::SequenceStep, usize)> = Vec::with_capacity(req.sequences.len());
+    let mut blocks_left = kv.pool.blocks_free();
+    let mut offset = 0;
     for s in &req.sequences {
-        if s.epoch != 0 && loaded.epoch != 0 && s.epoch != loaded.epoch {
-            return Err(StepError {
-                code: tonic::Code::Unavailable,
-                text: format!("worker {} was re-planned (placement {} here, the step is for {})", state.id, loaded.epoch, s.epoch),
-            });
-        }
-        let n = s.token_ids.len();
-        if n == 0 {
-            return Err(format!("sequence {}: a step must carry at least one token", s.seq_id).into());
-        }
-        let seq = {
-            let mut seqs = state.sequences.lock().expect("sequences lock");
-            match seqs.get(&s.seq_id) {
-                Some(seq) => seq.clone(),
-                None if s.start_pos == 0 && state.was_released(s.seq_id) => {
-                    return Err(StepError {
-                        code: tonic::Code::Cancelled,
-                        text: format!("sequence {} was released before this step arrived", s.seq_id),
-                    })
+        let (first_row, n) = (offset, s.token_ids.len());
+        offset += n;
+        let checked = check(state, loaded, &mut kv, s, &mut blocks_left);
+        match checked {
+            Ok(fresh) => {
+                if fresh {
+                    out.fresh.push(s.seq_id);
                 }
-                None if s.start_pos == 0 => {
-                    let sampler = if spec.last {
-                        Some(Sampler::new(sampling_params(s.sampling.as_ref())?))
-                    } else {
-                        None
-                    };
-                    let seq = Arc::new(Mutex::new(Sequence {
-                        kv: shard.new_cache(),
-                        sampler,
-                        history: Vec::new(),
-                    }));
-                    seqs.insert(s.seq_id, seq.clone());
-                    fresh.push(s.seq_id);
-                    seq
+                ok.push((first_row, s, n));
+            }
+            Err(e) => {
+                if !matches!(e, StepError::Released(_)) {
+                    tracing::debug!(worker = %state.id, seq = s.seq_id, error = %e, "sequence refused");
                 }
-                None => {
-                    return Err(StepError {
-                        // The worker restarted or reloaded: the stage is not what the caller
-                        // planned on.
-                        code: tonic::Code::Unavailable,
-                        text: format!("sequence {} is unknown on worker {} (its state was lost)", s.seq_id, state.id),
-                    })
+                out.results.push(e.result(s.seq_id));
+                release.push(s.seq_id);
+            }
+        }
+    }
+    state.forget(&mut kv, &release);
+    let step = pb::StepRequest {
+        step_id: req.step_id,
+        sequences: ok.iter().map(|(_, s, _)| (*s).clone()).collect(),
+        hidden: None,
+        release: release.clone(),
+    };
+    let hidden = match (hidden, ok.len() == req.sequences.len()) {
+        (Some(h), false) if !ok.is_empty() => {
+            let idx: Vec<u32> = ok.iter().flat_map(|(r, _, n)| (*r as u32)..(*r + *n) as u32).collect();
+            match Tensor::new(idx, h.device()).and_then(|i| h.index_select(&i, 0)) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    let e = StepError::Malformed { worker: state.id.clone(), why: format!("selecting hidden rows: {e}") };
+                    return abandon(state, loaded, &mut kv, step, e, out);
                 }
             }
-        };
-        let held = seq.lock().expect("sequence lock").kv.len();
-        if held != s.start_pos as usize {
-            return Err(format!(
-                "sequence {}: step at position {} but worker {} holds {held} tokens",
-                s.seq_id, s.start_pos, state.id,
-            )
-            .into());
         }
-        work.push((s, seq));
-    }
+        (h, _) => h,
+    };
     if let Some(group) = loaded.followers() {
-        group.send_control(&Control::step(req)).map_err(|text| StepError { code: tonic::Code::Unavailable, text })?;
-    }
-    let mut offset = 0usize;
-    let mut results = Vec::new();
-    let mut outputs = Vec::new();
-    for (s, seq) in work {
-        let n = s.token_ids.len();
-        let mut seq = seq.lock().expect("sequence lock");
-        let input = match &hidden {
-            Some(h) => StageInput::Hidden(h.narrow(1, offset, n).map_err(|e| format!("splitting hidden states: {e}"))?),
-            None => StageInput::Tokens(&s.token_ids),
-        };
-        offset += n;
-        let out = shard.forward(input, &mut seq.kv).map_err(|e| match &loaded.group {
-            // A rank failed part-way through a step: the ranks no longer hold the same state,
-            // so the group is done, and so is the stage as far as the caller can tell.
-            Some(g) => StepError {
-                code: tonic::Code::Unavailable,
-                text: g.broken().unwrap_or_else(|| g.fail(format!("sequence {}: {e}", s.seq_id))),
+        // The followers run exactly this: the sequences that passed, their rows, the releases.
+        let mut mirrored = step.clone();
+        mirrored.hidden = match &hidden {
+            Some(h) => match shardserve::wire::encode(h) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    let e = StepError::Malformed { worker: state.id.clone(), why: e.to_string() };
+                    return abandon(state, loaded, &mut kv, step, e, out);
+                }
             },
-            None => format!("sequence {}: {e}", s.seq_id).into(),
-        })?;
-        match out {
-            StageOutput::Hidden(h) => outputs.push(h),
-            StageOutput::Logits(logits) => {
-                let seq = &mut *seq;
+            None => None,
+        };
+        if let Err(why) = group.send_control(&Control::step(&mirrored)) {
+            return abandon(state, loaded, &mut kv, step, StepError::Group(why), out);
+        }
+    }
+    if ok.is_empty() {
+        out.forward = forward_release(loaded, release);
+        loaded.publish(&kv);
+        return out;
+    }
+    let seqs: Vec<SeqStep> = ok
+        .iter()
+        .map(|(_, s, n)| SeqStep { id: s.seq_id, tokens: *n, logits: spec.last && !s.prefill_only })
+        .collect();
+    let tokens: Vec<u32>;
+    let input = match hidden {
+        Some(h) => BatchInput::Hidden(h),
+        None => {
+            tokens = ok.iter().flat_map(|(_, s, _)| s.token_ids.iter().copied()).collect();
+            BatchInput::Tokens(&tokens)
+        }
+    };
+    let kv = &mut *kv;
+    let computed = shard.forward_batch(&mut kv.pool, &seqs, input);
+    let output = match computed {
+        Ok(o) => o,
+        Err(e) => {
+            let e = match &loaded.group {
+                // A rank failed part-way through a step: the ranks no longer hold the same
+                // state, so the group is done, and so is the stage as far as the caller can tell.
+                Some(g) => StepError::Group(g.broken().unwrap_or_else(|| g.fail(format!("worker {}: {e}", state.id)))),
+                None => StepError::Forward { worker: state.id.clone(), source: e },
+            };
+            return abandon(state, loaded, kv, step, e, out);
+        }
+    };
+    match output {
+        // Followers answer nothing: their leader forwards the stage's hidden states.
+        BatchOutput::Hidden(_) if !loaded.tp.is_leader() => {}
+        BatchOutput::Hidden(h) => match shardserve::wire::encode(&h) {
+            Ok(w) => {
+                out.forward = Some(pb::StepRequest { hidden: Some(w), ..step });
+            }
+            Err(e) => {
+                let e = StepError::Malformed { worker: state.id.clone(), why: e.to_string() };
+                return abandon(state, loaded, kv, step, e, out);
+            }
+        },
+        BatchOutput::Logits(logits) => {
+            let mut row = 0;
+            for (_, s, _) in &ok {
+                let seq = kv.seqs.get_mut(&s.seq_id).expect("checked above");
                 seq.history.extend_from_slice(&s.token_ids);
-                if s.prefill_only {
-                    results.push(pb::SequenceResult {
-                        seq_id: s.seq_id,
-                        ..Default::default()
-                    });
+                if !spec.last || s.prefill_only {
+                    out.results.push(pb::SequenceResult { seq_id: s.seq_id, ..Default::default() });
                     continue;
                 }
-                let values: Vec<f32> = logits.to_vec1().map_err(|e| e.to_string())?;
-                let sampler = seq.sampler.as_mut().ok_or("no sampler on the last stage")?;
+                let sampled = logits.get(row).and_then(|l| Ok((l.to_vec1::<f32>()?, l)));
+                row += 1;
+                let (values, l) = match sampled {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let e = StepError::Forward { worker: state.id.clone(), source: shardserve::Error::Forward(e) };
+                        out.results.push(e.result(s.seq_id));
+                        continue;
+                    }
+                };
+                let Some(sampler) = seq.sampler.as_mut() else {
+                    let e = StepError::Invalid { seq: s.seq_id, why: "no sampler on the last stage".into() };
+                    out.results.push(e.result(s.seq_id));
+                    continue;
+                };
                 let token = sampler.sample(&values, &seq.history);
                 let logprob = if s.logprobs {
-                    model::log_softmax(&logits).map_err(|e| e.to_string())?[token as usize]
+                    model::log_softmax(&l).map(|lp| lp[token as usize]).unwrap_or(f32::NAN)
                 } else {
                     0.0
                 };
-                results.push(pb::SequenceResult {
-                    seq_id: s.seq_id,
-                    token_id: token,
-                    logprob,
-                    ..Default::default()
-                });
+                out.results.push(pb::SequenceResult { seq_id: s.seq_id, token_id: token, logprob, ..Default::default() });
             }
         }
     }
-    if spec.last {
-        Ok(Computed::Results(results))
-    } else {
-        let refs: Vec<&Tensor> = outputs.iter().collect();
-        Ok(Computed::Forward(Tensor::cat(&refs, 1).map_err(|e| e.to_string())?))
+    loaded.publish(kv);
+    out
+}
+
+/// Checks one sequence of a step and makes room for it: whether it is new here.
+fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::SequenceStep, blocks_left: &mut usize) -> Result<bool, StepError> {
+    let shard = &loaded.shard;
+    let n = s.token_ids.len();
+    let invalid = |why: String| StepError::Invalid { seq: s.seq_id, why };
+    if n == 0 {
+        return Err(invalid("a step must carry at least one token".into()));
     }
+    if shard.spec().first {
+        shard.check_tokens(&s.token_ids).map_err(|e| invalid(e.to_string()))?;
+    }
+    shard.check_positions(s.start_pos as usize, n).map_err(|e| invalid(e.to_string()))?;
+    let fresh = match kv.pool.len_of(s.seq_id) {
+        Some(held) if held != s.start_pos as usize => {
+            return Err(invalid(format!("step at position {} but worker {} holds {held} tokens", s.start_pos, state.id)));
+        }
+        Some(_) => false,
+        None if s.start_pos == 0 && state.was_released(s.seq_id) => return Err(StepError::Released(s.seq_id)),
+        None if s.start_pos == 0 => true,
+        None => return Err(StepError::Lost { seq: s.seq_id, worker: state.id.clone() }),
+    };
+    let needed = if fresh { kv.pool.blocks_for(n) } else { kv.pool.blocks_needed(s.seq_id, n) };
+    if needed > *blocks_left {
+        let source = shardserve::Error::KvFull { needed, free: *blocks_left, total: kv.pool.blocks_total() };
+        return Err(StepError::KvFull { worker: state.id.clone(), seq: s.seq_id, source });
+    }
+    if fresh {
+        let sampler = if shard.spec().has_head() {
+            Some(Sampler::new(sampling_params(s.sampling.as_ref()).map_err(invalid)?))
+        } else {
+            None
+        };
+        kv.pool.insert(s.seq_id);
+        kv.seqs.insert(s.seq_id, SeqState { sampler, history: Vec::new(), request_id: s.request_id.clone() });
+        if !s.request_id.is_empty() {
+            tracing::debug!(worker = %state.id, request_id = %s.request_id, seq = s.seq_id, "sequence started");
+        }
+    }
+    *blocks_left -= needed;
+    Ok(fresh)
+}
+
+/// Fails every sequence of `step` with `e`, frees them, and forwards the releases.
+fn abandon(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, step: pb::StepRequest, e: StepError, mut out: Computed) -> Computed {
+    tracing::warn!(worker = %state.id, error = %e, sequences = step.sequences.len(), "step failed");
+    let mut release = step.release;
+    for s in &step.sequences {
+        out.results.push(e.result(s.seq_id));
+        release.push(s.seq_id);
+    }
+    state.forget(kv, &release);
+    out.forward = forward_release(loaded, release);
+    loaded.publish(kv);
+    out
+}
+
+/// A step that carries only releases to the next stage (none on the last stage).
+fn forward_release(loaded: &Loaded, release: Vec<u64>) -> Option<pb::StepRequest> {
+    (!loaded.shard.spec().last).then_some(pb::StepRequest { release, ..Default::default() })
 }

@@ -61,16 +61,19 @@ pub(super) fn follow(state: Arc<WorkerState>, loaded: Arc<Loaded>, group: Arc<Tc
         };
         match Control::decode(&msg) {
             Ok(Control::Step(req)) => {
-                let mut fresh = Vec::new();
-                if let Err(e) = compute(&state, &loaded, &req, &mut fresh) {
+                let step = req.step_id;
+                let out = compute(&state, &loaded, req);
+                if let Some(r) = out.results.iter().find(|r| !r.error.is_empty()) {
                     // The leader checked this step before sending it: failing here means this
                     // rank no longer mirrors it, and the group cannot go on.
-                    break group.fail(format!("{} failed a step: {}", group.name(loaded.tp.rank), e.text));
+                    break group.fail(format!("{} failed a step: {}", group.name(loaded.tp.rank), r.error));
                 }
-                trace!(step = req.step_id, "follower step done");
+                trace!(step, "follower step done");
             }
             Ok(Control::Release(ids)) => {
-                state.release(&ids);
+                let mut kv = loaded.kv.lock().expect("kv lock");
+                state.forget(&mut kv, &ids);
+                loaded.publish(&kv);
             }
             Err(e) => break group.fail(format!("unreadable control message: {e}")),
         }

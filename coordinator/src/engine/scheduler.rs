@@ -1,0 +1,577 @@
+//! The scheduler of one model: continuous batching over the pipeline.
+//!
+//! Requests wait in a FIFO queue (bounded by `max_waiting`) and are admitted, in order, while
+//! every stage's KV pool can hold them: each reserves blocks for its prompt + max_new_tokens up
+//! front (as TGI does), so a running sequence never runs out of KV memory and nothing is ever
+//! preempted. Each step is built from the running set — decode rows first, then prefill chunks,
+//! within `max_batch_size` sequences and `max_batch_tokens` rows — and as many steps are in
+//! flight as the pipeline has stages (each taking an even share of the ready sequences), so
+//! every stage computes at once. A sequence that finishes, is cancelled or fails leaves at the
+//! next step: its id rides in that step's `release` list, which every stage applies before it
+//! runs the step, so its blocks are free before anyone else's tokens need them. When a stage
+//! dies, every sequence of the batch moves to the next placement (up to `migration_limit`
+//! times, re-prefilling what it has) or fails with UNAVAILABLE. A client that does not read
+//! its stream is cancelled once `max_buffered_tokens` events wait for it, never holding up the
+//! others.
+
+use super::*;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::VecDeque;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+/// How often waiting requests and sequences waiting for a placement are checked for their
+/// deadlines and for clients that went away.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A request handed to the scheduler.
+pub(super) struct Submission {
+    pub(super) id: String,
+    pub(super) req: ValidRequest,
+    pub(super) out: mpsc::Sender<GenEvent>,
+    pub(super) done: oneshot::Sender<Result<(), ServeError>>,
+    pub(super) arrived: Instant,
+    /// Its place among `max_concurrent_requests`, held until it ends.
+    pub(super) _request_slot: OwnedSemaphorePermit,
+    /// Its place in the queue, given back when it is admitted.
+    pub(super) waiting_slot: Option<OwnedSemaphorePermit>,
+}
+
+/// A sequence admitted and not finished.
+struct Running {
+    sub: Submission,
+    /// Its id on the stages (a new one each time it moves to another placement).
+    seq_id: u64,
+    /// The placement its KV lives on; `None` while it waits for one (moving).
+    placement: Option<u64>,
+    parked_since: Option<Instant>,
+    /// The prompt, then every generated token.
+    context: Vec<u32>,
+    /// Tokens of `context` the stages hold.
+    fed: usize,
+    /// Rows of it in the step in flight (0: none in flight).
+    sending: usize,
+    /// KV blocks reserved for it on its placement.
+    blocks: usize,
+    generated: usize,
+    migrations: usize,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    last_token: Option<Instant>,
+}
+
+/// A step's answer (or failure), with what it carried.
+struct StepDone {
+    placement: Arc<Placement>,
+    /// (seq id, rows) of every sequence in the step.
+    sent: Vec<(u64, usize)>,
+    result: Result<pb::StepResponse, tonic::Status>,
+}
+
+struct Scheduler {
+    engine: Arc<Engine>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Running>,
+    in_flight: FuturesUnordered<BoxFuture<'static, StepDone>>,
+    /// Sequences to free on the current placement, sent with the next step.
+    releases: Vec<u64>,
+    /// The placement steps go to (the model's, while it is ready).
+    placement: Option<Arc<Placement>>,
+    /// KV blocks reserved on `placement`.
+    used: usize,
+    /// Since when the model has had no placement.
+    unready_since: Option<Instant>,
+}
+
+/// Runs the scheduler of `engine`'s model until `shutdown`.
+pub(super) async fn run(engine: Arc<Engine>, mut inbox: mpsc::UnboundedReceiver<Submission>, shutdown: CancellationToken) {
+    let mut state = engine.model.subscribe();
+    let mut moving = engine.moving.subscribe();
+    let mut s = Scheduler {
+        engine,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        in_flight: FuturesUnordered::new(),
+        releases: Vec::new(),
+        placement: None,
+        used: 0,
+        unready_since: Some(Instant::now()),
+    };
+    s.on_state();
+    loop {
+        s.admit();
+        s.dispatch().await;
+        s.publish();
+        let tick = !s.waiting.is_empty() || s.running.iter().any(|r| r.placement.is_none());
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let why = format!("model {} is no longer served here (unloaded, or the coordinator is stopping)", s.model().name);
+                s.stop(&why);
+                return;
+            }
+            Some(done) = s.in_flight.next(), if !s.in_flight.is_empty() => s.on_step(done),
+            sub = inbox.recv() => match sub {
+                Some(sub) => s.waiting.push_back(sub),
+                None => return,
+            },
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                s.on_state();
+            }
+            changed = moving.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(TICK), if tick => s.expire(),
+        }
+    }
+}
+
+impl Scheduler {
+    fn config(&self) -> &EngineConfig {
+        &self.engine.config
+    }
+
+    fn model(&self) -> &Arc<ModelEntry> {
+        &self.engine.model
+    }
+
+    fn find(&self, seq_id: u64) -> Option<usize> {
+        self.running.iter().position(|r| r.seq_id == seq_id)
+    }
+
+    fn new_seq_id(&self) -> u64 {
+        self.engine.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Follows the model's state: a new placement takes the steps; without one, nothing is
+    /// sent and the sequences on the old one move (or fail).
+    fn on_state(&mut self) {
+        let state = self.model().state();
+        let current = self.placement.as_ref().map(|p| p.id);
+        match state {
+            ServingState::Ready(p) if Some(p.id) == current => {}
+            ServingState::Ready(p) => {
+                let old = self.placement.replace(p);
+                self.used = 0;
+                self.releases.clear();
+                self.unready_since = None;
+                self.displace_all(old, "the model was placed again");
+            }
+            ServingState::Loading(why) | ServingState::Unavailable(why) => {
+                self.unready_since.get_or_insert_with(Instant::now);
+                if let Some(old) = self.placement.take() {
+                    self.used = 0;
+                    self.releases.clear();
+                    self.displace_all(Some(old), &why);
+                }
+            }
+        }
+    }
+
+    /// Moves (or fails) every sequence not in flight whose KV lives on a placement other than
+    /// the current one; those in flight follow when their step returns.
+    fn displace_all(&mut self, old: Option<Arc<Placement>>, why: &str) {
+        let current = self.placement.as_ref().map(|p| p.id);
+        let stale: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|r| r.sending == 0 && r.placement.is_some() && r.placement != current)
+            .map(|r| r.seq_id)
+            .collect();
+        for seq_id in stale {
+            self.displace(seq_id, old.as_ref(), why, true);
+        }
+    }
+
+    /// Moves sequence `seq_id` off its placement: it waits for the next one (and then prefills
+    /// all it has again), or fails with UNAVAILABLE when it may not move any more (`counted`:
+    /// the move counts against `migration_limit`).
+    fn displace(&mut self, seq_id: u64, old: Option<&Arc<Placement>>, why: &str, counted: bool) {
+        let Some(i) = self.find(seq_id) else { return };
+        if let Some(p) = old {
+            release_on(p, vec![seq_id]);
+        }
+        if counted && self.running[i].migrations >= self.config().migration_limit {
+            self.fail(i, ServeError::Unavailable(why.to_string()));
+            return;
+        }
+        let new_id = self.new_seq_id();
+        let r = &mut self.running[i];
+        r.migrations += usize::from(counted);
+        warn!(model = %self.engine.model.name, request_id = %r.sub.id, error = %why, migrations = r.migrations, "a stage failed; the request moves to the next placement");
+        r.placement = None;
+        r.parked_since = Some(Instant::now());
+        r.seq_id = new_id;
+        r.fed = 0;
+        r.sending = 0;
+        r.blocks = 0;
+    }
+
+    /// Admits what fits, in order: sequences moving to this placement first, then the queue.
+    fn admit(&mut self) {
+        let Some(p) = self.placement.clone() else { return };
+        if *self.engine.moving.borrow() {
+            return;
+        }
+        let (capacity, block_size) = p.kv_capacity();
+        let max_running = self.config().max_batch_size.saturating_mul(p.stages.len());
+        for r in self.running.iter_mut().filter(|r| r.placement.is_none()) {
+            let need = steps::blocks_for(r.context.len() + r.sub.req.max_new_tokens - r.generated, block_size);
+            if self.used + need > capacity {
+                return;
+            }
+            self.used += need;
+            r.blocks = need;
+            r.placement = Some(p.id);
+            r.parked_since = None;
+        }
+        while let Some(front) = self.waiting.front() {
+            if front.out.is_closed() {
+                let sub = self.waiting.pop_front().expect("front");
+                let _ = sub.done.send(Err(ServeError::Cancelled("the client went away".into())));
+                continue;
+            }
+            if self.running.len() >= max_running {
+                return;
+            }
+            let tokens = front.req.prompt_ids.len() + front.req.max_new_tokens;
+            let need = steps::blocks_for(tokens, block_size);
+            if need > capacity {
+                let sub = self.waiting.pop_front().expect("front");
+                let _ = sub.done.send(Err(ServeError::TooLargeForKv { tokens, capacity: capacity * block_size }));
+                continue;
+            }
+            if self.used + need > capacity {
+                return;
+            }
+            let mut sub = self.waiting.pop_front().expect("front");
+            sub.waiting_slot = None;
+            self.used += need;
+            let labels = [("model", self.model().name.clone())];
+            metrics::histogram!("shardserve_queue_duration_seconds", &labels).record(sub.arrived.elapsed().as_secs_f64());
+            metrics::counter!("shardserve_prompt_tokens_total", &labels).increment(sub.req.prompt_ids.len() as u64);
+            debug!(model = %self.model().name, request_id = %sub.id, blocks = need, "request admitted");
+            let seq_id = self.new_seq_id();
+            self.running.push(Running {
+                seq_id,
+                placement: Some(p.id),
+                parked_since: None,
+                context: sub.req.prompt_ids.clone(),
+                fed: 0,
+                sending: 0,
+                blocks: need,
+                generated: 0,
+                migrations: 0,
+                decoder: IncrementalDecoder::new(&sub.req.prompt_ids),
+                stops: StopMatcher::new(sub.req.stop.clone()),
+                last_token: None,
+                sub,
+            });
+        }
+    }
+
+    /// Sends steps while fewer are in flight than the pipeline has stages.
+    async fn dispatch(&mut self) {
+        let Some(p) = self.placement.clone() else { return };
+        let depth = p.stages.len();
+        // Clients that went away leave now.
+        let gone: Vec<usize> = (0..self.running.len())
+            .rev()
+            .filter(|&i| self.running[i].sending == 0 && self.running[i].sub.out.is_closed())
+            .collect();
+        for i in gone {
+            self.fail(i, ServeError::Cancelled("the client went away".into()));
+        }
+        while self.in_flight.len() < depth {
+            let ready: Vec<usize> = (0..self.running.len())
+                .filter(|&i| {
+                    let r = &self.running[i];
+                    r.sending == 0 && r.placement == Some(p.id) && r.fed < r.context.len()
+                })
+                .collect();
+            if ready.is_empty() && self.releases.is_empty() {
+                return;
+            }
+            let take = steps::share(ready.len(), depth - self.in_flight.len(), self.config().max_batch_size);
+            let remaining: Vec<usize> = ready.iter().map(|&i| self.running[i].context.len() - self.running[i].fed).collect();
+            let rows = steps::plan(&remaining, take, self.config().max_batch_tokens, self.config().prefill_chunk);
+            if rows.is_empty() && self.releases.is_empty() {
+                return;
+            }
+            let mut sequences = Vec::with_capacity(rows.len());
+            let mut sent = Vec::with_capacity(rows.len());
+            for (k, n) in rows {
+                let r = &mut self.running[ready[k]];
+                let first = r.fed == 0;
+                let req = &r.sub.req;
+                sequences.push(pb::SequenceStep {
+                    seq_id: r.seq_id,
+                    token_ids: r.context[r.fed..r.fed + n].to_vec(),
+                    start_pos: r.fed as u32,
+                    sampling: first.then(|| sampling_params(&req.sampling)),
+                    logprobs: req.logprobs,
+                    prefill_only: r.fed + n < r.context.len(),
+                    epoch: p.epoch,
+                    request_id: if first { r.sub.id.clone() } else { String::new() },
+                });
+                r.sending = n;
+                sent.push((r.seq_id, n));
+            }
+            if !sent.is_empty() {
+                let labels = [("model", self.model().name.clone())];
+                metrics::histogram!("shardserve_batch_size", &labels).record(sent.len() as f64);
+                metrics::histogram!("shardserve_batch_tokens", &labels).record(sent.iter().map(|(_, n)| *n).sum::<usize>() as f64);
+            }
+            let step = pb::StepRequest { step_id: 0, sequences, hidden: None, release: std::mem::take(&mut self.releases) };
+            let timeout = self.config().step_timeout;
+            // Queued here, in order: a step's releases reach every stage before the steps sent
+            // after it.
+            let pending = p.first.submit(step).await;
+            let placement = p.clone();
+            self.in_flight.push(Box::pin(async move {
+                let result = match pending {
+                    Ok(pending) => pending.answer(timeout).await,
+                    Err(e) => Err(e),
+                };
+                StepDone { placement, sent, result }
+            }));
+        }
+    }
+
+    /// Takes a step's answer: tokens to their requests, failures to theirs.
+    fn on_step(&mut self, done: StepDone) {
+        let StepDone { placement, sent, result } = done;
+        let mut results: std::collections::HashMap<u64, pb::SequenceResult> = match result {
+            Ok(resp) => resp.results.into_iter().map(|r| (r.seq_id, r)).collect(),
+            Err(status) => sent
+                .iter()
+                .map(|&(seq_id, _)| {
+                    let r = pb::SequenceResult { seq_id, error: status.message().to_string(), code: status.code() as i32, ..Default::default() };
+                    (seq_id, r)
+                })
+                .collect(),
+        };
+        for (seq_id, rows) in sent {
+            let Some(i) = self.find(seq_id) else { continue };
+            self.running[i].sending = 0;
+            let Some(r) = results.remove(&seq_id) else {
+                self.fail(i, ServeError::Internal(format!("the stage's answer lacks sequence {seq_id}")));
+                continue;
+            };
+            if !r.error.is_empty() {
+                self.step_failed(seq_id, tonic::Code::from_i32(r.code), r.error, &placement);
+                continue;
+            }
+            self.running[i].fed += rows;
+            if self.running[i].fed >= self.running[i].context.len() {
+                self.accept(i, r.token_id, r.logprob);
+            }
+            // A sequence whose placement was replaced while its step was out moves now.
+            let current = self.placement.as_ref().map(|p| p.id);
+            if let Some(i) = self.find(seq_id) {
+                if self.running[i].placement != current {
+                    let why = "the model was placed again".to_string();
+                    self.displace(seq_id, Some(&placement), &why, true);
+                }
+            }
+        }
+    }
+
+    /// A sequence's step failed with `code` on some stage.
+    fn step_failed(&mut self, seq_id: u64, code: tonic::Code, message: String, placement: &Arc<Placement>) {
+        let Some(i) = self.find(seq_id) else { return };
+        match code {
+            // The stage serves a newer placement than this one (the leader re-planned and this
+            // coordinator has not read it yet): a request with nothing generated yet simply
+            // starts over on the new one.
+            tonic::Code::Aborted if self.running[i].generated == 0 => {
+                self.displace(seq_id, None, &message, false);
+                self.engine.placement_failed(placement, &message);
+                self.on_state();
+            }
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::Aborted => {
+                // A stage is gone: the sequence moves or fails, and the placement is re-planned
+                // (nothing more is sent to it, and the others on it move too).
+                self.displace(seq_id, None, &message, true);
+                self.engine.placement_failed(placement, &message);
+                self.on_state();
+            }
+            _ => self.fail(i, ServeError::from_stage(code, message)),
+        }
+    }
+
+    /// A generated token for `running[i]`: detokenized, checked against stop strings, eos and
+    /// length, and sent to its client.
+    fn accept(&mut self, i: usize, token: u32, logprob: f32) {
+        let now = Instant::now();
+        let labels = [("model", self.engine.model.name.clone())];
+        let model = self.engine.model.clone();
+        let r = &mut self.running[i];
+        match r.last_token {
+            None => metrics::histogram!("shardserve_time_to_first_token_seconds", &labels).record((now - r.sub.arrived).as_secs_f64()),
+            Some(t) => metrics::histogram!("shardserve_inter_token_latency_seconds", &labels).record((now - t).as_secs_f64()),
+        }
+        metrics::counter!("shardserve_generated_tokens_total", &labels).increment(1);
+        r.last_token = Some(now);
+        r.generated += 1;
+        r.context.push(token);
+        let event = match next_event(&model, r, token, logprob) {
+            Ok(e) => e,
+            Err(e) => return self.fail(i, e),
+        };
+        let finished = event.finish_reason.is_some();
+        match self.running[i].sub.out.try_send(event) {
+            Ok(()) if finished => self.finish(i, Ok(())),
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let buffered = self.config().max_buffered_tokens;
+                self.fail(i, ServeError::ClientTooSlow { buffered });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.fail(i, ServeError::Cancelled("the client went away".into())),
+        }
+    }
+
+    fn fail(&mut self, i: usize, e: ServeError) {
+        self.finish(i, Err(e));
+    }
+
+    /// Ends `running[i]`: its blocks are free for others, and it is released on every stage
+    /// with the next step.
+    fn finish(&mut self, i: usize, outcome: Result<(), ServeError>) {
+        let r = self.running.remove(i);
+        let current = self.placement.as_ref().map(|p| p.id);
+        if r.placement.is_some() && r.placement == current {
+            self.used -= r.blocks;
+            self.releases.push(r.seq_id);
+        }
+        let labels = [("model", self.engine.model.name.clone())];
+        metrics::histogram!("shardserve_request_duration_seconds", &labels).record(r.sub.arrived.elapsed().as_secs_f64());
+        match &outcome {
+            Ok(()) => debug!(model = %self.engine.model.name, request_id = %r.sub.id, generated = r.generated, migrations = r.migrations, "request finished"),
+            Err(e) => debug!(model = %self.engine.model.name, request_id = %r.sub.id, error = %e, "request ended"),
+        }
+        let _ = r.sub.done.send(outcome);
+    }
+
+    /// Fails waiting requests whose model has had no placement for longer than `replan_wait`,
+    /// sequences that waited for a new placement longer than `migration_wait`, and drops
+    /// requests whose clients went away.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let replan_wait = self.config().replan_wait;
+        let unready = self.unready_since;
+        let why = match self.model().state() {
+            ServingState::Loading(w) | ServingState::Unavailable(w) => w,
+            ServingState::Ready(_) => String::new(),
+        };
+        let name = self.model().name.clone();
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for w in self.waiting.drain(..) {
+            if w.out.is_closed() {
+                let _ = w.done.send(Err(ServeError::Cancelled("the client went away".into())));
+            } else if unready.is_some_and(|since| now.duration_since(since.max(w.arrived)) > replan_wait) {
+                let _ = w.done.send(Err(ServeError::Unavailable(format!("model {name} has no healthy placement: {why}"))));
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiting = kept;
+        let limit = self.config().migration_wait;
+        let stale: Vec<usize> = (0..self.running.len())
+            .rev()
+            .filter(|&i| self.running[i].parked_since.is_some_and(|t| now.duration_since(t) > limit))
+            .collect();
+        for i in stale {
+            self.fail(i, ServeError::Unavailable(format!("no new placement within {limit:?}")));
+        }
+    }
+
+    /// Fails everything (shutdown).
+    fn stop(&mut self, why: &str) {
+        while !self.running.is_empty() {
+            self.fail(self.running.len() - 1, ServeError::Unavailable(why.to_string()));
+        }
+        for w in self.waiting.drain(..) {
+            let _ = w.done.send(Err(ServeError::Unavailable(why.to_string())));
+        }
+    }
+
+    /// The gauges others watch: requests running and waiting.
+    fn publish(&self) {
+        let model = self.model();
+        model.active.store(self.running.len(), Ordering::SeqCst);
+        model.queued.store(self.waiting.len(), Ordering::SeqCst);
+        let labels = [("model", model.name.clone())];
+        metrics::gauge!("shardserve_running_sequences", &labels).set(self.running.len() as f64);
+        metrics::gauge!("shardserve_queue_depth", &labels).set(self.waiting.len() as f64);
+        if let Some(p) = &self.placement {
+            metrics::gauge!("shardserve_kv_blocks_reserved", &labels).set(self.used as f64);
+            metrics::gauge!("shardserve_kv_blocks_capacity", &labels).set(p.kv_capacity().0 as f64);
+        }
+    }
+}
+
+/// The event for a token just generated by `r`: its text, and why it ends the request if it does.
+fn next_event(model: &ModelEntry, r: &mut Running, token: u32, logprob: f32) -> Result<GenEvent, ServeError> {
+    let tok_err = |e: shardserve::Error| ServeError::Internal(e.to_string());
+    let mut event = GenEvent {
+        token_ids: vec![token],
+        logprobs: if r.sub.req.logprobs { vec![logprob] } else { Vec::new() },
+        ..Default::default()
+    };
+    if model.eos.contains(&token) {
+        let outcome = r.stops.push(&r.decoder.flush(&model.tokenizer).map_err(tok_err)?);
+        event.text = outcome.text;
+        if outcome.stopped {
+            event.finish_reason = Some("stop");
+        } else {
+            event.text += &r.stops.finish();
+            event.finish_reason = Some("eos");
+        }
+        return Ok(event);
+    }
+    let piece = r.decoder.push(&model.tokenizer, token).map_err(tok_err)?;
+    let outcome = r.stops.push(&piece);
+    event.text = outcome.text;
+    if outcome.stopped {
+        event.finish_reason = Some("stop");
+    } else if r.generated >= r.sub.req.max_new_tokens {
+        let rest = r.decoder.flush(&model.tokenizer).map_err(tok_err)?;
+        let outcome = r.stops.push(&rest);
+        event.text += &outcome.text;
+        if outcome.stopped {
+            event.finish_reason = Some("stop");
+        } else {
+            event.text += &r.stops.finish();
+            event.finish_reason = Some("length");
+        }
+    }
+    Ok(event)
+}
+
+fn sampling_params(s: &shardserve::sampling::SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: Some(s.temperature),
+        top_p: Some(s.top_p),
+        top_k: Some(s.top_k as i32),
+        repetition_penalty: Some(s.repetition_penalty),
+        seed: Some(s.seed),
+    }
+}
+
+/// Frees `ids` on a placement no longer stepped on, best effort (its stages may be gone).
+fn release_on(p: &Placement, ids: Vec<u64>) {
+    let mut client = p.release.clone();
+    tokio::spawn(async move {
+        let call = client.release(pb::ReleaseRequest { seq_ids: ids });
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(3), call).await {
+            debug!(error = %e, "release on the old placement failed");
+        }
+    });
+}

@@ -1,0 +1,102 @@
+//! Flags the coordinator and `shardctl up` share, declared once: how requests are batched and
+//! admitted, how much KV memory each stage holds, and where metrics are served.
+
+use shardserve::placement::parse_size;
+
+/// Batching, admission and KV memory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BatchArgs {
+    /// Most sequences in one step. Each pipeline stage works on a step of its own, so up to
+    /// this many times the stages run at once.
+    #[arg(long, env = "SHARDSERVE_MAX_BATCH_SIZE", default_value_t = 64)]
+    pub max_batch_size: usize,
+    /// Most tokens in one step, prefill chunks included.
+    #[arg(long, env = "SHARDSERVE_MAX_BATCH_TOKENS", default_value_t = 4096)]
+    pub max_batch_tokens: usize,
+    /// Requests waiting for admission before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SHARDSERVE_MAX_WAITING", default_value_t = 512)]
+    pub max_waiting: usize,
+    /// KV cache each stage (each tensor-parallel rank) preallocates, e.g. 2GiB (default: half
+    /// the --kv-reserve share of the worker's free memory). Set aside from the weights' budget.
+    #[arg(long, env = "SHARDSERVE_KV_MEMORY")]
+    pub kv_memory: Option<String>,
+    /// Tokens per KV block.
+    #[arg(long, env = "SHARDSERVE_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// Generated tokens buffered for a client that does not read its stream; past them it is
+    /// cancelled with RESOURCE_EXHAUSTED (the others never wait for it).
+    #[arg(long, env = "SHARDSERVE_MAX_BUFFERED_TOKENS", default_value_t = 256)]
+    pub max_buffered_tokens: usize,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0 picks a free one). With
+    /// `shardctl up`, every worker serves them too, on a free port of the same host.
+    #[arg(long, env = "SHARDSERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+}
+
+impl BatchArgs {
+    /// Checks the values; the KV memory in bytes.
+    pub fn validate(&self) -> anyhow::Result<Option<u64>> {
+        anyhow::ensure!(self.max_batch_size >= 1, "--max-batch-size must be at least 1");
+        anyhow::ensure!(self.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1");
+        anyhow::ensure!(self.max_waiting >= 1, "--max-waiting must be at least 1");
+        anyhow::ensure!(self.kv_block_size >= 1, "--kv-block-size must be at least 1");
+        anyhow::ensure!(self.max_buffered_tokens >= 1, "--max-buffered-tokens must be at least 1");
+        self.kv_memory
+            .as_deref()
+            .map(|s| parse_size(s).map_err(|e| anyhow::anyhow!("--kv-memory {s}: {e}")))
+            .transpose()
+    }
+
+    /// The same flags as arguments, for a coordinator started by `shardctl up`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--max-batch-size".to_string(),
+            self.max_batch_size.to_string(),
+            "--max-batch-tokens".into(),
+            self.max_batch_tokens.to_string(),
+            "--max-waiting".into(),
+            self.max_waiting.to_string(),
+            "--kv-block-size".into(),
+            self.kv_block_size.to_string(),
+            "--max-buffered-tokens".into(),
+            self.max_buffered_tokens.to_string(),
+        ];
+        if let Some(m) = &self.kv_memory {
+            a.extend(["--kv-memory".to_string(), m.clone()]);
+        }
+        if let Some(m) = &self.metrics_listen {
+            a.extend(["--metrics-listen".to_string(), m.clone()]);
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        batch: BatchArgs,
+    }
+
+    #[test]
+    fn flags_round_trip_through_to_args() {
+        let cli = Cli::parse_from(["x", "--max-batch-size", "8", "--kv-memory", "64MiB", "--metrics-listen", "127.0.0.1:0"]);
+        assert_eq!(cli.batch.validate().unwrap(), Some(64 << 20));
+        let again = Cli::parse_from(std::iter::once("x".to_string()).chain(cli.batch.to_args()));
+        assert_eq!(again.batch.max_batch_size, 8);
+        assert_eq!(again.batch.kv_memory.as_deref(), Some("64MiB"));
+        assert_eq!(again.batch.metrics_listen.as_deref(), Some("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cli = Cli::parse_from(["x", "--kv-memory", "lots"]);
+        assert!(cli.batch.validate().unwrap_err().to_string().contains("--kv-memory lots"));
+        let cli = Cli::parse_from(["x", "--max-batch-size", "0"]);
+        assert!(cli.batch.validate().unwrap_err().to_string().contains("--max-batch-size"));
+    }
+}
