@@ -8,7 +8,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::weights::{self, LoadedTensors};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
@@ -19,7 +19,7 @@ mod layers;
 mod shapes;
 
 pub use kv::KvPool;
-use layers::{DecoderLayer, Rope};
+use layers::{DecoderLayer, Linear, Rope};
 pub use shapes::{checkpoint_shapes, random_tensors};
 
 /// Which part of the model a stage holds.
@@ -295,7 +295,7 @@ impl Shard {
             let head = if cfg.tie_word_embeddings {
                 Linear::new(embed_weight(&vb)?, None)
             } else {
-                candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head")).map_err(wrap)?
+                Linear::new(vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight").map_err(wrap)?, None)
             };
             (Some(norm), Some(head))
         } else {

@@ -23,7 +23,9 @@ pub struct KvPool {
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// Per layer: keys and values, each `(blocks × block_size, kv_heads, head_dim)`.
+    /// Per layer: keys and values, each `(kv_heads, blocks × block_size, head_dim)`: head-major,
+    /// so one head's keys of one block lie together (a decode reads them as one stream; with
+    /// the slots outermost, consecutive positions of a head were a page apart).
     layers: Vec<(Tensor, Tensor)>,
     free: Vec<u32>,
     total: usize,
@@ -63,8 +65,8 @@ impl KvPool {
         let slots = blocks * block_size;
         let layers = (0..layers)
             .map(|_| {
-                let k = Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?;
-                let v = Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?;
+                let k = Tensor::zeros((kv_heads, slots, head_dim), dtype, device)?;
+                let v = Tensor::zeros((kv_heads, slots, head_dim), dtype, device)?;
                 Ok((k, v))
             })
             .collect::<candle_core::Result<Vec<_>>>()
@@ -201,25 +203,25 @@ impl KvPool {
         let (pk, pv) = &self.layers[layer];
         let n = k.dim(0)?;
         let mut i = 0;
-        // One copy per run of positions within a block.
+        // One copy per run of positions within a block (every head at once).
         while i < n {
             let pos = start + i;
             let run = (self.block_size - pos % self.block_size).min(n - i);
             let slot = self.slot(table, pos);
-            pk.slice_set(&k.narrow(0, i, run)?.contiguous()?, 0, slot)?;
-            pv.slice_set(&v.narrow(0, i, run)?.contiguous()?, 0, slot)?;
+            pk.slice_set(&k.narrow(0, i, run)?.transpose(0, 1)?.contiguous()?, 1, slot)?;
+            pv.slice_set(&v.narrow(0, i, run)?.transpose(0, 1)?.contiguous()?, 1, slot)?;
             i += run;
         }
         Ok(())
     }
 
     /// Keys and values of positions `0..end` of sequence `id` in layer `layer`, gathered into
-    /// contiguous `(end, kv_heads, head_dim)` tensors.
+    /// contiguous `(kv_heads, end, head_dim)` tensors.
     #[cfg(test)]
     fn gather(&self, layer: usize, id: u64, end: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let (pk, pv) = &self.layers[layer];
         let slots = Tensor::new(self.slots(id, end), pk.device())?;
-        Ok((pk.index_select(&slots, 0)?, pv.index_select(&slots, 0)?))
+        Ok((pk.index_select(&slots, 1)?, pv.index_select(&slots, 1)?))
     }
 
     /// Layer `layer`'s key and value tensors.
@@ -249,13 +251,15 @@ fn slice_of<'a>(s: &'a Storage, offset: usize) -> candle_core::Result<&'a [f32]>
     }
 }
 
-/// Dot product with eight accumulators, which the compiler turns into SIMD.
+/// Dot product with 32 accumulators (four 8-lane vectors, so consecutive fused multiply-adds
+/// do not wait on each other), which the compiler turns into SIMD.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut acc = [0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
+        for i in 0..32 {
             acc[i] += x[i] * y[i];
         }
     }
@@ -266,10 +270,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `out += w · v`.
+#[inline(always)]
+fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x;
+    }
+}
+
 /// Attention of single-token queries against their sequences' cached keys and values, read in
-/// place from the pool's blocks (no gather): `q` is `(rows, heads, head_dim)` f32 on the CPU;
-/// returns `(decode rows, heads × head_dim)` in the order of `rows`. Grouped KV heads: query
-/// head `h` reads KV head `h / (heads / kv_heads)`, as transformers' `repeat_kv` arranges them.
+/// place from the pool's blocks (no gather): `q` is `(rows, heads, head_dim)` f32 on the CPU,
+/// `keys`/`values` a layer of the pool; returns `(decode rows, heads × head_dim)` in the order
+/// of `rows`. Grouped KV heads: query head `h` reads KV head `h / (heads / kv_heads)`, as
+/// transformers' `repeat_kv` arranges them.
 pub(crate) fn paged_decode_cpu(
     q: &Tensor,
     keys: &Tensor,
@@ -279,7 +292,7 @@ pub(crate) fn paged_decode_cpu(
 ) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let (_, heads, d) = q.dims3()?;
-    let (_, kvh, _) = keys.dims3()?;
+    let (kvh, slots, _) = keys.dims3()?;
     let rep = heads / kvh;
     let q = q.contiguous()?;
     let (qs, qo) = cpu_f32(&q)?;
@@ -287,17 +300,19 @@ pub(crate) fn paged_decode_cpu(
     let (vs, vo) = cpu_f32(values)?;
     let (qs, ks, vs) = (slice_of(&qs, qo)?, slice_of(&ks, ko)?, slice_of(&vs, vo)?);
     let mut out = vec![0f32; rows.len() * heads * d];
-    // One task per (row, KV head): the query heads sharing a KV head read its keys once.
+    // One task per (row, KV head): the query heads sharing a KV head read its keys once, and a
+    // head's keys within a block are one contiguous run.
     out.par_chunks_mut(rep * d).enumerate().for_each(|(task, chunk)| {
         let (r, g) = (task / kvh, task % kvh);
         let row = &rows[r];
         let ctx = row.slots.len();
+        let (kh, vh) = (&ks[g * slots * d..(g + 1) * slots * d], &vs[g * slots * d..(g + 1) * slots * d]);
+        let qh = &qs[(row.row * heads + g * rep) * d..(row.row * heads + (g + 1) * rep) * d];
         let mut scores = vec![0f32; rep * ctx];
         for (p, &slot) in row.slots.iter().enumerate() {
-            let k = &ks[(slot as usize * kvh + g) * d..][..d];
+            let k = &kh[slot as usize * d..(slot as usize + 1) * d];
             for j in 0..rep {
-                let qh = &qs[(row.row * heads + g * rep + j) * d..][..d];
-                scores[j * ctx + p] = dot(qh, k) * scale;
+                scores[j * ctx + p] = dot(&qh[j * d..(j + 1) * d], k) * scale;
             }
         }
         for j in 0..rep {
@@ -309,13 +324,14 @@ pub(crate) fn paged_decode_cpu(
                 sum += *x;
             }
             let inv = 1.0 / sum;
-            let o = &mut chunk[j * d..(j + 1) * d];
-            for (p, &slot) in row.slots.iter().enumerate() {
-                let w = s[p] * inv;
-                let v = &vs[(slot as usize * kvh + g) * d..][..d];
-                for (a, b) in o.iter_mut().zip(v) {
-                    *a += w * b;
-                }
+            for x in s.iter_mut() {
+                *x *= inv;
+            }
+        }
+        for (p, &slot) in row.slots.iter().enumerate() {
+            let v = &vh[slot as usize * d..(slot as usize + 1) * d];
+            for j in 0..rep {
+                axpy(&mut chunk[j * d..(j + 1) * d], scores[j * ctx + p], v);
             }
         }
     });
@@ -379,9 +395,10 @@ mod tests {
         p.advance(7, 3);
         let (k, v) = p.gather(0, 7, 6).unwrap();
         let want_k: Vec<f32> = (0..48).map(|x| x as f32).collect();
-        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want_k);
+        let head_major = |t: Tensor| t.transpose(0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(head_major(k), want_k);
         let want_v: Vec<f32> = (0..48).map(|x| x as f32 + 100.0).collect();
-        assert_eq!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want_v);
+        assert_eq!(head_major(v), want_v);
     }
 
     #[test]

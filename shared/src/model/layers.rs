@@ -8,7 +8,7 @@ use super::Batch;
 use crate::collective::{Collective, TpSplit};
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 pub(super) struct Rope {
     inv_freq: Vec<f32>,
@@ -63,8 +63,38 @@ impl Rope {
     }
 }
 
+/// A linear layer over the rows of a step, `(rows, in) → (rows, out)`.
+///
+/// Computed as `(W · xᵀ)ᵀ` rather than `x · Wᵀ`: with the weight as the left operand, gemm
+/// streams it row by row as it lies in memory and every row of the step reuses each weight it
+/// reads; as the (transposed) right operand it is repacked on every call. Measured on a 2-core
+/// AVX2 machine, a 3072×1024 f32 layer over 8 rows: 0.59 ms this way, 1.77 ms the other (one
+/// row: 0.30 vs 0.36 ms) — decode is a read of every weight, so this is the batch speed-up.
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.matmul(&x.t()?)?.t()?.contiguous()?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::new(weight, bias))
 }
 
 struct Attention {
@@ -166,14 +196,17 @@ impl Attention {
                 continue;
             }
             let qs = q.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous()?;
+            // Keys and values as (kv heads, context, head_dim): this chunk's own when it is the
+            // whole context, else gathered from the pool (a prefill chunk, once per chunk).
             let (ks, vs) = if s.start == 0 {
-                (k.narrow(0, s.offset, s.len)?, v.narrow(0, s.offset, s.len)?)
+                let head_major = |t: &Tensor| t.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous();
+                (head_major(&k)?, head_major(&v)?)
             } else {
                 let slots = Tensor::new(s.slots.as_slice(), x.device())?;
-                (pk.index_select(&slots, 0)?, pv.index_select(&slots, 0)?)
+                (pk.index_select(&slots, 1)?, pv.index_select(&slots, 1)?)
             };
-            let ks = repeat_kv(&ks.transpose(0, 1)?.contiguous()?, h / kvh)?;
-            let vs = repeat_kv(&vs.transpose(0, 1)?.contiguous()?, h / kvh)?;
+            let ks = repeat_kv(&ks, h / kvh)?;
+            let vs = repeat_kv(&vs, h / kvh)?;
             let mut scores = (qs.matmul(&ks.t()?)? * scale)?;
             if s.len > 1 {
                 scores = scores.broadcast_add(&causal_mask(s.len, s.start, scores.dtype(), x.device())?)?;
