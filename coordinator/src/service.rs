@@ -61,19 +61,26 @@ fn record(model: &str, code: tonic::Code) {
 type GenStream = Pin<Box<dyn futures::Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 impl InferenceService {
+    /// The name metrics count a request under: its model's, or what it asked for when no
+    /// model is served under that name.
+    fn name_of(&self, req: &pb::GenerateRequest) -> String {
+        self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone())
+    }
+
     /// Validates `req` and hands it to its model's scheduler.
-    async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>, String), ServeError> {
+    async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
         let valid = validate(&model, req)?;
         let prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, id).await?;
-        Ok((handle, prompt_ids, model.name.clone()))
+        Ok((handle, prompt_ids))
     }
 
     async fn generate_all(&self, req: pb::GenerateRequest, id: String) -> (String, Result<pb::GenerateResponse, ServeError>) {
-        let (mut handle, prompt_ids, name) = match self.start(&req, id).await {
+        let name = self.name_of(&req);
+        let (mut handle, prompt_ids) = match self.start(&req, id).await {
             Ok(v) => v,
-            Err(e) => return (req.model, Err(e)),
+            Err(e) => return (name, Err(e)),
         };
         let mut resp = pb::GenerateResponse { prompt_token_ids: prompt_ids.clone(), ..Default::default() };
         while let Some(ev) = handle.next().await {
@@ -123,8 +130,9 @@ impl pb::inference_server::Inference for InferenceService {
                 _ => Ok(()),
             }
         };
+        let name = self.name_of(&req);
         if let Err(e) = precheck.await {
-            record(&req.model, e.code());
+            record(&name, e.code());
             return Err(e.into());
         }
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
@@ -138,10 +146,10 @@ impl pb::inference_server::Inference for InferenceService {
                     // The client went away while the request waited to start.
                     _ = out_tx.closed() => Err(ServeError::Cancelled("the client went away".into())),
                 };
-                let (mut handle, prompt_ids, name) = match started {
+                let (mut handle, prompt_ids) = match started {
                     Ok(v) => v,
                     Err(e) => {
-                        record(&req.model, e.code());
+                        record(&name, e.code());
                         let _ = out_tx.send(Err(e.into())).await;
                         return;
                     }

@@ -139,10 +139,35 @@ impl Cluster {
         (st.worker_id, pid)
     }
 
-    /// The stats of the worker at `address` (a stage).
+    /// The stats of the worker at `address` (a stage); panics when it does not answer within
+    /// 10 s.
     pub async fn worker_stats(address: &str) -> pb::StatsResponse {
-        let mut c = pb::worker_client::WorkerClient::connect(format!("http://{address}")).await.expect("connect worker");
-        c.stats(pb::StatsRequest {}).await.expect("stats").into_inner()
+        let call = async {
+            let mut c = pb::worker_client::WorkerClient::connect(format!("http://{address}")).await.expect("connect worker");
+            c.stats(pb::StatsRequest {}).await.expect("stats").into_inner()
+        };
+        tokio::time::timeout(Duration::from_secs(10), call).await.unwrap_or_else(|_| panic!("worker at {address} did not answer Stats within 10 s"))
+    }
+
+    /// Where the coordinator serves metrics (started with `--metrics-listen`).
+    pub async fn metrics_address(&self) -> String {
+        let s = self.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        assert!(!s.metrics_address.is_empty(), "the coordinator serves no metrics (start it with --metrics-listen)");
+        s.metrics_address
+    }
+
+    /// The addresses of every worker of the first model's placement, every rank included.
+    pub async fn stage_addresses(&self) -> Vec<String> {
+        let status = self.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        let workers = self.admin().await.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+        let mut out = Vec::new();
+        for st in &status.models[0].stages {
+            for id in std::iter::once(&st.worker_id).chain(&st.ranks) {
+                let w = workers.iter().find(|w| &w.id == id).unwrap_or_else(|| panic!("worker {id} is not listed"));
+                out.push(w.address.clone());
+            }
+        }
+        out
     }
 
     /// Stops the cluster as an operator would (SIGTERM) and waits, bounded, for it to exit.
@@ -222,12 +247,14 @@ impl ClusterBuilder {
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = stderr.clone();
         let err = child.stderr.take().unwrap();
+        let (stderr_closed, stderr_done) = mpsc::channel::<()>();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
                 s.push('\n');
             }
+            let _ = stderr_closed.send(());
         });
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -244,7 +271,9 @@ impl ClusterBuilder {
                 return Ok(Cluster { child, url, stderr });
             }
             if let Some(status) = child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
+                // What it wrote last is read once its stderr closes (bounded: a stray process
+                // may hold it open).
+                let _ = stderr_done.recv_timeout(Duration::from_secs(5));
                 let e = stderr.lock().unwrap().clone();
                 return Err((format!("shardctl up exited with {status}"), e));
             }
@@ -376,21 +405,32 @@ pub struct Etcd {
     peer_port: u16,
 }
 
+/// A port nothing listens on right now. Another process may take it before it is used: what
+/// binds it must be ready to try again with another (as [`Etcd::start`] is).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Etcd {
-    /// Starts etcd and waits (bounded) until it accepts connections.
+    /// Starts etcd and waits (bounded) until it accepts connections. Ports are picked free and
+    /// may be taken by another process before etcd binds them: then it exits, and is started
+    /// again on new ports (three tries).
     pub fn start() -> Etcd {
         let mut e = Etcd {
             child: None,
             dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: 0,
+            peer_port: 0,
         };
-        e.spawn();
-        e
+        for attempt in 1..=3 {
+            (e.client_port, e.peer_port) = (free_port(), free_port());
+            match e.try_spawn() {
+                Ok(()) => return e,
+                Err(why) if attempt < 3 => eprintln!("etcd did not start ({why}); trying other ports"),
+                Err(why) => panic!("etcd did not start: {why}"),
+            }
+        }
+        unreachable!()
     }
 
     /// The client URL.
@@ -399,12 +439,20 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("etcd did not start again on its ports: {why}");
+        }
+    }
+
+    /// Starts etcd on its ports and waits (20 s at most) until it answers; an error when it
+    /// exits first or does not answer.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
             .expect("etcd is not installed: run scripts/test.sh, which installs Debian's etcd-server");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(etcd)
+        let mut child = Command::new(etcd)
             .args(["--name", "test", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &self.url(), "--advertise-client-urls", &self.url()])
@@ -414,10 +462,12 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn etcd");
-        self.child = Some(child);
         let url = self.url();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!("etcd exited with {status}"));
+            }
             // A thread of its own, so this works from inside a test's runtime too.
             let u = url.clone();
             let ok = std::thread::spawn(move || {
@@ -432,9 +482,14 @@ impl Etcd {
             .join()
             .unwrap_or(false);
             if ok {
-                return;
+                self.child = Some(child);
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "etcd did not start within 20 s");
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("no answer within 20 s".into());
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -487,11 +542,6 @@ impl ClusterBuilder {
 /// Starts one more worker process joining `cluster` through `etcd`.
 pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
     worker_at(etcd, cluster, id, ttl_s, "127.0.0.1:0")
-}
-
-/// A free loopback address to listen on.
-pub fn free_address() -> String {
-    format!("127.0.0.1:{}", free_port())
 }
 
 /// Like [`spare_worker`], listening on `listen` (host:port).
@@ -583,17 +633,67 @@ pub async fn placement(cluster: &Cluster) -> Vec<pb::StageInfo> {
 }
 
 
-/// Waits (5 s at most) until every worker at `addresses` holds no sequence and no KV cache.
+/// Waits (5 s at most) until every worker at `addresses` holds no sequence and no KV block.
 pub async fn wait_no_sequences(addresses: &[String]) {
     for addr in addresses {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let st = Cluster::worker_stats(addr).await;
-            if st.sequences == 0 && st.kv_bytes == 0 {
+            if st.sequences == 0 && st.kv_bytes == 0 && st.kv_blocks_used == 0 {
                 break;
             }
-            assert!(Instant::now() < deadline, "stage at {addr} still holds {} sequences ({} KV bytes)", st.sequences, st.kv_bytes);
+            assert!(
+                Instant::now() < deadline,
+                "stage at {addr} still holds {} sequences ({} KV blocks, {} bytes) after 5 s",
+                st.sequences,
+                st.kv_blocks_used,
+                st.kv_bytes
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// `GET path` on `address` over plain HTTP/1.1, bounded (10 s): the status line's code and the
+/// body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("connect {address}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap_or_else(|e| panic!("reading GET {path} from {address}: {e}"));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response from {address}: {text:?}"));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    // A chunked body: drop the chunk-size lines.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (code, body)
+}
+
+/// The value of the Prometheus sample `name` whose labels include every `labels` pair, in the
+/// text a `/metrics` endpoint served; `None` when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').map_or((series, ""), |(n, r)| (n, r));
+        if n != name {
+            return None;
+        }
+        labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok())?
+    })
 }

@@ -68,9 +68,11 @@ async fn a_killed_worker_fails_the_stream_and_leaves_the_fleet_within_two_ttl() 
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(err.message().contains(&victim), "{:?} does not name {victim}", err.message());
     assert!(took <= Duration::from_secs(2 * ttl), "the client heard after {took:?} (TTL {ttl} s)");
-    let killed = Instant::now();
-    wait_until("the dead worker to leave the fleet", Duration::from_secs(2 * ttl + 2), || !worker_ids(&cluster).contains(&victim));
-    assert!(killed.elapsed() <= Duration::from_secs(2 * ttl + 1), "left the fleet after {:?}", killed.elapsed());
+    // It leaves the fleet within 2 × TTL of the kill; one second more covers asking (each
+    // look runs `shardctl workers`).
+    let killed = Instant::now() - took;
+    let within = Duration::from_secs(2 * ttl + 1).saturating_sub(killed.elapsed());
+    wait_until("the dead worker to leave the fleet within 2 × TTL of the kill", within, || !worker_ids(&cluster).contains(&victim));
     assert!(!alive(pid));
     // The model is re-planned over the worker that remains and serves correctly again.
     let s = wait_for_stages(&cluster, 1, Duration::from_secs(10)).await;
@@ -97,8 +99,19 @@ async fn an_etcd_outage_of_five_seconds_is_ridden_out() {
     let rest = Duration::from_secs(5).saturating_sub(outage.elapsed());
     tokio::time::sleep(rest).await;
     etcd.restart();
-    // After it: same workers, same processes, same answers; nothing was restarted.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // After it the workers' registrations are in etcd again, kept alive by the same processes:
+    // same workers, same answers; nothing was restarted.
+    let mut etcd_client = shardserve::membership::connect(&[etcd.url()]).await.unwrap();
+    let prefix = format!("{}workers/", shardserve::membership::prefix(&name));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = etcd_client.get(prefix.as_str(), Some(shardserve::membership::etcd_client::GetOptions::new().with_prefix())).await;
+        if listed.is_ok_and(|r| r.kvs().len() == pids.len()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the workers did not keep their registrations across the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let after = cluster.workers_json();
     let pids_after: Vec<u64> = after["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap()).collect();
     assert_eq!(pids, pids_after, "workers changed across the outage: {before} vs {after}");
@@ -322,14 +335,14 @@ async fn a_worker_restarted_under_the_same_id_and_address_is_placed_again() {
     let etcd = Etcd::start();
     let name = unique_cluster("restart");
     let (_coordinator, url) = etcd_coordinator(&etcd, &name);
-    let address = free_address();
     // A long lease: the old process's registration would outlive the restart, so nothing but
     // the new process registering can tell the coordinator.
     let _w1 = spare_worker(&etcd, &name, "w1", 2);
-    let w2 = worker_at(&etcd, &name, "w2", 30, &address);
+    let w2 = worker_at(&etcd, &name, "w2", 30, "127.0.0.1:0");
     wait_ready(&url, Duration::from_secs(30)).await;
     let stages = cluster_status(&url).await.models[0].stages.clone();
-    assert!(stages.iter().any(|s| s.worker_id == "w2" && s.address == address), "{stages:?}");
+    // The address it bound: the restarted process listens there again.
+    let address = stages.iter().find(|s| s.worker_id == "w2").map(|s| s.address.clone()).unwrap_or_else(|| panic!("{stages:?}"));
     let cases = reference_cases();
     let mut c = pb::inference_client::InferenceClient::connect(url.clone()).await.unwrap();
     assert_eq!(generate(&mut c, greedy(&cases[0].prompt, 32)).await.unwrap().token_ids, cases[0].new_ids);

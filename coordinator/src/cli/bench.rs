@@ -1,5 +1,7 @@
-//! `shardctl bench`: TTFT, inter-token latency and tokens/s of a running cluster, optionally
-//! against candle-transformers' own model on the same weights in the same run.
+//! `shardctl bench`: TTFT, inter-token latency and tokens/s of a running cluster at one or more
+//! concurrency levels (closed loop) or Poisson arrival rates (open loop, as vLLM's serving
+//! benchmark), optionally against candle-transformers' own model on the same weights in the same
+//! run — at each concurrency level B, that model runs a batch of B equal prompts.
 
 use super::{status_error, Target};
 use anyhow::{anyhow, bail, Context};
@@ -26,10 +28,17 @@ pub struct BenchArgs {
     /// Tokens to generate per request (greedy; fewer if the model emits an end-of-sequence id).
     #[arg(long, default_value_t = 64)]
     pub output_tokens: usize,
-    /// Requests in flight at a time.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
-    /// Measured requests (default: max(concurrency, 4)).
+    /// Requests in flight at a time; a list (1,8,16,32) measures each level in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub concurrency: Vec<usize>,
+    /// Open loop instead: requests arrive as a Poisson process at this rate (requests/s),
+    /// however many are in flight; a list measures each rate in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub request_rate: Vec<f64>,
+    /// Seed of the open loop's arrival times.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Measured requests per level (default: twice the concurrency and at least 4; 32 per rate).
     #[arg(long)]
     pub requests: Option<usize>,
     /// Unmeasured requests sent first.
@@ -44,9 +53,9 @@ pub struct BenchArgs {
     /// The baseline's device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub baseline_device: String,
-    /// The baseline's dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub baseline_dtype: String,
+    /// The baseline's dtype.
+    #[arg(long, value_enum, default_value_t = shardserve::dtype::Dtype::F32)]
+    pub baseline_dtype: shardserve::dtype::Dtype,
     /// The baseline uses seeded random weights of its config's shapes — the same values the
     /// workers make under `up --random-weights` — instead of reading a checkpoint.
     #[arg(long)]
@@ -333,17 +342,22 @@ fn argmax(logits: &candle_core::Tensor) -> anyhow::Result<u32> {
     Ok(shardserve::sampling::argmax(&logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?))
 }
 
-/// Loads the baseline and runs it `requests` times (after one unmeasured run) on `prompt`.
-fn measure_baseline(setup: &BaselineSetup, prompt: &[u32], n: usize, requests: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
+/// Loads the baseline and runs it `runs` times (after one short unmeasured run) on a batch of
+/// `batch` copies of `prompt`: one sample per sequence.
+fn measure_baseline(setup: &BaselineSetup, prompt: &[u32], n: usize, batch: usize, runs: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
     let mut m = load_baseline(setup).with_context(|| format!("loading the baseline {}", setup.files.spec))?;
-    baseline_once(&mut m, setup, prompt, n)?;
+    baseline_once(&mut m, setup, prompt, 2.min(n), batch)?;
     let start = Instant::now();
-    let runs = (0..requests).map(|_| baseline_once(&mut m, setup, prompt, n)).collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((runs, start.elapsed().as_secs_f64()))
+    let mut samples = Vec::with_capacity(runs * batch);
+    for _ in 0..runs {
+        samples.extend(baseline_once(&mut m, setup, prompt, n, batch)?);
+    }
+    Ok((samples, start.elapsed().as_secs_f64()))
 }
 
-/// Greedy generation of `n` tokens: prefill in one forward, then one token per forward.
-fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n: usize) -> anyhow::Result<Sample> {
+/// Greedy generation of `n` tokens for a batch of `batch` copies of `prompt`: prefill in one
+/// forward, then one token per sequence per forward.
+fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n: usize, batch: usize) -> anyhow::Result<Vec<Sample>> {
     use candle_core::Tensor;
     let device = &setup.device;
     let mut llama_cache = None;
@@ -351,157 +365,291 @@ fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n:
         Baseline::Qwen3(m) => m.clear_kv_cache(),
         Baseline::Llama(_, cfg) => llama_cache = Some(candle_transformers::models::llama::Cache::new(true, setup.dtype, cfg, device)?),
     }
-    let mut forward = |ids: &[u32], pos: usize| -> anyhow::Result<u32> {
-        let input = Tensor::new(ids, device)?.unsqueeze(0)?;
+    let mut forward = |ids: Vec<u32>, len: usize, pos: usize| -> anyhow::Result<Vec<u32>> {
+        let input = Tensor::from_vec(ids, (batch, len), device)?;
         let logits = match model {
             Baseline::Qwen3(m) => m.forward(&input, pos)?,
             Baseline::Llama(m, _) => m.forward(&input, pos, llama_cache.as_mut().expect("a llama cache"))?,
         };
-        argmax(&logits)
+        // The tokens come back to the host each step, as they do from a serving worker.
+        let logits = logits.flatten_to(0)?.reshape((batch, ()))?;
+        (0..batch).map(|b| argmax(&logits.get(b)?)).collect()
     };
     let start = Instant::now();
-    let mut s = Sample::default();
-    let mut tok = forward(prompt, 0)?;
+    let mut tokens = forward(prompt.repeat(batch), prompt.len(), 0)?;
     let mut last = Instant::now();
-    s.ttft = (last - start).as_secs_f64();
-    s.token_ids.push(tok);
+    let mut samples: Vec<Sample> = tokens
+        .iter()
+        .map(|&t| Sample { ttft: (last - start).as_secs_f64(), token_ids: vec![t], ..Default::default() })
+        .collect();
     for i in 1..n {
-        tok = forward(&[tok], prompt.len() + i - 1)?;
+        tokens = forward(tokens, 1, prompt.len() + i - 1)?;
         let now = Instant::now();
-        s.itl.push((now - last).as_secs_f64());
+        for (s, &t) in samples.iter_mut().zip(&tokens) {
+            s.itl.push((now - last).as_secs_f64());
+            s.token_ids.push(t);
+        }
         last = now;
-        s.token_ids.push(tok);
     }
-    s.tokens = s.token_ids.len();
-    s.total = (last - start).as_secs_f64();
-    Ok(s)
+    for s in &mut samples {
+        s.tokens = s.token_ids.len();
+        s.total = (last - start).as_secs_f64();
+    }
+    Ok(samples)
+}
+
+/// Sends `total` requests arriving as a Poisson process of `rate` per second (seeded), each as
+/// soon as it arrives; returns the samples and the wall time.
+async fn run_open_loop(client: &pb::inference_client::InferenceClient<Channel>, req: &pb::GenerateRequest, total: usize, rate: f64, seed: u64) -> anyhow::Result<(Vec<Sample>, f64)> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let start = tokio::time::Instant::now();
+    let mut at = 0.0f64;
+    let mut tasks = Vec::with_capacity(total);
+    for _ in 0..total {
+        // Exponential gaps: -ln(1 - U) / rate.
+        at += -(1.0 - rng.random::<f64>()).ln() / rate;
+        tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
+        let (client, req) = (client.clone(), req.clone());
+        tasks.push(tokio::spawn(async move { bounded("a GenerateStream request", one_request(client, req)).await }));
+    }
+    let mut samples = Vec::with_capacity(total);
+    for t in futures::future::join_all(tasks).await {
+        samples.push(t.context("a bench task panicked")??);
+    }
+    Ok((samples, start.elapsed().as_secs_f64()))
+}
+
+/// One measurement: a concurrency level (closed loop) or an arrival rate (open loop).
+#[derive(Debug, Clone, Copy)]
+enum Level {
+    Concurrency(usize),
+    Rate(f64),
+}
+
+impl Level {
+    fn describe(self) -> String {
+        match self {
+            Level::Concurrency(c) => format!("concurrency {c}"),
+            Level::Rate(r) => format!("rate {r}/s"),
+        }
+    }
+
+    fn requests(self, asked: Option<usize>) -> usize {
+        match self {
+            Level::Concurrency(c) => asked.unwrap_or((2 * c).max(4)),
+            Level::Rate(_) => asked.unwrap_or(32),
+        }
+    }
+
+    /// The batch the baseline runs at this level (open loop: one sequence at a time).
+    fn batch(self) -> usize {
+        match self {
+            Level::Concurrency(c) => c,
+            Level::Rate(_) => 1,
+        }
+    }
+
+    fn to_json(self) -> serde_json::Value {
+        match self {
+            Level::Concurrency(c) => serde_json::json!({"concurrency": c}),
+            Level::Rate(r) => serde_json::json!({"request_rate": r}),
+        }
+    }
+}
+
+/// What one level measured.
+struct Run {
+    level: Level,
+    requests: usize,
+    ours: Option<Report>,
+    baseline: Option<Report>,
+}
+
+impl Run {
+    /// ours / baseline: aggregate tok/s, per-request decode tok/s, TTFT.
+    fn ratio(&self) -> Option<(f64, f64, f64)> {
+        let (o, b) = (self.ours.as_ref()?, self.baseline.as_ref()?);
+        Some((o.aggregate_tok_s / b.aggregate_tok_s, o.decode_tok_s.0 / b.decode_tok_s.0, o.ttft_ms.0 / b.ttft_ms.0))
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let mut v = self.level.to_json();
+        v["requests"] = serde_json::json!(self.requests);
+        v["ours"] = serde_json::json!(self.ours.as_ref().map(Report::to_json));
+        v["baseline"] = serde_json::json!(self.baseline.as_ref().map(Report::to_json));
+        v["ratio"] = serde_json::json!(self
+            .ratio()
+            .map(|(a, d, t)| serde_json::json!({"aggregate_tok_s": num(a), "decode_tok_s": num(d), "ttft": num(t)})));
+        v
+    }
 }
 
 /// `shardctl bench`.
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let requests = a.requests.unwrap_or(a.concurrency.max(4));
-    if a.concurrency == 0 || a.output_tokens == 0 || a.prompt_tokens == 0 || requests == 0 {
+    let levels: Vec<Level> = if a.request_rate.is_empty() {
+        a.concurrency.iter().map(|&c| Level::Concurrency(c)).collect()
+    } else {
+        a.request_rate.iter().map(|&r| Level::Rate(r)).collect()
+    };
+    if a.concurrency.contains(&0) || a.output_tokens == 0 || a.prompt_tokens == 0 || a.requests == Some(0) {
         bail!("--concurrency, --requests, --output-tokens and --prompt-tokens must be at least 1");
+    }
+    if a.request_rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+        bail!("--request-rate must be a positive number of requests per second");
     }
     // Resolved up front so a wrong --baseline fails before minutes of cluster measurement.
     let setup = match &a.baseline {
         Some(spec) => Some(BaselineSetup {
             files: shardserve::hub::resolve(spec, None).map_err(|e| anyhow!("--baseline: {e}"))?,
             device: shardserve::device::parse_device(&a.baseline_device).map_err(|e| anyhow!("--baseline-device: {e}"))?,
-            dtype: match a.baseline_dtype.as_str() {
-                "f32" | "float32" => candle_core::DType::F32,
-                "bf16" | "bfloat16" => candle_core::DType::BF16,
-                "f16" | "float16" => candle_core::DType::F16,
-                other => bail!("--baseline-dtype {other:?}: expected f32, bf16 or f16"),
+            dtype: match a.baseline_dtype {
+                shardserve::dtype::Dtype::Auto => bail!("--baseline-dtype: name a dtype (f32, bf16 or f16)"),
+                d => d.resolve(None, false),
             },
             random: a.baseline_random,
         }),
         None => None,
     };
-    if a.baseline_only {
-        let setup = setup.context("--baseline-only needs --baseline")?;
-        // Any ids do for timing; these stay inside every vocabulary.
-        let ids: Vec<u32> = (0..a.prompt_tokens).map(|i| 10 + (i % 200) as u32).collect();
-        let (n, label) = (a.output_tokens, a.label.clone());
-        let (runs, wall) = tokio::task::spawn_blocking(move || measure_baseline(&setup, &ids, n, requests)).await.context("the baseline panicked")??;
-        let base = Report::new(&runs, wall);
-        if a.json {
-            println!(
-                "{}",
-                serde_json::json!({"label": label, "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens, "requests": requests, "baseline": base.to_json()})
-            );
-        } else {
-            base.print("baseline");
-        }
-        return Ok(());
-    }
-    let earlier = match &a.baseline_from {
+    let earlier: Option<serde_json::Value> = match &a.baseline_from {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("--baseline-from {}", path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| format!("--baseline-from {}: not JSON", path.display()))?;
-            Some(Report::from_json(&v["baseline"]).with_context(|| format!("--baseline-from {}: no baseline report", path.display()))?)
+            Some(serde_json::from_str(text.trim()).with_context(|| format!("--baseline-from {}: not JSON", path.display()))?)
         }
         None => None,
     };
-    let url = crate::url(&a.target.coordinator);
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
-    let mut client = pb::inference_client::InferenceClient::new(channel);
     let mut model = a.model.clone();
-    if model.is_empty() {
-        let list = bounded("ListModels", async { client.list_models(pb::ListModelsRequest {}).await.map_err(status_error) });
-        if let [only] = list.await?.into_inner().models.as_slice() {
-            model = only.name.clone();
+    let mut client = None;
+    let mut prompt = None;
+    if !a.baseline_only {
+        let url = crate::url(&a.target.coordinator);
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+        let mut c = pb::inference_client::InferenceClient::new(channel);
+        if model.is_empty() {
+            let list = bounded("ListModels", async { c.list_models(pb::ListModelsRequest {}).await.map_err(status_error) });
+            if let [only] = list.await?.into_inner().models.as_slice() {
+                model = only.name.clone();
+            }
         }
+        prompt = Some(build_prompt(&mut c, &model, a.prompt_tokens).await?);
+        client = Some(c);
     }
-
-    let (prompt, prompt_ids) = build_prompt(&mut client, &model, a.prompt_tokens).await?;
+    let (prompt_text, prompt_ids) = match prompt {
+        Some(p) => p,
+        // Any ids do for timing the baseline alone; these stay inside every vocabulary.
+        None => (String::new(), (0..a.prompt_tokens).map(|i| 10 + (i % 200) as u32).collect()),
+    };
     let req = pb::GenerateRequest {
         model: model.clone(),
-        prompt,
+        prompt: prompt_text,
         max_new_tokens: Some(i32::try_from(a.output_tokens).context("--output-tokens is too large")?),
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         stop: vec![],
         logprobs: false,
     };
-    if a.warmup > 0 {
-        run_phase(&client, &req, a.warmup, a.concurrency).await?;
-    }
-    let (samples, wall) = run_phase(&client, &req, requests, a.concurrency).await?;
-    let ours = Report::new(&samples, wall);
-    if samples.iter().any(|s| s.tokens < a.output_tokens) {
-        eprintln!("shardctl bench: some requests ended early (end-of-sequence); rates use the tokens actually produced");
-    }
-
-    let mut baseline = earlier;
-    if let Some(setup) = setup {
-        // Same token count as the cluster produced, so both decode over the same context lengths.
-        let n = samples.iter().map(|s| s.tokens).max().unwrap_or(a.output_tokens);
-        let ids = prompt_ids.clone();
-        let base = tokio::task::spawn_blocking(move || measure_baseline(&setup, &ids, n, requests))
-            .await
-            .context("the baseline panicked")??;
-        // Greedy on the same weights should agree; a mismatch is worth knowing, not fatal
-        // (near-tied logits in random-weight models can flip under different kernels).
-        if let (Some(o), Some(b)) = (samples.first(), base.0.first()) {
-            let same = o.token_ids.iter().zip(&b.token_ids).take_while(|(x, y)| x == y).count();
-            if same < o.token_ids.len().min(b.token_ids.len()) {
-                eprintln!("shardctl bench: the baseline's greedy tokens differ from the cluster's after {same} token(s)");
+    let mut runs = Vec::with_capacity(levels.len());
+    for (i, &level) in levels.iter().enumerate() {
+        let requests = level.requests(a.requests);
+        let mut run = Run { level, requests, ours: None, baseline: None };
+        let mut produced = a.output_tokens;
+        let mut ours_tokens = None;
+        if let Some(client) = &client {
+            let (samples, wall) = match level {
+                Level::Concurrency(c) => {
+                    if a.warmup > 0 {
+                        run_phase(client, &req, a.warmup.max(c), c).await?;
+                    }
+                    run_phase(client, &req, requests, c).await?
+                }
+                Level::Rate(r) => {
+                    if a.warmup > 0 {
+                        run_phase(client, &req, a.warmup, 1).await?;
+                    }
+                    run_open_loop(client, &req, requests, r, a.seed.wrapping_add(i as u64)).await?
+                }
+            };
+            if samples.iter().any(|s| s.tokens < a.output_tokens) {
+                eprintln!("shardctl bench: some requests ended early (end-of-sequence); rates use the tokens actually produced");
             }
+            // The baseline produces as many, so both decode over the same context lengths.
+            produced = samples.iter().map(|s| s.tokens).max().unwrap_or(a.output_tokens);
+            ours_tokens = samples.first().map(|s| s.token_ids.clone());
+            run.ours = Some(Report::new(&samples, wall));
         }
-        baseline = Some(Report::new(&base.0, base.1));
+        if let Some(setup) = setup.clone() {
+            let (ids, batch) = (prompt_ids.clone(), level.batch());
+            let times = (requests / batch).max(1);
+            let (samples, wall) = tokio::task::spawn_blocking(move || measure_baseline(&setup, &ids, produced, batch, times))
+                .await
+                .context("the baseline panicked")??;
+            if let (Some(o), Some(b)) = (&ours_tokens, samples.first()) {
+                warn_disagreement(o, &b.token_ids);
+            }
+            run.baseline = Some(Report::new(&samples, wall));
+        } else if let Some(doc) = &earlier {
+            run.baseline = earlier_baseline(doc, level);
+        }
+        if !a.json {
+            print_run(&run, i == 0, &model, &a);
+        }
+        runs.push(run);
     }
-    let ratio = baseline.as_ref().map(|b| (ours.decode_tok_s.0 / b.decode_tok_s.0, ours.ttft_ms.0 / b.ttft_ms.0));
-
     if a.json {
-        let doc = serde_json::json!({
+        let first = &runs[0];
+        let mut doc = serde_json::json!({
             "label": a.label,
             "model": model,
             "prompt_tokens": a.prompt_tokens,
             "output_tokens": a.output_tokens,
-            "concurrency": a.concurrency,
-            "requests": requests,
-            "ours": ours.to_json(),
-            "baseline": baseline.as_ref().map(Report::to_json),
-            "ratio": ratio.map(|(d, t)| serde_json::json!({"decode_tok_s": num(d), "ttft": num(t)})),
+            "runs": runs.iter().map(Run::to_json).collect::<Vec<_>>(),
         });
+        // The first level's figures at the top as well, as single-level reports have them.
+        for (k, v) in first.to_json().as_object().expect("an object") {
+            doc[k] = v.clone();
+        }
         println!("{doc}");
-        return Ok(());
-    }
-    let label = if a.label.is_empty() { String::new() } else { format!(" [{}]", a.label) };
-    println!(
-        "bench{label}: model {model}, prompt {} tokens, output {} tokens, concurrency {}, {requests} requests",
-        a.prompt_tokens, a.output_tokens, a.concurrency
-    );
-    ours.print("ours");
-    if let Some(b) = &baseline {
-        b.print("baseline");
-    }
-    if let Some((d, t)) = ratio {
-        println!("ratio     decode tok/s ours/baseline {d:.2} | ttft ours/baseline {t:.2}");
     }
     Ok(())
+}
+
+/// Greedy on the same weights should agree; a mismatch is worth knowing, not fatal (near-tied
+/// logits in random-weight models can flip under different kernels).
+fn warn_disagreement(ours: &[u32], baseline: &[u32]) {
+    let same = ours.iter().zip(baseline).take_while(|(x, y)| x == y).count();
+    if same < ours.len().min(baseline.len()) {
+        eprintln!("shardctl bench: the baseline's greedy tokens differ from the cluster's after {same} token(s)");
+    }
+}
+
+/// The baseline of `level` in an earlier `--baseline-only --json` document.
+fn earlier_baseline(doc: &serde_json::Value, level: Level) -> Option<Report> {
+    let runs = doc["runs"].as_array();
+    let matching = runs.and_then(|r| {
+        r.iter().find(|run| match level {
+            Level::Concurrency(c) => run["concurrency"].as_u64() == Some(c as u64),
+            Level::Rate(_) => run["concurrency"].as_u64() == Some(1),
+        })
+    });
+    Report::from_json(&matching.unwrap_or(doc)["baseline"])
+}
+
+fn print_run(run: &Run, header: bool, model: &str, a: &BenchArgs) {
+    if header {
+        let label = if a.label.is_empty() { String::new() } else { format!(" [{}]", a.label) };
+        println!("bench{label}: model {model}, prompt {} tokens, output {} tokens", a.prompt_tokens, a.output_tokens);
+    }
+    println!("{} ({} requests)", run.level.describe(), run.requests);
+    if let Some(o) = &run.ours {
+        o.print("  ours");
+    }
+    if let Some(b) = &run.baseline {
+        b.print("  baseline");
+    }
+    if let Some((agg, dec, ttft)) = run.ratio() {
+        println!("  ratio     aggregate tok/s ours/baseline {agg:.2} | decode tok/s {dec:.2} | ttft {ttft:.2}");
+    }
 }

@@ -1,5 +1,6 @@
 //! `shardctl dev`: developer tools — tiny random checkpoints in the exact HF layout.
 
+use shardserve::dtype::Dtype;
 use anyhow::bail;
 use shardserve::config::Architecture;
 use shardserve::tiny::{self, TinySpec};
@@ -55,9 +56,9 @@ pub struct TinyModelArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// dtype on disk: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// dtype on disk.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
     /// Number of safetensors files (more than 1 writes a sharded index).
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
@@ -110,11 +111,9 @@ impl TryFrom<&TinyModelArgs> for TinySpec {
             other => bail!("--arch {other:?}: expected qwen3 or llama"),
         };
         let mut s = TinySpec::new(arch);
-        s.dtype = match a.dtype.as_str() {
-            "f32" | "float32" => candle_core::DType::F32,
-            "bf16" | "bfloat16" => candle_core::DType::BF16,
-            "f16" | "float16" => candle_core::DType::F16,
-            other => bail!("--dtype {other:?}: expected f32, bf16 or f16"),
+        s.dtype = match a.dtype {
+            Dtype::Auto => bail!("--dtype: name the dtype on disk (f32, bf16 or f16)"),
+            d => d.resolve(None, false),
         };
         if a.shards == 0 {
             bail!("--shards must be at least 1");

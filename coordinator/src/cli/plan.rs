@@ -1,6 +1,7 @@
 //! `shardctl plan`: the device map transformers' `from_pretrained(..., device_map=...)` would
 //! produce for a model, from its config.json alone.
 
+use shardserve::dtype::Dtype;
 use anyhow::Context;
 use shardserve::placement::{self, ModelShape, Strategy};
 
@@ -16,9 +17,10 @@ pub struct PlanArgs {
     /// Memory per device, accelerate's `max_memory`: e.g. 0=40GiB,1=40GiB,cpu=64GiB.
     #[arg(long)]
     pub max_memory: String,
-    /// dtype the sizes are computed in: auto (config.json's), float32/f32, bfloat16/bf16, float16/f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    /// dtype the sizes are computed in: auto (config.json's, as on GPUs), f32, bf16 or f16
+    /// (transformers' names float32, bfloat16, float16 too).
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
+    pub dtype: Dtype,
     /// auto (= balanced), balanced, balanced_low_0 or sequential.
     #[arg(long, default_value = "auto")]
     pub strategy: String,
@@ -62,19 +64,11 @@ fn tp_groups(max_memory: &[(placement::Device, u64)], tp: usize) -> anyhow::Resu
     Ok((budgets, groups))
 }
 
-/// The dtype width in bytes: config.json's `torch_dtype`/`dtype` under `auto`, else f32.
-pub fn dtype_bytes_for(dtype: &str, config: &serde_json::Value) -> anyhow::Result<u64> {
-    let name = if dtype == "auto" {
-        config
-            .get("torch_dtype")
-            .or_else(|| config.get("dtype"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("float32")
-            .to_string()
-    } else {
-        dtype.to_string()
-    };
-    Ok(placement::dtype_bytes(&name)?)
+/// The dtype width in bytes: config.json's `torch_dtype`/`dtype` under `auto` (f32 when it
+/// names none), as `from_pretrained(..., dtype="auto")` loads it on GPUs.
+pub fn dtype_bytes_for(dtype: Dtype, config: &serde_json::Value) -> u64 {
+    let checkpoint = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(|v| v.as_str());
+    dtype.resolve(checkpoint, true).size_in_bytes() as u64
 }
 
 /// `shardctl plan`.
@@ -86,7 +80,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let shape = ModelShape::from_config_json(&config)?;
     let strategy: Strategy = a.strategy.parse()?;
     let max_memory = placement::parse_max_memory(&a.max_memory)?;
-    let bytes = dtype_bytes_for(&a.dtype, &config)?;
+    let bytes = dtype_bytes_for(a.dtype, &config);
     anyhow::ensure!(a.tp >= 1, "--tp must be at least 1");
     if a.tp == 1 {
         let map = placement::infer_device_map(&shape, bytes, &max_memory, strategy)?;

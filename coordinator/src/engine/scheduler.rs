@@ -113,7 +113,13 @@ pub(super) async fn run(engine: Arc<Engine>, mut inbox: mpsc::UnboundedReceiver<
             }
             Some(done) = s.in_flight.next(), if !s.in_flight.is_empty() => s.on_step(done),
             sub = inbox.recv() => match sub {
-                Some(sub) => s.waiting.push_back(sub),
+                Some(sub) => {
+                    // Everything that arrived together is admitted together.
+                    s.waiting.push_back(sub);
+                    while let Ok(more) = inbox.try_recv() {
+                        s.waiting.push_back(more);
+                    }
+                }
                 None => return,
             },
             changed = state.changed() => {
