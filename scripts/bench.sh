@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Reproduces the README's benchmark figures on this machine: a Qwen3-shaped random model
-# (8 layers, hidden 512, f32 on CPU) served by 1, 2 and 3 pipeline stages (and by tensor-parallel
-# groups of 2: 1 stage × 2 ranks, 2 stages × 2 ranks), measured with
-# `shardctl bench`; the 1-stage run also measures candle-transformers' own model in-process on
-# the same weights (--baseline). One JSON document per run on stdout.
+# Reproduces the README's benchmark figures on this machine, with a model of Qwen3-0.6B's layer
+# shapes (28 layers, hidden 1024, 16 heads / 8 KV heads of 128, MLP 3072; bf16 weights on disk,
+# run in f32 on CPU; a small vocabulary) and `shardctl bench`. One JSON document per run:
+#  1. one worker at concurrency 1, 8, 16 and 32, beside candle-transformers' own model in this
+#     process at batch 1, 8, 16 and 32 on the same weights (--baseline);
+#  2. one stage on one core, then two stages on one core each, at concurrency 16;
+#  3. decode at context 10 and at context 1,000 (one worker, one request at a time);
+#  4. an open loop: Poisson arrivals at 0.25 and 0.5 requests/s.
+# FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -12,27 +16,30 @@ cargo build --release --workspace --bins >&2
 BIN=target/release
 MODEL=$(mktemp -d)
 trap 'rm -rf "$MODEL"' EXIT
-$BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" --layers 8 --hidden 512 --intermediate 1536 \
-    --heads 8 --kv-heads 4 --head-dim 64 --vocab 1024 --seed 7 >&2
-PROMPT=${PROMPT_TOKENS:-128}
+if [ -n "${FAST:-}" ]; then
+    SHAPE=(--layers 8 --hidden 512 --intermediate 1536 --heads 8 --kv-heads 4 --head-dim 64)
+else
+    SHAPE=(--layers 28 --hidden 1024 --intermediate 3072 --heads 16 --kv-heads 8 --head-dim 128)
+fi
+$BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" "${SHAPE[@]}" --dtype bf16 --vocab 1024 \
+    --max-position-embeddings 4096 --seed 7 >&2
 OUTPUT=${OUTPUT_TOKENS:-64}
-run() { # stages concurrency requests [extra bench args]; TP=N makes each stage N ranks
-    local stages=$1 conc=$2 reqs=$3; shift 3
-    local tp=${TP:-1}
+run() { # workers threads-per-worker label [bench args]
+    local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
-    RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers $((stages * tp)) --tp "$tp" --listen 127.0.0.1:0 >"$out" &
+    RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$workers" --worker-threads "$threads" \
+        --kv-memory 2GiB --listen 127.0.0.1:0 >"$out" &
     local pid=$!
-    for _ in $(seq 600); do grep -q '^ready ' "$out" && break; sleep 0.1; done
+    for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
     [ -n "$url" ] || { echo "cluster did not start" >&2; kill $pid; exit 1; }
-    $BIN/shardctl bench --coordinator "$url" --prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" \
-        --concurrency "$conc" --requests "$reqs" --label "stages=$stages tp=$tp concurrency=$conc" --json "$@"
+    $BIN/shardctl bench --coordinator "$url" --output-tokens "$OUTPUT" --label "$label" --json "$@"
     kill -TERM $pid; wait $pid || true; rm -f "$out"
 }
-run 1 1 6 --baseline "$MODEL"
-run 2 1 6
-run 3 1 6
-run 1 8 16
-run 2 8 16
-TP=2 run 1 1 6
-TP=2 run 2 1 6
+CORES=$(nproc)
+run 1 "$CORES" "1 worker" --prompt-tokens 128 --concurrency 1,8,16,32 --baseline "$MODEL"
+run 1 1 "1 stage, 1 core" --prompt-tokens 128 --concurrency 16
+run 2 1 "2 stages, 1 core each" --prompt-tokens 128 --concurrency 16
+run 1 "$CORES" "context 10" --prompt-tokens 10 --output-tokens 32 --concurrency 1
+run 1 "$CORES" "context 1000" --prompt-tokens 1000 --output-tokens 32 --concurrency 1
+run 1 "$CORES" "open loop" --prompt-tokens 128 --request-rate 0.25,0.5 --requests 12

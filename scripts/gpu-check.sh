@@ -3,14 +3,17 @@
 # and this repository alone (no network), in a few minutes. Prints one JSON line per result:
 #   1. CPU-vs-CUDA logits and greedy tokens on a tiny model the check generates itself;
 #   2. NCCL: communicator init and an all-reduce on the GPU;
-#   3. decode tokens/s at batch 1 for Qwen3-0.6B-, 8B- and 32B-shaped models with seeded random
-#      bf16 weights, through one worker, beside candle-transformers' own model on the same GPU
-#      in this run ("ratio": ours / candle-transformers);
-#   4. the same models through a 2-stage pipeline of two workers on the one GPU.
+#   3. decode tokens/s at concurrency 1 and 16 (CONCURRENCY) for Qwen3-0.6B-, 8B- and 32B-shaped
+#      models with seeded random bf16 weights, through one worker, beside candle-transformers'
+#      own model on the same GPU in this run at batch 1 and 16 ("ratio": ours / candle-transformers;
+#      the batch-16 aggregate over the batch-1 rate is the batching gain);
+#   4. the same models through a 2-stage pipeline of two workers on the one GPU, one request at
+#      a time.
 # The shapes are the real configs (vocab 151936); the tokenizer is the project's own small BPE,
 # so ids past its vocabulary decode to no text (the benchmark counts ids).
 # Environment: BIN_DIR (default target-cuda/release), DEVICE (cuda:0), SHAPES ("0.6b 8b 32b"),
-# PROMPT_TOKENS (128), OUTPUT_TOKENS (64), REQUESTS (3).
+# PROMPT_TOKENS (128), OUTPUT_TOKENS (64), REQUESTS (3, per level of the pipeline runs),
+# CONCURRENCY ("1,16").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN_DIR:-target-cuda/release}
@@ -19,6 +22,7 @@ SHAPES=${SHAPES:-"0.6b 8b 32b"}
 PROMPT=${PROMPT_TOKENS:-128}
 OUTPUT=${OUTPUT_TOKENS:-64}
 REQUESTS=${REQUESTS:-3}
+CONCURRENCY=${CONCURRENCY:-1,16}
 for b in shardctl coordinator worker; do
     [ -x "$BIN/$b" ] || { echo "gpu-check: $BIN/$b is missing; build it with scripts/build-cuda.sh" >&2; exit 1; }
 done
@@ -81,10 +85,12 @@ for shape in $SHAPES; do
     # shellcheck disable=SC2046
     $BIN/shardctl dev tiny-model --arch qwen3 --out "$model" $(shape_args "$shape") --vocab 4096 \
         --config-vocab 151936 --max-position-embeddings 40960 --dtype bf16 --no-weights >/dev/null
-    common=(--prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" --requests "$REQUESTS" --json)
-    # candle-transformers alone on the GPU first: the largest shape does not fit twice.
+    common=(--prompt-tokens "$PROMPT" --output-tokens "$OUTPUT" --json)
+    # candle-transformers alone on the GPU first (the largest shape does not fit twice), at
+    # batch 1 and 16.
     if ! $BIN/shardctl bench --baseline "$model" --baseline-random --baseline-only --baseline-device "$DEVICE" \
-        --baseline-dtype bf16 --label "qwen3-$shape candle-transformers" "${common[@]}" >"$WORK/base.json" 2>"$WORK/err"; then
+        --baseline-dtype bf16 --concurrency "$CONCURRENCY" --label "qwen3-$shape candle-transformers" "${common[@]}" \
+        >"$WORK/base.json" 2>"$WORK/err"; then
         fail "decode_qwen3_$shape" "$(cat "$WORK/err")"
         continue
     fi
@@ -95,7 +101,8 @@ for shape in $SHAPES; do
             stop_cluster
             continue
         fi
-        $BIN/shardctl bench --coordinator "$URL" --baseline-from "$WORK/base.json" \
+        if [ "$stages" = 1 ]; then levels=(--concurrency "$CONCURRENCY"); else levels=(--concurrency 1 --requests "$REQUESTS"); fi
+        $BIN/shardctl bench --coordinator "$URL" --baseline-from "$WORK/base.json" "${levels[@]}" \
             --label "qwen3-$shape stages=$stages device=$DEVICE" "${common[@]}" 2>"$WORK/err" \
             || fail "decode_qwen3_${shape}_${stages}_stages" "$(cat "$WORK/err")"
         stop_cluster

@@ -35,8 +35,6 @@ pub struct StageClient {
     address: String,
     /// The open stream, if any. Held only to read or swap it, never across a connect.
     conn: Mutex<Option<Conn>>,
-    /// Serialises reconnects, so one broken stream is replaced by one new one.
-    connecting: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
 }
 
@@ -104,7 +102,6 @@ impl StageClient {
             name: name.into(),
             address: address.into(),
             conn: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -170,19 +167,22 @@ impl StageClient {
         self.conn.lock().expect("conn lock").as_ref().filter(|c| !c.broken.load(Ordering::SeqCst)).cloned()
     }
 
-    /// The open stream, or a new one when there is none or it broke.
+    /// The open stream, or a new one when there is none or it broke. No lock is held while
+    /// connecting: when two callers reconnect at once, the first stream installed is kept and
+    /// the other is dropped unused.
     async fn stream(&self) -> Result<Conn, Status> {
         if let Some(c) = self.healthy() {
             return Ok(c);
         }
-        let _one = self.connecting.lock().await;
-        // Another caller may have reconnected while this one waited.
-        if let Some(c) = self.healthy() {
-            return Ok(c);
+        let fresh = self.open().await?;
+        let mut slot = self.conn.lock().expect("conn lock");
+        match slot.as_ref().filter(|c| !c.broken.load(Ordering::SeqCst)) {
+            Some(theirs) => Ok(theirs.clone()),
+            None => {
+                *slot = Some(fresh.clone());
+                Ok(fresh)
+            }
         }
-        let c = self.open().await?;
-        *self.conn.lock().expect("conn lock") = Some(c.clone());
-        Ok(c)
     }
 
     /// Queues one step on the stream (in the order callers submit) and returns its pending

@@ -126,7 +126,7 @@ impl Cluster {
 
     /// The worker serving pipeline stage `stage`: (id, pid).
     pub async fn stage_worker(&self, stage: u32) -> (String, u32) {
-        let status = self.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        let status = cluster_status(&self.url).await;
         let st = status.models[0].stages.iter().find(|s| s.stage == stage).expect("stage in placement").clone();
         let workers = self.workers_json();
         let pid = workers["workers"]
@@ -151,15 +151,17 @@ impl Cluster {
 
     /// Where the coordinator serves metrics (started with `--metrics-listen`).
     pub async fn metrics_address(&self) -> String {
-        let s = self.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        let s = cluster_status(&self.url).await;
         assert!(!s.metrics_address.is_empty(), "the coordinator serves no metrics (start it with --metrics-listen)");
         s.metrics_address
     }
 
     /// The addresses of every worker of the first model's placement, every rank included.
     pub async fn stage_addresses(&self) -> Vec<String> {
-        let status = self.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
-        let workers = self.admin().await.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+        let status = cluster_status(&self.url).await;
+        let mut admin = self.admin().await;
+        let listed = tokio::time::timeout(Duration::from_secs(10), admin.list_workers(pb::ListWorkersRequest {}));
+        let workers = listed.await.expect("ListWorkers did not answer within 10 s").unwrap().into_inner().workers;
         let mut out = Vec::new();
         for st in &status.models[0].stages {
             for id in std::iter::once(&st.worker_id).chain(&st.ranks) {
@@ -595,7 +597,11 @@ pub async fn cluster_status(url: &str) -> pb::ClusterStatusResponse {
         .await
         .expect("connect timed out")
         .expect("connect");
-    a.cluster_status(pb::ClusterStatusRequest {}).await.expect("ClusterStatus").into_inner()
+    tokio::time::timeout(Duration::from_secs(10), a.cluster_status(pb::ClusterStatusRequest {}))
+        .await
+        .expect("ClusterStatus did not answer within 10 s")
+        .expect("ClusterStatus")
+        .into_inner()
 }
 
 /// A client of the coordinator's Inference API.
@@ -628,8 +634,7 @@ pub fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
 
 /// The placement of the coordinator's (first) model.
 pub async fn placement(cluster: &Cluster) -> Vec<pb::StageInfo> {
-    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
-    s.models[0].stages.clone()
+    cluster_status(&cluster.url).await.models[0].stages.clone()
 }
 
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 async fn stages(cluster: &Cluster) -> Vec<pb::StageInfo> {
-    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let s = cluster_status(&cluster.url).await;
     s.models[0].stages.clone()
 }
 

@@ -13,7 +13,7 @@ fn on(model: &str, mut req: pb::GenerateRequest) -> pb::GenerateRequest {
 }
 
 async fn stages(cluster: &Cluster, model: &str) -> Vec<pb::StageInfo> {
-    let s = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let s = cluster_status(&cluster.url).await;
     s.models
         .iter()
         .find(|m| m.model.as_ref().is_some_and(|i| i.name == model))

@@ -258,7 +258,7 @@ async fn every_invalid_field_gets_its_status() {
     let mut c2 = cluster.client().await;
     expect_status(generate(&mut c2, base()).await, Code::ResourceExhausted, "max_concurrent_requests");
     drop(long);
-    let stage = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner().models[0].stages[0].clone();
+    let stage = cluster_status(&cluster.url).await.models[0].stages[0].clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = generate(&mut c2, base()).await;
@@ -311,7 +311,7 @@ async fn kill_stage_mid_stream(workers: usize, stage: u32) {
     let cluster = Cluster::new(reference_model()).workers(workers).arg("--replan-wait-s").arg("0").start();
     let mut c = cluster.client().await;
     let (victim, pid) = cluster.stage_worker(stage).await;
-    let placement = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner().models[0].stages.clone();
+    let placement = cluster_status(&cluster.url).await.models[0].stages.clone();
     let survivors: Vec<String> = placement.iter().filter(|s| s.worker_id != victim).map(|s| s.address.clone()).collect();
     let mut s = c.generate_stream(greedy("a", 1000)).await.unwrap().into_inner();
     let (err, took) = kill_during_stream(&mut s, pid).await;
@@ -330,7 +330,7 @@ async fn kill_stage_mid_stream(workers: usize, stage: u32) {
     assert!(started.elapsed() < Duration::from_secs(3));
     // Unavailable, or already placed again over the survivors (a dead worker that fails to
     // load is left out at once) — never on the dead worker.
-    let status = cluster.admin().await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let status = cluster_status(&cluster.url).await;
     match status.models[0].model.as_ref().unwrap().state.as_str() {
         "unavailable" => {}
         "ready" => assert!(status.models[0].stages.iter().all(|s| s.worker_id != victim), "{status:?}"),

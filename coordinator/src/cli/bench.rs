@@ -38,7 +38,7 @@ pub struct BenchArgs {
     /// Seed of the open loop's arrival times.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Measured requests per level (default: twice the concurrency and at least 4; 32 per rate).
+    /// Measured requests per level (default: the concurrency and at least 4; 32 per rate).
     #[arg(long)]
     pub requests: Option<usize>,
     /// Unmeasured requests sent first.
@@ -437,7 +437,7 @@ impl Level {
 
     fn requests(self, asked: Option<usize>) -> usize {
         match self {
-            Level::Concurrency(c) => asked.unwrap_or((2 * c).max(4)),
+            Level::Concurrency(c) => asked.unwrap_or(c.max(4)),
             Level::Rate(_) => asked.unwrap_or(32),
         }
     }

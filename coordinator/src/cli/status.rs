@@ -48,6 +48,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "bytes": st.bytes,
                     // The stage's tensor-parallel group, rank 0 first (one worker without).
                     "group": std::iter::once(&st.worker_id).chain(&st.ranks).collect::<Vec<_>>(),
+                    "kv_blocks": st.kv_blocks,
+                    "kv_block_size": st.kv_block_size,
                 })).collect::<Vec<_>>(),
             })
         })
@@ -55,7 +57,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "models": models})
+            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "metrics_address": s.metrics_address, "models": models})
         );
         return Ok(());
     }
@@ -95,6 +97,7 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
                     "state": w.state,
                     "pid": w.pid,
                     "instance": w.instance,
+                    "metrics_address": w.metrics_address,
                     "stage": w.stage,
                     "version": w.version,
                     "devices": w.devices.iter().map(|d| serde_json::json!({

@@ -338,6 +338,39 @@ pub(crate) fn paged_decode_cpu(
     Tensor::from_vec(out, (rows.len(), heads * d), q.device())
 }
 
+/// The same attention as [`paged_decode_cpu`] on any device, in a few kernels whatever the
+/// batch: every row's context is gathered from the pool into one batch padded to the longest
+/// (padding masked out), then two batched matmuls. Returns `(rows, heads × head_dim)`.
+pub(crate) fn padded_decode(q: &Tensor, keys: &Tensor, values: &Tensor, rows: &[DecodeRow], scale: f64) -> candle_core::Result<Tensor> {
+    let (_, heads, d) = q.dims3()?;
+    let (kvh, _, _) = keys.dims3()?;
+    let n = rows.len();
+    let longest = rows.iter().map(|r| r.slots.len()).max().unwrap_or(0);
+    let mut index = Vec::with_capacity(n * longest);
+    let mut mask = Vec::with_capacity(n * longest);
+    for r in rows {
+        index.extend_from_slice(&r.slots);
+        // Padding reads some valid slot and is masked out.
+        index.extend(std::iter::repeat_n(r.slots[0], longest - r.slots.len()));
+        mask.extend(std::iter::repeat_n(0f32, r.slots.len()));
+        mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, longest - r.slots.len()));
+    }
+    let dev = q.device();
+    let index = Tensor::from_vec(index, n * longest, dev)?;
+    let gather = |t: &Tensor| -> candle_core::Result<Tensor> {
+        // (kv heads, n × longest, d) → (n, heads, longest, d), KV heads repeated for their group.
+        let g = t.index_select(&index, 1)?.reshape((kvh, n, longest, d))?.transpose(0, 1)?;
+        g.unsqueeze(2)?.expand((n, kvh, heads / kvh, longest, d))?.reshape((n, heads, longest, d))
+    };
+    let (k, v) = (gather(keys)?, gather(values)?);
+    let rows_of_q = Tensor::new(rows.iter().map(|r| r.row as u32).collect::<Vec<_>>(), dev)?;
+    let q = q.index_select(&rows_of_q, 0)?.unsqueeze(2)?; // (n, heads, 1, d)
+    let mask = Tensor::from_vec(mask, (n, 1, 1, longest), dev)?.to_dtype(q.dtype())?;
+    let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    probs.matmul(&v)?.reshape((n, heads * d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +464,29 @@ mod tests {
         }
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn padded_decode_equals_paged_decode_for_rows_of_different_lengths() {
+        let dev = Device::Cpu;
+        let (heads, kvh, d) = (4, 2, 8);
+        let mut p = KvPool::new(1, kvh, d, 4, 16, DType::F32, &dev).unwrap();
+        let mut rows = Vec::new();
+        for (id, ctx) in [(1u64, 9usize), (2, 3), (3, 14)] {
+            p.insert(id);
+            p.grow(id, ctx).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (ctx, kvh, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (ctx, kvh, d), &dev).unwrap();
+            p.write(0, id, 0, &k, &v).unwrap();
+            rows.push(DecodeRow { row: rows.len(), slots: p.slots(id, ctx) });
+        }
+        let q = Tensor::randn(0f32, 1.0, (3, heads, d), &dev).unwrap();
+        let (pk, pv) = p.layer(0);
+        let paged = paged_decode_cpu(&q, pk, pv, &rows, 0.3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let padded = padded_decode(&q, pk, pv, &rows, 0.3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in paged.iter().zip(&padded) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }

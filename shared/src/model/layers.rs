@@ -3,7 +3,7 @@
 //! parallelism each holds its rank's heads and intermediate columns, and the row-parallel
 //! projections sum over the group.
 
-use super::kv::{paged_decode_cpu, DecodeRow, KvPool};
+use super::kv::{padded_decode, paged_decode_cpu, DecodeRow, KvPool};
 use super::Batch;
 use crate::collective::{Collective, TpSplit};
 use crate::config::ModelConfig;
@@ -172,25 +172,29 @@ impl Attention {
         }
         let scale = 1.0 / (d as f64).sqrt();
         let (pk, pv) = pool.layer(layer);
-        // Decode rows on a CPU read their context in place from the pool's blocks; prefill
-        // chunks (and every row on a GPU) go through plain matmul attention, which is faster
-        // for many query rows.
-        let paged = x.device().is_cpu() && x.dtype() == DType::F32;
+        // Decode rows (one token) of every sequence are attended together: on a CPU in f32,
+        // reading their context in place from the pool's blocks; elsewhere (GPUs) gathered into
+        // one padded batch, a few kernels whatever the batch. Prefill chunks go through plain
+        // matmul attention, sequence by sequence, which is faster for many query rows.
         let decode: Vec<DecodeRow> = batch
             .seqs
             .iter()
-            .filter(|s| paged && s.len == 1)
+            .filter(|s| s.len == 1)
             .map(|s| DecodeRow { row: s.offset, slots: s.slots.clone() })
             .collect();
+        let decoded = match decode.is_empty() {
+            true => None,
+            false if x.device().is_cpu() && x.dtype() == DType::F32 => Some(paged_decode_cpu(&q, pk, pv, &decode, scale as f32)?),
+            false => Some(padded_decode(&q, pk, pv, &decode, scale)?),
+        };
         if decode.len() == batch.seqs.len() {
-            let ctx = paged_decode_cpu(&q, pk, pv, &decode, scale as f32)?;
+            let ctx = decoded.expect("decode rows computed");
             return row_parallel_out(self.o_proj.forward(&ctx)?, self.o_bias.as_ref(), group);
         }
-        let decoded = if decode.is_empty() { None } else { Some(paged_decode_cpu(&q, pk, pv, &decode, scale as f32)?) };
         let mut next_decoded = 0;
         let mut pieces = Vec::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
-            if paged && s.len == 1 {
+            if s.len == 1 {
                 pieces.push(decoded.as_ref().expect("decode rows computed").narrow(0, next_decoded, 1)?);
                 next_decoded += 1;
                 continue;
