@@ -23,7 +23,6 @@ else
 fi
 $BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" "${SHAPE[@]}" --dtype bf16 --vocab 1024 \
     --max-position-embeddings 4096 --seed 7 >&2
-OUTPUT=${OUTPUT_TOKENS:-64}
 run() { # workers threads-per-worker label [bench args]
     local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
@@ -33,13 +32,13 @@ run() { # workers threads-per-worker label [bench args]
     for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
     [ -n "$url" ] || { echo "cluster did not start" >&2; kill $pid; exit 1; }
-    $BIN/shardctl bench --coordinator "$url" --output-tokens "$OUTPUT" --label "$label" --json "$@"
+    $BIN/shardctl bench --coordinator "$url" --label "$label" --json "$@"
     kill -TERM $pid; wait $pid || true; rm -f "$out"
 }
 CORES=$(nproc)
-run 1 "$CORES" "1 worker" --prompt-tokens 128 --concurrency 1,8,16,32 --baseline "$MODEL"
-run 1 1 "1 stage, 1 core" --prompt-tokens 128 --concurrency 16
-run 2 1 "2 stages, 1 core each" --prompt-tokens 128 --concurrency 16
+run 1 "$CORES" "1 worker" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8,16,32 --baseline "$MODEL"
+run 1 1 "1 stage, 1 core" --prompt-tokens 128 --output-tokens 64 --concurrency 16
+run 2 1 "2 stages, 1 core each" --prompt-tokens 128 --output-tokens 64 --concurrency 16
 run 1 "$CORES" "context 10" --prompt-tokens 10 --output-tokens 32 --concurrency 1
 run 1 "$CORES" "context 1000" --prompt-tokens 1000 --output-tokens 32 --concurrency 1
-run 1 "$CORES" "open loop" --prompt-tokens 128 --request-rate 0.25,0.5 --requests 12
+run 1 "$CORES" "open loop" --prompt-tokens 128 --output-tokens 64 --request-rate "${RATES:-0.25,0.5}" --requests 12

@@ -301,10 +301,11 @@ impl Scheduler {
                     r.sending == 0 && r.placement == Some(p.id) && r.fed < r.context.len()
                 })
                 .collect();
-            if ready.is_empty() && self.releases.is_empty() {
+            let here = self.running.iter().filter(|r| r.placement == Some(p.id)).count();
+            let take = steps::micro_batch(ready.len(), here, depth, self.in_flight.len(), self.config().max_batch_size);
+            if take == 0 && self.releases.is_empty() {
                 return;
             }
-            let take = steps::share(ready.len(), depth - self.in_flight.len(), self.config().max_batch_size);
             let remaining: Vec<usize> = ready.iter().map(|&i| self.running[i].context.len() - self.running[i].fed).collect();
             let rows = steps::plan(&remaining, take, self.config().max_batch_tokens, self.config().prefill_chunk);
             if rows.is_empty() && self.releases.is_empty() {

@@ -22,10 +22,20 @@ pub(super) fn plan(remaining: &[usize], max_seqs: usize, max_tokens: usize, chun
     out
 }
 
-/// How many of `ready` sequences the next step takes when `free` more steps may be in flight:
-/// an even share, so that every stage of the pipeline works on a micro-batch of its own.
-pub(super) fn share(ready: usize, free: usize, max: usize) -> usize {
-    ready.div_ceil(free.max(1)).min(max)
+/// How many of `ready` sequences the next step takes, when `running` sequences share a
+/// pipeline of `depth` stages with `in_flight` steps out (0: wait for one to come back).
+///
+/// Each step takes an even share (`running / depth`, rounded up), so every stage works on a
+/// micro-batch of the same size. With steps out, a step is sent only once at least
+/// `running / depth` (rounded down) are ready: sending the few that came back early would leave
+/// the micro-batches uneven for good (one sequence in one, fifteen in the other), and the
+/// stages would take turns instead of working at once.
+pub(super) fn micro_batch(ready: usize, running: usize, depth: usize, in_flight: usize, max: usize) -> usize {
+    let depth = depth.max(1);
+    if in_flight > 0 && ready < (running / depth).max(1) {
+        return 0;
+    }
+    ready.min(running.div_ceil(depth)).min(max)
 }
 
 /// KV blocks of `block_size` tokens that `tokens` tokens need.
@@ -53,13 +63,20 @@ mod tests {
     }
 
     #[test]
-    fn micro_batches_share_the_ready_sequences_evenly() {
+    fn micro_batches_are_even_shares_of_the_running_set() {
         // 16 sequences over a 2-stage pipeline with nothing in flight: 8 now, 8 next.
-        assert_eq!(share(16, 2, 64), 8);
-        assert_eq!(share(8, 1, 64), 8);
-        assert_eq!(share(5, 2, 64), 3);
-        assert_eq!(share(100, 1, 32), 32);
-        assert_eq!(share(0, 3, 32), 0);
+        assert_eq!(micro_batch(16, 16, 2, 0, 64), 8);
+        assert_eq!(micro_batch(8, 16, 2, 1, 64), 8);
+        // One came back early while 15 are out: it waits for an even share.
+        assert_eq!(micro_batch(1, 16, 2, 1, 64), 0);
+        // Nothing out: whatever is ready goes (a lone first request).
+        assert_eq!(micro_batch(1, 1, 2, 0, 64), 1);
+        assert_eq!(micro_batch(1, 16, 2, 0, 64), 1);
+        // A sequence finished: 7 of 15 are enough to go.
+        assert_eq!(micro_batch(7, 15, 2, 1, 64), 7);
+        // One stage: everything ready, up to the limit.
+        assert_eq!(micro_batch(100, 100, 1, 0, 32), 32);
+        assert_eq!(micro_batch(0, 3, 3, 1, 32), 0);
     }
 
     #[test]
