@@ -1,6 +1,6 @@
 //! The coordinator's gRPC services: `Inference` for clients and `Admin` for operators.
 
-use crate::engine::{RequestHandle, ServingState};
+use crate::engine::{Engine, ModelEntry, RequestHandle, ServingState, ValidRequest};
 use crate::models::Models;
 use crate::error::ServeError;
 use crate::validate::validate;
@@ -67,10 +67,16 @@ impl InferenceService {
         self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone())
     }
 
-    /// Validates `req` and hands it to its model's scheduler.
-    async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>), ServeError> {
+    /// Finds `req`'s model and validates `req` for it.
+    fn prepare(&self, req: &pb::GenerateRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
         let valid = validate(&model, req)?;
+        Ok((engine, model, valid))
+    }
+
+    /// Validates `req` and hands it to its model's scheduler.
+    async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>), ServeError> {
+        let (engine, model, valid) = self.prepare(req)?;
         let prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, id).await?;
         Ok((handle, prompt_ids))
@@ -119,30 +125,28 @@ impl pb::inference_server::Inference for InferenceService {
         // Refused before the stream opens when the model cannot serve or the request is bad,
         // so the client sees the status itself rather than an empty stream. (A model that
         // served before and is being re-planned is waited for.)
-        let precheck = async {
-            let (_, model) = self.0.find(&req.model)?;
-            validate(&model, &req)?;
-            match model.state() {
-                ServingState::Loading(why) => Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name))),
-                ServingState::Unavailable(why) if !model.was_ready() => {
-                    Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
-                }
-                _ => Ok(()),
+        let precheck = self.prepare(&req).and_then(|(engine, model, valid)| match model.state() {
+            ServingState::Loading(why) => Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name))),
+            ServingState::Unavailable(why) if !model.was_ready() => {
+                Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
+            }
+            _ => Ok((engine, model, valid)),
+        });
+        let name = self.name_of(&req);
+        let (engine, model, valid) = match precheck {
+            Ok(v) => v,
+            Err(e) => {
+                record(&name, e.code());
+                return Err(e.into());
             }
         };
-        let name = self.name_of(&req);
-        if let Err(e) = precheck.await {
-            record(&name, e.code());
-            return Err(e.into());
-        }
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
-        let models = self.0.clone();
         let request_id = id.clone();
         tokio::spawn(
             async move {
-                let this = InferenceService(models);
+                let prompt_ids = valid.prompt_ids.clone();
                 let started = tokio::select! {
-                    s = this.start(&req, request_id) => s,
+                    s = engine.submit(&model, valid, request_id) => s.map(|h| (h, prompt_ids)),
                     // The client went away while the request waited to start.
                     _ = out_tx.closed() => Err(ServeError::Cancelled("the client went away".into())),
                 };

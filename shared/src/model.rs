@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub mod kv;
 mod layers;
 mod shapes;
+mod skinny;
 
 pub use kv::KvPool;
 use layers::{DecoderLayer, Linear, Rope};

@@ -89,6 +89,9 @@ struct Report {
     ttft_ms: (f64, f64),
     itl_ms: (f64, f64),
     decode_tok_s: (f64, f64),
+    /// Decode tokens/s of all requests together (closed loop: concurrency × the token-weighted
+    /// per-request decode rate); NaN in the open loop, where concurrency varies.
+    decode_aggregate_tok_s: f64,
     aggregate_tok_s: f64,
     tokens: usize,
     wall_s: f64,
@@ -109,15 +112,17 @@ fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 impl Report {
-    fn new(samples: &[Sample], wall_s: f64) -> Self {
+    fn new(samples: &[Sample], wall_s: f64, concurrency: Option<usize>) -> Self {
         let tokens: usize = samples.iter().map(|s| s.tokens).sum();
         // A request that produced one token (early eos) has no decode phase to rate.
-        let decode = samples
-            .iter()
-            .filter(|s| s.tokens > 1 && s.total > s.ttft)
-            .map(|s| (s.tokens - 1) as f64 / (s.total - s.ttft))
-            .collect();
+        let decoding: Vec<&Sample> = samples.iter().filter(|s| s.tokens > 1 && s.total > s.ttft).collect();
+        let decode = decoding.iter().map(|s| (s.tokens - 1) as f64 / (s.total - s.ttft)).collect();
+        let (decoded, decode_time) = decoding.iter().fold((0.0, 0.0), |(n, t), s| (n + (s.tokens - 1) as f64, t + s.total - s.ttft));
         Report {
+            decode_aggregate_tok_s: match concurrency {
+                Some(c) if decode_time > 0.0 => c as f64 * decoded / decode_time,
+                _ => f64::NAN,
+            },
             ttft_ms: p50_p99(samples.iter().map(|s| s.ttft * 1e3).collect()),
             itl_ms: p50_p99(samples.iter().flat_map(|s| s.itl.iter().map(|t| t * 1e3)).collect()),
             decode_tok_s: p50_p99(decode),
@@ -133,6 +138,7 @@ impl Report {
             "ttft_ms": pair(self.ttft_ms),
             "itl_ms": pair(self.itl_ms),
             "decode_tok_s": pair(self.decode_tok_s),
+            "decode_aggregate_tok_s": num(self.decode_aggregate_tok_s),
             "aggregate_tok_s": num(self.aggregate_tok_s),
             "tokens": self.tokens,
             "wall_s": num(self.wall_s),
@@ -147,6 +153,7 @@ impl Report {
             ttft_ms: pair("ttft_ms")?,
             itl_ms: pair("itl_ms")?,
             decode_tok_s: pair("decode_tok_s")?,
+            decode_aggregate_tok_s: v.get("decode_aggregate_tok_s").map_or(f64::NAN, f),
             aggregate_tok_s: f(v.get("aggregate_tok_s")?),
             tokens: v.get("tokens")?.as_u64()? as usize,
             wall_s: f(v.get("wall_s")?),
@@ -155,9 +162,9 @@ impl Report {
 
     fn print(&self, name: &str) {
         println!(
-            "{name:<9} ttft p50 {:.1} ms p99 {:.1} ms | itl p50 {:.2} ms p99 {:.2} ms | decode p50 {:.1} tok/s | aggregate {:.1} tok/s ({} tokens in {:.2} s)",
+            "{name:<9} ttft p50 {:.1} ms p99 {:.1} ms | itl p50 {:.2} ms p99 {:.2} ms | decode p50 {:.1} tok/s per request, {:.1} in all | aggregate {:.1} tok/s ({} tokens in {:.2} s)",
             self.ttft_ms.0, self.ttft_ms.1, self.itl_ms.0, self.itl_ms.1, self.decode_tok_s.0,
-            self.aggregate_tok_s, self.tokens, self.wall_s
+            self.decode_aggregate_tok_s, self.aggregate_tok_s, self.tokens, self.wall_s
         );
     }
 }
@@ -467,10 +474,16 @@ struct Run {
 }
 
 impl Run {
-    /// ours / baseline: aggregate tok/s, per-request decode tok/s, TTFT.
-    fn ratio(&self) -> Option<(f64, f64, f64)> {
+    /// ours / baseline: aggregate tok/s, decode tok/s of all requests together, per-request
+    /// decode tok/s, TTFT.
+    fn ratio(&self) -> Option<(f64, f64, f64, f64)> {
         let (o, b) = (self.ours.as_ref()?, self.baseline.as_ref()?);
-        Some((o.aggregate_tok_s / b.aggregate_tok_s, o.decode_tok_s.0 / b.decode_tok_s.0, o.ttft_ms.0 / b.ttft_ms.0))
+        Some((
+            o.aggregate_tok_s / b.aggregate_tok_s,
+            o.decode_aggregate_tok_s / b.decode_aggregate_tok_s,
+            o.decode_tok_s.0 / b.decode_tok_s.0,
+            o.ttft_ms.0 / b.ttft_ms.0,
+        ))
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -480,7 +493,7 @@ impl Run {
         v["baseline"] = serde_json::json!(self.baseline.as_ref().map(Report::to_json));
         v["ratio"] = serde_json::json!(self
             .ratio()
-            .map(|(a, d, t)| serde_json::json!({"aggregate_tok_s": num(a), "decode_tok_s": num(d), "ttft": num(t)})));
+            .map(|(a, da, d, t)| serde_json::json!({"aggregate_tok_s": num(a), "decode_aggregate_tok_s": num(da), "decode_tok_s": num(d), "ttft": num(t)})));
         v
     }
 }
@@ -578,7 +591,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             // The baseline produces as many, so both decode over the same context lengths.
             produced = samples.iter().map(|s| s.tokens).max().unwrap_or(a.output_tokens);
             ours_tokens = samples.first().map(|s| s.token_ids.clone());
-            run.ours = Some(Report::new(&samples, wall));
+            let concurrency = match level {
+                Level::Concurrency(c) => Some(c.min(requests)),
+                Level::Rate(_) => None,
+            };
+            run.ours = Some(Report::new(&samples, wall, concurrency));
         }
         if let Some(setup) = setup.clone() {
             let (ids, batch) = (prompt_ids.clone(), level.batch());
@@ -589,7 +606,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             if let (Some(o), Some(b)) = (&ours_tokens, samples.first()) {
                 warn_disagreement(o, &b.token_ids);
             }
-            run.baseline = Some(Report::new(&samples, wall));
+            run.baseline = Some(Report::new(&samples, wall, Some(batch)));
         } else if let Some(doc) = &earlier {
             run.baseline = earlier_baseline(doc, level);
         }
@@ -649,7 +666,7 @@ fn print_run(run: &Run, header: bool, model: &str, a: &BenchArgs) {
     if let Some(b) = &run.baseline {
         b.print("  baseline");
     }
-    if let Some((agg, dec, ttft)) = run.ratio() {
-        println!("  ratio     aggregate tok/s ours/baseline {agg:.2} | decode tok/s {dec:.2} | ttft {ttft:.2}");
+    if let Some((agg, dec_all, dec, ttft)) = run.ratio() {
+        println!("  ratio     ours/baseline: aggregate tok/s {agg:.2} | decode tok/s in all {dec_all:.2}, per request {dec:.2} | ttft {ttft:.2}");
     }
 }

@@ -236,7 +236,7 @@ pub(crate) struct DecodeRow {
     pub(crate) slots: Vec<u32>,
 }
 
-fn cpu_f32(t: &Tensor) -> candle_core::Result<(candle_core::StorageRef<'_>, usize)> {
+pub(crate) fn cpu_f32(t: &Tensor) -> candle_core::Result<(candle_core::StorageRef<'_>, usize)> {
     let (storage, layout) = t.storage_and_layout();
     if !layout.is_contiguous() {
         candle_core::bail!("paged attention needs contiguous tensors");
@@ -244,7 +244,7 @@ fn cpu_f32(t: &Tensor) -> candle_core::Result<(candle_core::StorageRef<'_>, usiz
     Ok((storage, layout.start_offset()))
 }
 
-fn slice_of<'a>(s: &'a Storage, offset: usize) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn slice_of<'a>(s: &'a Storage, offset: usize) -> candle_core::Result<&'a [f32]> {
     match s {
         Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[offset..]),
         _ => candle_core::bail!("paged attention on CPU needs CPU tensors"),
