@@ -541,6 +541,19 @@ impl ClusterBuilder {
     }
 }
 
+/// Two workers of the reference model with membership in `etcd` under `name`, 2 s leases, and
+/// one migration allowed per request: a stage killed under a request moves it.
+pub fn migrating_cluster(etcd: &Etcd, name: &str) -> Cluster {
+    Cluster::new(reference_model())
+        .workers(2)
+        .etcd(etcd, name)
+        .arg("--lease-ttl-s")
+        .arg("2")
+        .arg("--migration-limit")
+        .arg("1")
+        .start()
+}
+
 /// Starts one more worker process joining `cluster` through `etcd`.
 pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
     worker_at(etcd, cluster, id, ttl_s, "127.0.0.1:0")

@@ -303,15 +303,7 @@ async fn a_client_that_does_not_read_is_cancelled_and_holds_up_no_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_batch_moves_when_a_stage_dies() {
     let etcd = Etcd::start();
-    let name = unique_cluster("batch-migrate");
-    let cluster = Cluster::new(reference_model())
-        .workers(2)
-        .etcd(&etcd, &name)
-        .arg("--lease-ttl-s")
-        .arg("2")
-        .arg("--migration-limit")
-        .arg("1")
-        .start();
+    let cluster = migrating_cluster(&etcd, &unique_cluster("batch-migrate"));
     let c = cluster.client().await;
     let prompts = ["a", "The", "Once upon", "It was"];
     let mut want = Vec::new();

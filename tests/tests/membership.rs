@@ -127,15 +127,7 @@ async fn an_etcd_outage_of_five_seconds_is_ridden_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_migration_limit_a_killed_stage_does_not_interrupt_the_stream() {
     let etcd = Etcd::start();
-    let name = unique_cluster("migrate");
-    let cluster = Cluster::new(reference_model())
-        .workers(2)
-        .etcd(&etcd, &name)
-        .arg("--lease-ttl-s")
-        .arg("2")
-        .arg("--migration-limit")
-        .arg("1")
-        .start();
+    let cluster = migrating_cluster(&etcd, &unique_cluster("migrate"));
     let mut c = cluster.client().await;
     let req = greedy("a", 1000);
     let undisturbed = generate(&mut c, req.clone()).await.unwrap();
