@@ -33,6 +33,10 @@ pub enum ServeError {
     /// The client went away.
     #[error("{0}")]
     Cancelled(String),
+    /// The Kubernetes API refused or failed a request (scaling the worker StatefulSet); `code`
+    /// is its HTTP status, 0 when none came.
+    #[error("Kubernetes API, {what}: {message}")]
+    Kubernetes { what: String, code: u16, message: String },
     /// A bug.
     #[error("{0}")]
     Internal(String),
@@ -50,6 +54,14 @@ impl ServeError {
             ServeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ServeError::Cancelled(_) => Code::Cancelled,
             ServeError::Internal(_) => Code::Internal,
+            ServeError::Kubernetes { code, .. } => match code {
+                401 => Code::Unauthenticated,
+                403 => Code::PermissionDenied,
+                404 => Code::NotFound,
+                409 | 422 => Code::FailedPrecondition,
+                429 => Code::ResourceExhausted,
+                _ => Code::Unavailable,
+            },
         }
     }
 
@@ -85,6 +97,12 @@ mod tests {
             (ServeError::Loading("still loading".into()), Code::FailedPrecondition, "still loading"),
             (ServeError::from_stage(Code::Unavailable, "stage gone".into()), Code::Unavailable, "stage gone"),
             (ServeError::from_stage(Code::DataLoss, "odd".into()), Code::Internal, "odd"),
+            (
+                ServeError::Kubernetes { what: "scaling StatefulSet w".into(), code: 404, message: "not found".into() },
+                Code::NotFound,
+                "Kubernetes API, scaling StatefulSet w: not found",
+            ),
+            (ServeError::Kubernetes { what: "x".into(), code: 0, message: "connection refused".into() }, Code::Unavailable, "refused"),
         ];
         for (e, code, text) in cases {
             let s = Status::from(e);

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod flags;
+pub mod kubernetes;
 pub mod membership;
 pub mod models;
 pub mod scale;
@@ -36,6 +37,8 @@ pub struct CoordinatorConfig {
     pub cluster: String,
     /// How to start workers on this machine (for `Scale`), when the coordinator may.
     pub local_workers: Option<scale::LocalWorkers>,
+    /// The worker StatefulSet `Scale` changes, when the coordinator runs in Kubernetes.
+    pub kubernetes: Option<kubernetes::StatefulSetScaler>,
     /// Where Prometheus metrics are served (bound already), if they are.
     pub metrics_listen: Option<String>,
 }
@@ -55,7 +58,30 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
     let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd.clone(), shutdown.clone()).await?;
     let models = models::Models::new(engine.clone(), fleet, etcd, shutdown.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
+    // grpc.health.v1 says SERVING (overall and for Inference) only while the model is placed
+    // and ready: what a Kubernetes readiness probe asks before sending traffic.
+    let mut state = engine.entry().subscribe();
+    let stop = shutdown.clone();
+    let health_task = tokio::spawn(async move {
+        loop {
+            let ready = matches!(*state.borrow_and_update(), engine::ServingState::Ready(_));
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            if ready {
+                reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
+            } else {
+                reporter.set_not_serving::<InferenceServer<service::InferenceService>>().await;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = state.changed() => if changed.is_err() { return },
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -70,12 +96,15 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         .add_service(AdminServer::new(service::AdminService {
             models: models.clone(),
             local: config.local_workers.clone(),
+            kubernetes: config.kubernetes.clone(),
             spawned: Arc::default(),
             metrics_address: config.metrics_listen.clone().unwrap_or_default(),
         }))
         .add_service(MembershipServer::new(membership::MembershipService(embedded)))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await?;
+    shutdown.cancel();
+    let _ = health_task.await;
     Ok(())
 }
 

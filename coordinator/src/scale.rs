@@ -94,6 +94,46 @@ pub async fn scale(
     Ok((started, stopped))
 }
 
+/// How long scaling up waits for new pods to register (scheduling, image pull and start).
+const POD_WAIT: Duration = Duration::from_secs(600);
+
+/// Changes the worker StatefulSet to `target` replicas: the pods that go are drained first
+/// (highest ordinals), the ones that come are waited for until they registered.
+pub async fn scale_statefulset(
+    models: &std::sync::Arc<Models>,
+    set: &crate::kubernetes::StatefulSetScaler,
+    target: usize,
+) -> Result<(Vec<String>, Vec<String>), ServeError> {
+    let target = u32::try_from(target).map_err(|_| ServeError::InvalidArgument(format!("{target} workers is too many")))?;
+    let drainer = models.clone();
+    let drain = move |id: String| -> futures::future::BoxFuture<'static, Result<(), ServeError>> {
+        let models = drainer.clone();
+        Box::pin(async move {
+            // A pod that never registered (pending, crashed) has nothing to drain.
+            if models.primary().membership().workers().iter().any(|w| w.id == id) {
+                models.engine_using(&id).drain(&id, Duration::from_secs(60)).await?;
+                info!(worker = %id, "drained before scaling down");
+            }
+            Ok(())
+        })
+    };
+    let settler = models.clone();
+    let settle = move |added: Vec<String>, removed: Vec<String>| -> futures::future::BoxFuture<'static, Result<(), ServeError>> {
+        Box::pin(async move {
+            let engine = settler.primary().clone();
+            let within = if added.is_empty() { Duration::from_secs(120) } else { POD_WAIT };
+            wait_for(&engine, within, |ids| added.iter().all(|a| ids.contains(a)) && !removed.iter().any(|r| ids.contains(r))).await?;
+            // A later scale-up brings pods back under the same names: they must not inherit the
+            // drain's cordon.
+            for id in &removed {
+                engine.cordon(id, false).await.ok();
+            }
+            Ok(())
+        })
+    };
+    crate::kubernetes::scale(set, target, drain, settle).await
+}
+
 async fn wait_for(engine: &crate::engine::Engine, within: Duration, done: impl Fn(&[String]) -> bool) -> Result<(), ServeError> {
     let deadline = Instant::now() + within;
     loop {

@@ -236,6 +236,8 @@ pub(crate) fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
 pub struct AdminService {
     pub models: Arc<Models>,
     pub local: Option<crate::scale::LocalWorkers>,
+    /// The worker StatefulSet, when the fleet is a Kubernetes one (takes precedence over `local`).
+    pub kubernetes: Option<crate::kubernetes::StatefulSetScaler>,
     pub spawned: Arc<crate::scale::Spawned>,
     /// Where this coordinator serves metrics (empty: it does not).
     pub metrics_address: String,
@@ -341,7 +343,10 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn scale(&self, request: Request<pb::ScaleRequest>) -> Result<Response<pb::ScaleResponse>, Status> {
         let target = request.into_inner().workers as usize;
-        let (started, stopped) = crate::scale::scale(&self.models, self.local.as_ref(), &self.spawned, target).await?;
+        let (started, stopped) = match &self.kubernetes {
+            Some(set) => crate::scale::scale_statefulset(&self.models, set, target).await?,
+            None => crate::scale::scale(&self.models, self.local.as_ref(), &self.spawned, target).await?,
+        };
         Ok(Response::new(pb::ScaleResponse {
             workers: self.models.primary().membership().workers().len() as u32,
             started,

@@ -1,5 +1,11 @@
 //! Finds a model's files: a local folder, or a Hub id resolved through the Hugging Face cache
 //! exactly as `huggingface_hub` lays it out, downloading what is missing unless offline.
+//!
+//! Downloads speak the Hub's HTTP protocol (`remote`) and write the cache as huggingface_hub
+//! does, safely when a coordinator and its workers fill one cache at once (`store`).
+
+mod remote;
+mod store;
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -66,7 +72,7 @@ pub fn is_repo_id(s: &str) -> bool {
 
 /// The files every model needs; the weights come from the index or the single file.
 const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
-const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer_config.json"];
+const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer_config.json", "chat_template.jinja"];
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 
@@ -117,7 +123,39 @@ pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
             "model {repo} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1: {missing}",
             cache.display()
         ))),
-        Err(_) => download(&cache, repo, revision),
+        Err(_) => {
+            let (commit, dir) = download(&cache, repo, revision, Want::Model)?;
+            complete(repo, commit, dir).map_err(Error::ModelNotFound)
+        }
+    }
+}
+
+/// Makes the cache hold everything a model needs at `revision` (default `main`) and returns its
+/// files. Online it asks the Hub which commit `revision` is at now and fetches what the cache
+/// lacks of that commit, each file once among all the processes filling the cache (what
+/// `shardctl cache fill` runs ahead of the servers); with `HF_HUB_OFFLINE=1` it resolves from the
+/// cache alone. A folder is returned as it is.
+pub fn fill(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    let (repo, revision) = match source(spec, revision)? {
+        Source::Folder(_) => return resolve(spec, revision),
+        Source::Hub { repo, revision } => (repo, revision),
+    };
+    if offline() {
+        return resolve(repo, Some(revision));
+    }
+    let cache = cache_dir();
+    match download(&cache, repo, revision, Want::Model) {
+        Ok((commit, dir)) => complete(repo, commit, dir).map_err(Error::ModelNotFound),
+        // As huggingface_hub's snapshot_download: a Hub that cannot be asked leaves the cache
+        // as the answer, when it holds the whole model.
+        Err(e @ Error::Download { .. }) => match resolve_cached(&cache, repo, revision) {
+            Ok(files) => {
+                tracing::warn!(repo, revision, error = %e, "the Hub could not be asked; using the cached snapshot");
+                Ok(files)
+            }
+            Err(_) => Err(e),
+        },
+        Err(e) => Err(e),
     }
 }
 
@@ -140,8 +178,8 @@ pub fn resolve_config(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
             cache.display()
         )));
     }
-    let err = |e: &dyn std::fmt::Display| download_error(repo, "config.json", e);
-    hub_repo(&cache, repo, revision)?.get("config.json").map_err(|e| err(&e))
+    let (_, dir) = download(&cache, repo, revision, Want::Config)?;
+    Ok(dir.join("config.json"))
 }
 
 /// The commit `revision` points at in the cache and its snapshot folder; `Err` says what is
@@ -167,6 +205,12 @@ fn snapshot(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<
 /// Resolves from the cache alone; `Err` says what is missing.
 fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<ModelFiles, String> {
     let (commit, dir) = snapshot(cache, repo_id, revision)?;
+    complete(repo_id, commit, dir)
+}
+
+/// The files of snapshot `dir` of `commit` if it holds all a model needs; `Err` says what is
+/// missing.
+fn complete(repo_id: &str, commit: String, dir: PathBuf) -> std::result::Result<ModelFiles, String> {
     for f in REQUIRED {
         if !dir.join(f).is_file() {
             return Err(format!("{f} is missing from snapshot {commit}"));
@@ -192,17 +236,6 @@ fn download_error(repo: &str, file: &str, e: &dyn std::fmt::Display) -> Error {
     }
 }
 
-/// hf-hub's view of a repo, downloading into `cache` with a progress bar.
-fn hub_repo(cache: &Path, repo_id: &str, revision: &str) -> Result<hf_hub::api::sync::ApiRepo> {
-    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let api = ApiBuilder::from_env()
-        .with_cache_dir(cache.to_path_buf())
-        .with_progress(true)
-        .build()
-        .map_err(|e| download_error(repo_id, "-", &e))?;
-    Ok(api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string())))
-}
-
 fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
 }
@@ -221,33 +254,70 @@ pub fn weight_files(dir: &Path) -> Result<Vec<String>> {
     }
 }
 
-/// Downloads what the cache lacks with hf-hub, into the same cache, with a progress bar.
-fn download(cache: &Path, repo_id: &str, revision: &str) -> Result<ModelFiles> {
-    let err = |file: &str, e: &dyn std::fmt::Display| download_error(repo_id, file, e);
-    let repo = hub_repo(cache, repo_id, revision)?;
-    let mut dir = None;
-    for f in REQUIRED {
-        let p = repo.get(f).map_err(|e| err(f, &e))?;
-        dir = p.parent().map(Path::to_path_buf);
+/// What a download fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// config.json alone (all planning needs).
+    Config,
+    /// Everything a model needs: config, tokenizer, the optional files the repo has, weights.
+    Model,
+}
+
+/// The files to fetch before the weights (whose names the index gives): those `want` names that
+/// the repo lists; `Err` names a required one it lacks.
+fn first_files(want: Want, listed: &[String]) -> std::result::Result<Vec<String>, &'static str> {
+    let has = |f: &str| listed.iter().any(|x| x == f);
+    let required: &[&'static str] = if want == Want::Config { &["config.json"] } else { REQUIRED };
+    let mut files = Vec::new();
+    for &f in required {
+        if !has(f) {
+            return Err(f);
+        }
+        files.push(f.to_string());
     }
-    let dir = dir.expect("REQUIRED is not empty");
-    for f in OPTIONAL {
-        // Optional files may be absent from the repo; that is not an error.
-        let _ = repo.get(f);
+    if want == Want::Model {
+        files.extend(OPTIONAL.iter().filter(|f| has(f)).map(|f| f.to_string()));
+        if has(INDEX) {
+            files.push(INDEX.to_string());
+        } else if !has(SINGLE) {
+            return Err(SINGLE);
+        }
     }
-    let weights = match repo.get(INDEX) {
-        Ok(_) => weight_files(&dir)?,
-        Err(_) => vec![SINGLE.to_string()],
-    };
-    for f in &weights {
-        repo.get(f).map_err(|e| err(f, &e))?;
+    Ok(files)
+}
+
+/// Fetches what `want` names of `repo_id` at `revision` from the Hub into `cache`, asking the Hub
+/// which commit `revision` is at now; files the snapshot already holds are not fetched again.
+/// `refs/<revision>` moves to the commit once its files are all there. Returns the commit and
+/// its snapshot folder.
+fn download(cache: &Path, repo_id: &str, revision: &str, want: Want) -> Result<(String, PathBuf)> {
+    let remote = remote::Remote::from_env();
+    let info = remote.repo_info(repo_id, revision).map_err(|e| match e.status {
+        Some(404) => Error::ModelNotFound(format!(
+            "model {repo_id} (revision {revision}) is not on the Hub at {}: {e}",
+            remote.endpoint()
+        )),
+        _ => download_error(repo_id, "the file list", &e),
+    })?;
+    let has = |f: &str| info.files.iter().any(|x| x == f);
+    let missing = |f: &str| download_error(repo_id, f, &format!("commit {} of the repo has no {f}", info.sha));
+    let files = first_files(want, &info.files).map_err(missing)?;
+    tracing::info!(repo = repo_id, revision, commit = %info.sha, endpoint = remote.endpoint(), cache = %cache.display(), "fetching from the Hub");
+    let repo = store::RepoCache::new(cache, repo_id);
+    store::fetch_all(&remote, &repo, &info.sha, &files)?;
+    let dir = repo.snapshot(&info.sha);
+    if want == Want::Model {
+        // The index, now in the snapshot, names the shards.
+        let weights = weight_files(&dir)?;
+        if let Some(w) = weights.iter().find(|w| !has(w.as_str())) {
+            return Err(missing(w.as_str()));
+        }
+        store::fetch_all(&remote, &repo, &info.sha, &weights)?;
     }
-    let commit = dir.file_name().map(|c| c.to_string_lossy().into_owned());
-    Ok(ModelFiles {
-        spec: repo_id.to_string(),
-        dir,
-        commit,
-    })
+    if revision != info.sha {
+        repo.write_ref(revision, &info.sha)?;
+    }
+    Ok((info.sha, dir))
 }
 
 /// Lays a model folder out as a Hub cache entry (`blobs/`, `snapshots/<sha>/` symlinks,
@@ -333,5 +403,18 @@ mod tests {
         assert!(err.contains("no ref v2"), "{err}");
         let err = resolve_cached(cache.path(), "org/other", "main").unwrap_err();
         assert!(err.contains("models--org--other"), "{err}");
+    }
+
+    #[test]
+    fn the_files_fetched_are_the_ones_a_model_needs() {
+        let listed = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let repo = listed(&["config.json", "tokenizer.json", "README.md", "model.safetensors", "chat_template.jinja", "pytorch_model.bin"]);
+        assert_eq!(first_files(Want::Model, &repo).unwrap(), ["config.json", "tokenizer.json", "chat_template.jinja"]);
+        assert_eq!(first_files(Want::Config, &repo).unwrap(), ["config.json"]);
+        let sharded = listed(&["config.json", "tokenizer.json", INDEX, "model-00001-of-00002.safetensors"]);
+        assert_eq!(first_files(Want::Model, &sharded).unwrap(), ["config.json", "tokenizer.json", INDEX]);
+        assert_eq!(first_files(Want::Model, &listed(&["config.json", "tokenizer.json"])), Err(SINGLE));
+        assert_eq!(first_files(Want::Model, &listed(&["config.json"])), Err("tokenizer.json"));
+        assert_eq!(first_files(Want::Config, &listed(&["tokenizer.json"])), Err("config.json"));
     }
 }

@@ -11,7 +11,9 @@ struct Args {
     /// Address to serve the Worker API on (port 0 picks a free one).
     #[arg(long, env = "SHARDSERVE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
     listen: String,
-    /// Address other processes reach this worker at; defaults to the bound address.
+    /// Address other processes reach this worker at; defaults to the bound address, or, when
+    /// listening on all interfaces (0.0.0.0, [::]), to this host's name and the bound port (as
+    /// in a container, a pod or a Compose service scaled to several replicas).
     #[arg(long, env = "SHARDSERVE_WORKER_ADVERTISE")]
     advertise: Option<String>,
     /// The coordinator to join (its embedded membership).
@@ -53,6 +55,16 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// The address peers reach a worker at when none is given: the bound one, or this host's name
+/// with the bound port when it listens on every interface (no address of its own to give).
+fn default_advertise(bound: std::net::SocketAddr, host: &str) -> String {
+    if bound.ip().is_unspecified() {
+        format!("{host}:{}", bound.port())
+    } else {
+        bound.to_string()
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -66,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let bound = listener.local_addr()?;
-    let advertise = args.advertise.unwrap_or_else(|| bound.to_string());
+    let advertise = args.advertise.unwrap_or_else(|| default_advertise(bound, &hostname()));
     let coordinator = if args.coordinator.starts_with("http") {
         args.coordinator
     } else {
@@ -113,6 +125,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_advertise;
+
+    #[test]
+    fn a_worker_on_every_interface_advertises_its_host_name() {
+        assert_eq!(default_advertise("0.0.0.0:50061".parse().unwrap(), "worker-3"), "worker-3:50061");
+        assert_eq!(default_advertise("[::]:7".parse().unwrap(), "a1b2c3"), "a1b2c3:7");
+        assert_eq!(default_advertise("127.0.0.1:9000".parse().unwrap(), "worker-3"), "127.0.0.1:9000");
+        assert_eq!(default_advertise("10.0.0.5:9000".parse().unwrap(), "worker-3"), "10.0.0.5:9000");
     }
 }
 

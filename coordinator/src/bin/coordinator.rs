@@ -87,6 +87,26 @@ struct Args {
     /// (`shardctl scale`); without it, scaling is refused.
     #[arg(long, env = "SHARDSERVE_WORKER_BIN")]
     worker_bin: Option<std::path::PathBuf>,
+    /// Where `shardctl scale` gets workers: local processes (--worker-bin), or the worker
+    /// StatefulSet of the Kubernetes cluster this coordinator runs in (--statefulset).
+    #[arg(long, env = "SHARDSERVE_FLEET", value_enum, default_value_t = Fleet::Local)]
+    fleet: Fleet,
+    /// The worker StatefulSet to scale with --fleet kubernetes (its pods register under their
+    /// pod names).
+    #[arg(long, env = "SHARDSERVE_STATEFULSET", required_if_eq("fleet", "kubernetes"))]
+    statefulset: Option<String>,
+    /// The StatefulSet's namespace (default: this pod's own).
+    #[arg(long, env = "SHARDSERVE_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+/// Where scaled workers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fleet {
+    /// Worker processes on this machine.
+    Local,
+    /// A Kubernetes StatefulSet, through its scale subresource (in-cluster configuration).
+    Kubernetes,
 }
 
 impl TryFrom<Args> for CoordinatorConfig {
@@ -163,6 +183,12 @@ impl TryFrom<Args> for CoordinatorConfig {
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
             metrics_listen: a.batch.metrics_listen.clone(),
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
+            kubernetes: match (a.fleet, a.statefulset) {
+                (Fleet::Kubernetes, Some(name)) => {
+                    Some(shardserve_coordinator::kubernetes::StatefulSetScaler::in_cluster(name, a.namespace)?)
+                }
+                _ => None,
+            },
             local_workers: a.worker_bin.map(|bin| shardserve_coordinator::scale::LocalWorkers {
                 bin,
                 args: vec!["--cluster".into(), a.cluster.clone(), "--lease-ttl-s".into(), a.lease_ttl_s.to_string()],

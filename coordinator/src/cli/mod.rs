@@ -1,6 +1,7 @@
 //! `shardctl`, the operator CLI: start a local cluster, generate, inspect, make tiny models.
 
 pub mod bench;
+pub mod cache;
 pub mod cluster;
 pub mod demo;
 pub mod dev;
@@ -55,6 +56,9 @@ pub enum Command {
     /// List, load and unload the models served.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// The shared Hugging Face cache: fill it with a model ahead of the servers.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Developer tools.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -76,6 +80,7 @@ pub async fn main() -> i32 {
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
         Command::Models(m) => models::run(m).await,
+        Command::Cache(c) => cache::run(c),
         Command::Dev(d) => dev::run(d),
     };
     match result {
