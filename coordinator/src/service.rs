@@ -291,6 +291,10 @@ impl pb::admin_server::Admin for AdminService {
             membership: self.models.primary().membership().kind().to_string(),
             role: self.models.primary().role().to_string(),
             metrics_address: self.metrics_address.clone(),
+            downloads: shardserve::hub::downloads()
+                .into_iter()
+                .map(|d| pb::Download { repo: d.repo, file: d.file, done_bytes: d.done, total_bytes: d.total })
+                .collect(),
         }))
     }
 

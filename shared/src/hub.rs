@@ -7,6 +7,8 @@
 mod remote;
 mod store;
 
+pub use store::{downloads, Download};
+
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 

@@ -647,3 +647,58 @@ fn plan_fetches_only_the_config_and_a_later_fill_the_rest() {
         assert_eq!(hub.fetches_of(&f).len(), 1, "{f}: {:?}", hub.fetches_of(&f));
     }
 }
+
+/// `shardctl status --json` against `url`, bounded.
+fn status_json(url: &str) -> serde_json::Value {
+    let mut cmd = Command::new(bin("shardctl"));
+    cmd.args(["status", "--json", "--coordinator", url]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "shardctl status: {}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_download_of_a_model_being_loaded() {
+    let hub = FakeHub::start(&reference_model());
+    // The weights take about 5 s to come.
+    hub.throttle(Duration::from_millis(50));
+    let cache = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(reference_model())
+        .workers(2)
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "0")
+        .start();
+    let load = {
+        let url = cluster.url.clone();
+        tokio::spawn(async move {
+            let mut a = shardserve_proto::v1::admin_client::AdminClient::connect(url).await.unwrap();
+            let req = shardserve_proto::v1::LoadModelRequest { model: REPO.into(), name: "hub".into(), workers: 1, ..Default::default() };
+            tokio::time::timeout(Duration::from_secs(120), a.load_model(req)).await
+        })
+    };
+    // While it loads, status names the file, how far it got and its size.
+    let weights = hub.file("model.safetensors").bytes.len() as u64;
+    let mut seen = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.is_none() {
+        assert!(Instant::now() < deadline, "no download of model.safetensors in status within 60 s");
+        let s = status_json(&cluster.url);
+        seen = s["downloads"].as_array().unwrap().iter().find(|d| d["file"] == "model.safetensors" && d["done_bytes"].as_u64().unwrap() > 0).cloned();
+    }
+    let d = seen.unwrap();
+    assert_eq!(d["repo"], REPO);
+    assert_eq!(d["total_bytes"], weights);
+    assert!(d["done_bytes"].as_u64().unwrap() < weights, "{d}");
+    // Once loaded, nothing is downloading, and the model serves transformers' tokens.
+    load.await.unwrap().expect("LoadModel did not answer within 120 s").expect("LoadModel");
+    assert_eq!(status_json(&cluster.url)["downloads"], serde_json::json!([]));
+    wait_until("the loaded model to be ready", Duration::from_secs(60), || {
+        status_json(&cluster.url)["models"].as_array().unwrap().iter().any(|m| m["name"] == "hub" && m["state"] == "ready")
+    });
+    let case = &reference_cases()[2];
+    let mut req = greedy(&case.prompt, 32);
+    req.model = "hub".into();
+    let r = generate(&mut cluster.client().await, req).await.unwrap();
+    assert_eq!(r.token_ids, case.new_ids);
+}

@@ -57,11 +57,21 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "metrics_address": s.metrics_address, "models": models})
+            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "metrics_address": s.metrics_address, "models": models,
+                "downloads": s.downloads.iter().map(|d| serde_json::json!({
+                    "repo": d.repo, "file": d.file, "done_bytes": d.done_bytes, "total_bytes": d.total_bytes,
+                })).collect::<Vec<_>>()})
         );
         return Ok(());
     }
     println!("membership: {}  role: {}  workers: {}", s.membership, s.role, s.workers);
+    for d in &s.downloads {
+        let of = match d.total_bytes {
+            Some(t) if t > 0 => format!(" of {} ({:.1}%)", human_bytes(t), d.done_bytes as f64 * 100.0 / t as f64),
+            _ => String::new(),
+        };
+        println!("downloading {} {}: {}{of}", d.repo, d.file, human_bytes(d.done_bytes));
+    }
     for m in &s.models {
         let info = m.model.clone().unwrap_or_default();
         println!("model {} [{}] {} layers={} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);

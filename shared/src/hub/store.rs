@@ -399,7 +399,29 @@ fn copy_body(remote: &Remote, meta: &FileMeta, file: &mut File, offset: &mut u64
     }
 }
 
-/// Progress of one download in the logs, at most every [`PROGRESS_EVERY`].
+/// A download under way in this process, as `shardctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Download {
+    pub repo: String,
+    pub file: String,
+    /// Bytes in the blob's temporary file so far (a resumed download counts what it found).
+    pub done: u64,
+    /// The file's size, when the Hub said it.
+    pub total: Option<u64>,
+}
+
+/// The downloads under way in this process: one entry per file, from its first byte until it
+/// is renamed into place or given up.
+static DOWNLOADS: Mutex<Vec<(u64, Download)>> = Mutex::new(Vec::new());
+static NEXT_DOWNLOAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The downloads under way in this process, oldest first.
+pub fn downloads() -> Vec<Download> {
+    DOWNLOADS.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, d)| d.clone()).collect()
+}
+
+/// Progress of one download: in the logs at most every [`PROGRESS_EVERY`], and in
+/// [`downloads`] until dropped.
 struct Progress<'a> {
     repo: &'a str,
     file: &'a str,
@@ -407,12 +429,23 @@ struct Progress<'a> {
     from: u64,
     started: Instant,
     last: Instant,
+    /// Its entry in [`DOWNLOADS`].
+    id: u64,
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        DOWNLOADS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(id, _)| *id != self.id);
+    }
 }
 
 impl<'a> Progress<'a> {
     fn new(repo: &'a RepoCache, meta: &'a FileMeta, from: u64) -> Self {
         info!(repo = %repo.repo_id, file = %meta.file, bytes = meta.size, resume_from = from, "downloading");
         let now = Instant::now();
+        let id = NEXT_DOWNLOAD.fetch_add(1, Ordering::Relaxed);
+        let entry = Download { repo: repo.repo_id.clone(), file: meta.file.clone(), done: from, total: meta.size };
+        DOWNLOADS.lock().unwrap_or_else(|e| e.into_inner()).push((id, entry));
         Progress {
             repo: &repo.repo_id,
             file: &meta.file,
@@ -420,10 +453,14 @@ impl<'a> Progress<'a> {
             from,
             started: now,
             last: now,
+            id,
         }
     }
 
     fn update(&mut self, done: u64) {
+        if let Some((_, d)) = DOWNLOADS.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().find(|(id, _)| *id == self.id) {
+            d.done = done;
+        }
         if self.last.elapsed() < PROGRESS_EVERY {
             return;
         }
