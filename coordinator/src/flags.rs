@@ -71,6 +71,39 @@ impl BatchArgs {
     }
 }
 
+/// The OpenAI-compatible HTTP API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health, /tokenize, /detokenize) on this address (port 0 picks a free one; printed as
+    /// `http ADDR`).
+    #[arg(long, env = "SHARDSERVE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Most sequences one HTTP request may ask for (`n`).
+    #[arg(long, env = "SHARDSERVE_MAX_N", default_value_t = 16)]
+    pub max_n: u32,
+    /// Largest HTTP request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "SHARDSERVE_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+}
+
+impl HttpArgs {
+    /// The same flags as arguments, for a coordinator started by `shardctl up`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = self.http_listen.iter().flat_map(|a| ["--http-listen".to_string(), a.clone()]).collect();
+        a.extend(["--max-n".to_string(), self.max_n.to_string()]);
+        a.extend(["--max-request-bytes".to_string(), self.max_request_bytes.to_string()]);
+        a
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> anyhow::Result<crate::http::Limits> {
+        anyhow::ensure!(self.max_n >= 1, "--max-n must be at least 1");
+        anyhow::ensure!(self.max_request_bytes >= 1024, "--max-request-bytes must be at least 1024");
+        Ok(crate::http::Limits { max_n: self.max_n, max_request_bytes: self.max_request_bytes })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod flags;
+pub mod http;
 pub mod kubernetes;
 pub mod membership;
 pub mod models;
@@ -41,10 +42,20 @@ pub struct CoordinatorConfig {
     pub kubernetes: Option<kubernetes::StatefulSetScaler>,
     /// Where Prometheus metrics are served (bound already), if they are.
     pub metrics_listen: Option<String>,
+    /// Where the OpenAI-compatible HTTP API is served (bound already), if it is.
+    pub http_address: Option<String>,
+    /// What one HTTP request may ask.
+    pub http_limits: http::Limits,
 }
 
-/// Serves the coordinator on `listener` until `shutdown` fires.
-pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the coordinator on `listener` (and the HTTP API on `http`, when given) until
+/// `shutdown` fires.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     use shardserve_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer, membership_server::MembershipServer};
     let embedded = membership::Embedded::new(config.lease_ttl, shutdown.clone());
     let (fleet, etcd): (std::sync::Arc<dyn membership::Membership>, _) = if config.etcd.is_empty() {
@@ -57,6 +68,14 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
     };
     let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd.clone(), shutdown.clone()).await?;
     let models = models::Models::new(engine.clone(), fleet, etcd, shutdown.clone());
+    let http_task = http.map(|l| {
+        let (models, stop, limits) = (models.clone(), shutdown.clone(), config.http_limits);
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(l, models, limits, stop).await {
+                tracing::error!(error = %e, "the HTTP API stopped");
+            }
+        })
+    });
     let (reporter, health) = tonic_health::server::health_reporter();
     // grpc.health.v1 says SERVING (overall and for Inference) only while the model is placed
     // and ready: what a Kubernetes readiness probe asks before sending traffic.
@@ -99,12 +118,16 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
             kubernetes: config.kubernetes.clone(),
             spawned: Arc::default(),
             metrics_address: config.metrics_listen.clone().unwrap_or_default(),
+            http_address: config.http_address.clone().unwrap_or_default(),
         }))
         .add_service(MembershipServer::new(membership::MembershipService(embedded)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await?;
     shutdown.cancel();
     let _ = health_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     Ok(())
 }
 

@@ -43,7 +43,7 @@ fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
 }
 
 /// Counts a finished request by its outcome (the gRPC code's name, `ok` on success).
-fn record(model: &str, code: tonic::Code) {
+pub(crate) fn record(model: &str, code: tonic::Code) {
     let outcome = match code {
         tonic::Code::Ok => "ok",
         tonic::Code::InvalidArgument => "invalid_argument",
@@ -68,9 +68,45 @@ impl InferenceService {
     }
 
     /// Finds `req`'s model and validates `req` for it.
-    fn prepare(&self, req: &pb::GenerateRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
+    pub(crate) fn prepare(&self, req: &pb::GenerateRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
         let valid = validate(&model, req)?;
+        Ok((engine, model, valid))
+    }
+
+    /// Renders a `Chat` request's conversation with its model's template (the same checks and
+    /// rendering as `/v1/chat/completions`) and validates it like a `GenerateRequest` whose
+    /// prompt is that text, tokenized without added special tokens.
+    fn prepare_chat(&self, req: &pb::ChatRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
+        let (_, model) = self.0.find(&req.model)?;
+        let json = |field: &str, text: &str| -> Result<Option<serde_json::Value>, ServeError> {
+            if text.trim().is_empty() {
+                return Ok(None);
+            }
+            serde_json::from_str(text).map(Some).map_err(|e| ServeError::InvalidArgument(format!("{field}: not JSON: {e}")))
+        };
+        let messages = json("messages_json", &req.messages_json)?
+            .ok_or_else(|| ServeError::InvalidArgument("messages_json is required: the conversation in JSON".into()))?;
+        let tools = json("tools_json", &req.tools_json)?;
+        let kwargs = match json("chat_template_kwargs_json", &req.chat_template_kwargs_json)? {
+            None => None,
+            Some(serde_json::Value::Object(m)) => Some(m),
+            Some(_) => return Err(ServeError::InvalidArgument("chat_template_kwargs_json: expected a JSON object".into())),
+        };
+        let text = crate::http::chat::render_messages(&model, &messages, tools.as_ref(), req.add_generation_prompt.unwrap_or(true), kwargs.as_ref())
+            .map_err(|e| ServeError::InvalidArgument(e.message))?;
+        let generate = pb::GenerateRequest {
+            model: req.model.clone(),
+            prompt: text.clone(),
+            max_new_tokens: req.max_new_tokens,
+            sampling: req.sampling,
+            stop: req.stop.clone(),
+            logprobs: req.logprobs,
+            ignore_eos: req.ignore_eos,
+        };
+        let (engine, model, mut valid) = self.prepare(&generate)?;
+        valid.prompt_ids = shardserve::chat::prompt_ids(&model.tokenizer, &text).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
+        serving(&model)?;
         Ok((engine, model, valid))
     }
 
@@ -125,13 +161,7 @@ impl pb::inference_server::Inference for InferenceService {
         // Refused before the stream opens when the model cannot serve or the request is bad,
         // so the client sees the status itself rather than an empty stream. (A model that
         // served before and is being re-planned is waited for.)
-        let precheck = self.prepare(&req).and_then(|(engine, model, valid)| match model.state() {
-            ServingState::Loading(why) => Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name))),
-            ServingState::Unavailable(why) if !model.was_ready() => {
-                Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
-            }
-            _ => Ok((engine, model, valid)),
-        });
+        let precheck = self.prepare(&req).and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
         let name = self.name_of(&req);
         let (engine, model, valid) = match precheck {
             Ok(v) => v,
@@ -140,65 +170,23 @@ impl pb::inference_server::Inference for InferenceService {
                 return Err(e.into());
             }
         };
-        let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
-        let request_id = id.clone();
-        tokio::spawn(
-            async move {
-                let prompt_ids = valid.prompt_ids.clone();
-                let started = tokio::select! {
-                    s = engine.submit(&model, valid, request_id) => s.map(|h| (h, prompt_ids)),
-                    // The client went away while the request waited to start.
-                    _ = out_tx.closed() => Err(ServeError::Cancelled("the client went away".into())),
-                };
-                let (mut handle, prompt_ids) = match started {
-                    Ok(v) => v,
-                    Err(e) => {
-                        record(&name, e.code());
-                        let _ = out_tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                let mut first = true;
-                let mut completion = 0usize;
-                loop {
-                    let ev = tokio::select! {
-                        ev = handle.next() => match ev {
-                            Some(ev) => ev,
-                            None => break,
-                        },
-                        // Dropping the handle cancels the request: its sequence leaves at the
-                        // next step.
-                        _ = out_tx.closed() => {
-                            record(&name, tonic::Code::Cancelled);
-                            return;
-                        }
-                    };
-                    completion += ev.token_ids.len();
-                    let msg = pb::GenerateStreamResponse {
-                        text: ev.text,
-                        token_ids: ev.token_ids,
-                        logprobs: ev.logprobs,
-                        finish_reason: ev.finish_reason.unwrap_or_default().to_string(),
-                        usage: ev.finish_reason.map(|_| usage(prompt_ids.len(), completion)),
-                        prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
-                    };
-                    first = false;
-                    if out_tx.send(Ok(msg)).await.is_err() {
-                        record(&name, tonic::Code::Cancelled);
-                        return;
-                    }
-                }
-                let outcome = handle.outcome().await;
-                record(&name, outcome.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
-                if let Err(e) = outcome {
-                    if !matches!(e, ServeError::Cancelled(_)) {
-                        let _ = out_tx.send(Err(e.into())).await;
-                    }
-                }
+        Ok(stream(id, name, span, engine, model, valid))
+    }
+
+    type ChatStream = GenStream;
+
+    async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
+        let id = request_id(&request);
+        let req = request.into_inner();
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        let name = self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
+        match self.prepare_chat(&req) {
+            Ok((engine, model, valid)) => Ok(stream(id, name, span, engine, model, valid)),
+            Err(e) => {
+                record(&name, e.code());
+                Err(e.into())
             }
-            .instrument(span),
-        );
-        Ok(with_id(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))), &id))
+        }
     }
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
@@ -221,6 +209,83 @@ impl pb::inference_server::Inference for InferenceService {
     }
 }
 
+/// Whether `model` can take a stream now: refused before the stream opens when it cannot, so
+/// the client sees the status itself rather than an empty stream. (A model that served before
+/// and is being re-planned is waited for.)
+fn serving(model: &ModelEntry) -> Result<(), ServeError> {
+    match model.state() {
+        ServingState::Loading(why) => Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name))),
+        ServingState::Unavailable(why) if !model.was_ready() => {
+            Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs a validated request and streams its events (`GenerateStream`, `Chat`); the client going
+/// away cancels it.
+fn stream(id: String, name: String, span: tracing::Span, engine: Arc<Engine>, model: Arc<ModelEntry>, valid: ValidRequest) -> Response<GenStream> {
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
+    let request_id = id.clone();
+    tokio::spawn(
+        async move {
+            let prompt_ids = valid.prompt_ids.clone();
+            let started = tokio::select! {
+                s = engine.submit(&model, valid, request_id) => s.map(|h| (h, prompt_ids)),
+                // The client went away while the request waited to start.
+                _ = out_tx.closed() => Err(ServeError::Cancelled("the client went away".into())),
+            };
+            let (mut handle, prompt_ids) = match started {
+                Ok(v) => v,
+                Err(e) => {
+                    record(&name, e.code());
+                    let _ = out_tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let mut first = true;
+            let mut completion = 0usize;
+            loop {
+                let ev = tokio::select! {
+                    ev = handle.next() => match ev {
+                        Some(ev) => ev,
+                        None => break,
+                    },
+                    // Dropping the handle cancels the request: its sequence leaves at the
+                    // next step.
+                    _ = out_tx.closed() => {
+                        record(&name, tonic::Code::Cancelled);
+                        return;
+                    }
+                };
+                completion += ev.token_ids.len();
+                let msg = pb::GenerateStreamResponse {
+                    text: ev.text,
+                    token_ids: ev.token_ids,
+                    logprobs: ev.logprobs,
+                    finish_reason: ev.finish_reason.unwrap_or_default().to_string(),
+                    usage: ev.finish_reason.map(|_| usage(prompt_ids.len(), completion)),
+                    prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
+                };
+                first = false;
+                if out_tx.send(Ok(msg)).await.is_err() {
+                    record(&name, tonic::Code::Cancelled);
+                    return;
+                }
+            }
+            let outcome = handle.outcome().await;
+            record(&name, outcome.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
+            if let Err(e) = outcome {
+                if !matches!(e, ServeError::Cancelled(_)) {
+                    let _ = out_tx.send(Err(e.into())).await;
+                }
+            }
+        }
+        .instrument(span),
+    );
+    with_id(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))), &id)
+}
+
 pub(crate) fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
     pb::ModelInfo {
         name: m.name.clone(),
@@ -241,6 +306,8 @@ pub struct AdminService {
     pub spawned: Arc<crate::scale::Spawned>,
     /// Where this coordinator serves metrics (empty: it does not).
     pub metrics_address: String,
+    /// Where it serves the HTTP API (empty: it does not).
+    pub http_address: String,
 }
 
 fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> {
@@ -291,6 +358,7 @@ impl pb::admin_server::Admin for AdminService {
             membership: self.models.primary().membership().kind().to_string(),
             role: self.models.primary().role().to_string(),
             metrics_address: self.metrics_address.clone(),
+            http_address: self.http_address.clone(),
             downloads: shardserve::hub::downloads()
                 .into_iter()
                 .map(|d| pb::Download { repo: d.repo, file: d.file, done_bytes: d.done, total_bytes: d.total })

@@ -109,5 +109,6 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
         sampling,
         stop: req.stop.clone(),
         logprobs: req.logprobs,
+        ignore_eos: req.ignore_eos,
     })
 }

@@ -1,5 +1,6 @@
 //! The library shardserve's coordinator and workers share.
 //!
+//! - [`chat`]: chat templates found and rendered as transformers' `apply_chat_template` does.
 //! - [`hub`]: resolve a model (a folder or a Hub id) through the Hugging Face cache.
 //! - [`collective`]: the all-reduce of a tensor-parallel group (TCP; NCCL with `cuda`).
 //! - [`config`]: `config.json` and `generation_config.json`, HF field names and defaults.
@@ -17,6 +18,7 @@
 //! - [`telemetry`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
 
+pub mod chat;
 pub mod collective;
 pub mod config;
 pub mod device;

@@ -40,6 +40,16 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Token ids of `text`, with or without the post-processor's special tokens (a rendered
+    /// chat template carries its own: transformers tokenizes it with
+    /// `add_special_tokens=False`).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     /// Token strings of `text`.
     pub fn tokens(&self, text: &str) -> Result<Vec<String>> {
         self.inner

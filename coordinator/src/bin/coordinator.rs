@@ -43,6 +43,8 @@ struct Args {
     max_concurrent_requests: usize,
     #[command(flatten)]
     batch: shardserve_coordinator::flags::BatchArgs,
+    #[command(flatten)]
+    http: shardserve_coordinator::flags::HttpArgs,
     /// Seconds a worker's lease lasts without a keep-alive.
     #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
     lease_ttl_s: u64,
@@ -182,6 +184,8 @@ impl TryFrom<Args> for CoordinatorConfig {
             },
             lease_ttl: Duration::from_secs(a.lease_ttl_s),
             metrics_listen: a.batch.metrics_listen.clone(),
+            http_address: None,
+            http_limits: a.http.validate()?,
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
             kubernetes: match (a.fleet, a.statefulset) {
                 (Fleet::Kubernetes, Some(name)) => {
@@ -203,6 +207,7 @@ async fn main() {
     shardserve_coordinator::init_tracing();
     let args = Args::parse();
     let listen = args.listen.clone();
+    let http_listen = args.http.http_listen.clone();
     let result = async {
         let mut config = CoordinatorConfig::try_from(args)?;
         let c = config.engine.clone();
@@ -230,13 +235,23 @@ async fn main() {
                 local.args.extend(["--metrics-listen".to_string(), format!("{host}:0")]);
             }
         }
+        let http = match &http_listen {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("cannot serve HTTP on {a}: {e}"))?;
+                let at = l.local_addr()?;
+                config.http_address = Some(at.to_string());
+                println!("http {at}");
+                Some(l)
+            }
+            None => None,
+        };
         println!("listening {bound}");
         let stop = shutdown.clone();
         tokio::spawn(async move {
             shardserve_coordinator::shutdown_signal().await;
             stop.cancel();
         });
-        run(config, listener, shutdown).await
+        run(config, listener, http, shutdown).await
     }
     .await;
     if let Err(e) = result {

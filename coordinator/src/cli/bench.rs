@@ -563,6 +563,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         stop: vec![],
         logprobs: false,
+        // Every request generates exactly --output-tokens, as vLLM's benchmark does.
+        ignore_eos: true,
     };
     let mut runs = Vec::with_capacity(levels.len());
     for (i, &level) in levels.iter().enumerate() {

@@ -56,6 +56,8 @@ pub struct UpArgs {
     pub max_concurrent_requests: usize,
     #[command(flatten)]
     pub batch: crate::flags::BatchArgs,
+    #[command(flatten)]
+    pub http: crate::flags::HttpArgs,
     /// Placement over the workers, as transformers' device_map: auto, balanced,
     /// balanced_low_0 or sequential.
     #[arg(long, default_value = "auto")]
@@ -143,8 +145,10 @@ impl LocalCluster {
         }
         let mut cmd = Command::new(bin_path("coordinator")?);
         a.batch.validate()?;
+        a.http.validate()?;
         cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype.to_string()])
             .args(a.batch.to_args())
+            .args(a.http.to_args())
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
             .args(["--tp", &a.tp.to_string()])
             .args(a.random_weights.then_some("--random-weights"))

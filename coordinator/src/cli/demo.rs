@@ -53,7 +53,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         up: UpArgs,
     }
     let workers = a.workers.to_string();
-    let mut up = <Up as clap::Parser>::try_parse_from(["up", "--model", &model, "--workers", &workers, "--listen", "127.0.0.1:0"])?.up;
+    let mut up = <Up as clap::Parser>::try_parse_from(["up", "--model", &model, "--workers", &workers, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])?.up;
     up.quiet = true;
     eprintln!("starting a coordinator and {} worker(s)", a.workers);
     let cluster = LocalCluster::start(&up).await?;
@@ -86,6 +86,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             ttft.as_secs_f64() * 1e3,
             if decode > 0.0 { (tokens.saturating_sub(1)) as f64 / decode } else { 0.0 }
         );
+        // The same over the OpenAI-compatible HTTP API, with the curl line that does it.
+        let mut admin = pb::admin_client::AdminClient::connect(cluster.url.clone()).await?;
+        let http = admin.cluster_status(pb::ClusterStatusRequest {}).await.map_err(status_error)?.into_inner().http_address;
+        let body = serde_json::json!({"prompt": a.prompt, "max_tokens": a.max_new_tokens, "temperature": 0});
+        let url = format!("http://{http}/v1/completions");
+        println!("over HTTP:");
+        println!("  curl -s {url} -H 'Content-Type: application/json' -d '{}'", body.to_string().replace('\'', "'\\''"));
+        let answer = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+            let r = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string())?;
+            Ok(serde_json::from_str(&r.into_string()?)?)
+        })
+        .await??;
+        println!("  → {:?} ({})", answer["choices"][0]["text"].as_str().unwrap_or_default(), answer["choices"][0]["finish_reason"]);
         anyhow::Ok(())
     }
     .await;

@@ -13,8 +13,24 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "")]
     pub model: String,
     /// The prompt.
+    #[arg(long, required_unless_present = "chat")]
+    pub prompt: Option<String>,
+    /// A conversation through the model's chat template (the `Chat` RPC): the messages of
+    /// --messages, or those of --system and --user.
     #[arg(long)]
-    pub prompt: String,
+    pub chat: bool,
+    /// With --chat: a JSON file of OpenAI-style messages ([{"role": "user", "content": "..."}]).
+    #[arg(long, requires = "chat", conflicts_with_all = ["system", "user"])]
+    pub messages: Option<std::path::PathBuf>,
+    /// With --chat: a system message.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// With --chat: the user's message.
+    #[arg(long, requires = "chat")]
+    pub user: Option<String>,
+    /// With --chat: template variables as a JSON object, e.g. '{"enable_thinking": false}'.
+    #[arg(long, requires = "chat")]
+    pub chat_template_kwargs: Option<String>,
     /// Tokens to generate at most.
     #[arg(long, allow_negative_numbers = true)]
     pub max_new_tokens: Option<i32>,
@@ -45,13 +61,16 @@ pub struct GenerateArgs {
     /// Include per-token log-probabilities (in --json output).
     #[arg(long)]
     pub logprobs: bool,
+    /// Generate past end-of-sequence tokens, up to --max-new-tokens or a stop string.
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 impl GenerateArgs {
     fn request(&self) -> pb::GenerateRequest {
         pb::GenerateRequest {
             model: self.model.clone(),
-            prompt: self.prompt.clone(),
+            prompt: self.prompt.clone().unwrap_or_default(),
             max_new_tokens: self.max_new_tokens,
             sampling: Some(pb::SamplingParams {
                 temperature: self.temperature,
@@ -62,7 +81,42 @@ impl GenerateArgs {
             }),
             stop: self.stop.clone(),
             logprobs: self.logprobs,
+            ignore_eos: self.ignore_eos,
         }
+    }
+
+    /// The `Chat` request of --chat.
+    fn chat_request(&self) -> anyhow::Result<pb::ChatRequest> {
+        let messages = match &self.messages {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--messages {}: {e}", path.display()))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--messages {}: not JSON: {e}", path.display()))?;
+                v.to_string()
+            }
+            None => {
+                let Some(user) = &self.user else { anyhow::bail!("--chat needs --messages FILE or --user TEXT") };
+                let mut m: Vec<serde_json::Value> = Vec::new();
+                if let Some(s) = &self.system {
+                    m.push(serde_json::json!({"role": "system", "content": s}));
+                }
+                m.push(serde_json::json!({"role": "user", "content": user}));
+                serde_json::Value::Array(m).to_string()
+            }
+        };
+        let g = self.request();
+        Ok(pb::ChatRequest {
+            model: g.model,
+            messages_json: messages,
+            tools_json: String::new(),
+            chat_template_kwargs_json: self.chat_template_kwargs.clone().unwrap_or_default(),
+            add_generation_prompt: None,
+            max_new_tokens: g.max_new_tokens,
+            sampling: g.sampling,
+            stop: g.stop,
+            logprobs: g.logprobs,
+            ignore_eos: g.ignore_eos,
+        })
     }
 }
 
@@ -101,11 +155,15 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))?;
     let mut out = Generated::default();
-    if a.stream {
-        let mut stream = client.generate_stream(a.request()).await.map_err(status_error)?.into_inner();
+    if a.stream || a.chat {
+        let mut stream = if a.chat {
+            client.chat(a.chat_request()?).await.map_err(status_error)?.into_inner()
+        } else {
+            client.generate_stream(a.request()).await.map_err(status_error)?.into_inner()
+        };
         let stdout = std::io::stdout();
         while let Some(msg) = stream.message().await.map_err(status_error)? {
-            if !a.json {
+            if !a.json && a.stream {
                 let mut lock = stdout.lock();
                 write!(lock, "{}", msg.text)?;
                 lock.flush()?;
@@ -124,7 +182,11 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
         if !a.json {
-            println!();
+            if a.stream {
+                println!();
+            } else {
+                println!("{}", out.text);
+            }
         }
     } else {
         let r = client.generate(a.request()).await.map_err(status_error)?.into_inner();

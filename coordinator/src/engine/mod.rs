@@ -170,6 +170,8 @@ pub struct ModelEntry {
     pub shape: shardserve::placement::ModelShape,
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
+    /// The model's chat templates (or why it has none usable).
+    pub chat: Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>,
     pub eos: Vec<u32>,
     pub max_total_tokens: usize,
     pub dtype: Dtype,
@@ -238,6 +240,8 @@ pub struct ValidRequest {
     pub sampling: shardserve::sampling::SamplingParams,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// Generate past end-of-sequence tokens.
+    pub ignore_eos: bool,
 }
 
 /// Something the request loop produced.
@@ -259,6 +263,11 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
     let shape = shardserve::placement::ModelShape::from_config_json(&raw)?;
     let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
     let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
+    // A model without a usable template still serves completions; chat says why it cannot.
+    let chat = shardserve::chat::ChatTemplates::load(&files.dir, config.name.clone());
+    if let Err(e) = &chat {
+        tracing::warn!(model = %config.name, error = %e, "the model's chat template cannot be used");
+    }
     if config.tp > 1 {
         let tp = shardserve::collective::TpRank { rank: 0, size: config.tp };
         shardserve::collective::tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
@@ -274,6 +283,7 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
         shape,
         generation,
         tokenizer,
+        chat,
     })
 }
 
@@ -284,6 +294,7 @@ pub struct Prepared {
     pub shape: shardserve::placement::ModelShape,
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
+    pub chat: Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>,
 }
 
 /// What the engines of one coordinator (one per model) share.
@@ -419,7 +430,7 @@ impl Engine {
     ) -> anyhow::Result<Arc<Self>> {
         let pinned = primary.is_some();
         let c = config.clone();
-        let Prepared { files, config: cfg, shape, generation, tokenizer } =
+        let Prepared { files, config: cfg, shape, generation, tokenizer, chat } =
             tokio::task::spawn_blocking(move || preflight(&c)).await??;
         let eos = generation.eos_ids(&cfg);
         let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
@@ -433,6 +444,7 @@ impl Engine {
             shape,
             generation,
             tokenizer,
+            chat,
             state: watch::Sender::new(ServingState::Loading(format!("waiting for workers: 0 of {}", config.workers))),
             active: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),

@@ -532,7 +532,7 @@ fn next_event(model: &ModelEntry, r: &mut Running, token: u32, logprob: f32) -> 
         logprobs: if r.sub.req.logprobs { vec![logprob] } else { Vec::new() },
         ..Default::default()
     };
-    if model.eos.contains(&token) {
+    if model.eos.contains(&token) && !r.sub.req.ignore_eos {
         let outcome = r.stops.push(&r.decoder.flush(&model.tokenizer).map_err(tok_err)?);
         event.text = outcome.text;
         if outcome.stopped {

@@ -1,0 +1,597 @@
+//! The handlers: OpenAI's request bodies mapped onto the engine's requests, and its response
+//! and chunk shapes built from the engine's events.
+
+use super::{parse, sse, App, ApiError};
+use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
+use crate::error::ServeError;
+use crate::service::{record, InferenceService};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use shardserve_proto::v1 as pb;
+use std::sync::Arc;
+
+/// Seconds since the epoch, OpenAI's `created`.
+pub fn created() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling and length fields both endpoints share, with vLLM's extras.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sampling {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub repetition_penalty: Option<f32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<u32>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: String,
+    pub prompt: serde_json::Value,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub repetition_penalty: Option<f32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<u32>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Completions' logprobs: how many alternatives per token (only 0 is supported: each
+    /// token's own log-probability).
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub user: Option<String>,
+    // OpenAI fields this server does not support: named in a 400 when set.
+    pub echo: Option<serde_json::Value>,
+    pub suffix: Option<serde_json::Value>,
+    pub best_of: Option<serde_json::Value>,
+    pub logit_bias: Option<serde_json::Value>,
+}
+
+impl CompletionRequest {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            stop: self.stop.clone(),
+            seed: self.seed,
+            n: self.n,
+            ignore_eos: self.ignore_eos,
+            min_tokens: self.min_tokens,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+        }
+    }
+
+    /// The prompt: a string, or a list holding one string.
+    fn prompt(&self) -> Result<String, ApiError> {
+        match &self.prompt {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().unwrap_or_default().to_string()),
+            serde_json::Value::Array(a) if a.iter().all(|v| v.is_string()) => Err(ApiError::unsupported(
+                "prompt",
+                " as a list of several prompts: send one request per prompt (use n for several completions of one)",
+            )),
+            serde_json::Value::Array(_) => Err(ApiError::unsupported("prompt", " as token ids: send text")),
+            other => Err(ApiError::invalid(format!("prompt: expected a string, got {}", kind_of(other)), Some("prompt".into()))),
+        }
+    }
+
+    fn check_unsupported(&self) -> Result<(), ApiError> {
+        if self.echo.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false)) {
+            return Err(ApiError::unsupported("echo", ""));
+        }
+        if self.suffix.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::unsupported("suffix", ""));
+        }
+        if let Some(b) = &self.best_of {
+            if !b.is_null() && b.as_u64() != Some(u64::from(self.n.unwrap_or(1))) {
+                return Err(ApiError::unsupported("best_of", " (other than equal to n)"));
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
+            return Err(ApiError::unsupported("logit_bias", ""));
+        }
+        if self.logprobs.is_some_and(|k| k > 0) {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                " above 0: only each generated token's own log-probability is returned (logprobs: 0)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn kind_of(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The engine's request for choice `index` of `n`: the gRPC request's validation, then the
+/// extras. With a seed, choice i samples with seed + i, so the n choices differ yet repeat.
+fn engine_request(
+    svc: &InferenceService,
+    model: &str,
+    prompt: String,
+    s: &Sampling,
+    logprobs: bool,
+    index: u32,
+    add_special_tokens: bool,
+) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ApiError> {
+    for (field, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::unsupported(field, " (use repetition_penalty, transformers' penalty)"));
+        }
+    }
+    if s.min_tokens.is_some_and(|m| m > 0) {
+        return Err(ApiError::unsupported("min_tokens", ""));
+    }
+    let stop = match &s.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    let max_new_tokens = match s.max_tokens {
+        Some(m) => Some(i32::try_from(m).map_err(|_| ApiError::invalid(format!("max_tokens: {m} is too large"), Some("max_tokens".into())))?),
+        None => None,
+    };
+    let req = pb::GenerateRequest {
+        model: model.to_string(),
+        prompt,
+        max_new_tokens,
+        sampling: Some(pb::SamplingParams {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            repetition_penalty: s.repetition_penalty,
+            seed: s.seed.map(|seed| seed.wrapping_add(u64::from(index))),
+        }),
+        stop,
+        logprobs,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+    };
+    let (engine, model, mut valid) = svc.prepare(&req).map_err(|e| field_error(e.into()))?;
+    if !add_special_tokens {
+        // A rendered chat template carries its special tokens itself.
+        valid.prompt_ids = model
+            .tokenizer
+            .encode_with(&req.prompt, false)
+            .map_err(|e| ApiError::invalid(format!("the rendered prompt cannot be tokenized: {e}"), Some("messages".into())))?;
+        if valid.prompt_ids.is_empty() {
+            return Err(ApiError::invalid("the rendered prompt tokenizes to nothing", Some("messages".into())));
+        }
+    }
+    Ok((engine, model, valid))
+}
+
+/// Names the OpenAI field behind a validation message that names the gRPC one.
+fn field_error(mut e: ApiError) -> ApiError {
+    if e.status != StatusCode::BAD_REQUEST {
+        return e;
+    }
+    for (grpc, http) in [
+        ("sampling.temperature", "temperature"),
+        ("sampling.top_p", "top_p"),
+        ("sampling.top_k", "top_k"),
+        ("sampling.repetition_penalty", "repetition_penalty"),
+        ("max_new_tokens", "max_tokens"),
+    ] {
+        if e.message.contains(grpc) {
+            e.message = e.message.replace(grpc, http);
+            e.param = Some(http.into());
+            return e;
+        }
+    }
+    for field in ["stop", "prompt"] {
+        if e.message.starts_with(field) {
+            e.param = Some(field.into());
+        }
+    }
+    e
+}
+
+/// One choice's events, then how it ended.
+enum Item {
+    Event(usize, GenEvent),
+    End(Result<(), ServeError>),
+}
+
+/// A choice's request as a stream of [`Item`]s; dropping it cancels the request.
+fn choice_stream(index: usize, handle: RequestHandle) -> impl Stream<Item = Item> + Send {
+    futures::stream::unfold(Some(handle), move |state| async move {
+        let mut handle = state?;
+        match handle.next().await {
+            Some(ev) => Some((Item::Event(index, ev), Some(handle))),
+            None => Some((Item::End(handle.outcome().await), None)),
+        }
+    })
+}
+
+/// OpenAI's finish_reason for the engine's.
+fn finish_reason(r: &str) -> &'static str {
+    match r {
+        "length" => "length",
+        _ => "stop",
+    }
+}
+
+/// What kind of response the request wants.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Submits the `n` choices of a request; the first failure fails them all (the others are
+/// cancelled when their handles drop).
+async fn submit_all(
+    svc: &InferenceService,
+    model: &str,
+    prompt: &str,
+    s: &Sampling,
+    logprobs: bool,
+    id: &str,
+    add_special_tokens: bool,
+    max_n: u32,
+) -> Result<(Arc<ModelEntry>, Vec<u32>, Vec<RequestHandle>), ApiError> {
+    let n = s.n.unwrap_or(1);
+    if n == 0 || n > max_n {
+        return Err(ApiError::invalid(format!("n must be in 1..={max_n} (--max-n), got {n}"), Some("n".into())));
+    }
+    let mut handles = Vec::new();
+    let mut entry = None;
+    let mut prompt_ids = Vec::new();
+    for i in 0..n {
+        let (engine, model, valid) = engine_request(svc, model, prompt.to_string(), s, logprobs, i, add_special_tokens)?;
+        prompt_ids = valid.prompt_ids.clone();
+        let handle = engine.submit(&model, valid, format!("{id}-{i}")).await.map_err(ApiError::from)?;
+        handles.push(handle);
+        entry = Some(model);
+    }
+    Ok((entry.expect("n >= 1"), prompt_ids, handles))
+}
+
+/// Serves a generation request: one JSON response, or SSE chunks with `stream`.
+async fn generate(
+    app: App,
+    kind: Kind,
+    model: String,
+    prompt: String,
+    s: Sampling,
+    logprobs: bool,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
+    let svc = InferenceService(app.models.clone());
+    let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::random_u64());
+    let span = tracing::info_span!("request", request_id = %id, model = %model);
+    let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
+    let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n), span);
+    let (entry, prompt_ids, handles) = match submitted.await {
+        Ok(v) => v,
+        Err(e) => {
+            record(&name, grpc_code(e.status));
+            return e.into_response();
+        }
+    };
+    let tokenizer_model = entry.clone();
+    let n = handles.len();
+    let items = futures::stream::select_all(handles.into_iter().enumerate().map(|(i, h)| choice_stream(i, h).boxed()));
+    let created = created();
+    let model_name = entry.name.clone();
+    if !stream {
+        return collect(items, n, kind, &id, created, &model_name, prompt_ids.len(), &tokenizer_model, logprobs, &name).await;
+    }
+    // Streaming: a chunk per event; errors as an `error` event; usage last when asked.
+    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let head: Vec<String> = if kind == Kind::Chat {
+        (0..n)
+            .map(|i| {
+                serde_json::json!({"id": id, "object": object, "created": created, "model": model_name,
+                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})
+                .to_string()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let prompt_tokens = prompt_ids.len();
+    let (id2, model2) = (id.clone(), model_name.clone());
+    let mut completion = 0usize;
+    let mut failed = false;
+    let mut ended = 0usize;
+    let body = items.filter_map(move |item| {
+        let out = match item {
+            Item::Event(i, ev) => {
+                completion += ev.token_ids.len();
+                let lp = logprobs.then(|| logprobs_json(kind, &tokenizer_model, &ev));
+                let choice = if kind == Kind::Chat {
+                    serde_json::json!({"index": i, "delta": {"content": ev.text}, "logprobs": lp,
+                        "finish_reason": ev.finish_reason.map(finish_reason)})
+                } else {
+                    serde_json::json!({"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason.map(finish_reason)})
+                };
+                Some(serde_json::json!({"id": id2, "object": object, "created": created, "model": model2, "choices": [choice]}).to_string())
+            }
+            Item::End(Ok(())) => {
+                ended += 1;
+                if ended == n && !failed {
+                    record(&name, tonic::Code::Ok);
+                    include_usage.then(|| {
+                        serde_json::json!({"id": id2, "object": object, "created": created, "model": model2, "choices": [],
+                            "usage": usage(prompt_tokens, completion)})
+                        .to_string()
+                    })
+                } else {
+                    None
+                }
+            }
+            Item::End(Err(e)) => {
+                ended += 1;
+                if failed {
+                    None
+                } else {
+                    failed = true;
+                    record(&name, e.code());
+                    Some(ApiError::from(e).body().to_string())
+                }
+            }
+        };
+        futures::future::ready(out)
+    });
+    sse(futures::stream::iter(head).chain(body))
+}
+
+fn grpc_code(s: StatusCode) -> tonic::Code {
+    match s.as_u16() {
+        400 => tonic::Code::InvalidArgument,
+        404 => tonic::Code::NotFound,
+        429 => tonic::Code::ResourceExhausted,
+        503 => tonic::Code::Unavailable,
+        _ => tonic::Code::Internal,
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The logprobs of an event's tokens: completions' `{tokens, token_logprobs, ...}` lists, or
+/// chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn logprobs_json(kind: Kind, model: &ModelEntry, ev: &GenEvent) -> serde_json::Value {
+    let tokens: Vec<String> = ev.token_ids.iter().map(|t| model.tokenizer.decode(&[*t]).unwrap_or_default()).collect();
+    match kind {
+        Kind::Completion => serde_json::json!({
+            "tokens": tokens, "token_logprobs": ev.logprobs, "top_logprobs": null, "text_offset": null,
+        }),
+        Kind::Chat => serde_json::json!({
+            "content": tokens.iter().zip(&ev.logprobs).map(|(t, lp)| serde_json::json!({
+                "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [],
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+/// Reads every choice to its end and answers with one JSON response.
+#[allow(clippy::too_many_arguments)]
+async fn collect(
+    mut items: impl Stream<Item = Item> + Unpin,
+    n: usize,
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model_name: &str,
+    prompt_tokens: usize,
+    model: &ModelEntry,
+    logprobs: bool,
+    name: &str,
+) -> Response {
+    let mut texts = vec![String::new(); n];
+    let mut finish = vec![None; n];
+    let mut events: Vec<Vec<GenEvent>> = vec![Vec::new(); n];
+    let mut completion = 0usize;
+    while let Some(item) = items.next().await {
+        match item {
+            Item::Event(i, ev) => {
+                completion += ev.token_ids.len();
+                texts[i].push_str(&ev.text);
+                if let Some(r) = ev.finish_reason {
+                    finish[i] = Some(finish_reason(r));
+                }
+                if logprobs {
+                    events[i].push(ev);
+                }
+            }
+            Item::End(Ok(())) => {}
+            Item::End(Err(e)) => {
+                record(name, e.code());
+                return ApiError::from(e).into_response();
+            }
+        }
+    }
+    record(name, tonic::Code::Ok);
+    let merged = |evs: &[GenEvent]| GenEvent {
+        token_ids: evs.iter().flat_map(|e| e.token_ids.clone()).collect(),
+        logprobs: evs.iter().flat_map(|e| e.logprobs.clone()).collect(),
+        ..Default::default()
+    };
+    let choices: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let lp = logprobs.then(|| logprobs_json(kind, model, &merged(&events[i])));
+            match kind {
+                Kind::Completion => serde_json::json!({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finish[i]}),
+                Kind::Chat => serde_json::json!({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": lp, "finish_reason": finish[i]}),
+            }
+        })
+        .collect();
+    let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    super::json(
+        StatusCode::OK,
+        &serde_json::json!({"id": id, "object": object, "created": created, "model": model_name, "choices": choices,
+            "usage": usage(prompt_tokens, completion)}),
+    )
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(app): State<App>, body: Body) -> Response {
+    let req: CompletionRequest = match parse(&app, body).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let prompt = match req.check_unsupported().and_then(|()| req.prompt()) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(user) = &req.user {
+        tracing::debug!(user = %user, "completion request");
+    }
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if req.stream_options.is_some() && !req.stream {
+        return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
+    }
+    generate(app, Kind::Completion, req.model.clone(), prompt, req.sampling(), req.logprobs.is_some(), req.stream, include_usage).await
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(app): State<App>, body: Body) -> Response {
+    let req: super::chat::ChatRequest = match parse(&app, body).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let prompt = match super::chat::render(&app, &req) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if req.stream_options.is_some() && !req.stream {
+        return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
+    }
+    generate(app, Kind::Chat, req.model.clone(), prompt, req.sampling(), req.logprobs.unwrap_or(false), req.stream, include_usage).await
+}
+
+/// vLLM's `/tokenize` body: a prompt, or chat messages rendered with the model's template.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    pub model: String,
+    pub prompt: Option<String>,
+    pub messages: Option<serde_json::Value>,
+    pub add_generation_prompt: Option<bool>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    pub tools: Option<serde_json::Value>,
+    pub add_special_tokens: Option<bool>,
+}
+
+/// `POST /tokenize`.
+pub async fn tokenize(State(app): State<App>, body: Body) -> Response {
+    let req: TokenizeRequest = match parse(&app, body).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let (_, model) = match app.models.find(&req.model) {
+        Ok(v) => v,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let ids = match (&req.prompt, &req.messages) {
+        (Some(p), None) => {
+            let special = req.add_special_tokens.unwrap_or(true);
+            model.tokenizer.encode_with(p, special).map_err(|e| ApiError::invalid(format!("prompt: {e}"), Some("prompt".into())))
+        }
+        (None, Some(messages)) => super::chat::render_messages(
+            &model,
+            messages,
+            req.tools.as_ref(),
+            req.add_generation_prompt.unwrap_or(true),
+            req.chat_template_kwargs.as_ref(),
+        )
+        .and_then(|text| {
+            model.tokenizer.encode_with(&text, req.add_special_tokens.unwrap_or(false)).map_err(|e| ApiError::invalid(e.to_string(), None))
+        }),
+        (Some(_), Some(_)) => Err(ApiError::invalid("give prompt or messages, not both", Some("messages".into()))),
+        (None, None) => Err(ApiError::invalid("prompt or messages is required", Some("prompt".into()))),
+    };
+    match ids {
+        Ok(ids) => super::json(
+            StatusCode::OK,
+            &serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": model.max_total_tokens}),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `/detokenize` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    #[serde(default)]
+    pub model: String,
+    pub tokens: Vec<u32>,
+}
+
+/// `POST /detokenize`.
+pub async fn detokenize(State(app): State<App>, body: Body) -> Response {
+    let req: DetokenizeRequest = match parse(&app, body).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let (_, model) = match app.models.find(&req.model) {
+        Ok(v) => v,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let vocab = model.tokenizer.vocab_size();
+    if let Some(i) = req.tokens.iter().position(|t| *t as usize >= vocab) {
+        return ApiError::invalid(format!("tokens[{i}]: {} is not in the vocabulary of {vocab} tokens", req.tokens[i]), Some("tokens".into()))
+            .into_response();
+    }
+    match model.tokenizer.decode(&req.tokens) {
+        Ok(text) => super::json(StatusCode::OK, &serde_json::json!({"prompt": text})),
+        Err(e) => ApiError::invalid(e.to_string(), Some("tokens".into())).into_response(),
+    }
+}

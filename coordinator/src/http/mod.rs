@@ -1,0 +1,151 @@
+//! The OpenAI-compatible HTTP API (`--http-listen`): `/v1/completions`, `/v1/chat/completions`
+//! (both streamed as server-sent events with `stream: true`), `/v1/models`, `/health`, and
+//! vLLM's `/tokenize` and `/detokenize`. Requests go through the same validation and the same
+//! scheduler as the gRPC API; errors come back in OpenAI's JSON shape with the HTTP status of
+//! their gRPC code.
+
+mod api;
+pub(crate) mod chat;
+mod error;
+
+pub use error::ApiError;
+
+use crate::models::Models;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Bounds on what one HTTP request may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most sequences per request (`n`).
+    pub max_n: u32,
+    /// Largest request body, in bytes (413 beyond).
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_n: 16, max_request_bytes: 4 << 20 }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct App {
+    models: Arc<Models>,
+    limits: Limits,
+}
+
+/// The API's routes.
+pub fn router(models: Arc<Models>, limits: Limits) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(list_models))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/tokenize", post(api::tokenize))
+        .route("/detokenize", post(api::detokenize))
+        .fallback(not_found)
+        .with_state(App { models, limits })
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, models: Arc<Models>, limits: Limits, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(models, limits)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// The request body, at most `limit` bytes (413 beyond).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("the request body is larger than {limit} bytes (--max-request-bytes)"),
+        param: None,
+    })
+}
+
+/// A JSON response.
+fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+/// 200 while every model is placed and ready, else 503 with each model's state.
+async fn health(State(app): State<App>) -> Response {
+    let engines = app.models.engines();
+    let states: Vec<serde_json::Value> = engines
+        .iter()
+        .map(|e| serde_json::json!({ "model": e.entry().name, "state": e.entry().state().name() }))
+        .collect();
+    let ready = engines.iter().all(|e| matches!(e.entry().state(), crate::engine::ServingState::Ready(_)));
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(status, &serde_json::json!({ "status": if ready { "ok" } else { "unavailable" }, "models": states }))
+}
+
+async fn list_models(State(app): State<App>) -> Response {
+    let data: Vec<serde_json::Value> = app
+        .models
+        .engines()
+        .iter()
+        .map(|e| {
+            let m = e.entry();
+            serde_json::json!({
+                "id": m.name,
+                "object": "model",
+                "created": api::created(),
+                "owned_by": "shardserve",
+                "max_model_len": m.max_total_tokens,
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "object": "list", "data": data }))
+}
+
+async fn not_found(headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    let _ = headers;
+    ApiError::not_found(format!("no route {}", uri.path())).into_response()
+}
+
+/// The request body as JSON of type `T` (a 413 when too large, a 400 naming the field at
+/// fault when not what `T` takes).
+async fn parse<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+    let body = read_body(body, app.limits.max_request_bytes).await?;
+    parse_bytes(&body)
+}
+
+fn parse_bytes<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid("the request body is empty: send a JSON object", None));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid(format!("the request body is not valid JSON: {inner}"), None)
+        } else if path == "." {
+            ApiError::invalid(format!("invalid request: {inner}"), None)
+        } else {
+            ApiError::invalid(format!("{path}: {inner}"), Some(path))
+        }
+    })
+}
+
+/// An SSE body: each item a `data:` event, then `data: [DONE]`.
+fn sse(events: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    use futures::StreamExt;
+    let body = events
+        .map(|e| Ok::<_, std::convert::Infallible>(Bytes::from(format!("data: {e}\n\n"))))
+        .chain(futures::stream::once(async { Ok(Bytes::from_static(b"data: [DONE]\n\n")) }));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .expect("a valid response")
+}
