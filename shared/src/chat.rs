@@ -815,7 +815,7 @@ fn json_container(
 /// A JSON string as Python's `json.dumps` writes it: `\n`, `\t`, ... and `\u00XX` for other
 /// controls; with `ensure_ascii`, `\uXXXX` (surrogate pairs above U+FFFF) for all but printable
 /// ASCII.
-fn json_string(s: &str, ensure_ascii: bool, out: &mut String) {
+pub(crate) fn json_string(s: &str, ensure_ascii: bool, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {

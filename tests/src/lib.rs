@@ -300,33 +300,35 @@ pub struct Output {
 /// Runs `shardctl ARGS` to completion (bounded), with extra environment.
 pub fn run_shardctl(args: &[&str], envs: &[(&str, &str)], within: Duration) -> Output {
     let mut cmd = Command::new(bin("shardctl"));
-    cmd.args(args)
-        .env("SHARDSERVE_BIN_DIR", bin_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).env("SHARDSERVE_BIN_DIR", bin_dir());
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn().expect("spawn shardctl");
+    let out = bounded(&mut cmd, within);
+    Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `cmd` to its end in a process group of its own (stdin closed, stdout and stderr
+/// captured), or kills the group past `within` and panics.
+pub fn bounded(cmd: &mut Command, within: Duration) -> std::process::Output {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
     match rx.recv_timeout(within) {
-        Ok(out) => {
-            let out = out.expect("shardctl output");
-            Output {
-                status: out.status,
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        }
+        Ok(out) => out.unwrap_or_else(|e| panic!("{shown}: {e}")),
         Err(_) => {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            panic!("shardctl {args:?} did not finish within {within:?}");
+            panic!("{shown} did not finish within {within:?}");
         }
     }
 }

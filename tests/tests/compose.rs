@@ -6,7 +6,7 @@
 use shardserve_proto::v1 as pb;
 use shardserve_tests::*;
 use std::collections::HashMap;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ fn compose_cmd() -> Vec<&'static str> {
 /// Runs `cmd`, killing it past `within`; panics when it does not succeed.
 fn run(cmd: &mut Command, within: Duration) -> String {
     let shown = format!("{cmd:?}");
-    let out = output(cmd, within);
+    let out = bounded(cmd, within);
     assert!(
         out.status.success(),
         "{shown} failed: {}\n{}",
@@ -34,38 +34,6 @@ fn run(cmd: &mut Command, within: Duration) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `cmd` to the end, or kills it past `within` (then panics).
-fn output(cmd: &mut Command, within: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
-    // Read both pipes on threads so a chatty command cannot block on a full pipe.
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let t1 = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut so, &mut b).ok();
-        b
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut se, &mut b).ok();
-        b
-    });
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("{shown} did not finish within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
 }
 
 /// Builds `shardserve:latest` and `shardserve-etcd:latest` once per test run, from the
@@ -144,7 +112,7 @@ impl Compose {
     }
 
     fn logs(&self) -> String {
-        let out = output(&mut self.command(&["logs", "--no-color", "--tail", "60"]), Duration::from_secs(60));
+        let out = bounded(&mut self.command(&["logs", "--no-color", "--tail", "60"]), Duration::from_secs(60));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -154,7 +122,7 @@ impl Drop for Compose {
         if std::thread::panicking() {
             eprintln!("--- logs of {} ---\n{}", self.project, self.logs());
         }
-        let _ = output(&mut self.command(&["down", "-v", "--remove-orphans", "-t", "5"]), Duration::from_secs(120));
+        let _ = bounded(&mut self.command(&["down", "-v", "--remove-orphans", "-t", "5"]), Duration::from_secs(120));
     }
 }
 

@@ -8,7 +8,7 @@ use shardserve_tests::*;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The reference model with the Qwen3 chat template the chat fixtures were rendered with.
 fn chat_model() -> tempfile::TempDir {
@@ -56,20 +56,6 @@ fn openai_python() -> PathBuf {
         assert!(out.status.success(), "pip install openai: {}", String::from_utf8_lossy(&out.stderr));
     }
     python
-}
-
-/// Runs `cmd` to its end, killing it past `within` (then panics).
-fn bounded(cmd: &mut Command, within: Duration) -> std::process::Output {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let deadline = Instant::now() + within;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().ok();
-            panic!("{cmd:?} did not finish within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// One HTTP/1.1 request on a fresh connection; the status and the raw body bytes (chunked

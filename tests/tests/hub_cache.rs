@@ -352,9 +352,7 @@ fn wait_all(children: Vec<Child>, within: Duration) -> Vec<Output> {
 
 /// Runs `cmd` to completion (bounded), killing it past `within`.
 fn run_bounded(mut cmd: Command, within: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
-    wait_all(vec![child], within).pop().unwrap_or_else(|| panic!("{what} gave no output"))
+    shardserve_tests::bounded(&mut cmd, within)
 }
 
 fn stdout(o: &Output) -> String {

@@ -4,49 +4,15 @@
 //! `shardctl` subcommands, flags and SHARDSERVE_* variables. Its Python tools live in a virtual
 //! environment at `target/deploy-venv`, made (with pip, from PyPI) only when it is missing.
 
-use shardserve_tests::{bin, bin_dir};
+use shardserve_tests::{bin, bin_dir, bounded};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-/// Runs `cmd` to the end in a process group of its own, or kills the group past `within` (then
-/// panics).
-fn output(cmd: &mut Command, within: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    std::os::unix::process::CommandExt::process_group(cmd, 0);
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
-    // Read both pipes on threads so a chatty command cannot block on a full pipe.
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let t1 = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut so, &mut b).ok();
-        b
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut se, &mut b).ok();
-        b
-    });
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
-            child.wait().ok();
-            panic!("{shown} did not finish within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
-}
+use std::process::{Command, Output};
+use std::time::Duration;
 
 /// Runs `cmd` (bounded by `within`) and panics with its output when it fails.
 fn run(cmd: &mut Command, within: Duration) -> Output {
     let shown = format!("{cmd:?}");
-    let out = output(cmd, within);
+    let out = bounded(cmd, within);
     assert!(
         out.status.success(),
         "{shown} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -64,7 +30,7 @@ fn deploy_python(root: &Path) -> PathBuf {
     let python = venv.join("bin/python");
     let ready = || {
         python.is_file()
-            && output(Command::new(&python).args(["-c", "import kubernetes_validate, yaml"]), Duration::from_secs(60)).status.success()
+            && bounded(Command::new(&python).args(["-c", "import kubernetes_validate, yaml"]), Duration::from_secs(60)).status.success()
     };
     if !ready() {
         if !python.is_file() {

@@ -34,10 +34,14 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// The sampling and length fields both endpoints share, with vLLM's extras.
+/// The sampling and length fields both endpoints share, with vLLM's extras: taken out of the
+/// body by name ([`SAMPLING_FIELDS`]) and parsed apart from the endpoint's own fields.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Sampling {
     pub max_tokens: Option<u32>,
+    /// Chat's newer name for max_tokens.
+    pub max_completion_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i32>,
@@ -51,25 +55,43 @@ pub struct Sampling {
     pub frequency_penalty: Option<f32>,
 }
 
-/// `POST /v1/completions`.
+/// The fields of [`Sampling`], as they are named in a request body.
+pub const SAMPLING_FIELDS: [&str; 13] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "n",
+    "ignore_eos",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+];
+
+impl Sampling {
+    /// max_completion_tokens, else max_tokens; both only when they agree.
+    fn max_tokens(&self) -> Result<Option<u32>, ApiError> {
+        match (self.max_tokens, self.max_completion_tokens) {
+            (Some(a), Some(b)) if a != b => Err(ApiError::invalid(
+                "max_tokens and max_completion_tokens disagree: give one",
+                Some("max_completion_tokens".into()),
+            )),
+            (a, b) => Ok(b.or(a)),
+        }
+    }
+}
+
+/// `POST /v1/completions`, less the [`Sampling`] fields.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     #[serde(default)]
     pub model: String,
     pub prompt: serde_json::Value,
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i32>,
-    pub repetition_penalty: Option<f32>,
-    pub stop: Option<Stop>,
-    pub seed: Option<u64>,
-    pub n: Option<u32>,
-    pub ignore_eos: Option<bool>,
-    pub min_tokens: Option<u32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
     /// Completions' logprobs: how many alternatives per token (only 0 is supported: each
     /// token's own log-probability).
     pub logprobs: Option<u32>,
@@ -85,23 +107,6 @@ pub struct CompletionRequest {
 }
 
 impl CompletionRequest {
-    fn sampling(&self) -> Sampling {
-        Sampling {
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            repetition_penalty: self.repetition_penalty,
-            stop: self.stop.clone(),
-            seed: self.seed,
-            n: self.n,
-            ignore_eos: self.ignore_eos,
-            min_tokens: self.min_tokens,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-        }
-    }
-
     /// The prompt: a string, or a list holding one string.
     fn prompt(&self) -> Result<String, ApiError> {
         match &self.prompt {
@@ -116,7 +121,7 @@ impl CompletionRequest {
         }
     }
 
-    fn check_unsupported(&self) -> Result<(), ApiError> {
+    fn check_unsupported(&self, s: &Sampling) -> Result<(), ApiError> {
         if self.echo.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false)) {
             return Err(ApiError::unsupported("echo", ""));
         }
@@ -124,7 +129,7 @@ impl CompletionRequest {
             return Err(ApiError::unsupported("suffix", ""));
         }
         if let Some(b) = &self.best_of {
-            if !b.is_null() && b.as_u64() != Some(u64::from(self.n.unwrap_or(1))) {
+            if !b.is_null() && b.as_u64() != Some(u64::from(s.n.unwrap_or(1))) {
                 return Err(ApiError::unsupported("best_of", " (other than equal to n)"));
             }
         }
@@ -176,7 +181,7 @@ fn engine_request(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    let max_new_tokens = match s.max_tokens {
+    let max_new_tokens = match s.max_tokens()? {
         Some(m) => Some(i32::try_from(m).map_err(|_| ApiError::invalid(format!("max_tokens: {m} is too large"), Some("max_tokens".into())))?),
         None => None,
     };
@@ -480,11 +485,11 @@ async fn collect(
 
 /// `POST /v1/completions`.
 pub async fn completions(State(app): State<App>, body: Body) -> Response {
-    let req: CompletionRequest = match parse(&app, body).await {
+    let (req, sampling): (CompletionRequest, Sampling) = match parse(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let prompt = match req.check_unsupported().and_then(|()| req.prompt()) {
+    let prompt = match req.check_unsupported(&sampling).and_then(|()| req.prompt()) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -495,12 +500,12 @@ pub async fn completions(State(app): State<App>, body: Body) -> Response {
     if req.stream_options.is_some() && !req.stream {
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
-    generate(app, Kind::Completion, req.model.clone(), prompt, req.sampling(), req.logprobs.is_some(), req.stream, include_usage).await
+    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, req.logprobs.is_some(), req.stream, include_usage).await
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(app): State<App>, body: Body) -> Response {
-    let req: super::chat::ChatRequest = match parse(&app, body).await {
+    let (req, sampling): (super::chat::ChatRequest, Sampling) = match parse(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -512,7 +517,7 @@ pub async fn chat_completions(State(app): State<App>, body: Body) -> Response {
     if req.stream_options.is_some() && !req.stream {
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
-    generate(app, Kind::Chat, req.model.clone(), prompt, req.sampling(), req.logprobs.unwrap_or(false), req.stream, include_usage).await
+    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, req.logprobs.unwrap_or(false), req.stream, include_usage).await
 }
 
 /// vLLM's `/tokenize` body: a prompt, or chat messages rendered with the model's template.
@@ -531,7 +536,7 @@ pub struct TokenizeRequest {
 
 /// `POST /tokenize`.
 pub async fn tokenize(State(app): State<App>, body: Body) -> Response {
-    let req: TokenizeRequest = match parse(&app, body).await {
+    let req: TokenizeRequest = match super::parse_whole(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -577,7 +582,7 @@ pub struct DetokenizeRequest {
 
 /// `POST /detokenize`.
 pub async fn detokenize(State(app): State<App>, body: Body) -> Response {
-    let req: DetokenizeRequest = match parse(&app, body).await {
+    let req: DetokenizeRequest = match super::parse_whole(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -593,5 +598,51 @@ pub async fn detokenize(State(app): State<App>, body: Body) -> Response {
     match model.tokenizer.decode(&req.tokens) {
         Ok(text) => super::json(StatusCode::OK, &serde_json::json!({"prompt": text})),
         Err(e) => ApiError::invalid(e.to_string(), Some("tokens".into())).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sampling_field_is_taken_out_of_the_body_by_name() {
+        let body: serde_json::Map<String, serde_json::Value> = SAMPLING_FIELDS
+            .iter()
+            .map(|k| {
+                let v = match *k {
+                    "stop" => serde_json::json!(["a"]),
+                    "ignore_eos" => serde_json::json!(true),
+                    "temperature" | "top_p" | "repetition_penalty" | "presence_penalty" | "frequency_penalty" => serde_json::json!(0.5),
+                    _ => serde_json::json!(3),
+                };
+                (k.to_string(), v)
+            })
+            .collect();
+        let s: Sampling = serde_json::from_value(serde_json::Value::Object(body)).expect("SAMPLING_FIELDS names Sampling's fields");
+        assert_eq!((s.max_tokens, s.n, s.top_k, s.ignore_eos), (Some(3), Some(3), Some(3), Some(true)));
+        assert_eq!(s.max_tokens().unwrap(), Some(3));
+        let disagree = Sampling { max_tokens: Some(3), max_completion_tokens: Some(4), ..Default::default() };
+        assert_eq!(disagree.max_tokens().unwrap_err().param.as_deref(), Some("max_completion_tokens"));
+    }
+
+    #[test]
+    fn a_list_of_prompts_or_token_ids_is_refused_by_name() {
+        let req = |prompt: serde_json::Value| CompletionRequest {
+            model: String::new(),
+            prompt,
+            logprobs: None,
+            stream: false,
+            stream_options: None,
+            user: None,
+            echo: None,
+            suffix: None,
+            best_of: None,
+            logit_bias: None,
+        };
+        assert_eq!(req(serde_json::json!(["one"])).prompt().unwrap(), "one");
+        assert!(req(serde_json::json!(["a", "b"])).prompt().unwrap_err().message.contains("several prompts"));
+        assert!(req(serde_json::json!([1, 2])).prompt().unwrap_err().message.contains("token ids"));
+        assert_eq!(req(serde_json::json!(7)).prompt().unwrap_err().message, "prompt: expected a string, got a number");
     }
 }

@@ -1,12 +1,12 @@
 //! `/v1/chat/completions`: the messages rendered with the model's own chat template (as
 //! transformers' `apply_chat_template` renders it), then generated like a completion.
 
-use super::api::{Sampling, Stop, StreamOptions};
+use super::api::StreamOptions;
 use super::{App, ApiError};
 use crate::engine::ModelEntry;
 use serde::Deserialize;
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions`, less the [`super::api::Sampling`] fields.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
@@ -20,19 +20,6 @@ pub struct ChatRequest {
     /// Template variables, e.g. `{"enable_thinking": false}`.
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     pub add_generation_prompt: Option<bool>,
-    pub max_tokens: Option<u32>,
-    pub max_completion_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i32>,
-    pub repetition_penalty: Option<f32>,
-    pub stop: Option<Stop>,
-    pub seed: Option<u64>,
-    pub n: Option<u32>,
-    pub ignore_eos: Option<bool>,
-    pub min_tokens: Option<u32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     #[serde(default)]
@@ -46,30 +33,7 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            repetition_penalty: self.repetition_penalty,
-            stop: self.stop.clone(),
-            seed: self.seed,
-            n: self.n,
-            ignore_eos: self.ignore_eos,
-            min_tokens: self.min_tokens,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-        }
-    }
-
     fn check_unsupported(&self) -> Result<(), ApiError> {
-        if self.max_tokens.is_some() && self.max_completion_tokens.is_some() && self.max_tokens != self.max_completion_tokens {
-            return Err(ApiError::invalid(
-                "max_tokens and max_completion_tokens disagree: give one",
-                Some("max_completion_tokens".into()),
-            ));
-        }
         if self.logit_bias.as_ref().is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
             return Err(ApiError::unsupported("logit_bias", ""));
         }

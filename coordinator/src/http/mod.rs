@@ -113,16 +113,29 @@ async fn not_found(headers: HeaderMap, uri: axum::http::Uri) -> Response {
 
 /// The request body as JSON of type `T` (a 413 when too large, a 400 naming the field at
 /// fault when not what `T` takes).
-async fn parse<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+async fn parse_whole<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
     let body = read_body(body, app.limits.max_request_bytes).await?;
-    parse_bytes(&body)
-}
-
-fn parse_bytes<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid("the request body is empty: send a JSON object", None));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
+    with_path(&mut serde_json::Deserializer::from_slice(&body))
+}
+
+/// A generation request's body: its sampling fields ([`api::SAMPLING_FIELDS`]) parsed as
+/// [`api::Sampling`], the rest as `T`, each naming the field at fault.
+async fn parse<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> Result<(T, api::Sampling), ApiError> {
+    let mut v: serde_json::Value = parse_whole(app, body).await?;
+    let Some(fields) = v.as_object_mut() else {
+        return Err(ApiError::invalid("the request body must be a JSON object", None));
+    };
+    let sampling: serde_json::Map<String, serde_json::Value> =
+        api::SAMPLING_FIELDS.iter().filter_map(|k| fields.remove(*k).map(|x| (k.to_string(), x))).collect();
+    let sampling = with_path(serde_json::Value::Object(sampling))?;
+    Ok((with_path(v)?, sampling))
+}
+
+/// Deserializes `T`, a 400 naming the path of the field at fault.
+fn with_path<'de, T: serde::Deserialize<'de>, D: serde::Deserializer<'de, Error = serde_json::Error>>(de: D) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

@@ -427,14 +427,15 @@ impl DeviceMap {
         }
     }
 
-    /// JSON object text with keys in map order, as accelerate's `OrderedDict` would dump.
+    /// JSON object text with keys in map order, as `json.dumps` of accelerate's `OrderedDict`.
     pub fn to_json_string(&self) -> String {
         let mut out = String::from("{");
         for (i, (k, d)) in self.0.iter().enumerate() {
             if i > 0 {
                 out.push_str(", ");
             }
-            push_json_string(&mut out, k);
+            // As Python's json.dumps writes a key (ensure_ascii, its default).
+            crate::chat::json_string(k, true, &mut out);
             out.push_str(": ");
             match d {
                 Device::Index(idx) => out.push_str(&idx.to_string()),
@@ -445,22 +446,6 @@ impl DeviceMap {
         out.push('}');
         out
     }
-}
-
-fn push_json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 impl Serialize for DeviceMap {
