@@ -110,6 +110,42 @@ impl InferenceService {
         Ok((engine, model, valid))
     }
 
+    /// Embeds `inputs` with `model`: each its own sequence in the scheduler (batched with the
+    /// other traffic), the pooled vectors of each in order, and the prompt tokens in all.
+    pub(crate) async fn embed_all(
+        &self,
+        model: &str,
+        inputs: &[String],
+        spec: crate::engine::EmbedSpec,
+        id: &str,
+    ) -> Result<(Vec<Vec<Vec<f32>>>, usize), ServeError> {
+        if inputs.is_empty() {
+            return Err(ServeError::InvalidArgument("inputs must not be empty".into()));
+        }
+        let (engine, entry) = self.0.find(model)?;
+        serving(&entry)?;
+        let valid = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, text)| crate::validate::validate_embed(&entry, text, i, spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt_tokens = valid.iter().map(|v| v.prompt_ids.len()).sum();
+        let mut handles = Vec::with_capacity(valid.len());
+        for (i, v) in valid.into_iter().enumerate() {
+            handles.push(engine.submit(&entry, v, format!("{id}-{i}")).await?);
+        }
+        let mut out = Vec::with_capacity(handles.len());
+        for mut h in handles {
+            let mut vectors = Vec::new();
+            while let Some(ev) = h.next().await {
+                vectors.extend(ev.embedding);
+            }
+            h.outcome().await?;
+            out.push(vectors);
+        }
+        Ok((out, prompt_tokens))
+    }
+
     /// Validates `req` and hands it to its model's scheduler.
     async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>), ServeError> {
         let (engine, model, valid) = self.prepare(req)?;
@@ -171,6 +207,27 @@ impl pb::inference_server::Inference for InferenceService {
             }
         };
         Ok(stream(id, name, span, engine, model, valid))
+    }
+
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let id = request_id(&request);
+        let req = request.into_inner();
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        let name = self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
+        let pooling = req.pooling.parse().map_err(|e: String| Status::invalid_argument(e))?;
+        let spec = crate::engine::EmbedSpec { pooling, normalize: req.normalize };
+        let result = self.embed_all(&req.model, &req.inputs, spec, &id).instrument(span).await;
+        record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
+        let (vectors, prompt_tokens) = result?;
+        let embeddings = vectors
+            .into_iter()
+            .map(|rows| pb::Embedding {
+                rows: rows.len() as u32,
+                dims: rows.first().map_or(0, |r| r.len() as u32),
+                values: rows.into_iter().flatten().collect(),
+            })
+            .collect();
+        Ok(with_id(Response::new(pb::EmbedResponse { embeddings, usage: Some(usage(prompt_tokens, 0)) }), &id))
     }
 
     type ChatStream = GenStream;

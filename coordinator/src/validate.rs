@@ -110,5 +110,36 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
         stop: req.stop.clone(),
         logprobs: req.logprobs,
         ignore_eos: req.ignore_eos,
+        embed: None,
+    })
+}
+
+/// Validates one input of an embedding request for `model`: a prompt that fits its context.
+pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate::engine::EmbedSpec) -> Result<ValidRequest, ServeError> {
+    if input.is_empty() {
+        return Err(invalid(format!("inputs[{index}] must not be empty")));
+    }
+    let prompt_ids = model
+        .tokenizer
+        .encode(input)
+        .map_err(|e| invalid(format!("inputs[{index}] cannot be tokenized: {e}")))?;
+    if prompt_ids.is_empty() {
+        return Err(invalid(format!("inputs[{index}] tokenizes to nothing")));
+    }
+    let limit = model.max_total_tokens;
+    if prompt_ids.len() > limit {
+        return Err(invalid(format!(
+            "inputs[{index}] has {} tokens; the model's context is {limit} tokens",
+            prompt_ids.len()
+        )));
+    }
+    Ok(ValidRequest {
+        prompt_ids,
+        max_new_tokens: 0,
+        sampling: SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 1 },
+        stop: Vec::new(),
+        logprobs: false,
+        ignore_eos: false,
+        embed: Some(spec),
     })
 }

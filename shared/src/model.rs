@@ -153,6 +153,10 @@ pub enum BatchOutput {
     /// Last stage: f32 logits at the last position of each sequence that asked for them, in
     /// step order, `(sequences, vocab)`.
     Logits(Tensor),
+    /// Last stage, when some sequences asked for embeddings: the logits as above, and the f32
+    /// final-norm hidden states of every row of those sequences, in step order,
+    /// `(rows, hidden)`.
+    Embedded { logits: Tensor, hidden: Tensor },
 }
 
 /// One sequence of a step.
@@ -164,6 +168,8 @@ pub struct SeqStep {
     pub tokens: usize,
     /// Last stage: whether to produce logits for it (a non-final prefill chunk does not).
     pub logits: bool,
+    /// Last stage: whether to give the final-norm hidden states of its rows (an embedding).
+    pub embed: bool,
 }
 
 /// Where each sequence's rows lie within a step, and where its tokens lie in the pool.
@@ -394,10 +400,10 @@ impl Shard {
                 (BatchInput::Hidden(h), n)
             }
         };
-        let seq = SeqStep { id, tokens, logits: true };
+        let seq = SeqStep { id, tokens, logits: true, embed: false };
         match self.forward_batch(pool, &[seq], batch_input)? {
             BatchOutput::Hidden(h) => Ok(StageOutput::Hidden(h.unsqueeze(0).map_err(Error::Forward)?)),
-            BatchOutput::Logits(l) => Ok(StageOutput::Logits(l.flatten_all().map_err(Error::Forward)?)),
+            BatchOutput::Logits(l) | BatchOutput::Embedded { logits: l, .. } => Ok(StageOutput::Logits(l.flatten_all().map_err(Error::Forward)?)),
         }
     }
 
@@ -483,12 +489,25 @@ impl Shard {
                     .filter(|(_, s)| s.logits)
                     .map(|(b, _)| (b.offset + b.len - 1) as u32)
                     .collect();
-                if rows.is_empty() {
-                    return Ok(BatchOutput::Logits(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?));
+                let logits = if rows.is_empty() {
+                    Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?
+                } else {
+                    let last = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+                    head.forward(&norm.forward(&last)?)?.to_dtype(DType::F32)?
+                };
+                let embed: Vec<u32> = batch
+                    .seqs
+                    .iter()
+                    .zip(seqs)
+                    .filter(|(_, s)| s.embed)
+                    .flat_map(|(b, _)| (b.offset as u32)..(b.offset + b.len) as u32)
+                    .collect();
+                if embed.is_empty() {
+                    return Ok(BatchOutput::Logits(logits));
                 }
-                let last = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
-                let logits = head.forward(&norm.forward(&last)?)?;
-                Ok(BatchOutput::Logits(logits.to_dtype(DType::F32)?))
+                let rows = x.index_select(&Tensor::new(embed.as_slice(), &self.device)?, 0)?;
+                let hidden = norm.forward(&rows)?.to_dtype(DType::F32)?;
+                Ok(BatchOutput::Embedded { logits, hidden })
             }
             _ => Ok(BatchOutput::Hidden(x)),
         }

@@ -131,7 +131,7 @@ fn greedy_batched(stages: &[Shard], prompts: &[Vec<u32>], n: usize, chunk: usize
                 vec![*out[i].last().unwrap()]
             };
             let logits = fed[i] + feed.len() >= p.len();
-            seqs.push(SeqStep { id: ids[i], tokens: feed.len(), logits });
+            seqs.push(SeqStep { id: ids[i], tokens: feed.len(), logits, embed: false });
             fed[i] += feed.len();
             tokens.extend(feed);
             which.push((i, logits));
@@ -145,7 +145,7 @@ fn greedy_batched(stages: &[Shard], prompts: &[Vec<u32>], n: usize, chunk: usize
         for (s, pool) in stages.iter().zip(pools.iter_mut()) {
             match s.forward_batch(pool, &seqs, input).unwrap() {
                 BatchOutput::Hidden(h) => input = BatchInput::Hidden(h),
-                BatchOutput::Logits(l) => {
+                BatchOutput::Logits(l) | BatchOutput::Embedded { logits: l, .. } => {
                     logits = Some(l);
                     input = BatchInput::Tokens(&[]);
                 }
@@ -199,7 +199,7 @@ fn a_full_pool_fails_the_step_before_anything_changes() {
     let mut pool = whole.new_pool(2, 4).unwrap();
     pool.insert(1);
     pool.insert(2);
-    let seqs = [SeqStep { id: 1, tokens: 5, logits: true }, SeqStep { id: 2, tokens: 4, logits: true }];
+    let seqs = [SeqStep { id: 1, tokens: 5, logits: true, embed: false }, SeqStep { id: 2, tokens: 4, logits: true, embed: false }];
     let err = whole.forward_batch(&mut pool, &seqs, BatchInput::Tokens(&[1, 2, 3, 4, 5, 6, 7, 8, 9])).unwrap_err();
     assert!(matches!(err, shardserve::Error::KvFull { needed: 3, free: 2, total: 2 }), "{err}");
     assert_eq!((pool.blocks_used(), pool.len_of(1), pool.len_of(2)), (0, Some(0), Some(0)));

@@ -109,6 +109,15 @@ r = client.chat.completions.create(model=chat_model, messages=chat_cases[0]["mes
                                    temperature=0, logprobs=True)
 check(len(r.choices[0].logprobs.content) == 4, r.choices[0].logprobs)
 
+# Embeddings: one unit vector of the hidden size per input, the same as base64 (the client's
+# default) and as floats.
+r = client.embeddings.create(model=plain_model, input=["The quick brown fox", "Hello"])
+check([d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 64, r.data)
+check(abs(sum(x * x for x in r.data[0].embedding) - 1) < 1e-4, "not unit norm")
+check(r.usage.prompt_tokens > 0, r.usage)
+f = client.embeddings.create(model=plain_model, input=["The quick brown fox", "Hello"], encoding_format="float")
+check(all(abs(a - b) < 1e-6 for a, b in zip(f.data[1].embedding, r.data[1].embedding)), "base64 and float differ")
+
 # Errors a client gets: OpenAI's shape, the right status, the field named.
 expect_error(lambda: client.completions.create(model=plain_model, prompt="x", max_tokens=4, extra_body={"bogus": 1}), 400, "bogus")
 e = expect_error(lambda: client.completions.create(model=plain_model, prompt="x", max_tokens=4, temperature=-1), 400, "temperature")

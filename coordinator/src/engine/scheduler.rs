@@ -59,6 +59,8 @@ struct Running {
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     last_token: Option<Instant>,
+    /// An embedding request's final-norm hidden states so far (positions × hidden, row-major).
+    hidden: Vec<f32>,
 }
 
 /// A step's answer (or failure), with what it carried.
@@ -215,6 +217,7 @@ impl Scheduler {
         r.parked_since = Some(Instant::now());
         r.seq_id = new_id;
         r.fed = 0;
+        r.hidden.clear();
         r.sending = 0;
         r.blocks = 0;
     }
@@ -277,6 +280,7 @@ impl Scheduler {
                 decoder: IncrementalDecoder::new(&sub.req.prompt_ids),
                 stops: StopMatcher::new(sub.req.stop.clone()),
                 last_token: None,
+                hidden: Vec::new(),
                 sub,
             });
         }
@@ -326,6 +330,7 @@ impl Scheduler {
                     prefill_only: r.fed + n < r.context.len(),
                     epoch: p.epoch,
                     request_id: if first { r.sub.id.clone() } else { String::new() },
+                    embed: req.embed.is_some(),
                 });
                 r.sending = n;
                 sent.push((r.seq_id, n));
@@ -376,7 +381,9 @@ impl Scheduler {
                 continue;
             }
             self.running[i].fed += rows;
-            if self.running[i].fed >= self.running[i].context.len() {
+            if self.running[i].sub.req.embed.is_some() {
+                self.embedded(i, r.hidden.as_ref(), rows);
+            } else if self.running[i].fed >= self.running[i].context.len() {
                 self.accept(i, r.token_id, r.logprob);
             }
             // A sequence whose placement was replaced while its step was out moves now.
@@ -441,6 +448,32 @@ impl Scheduler {
                 self.fail(i, ServeError::ClientTooSlow { buffered });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.fail(i, ServeError::Cancelled("the client went away".into())),
+        }
+    }
+
+    /// An embedding request's rows of hidden states from its last step; once the whole prompt
+    /// has gone through, its pooled vectors go to its client and it ends (its KV freed).
+    fn embedded(&mut self, i: usize, hidden: Option<&pb::Tensor>, rows: usize) {
+        let dims = self.engine.model.config.hidden_size;
+        let got = hidden
+            .ok_or_else(|| "no hidden states".to_string())
+            .and_then(|t| shardserve::wire::decode(t, &candle_core::Device::Cpu).map_err(|e| e.to_string()))
+            .and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string()));
+        let values = match got {
+            Ok(v) if v.len() == rows * dims => v,
+            Ok(v) => return self.fail(i, ServeError::Internal(format!("the last stage gave {} hidden values for {rows} rows of {dims}", v.len()))),
+            Err(e) => return self.fail(i, ServeError::Internal(format!("the last stage's hidden states: {e}"))),
+        };
+        let r = &mut self.running[i];
+        r.hidden.extend_from_slice(&values);
+        if r.fed < r.context.len() {
+            return;
+        }
+        let spec = r.sub.req.embed.expect("an embedding request");
+        let event = GenEvent { embedding: spec.pool(&r.hidden, dims), finish_reason: Some("stop"), ..Default::default() };
+        match r.sub.out.try_send(event) {
+            Ok(()) => self.finish(i, Ok(())),
+            Err(_) => self.fail(i, ServeError::Cancelled("the client went away".into())),
         }
     }
 

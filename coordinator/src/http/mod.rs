@@ -50,6 +50,7 @@ pub fn router(models: Arc<Models>, limits: Limits) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/completions", post(api::completions))
         .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/embeddings", post(api::embeddings))
         .route("/tokenize", post(api::tokenize))
         .route("/detokenize", post(api::detokenize))
         .fallback(not_found)

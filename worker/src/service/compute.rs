@@ -261,7 +261,7 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     }
     let seqs: Vec<SeqStep> = ok
         .iter()
-        .map(|(_, s, n)| SeqStep { id: s.seq_id, tokens: *n, logits: spec.last && !s.prefill_only })
+        .map(|(_, s, n)| SeqStep { id: s.seq_id, tokens: *n, logits: spec.last && !s.prefill_only && !s.embed, embed: spec.last && s.embed })
         .collect();
     let tokens: Vec<u32>;
     let input = match hidden {
@@ -297,11 +297,34 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
                 return abandon(state, loaded, kv, step, e, out);
             }
         },
-        BatchOutput::Logits(logits) => {
+        BatchOutput::Logits(_) | BatchOutput::Embedded { .. } => {
+            let (logits, hidden) = match output {
+                BatchOutput::Embedded { logits, hidden } => (logits, Some(hidden)),
+                BatchOutput::Logits(logits) => (logits, None),
+                BatchOutput::Hidden(_) => unreachable!("matched above"),
+            };
             let mut row = 0;
-            for (_, s, _) in &ok {
+            let mut hidden_row = 0;
+            for (_, s, n) in &ok {
                 let seq = kv.seqs.get_mut(&s.seq_id).expect("checked above");
                 seq.history.extend_from_slice(&s.token_ids);
+                if spec.last && s.embed {
+                    // An embedding: this step's rows of final-norm hidden states, no sample.
+                    let rows = hidden.as_ref().map(|h| h.narrow(0, hidden_row, *n).and_then(|r| shardserve::wire::encode(&r).map_err(|e| candle_core::Error::Msg(e.to_string()))));
+                    hidden_row += n;
+                    match rows {
+                        Some(Ok(w)) => out.results.push(pb::SequenceResult { seq_id: s.seq_id, hidden: Some(w), ..Default::default() }),
+                        Some(Err(e)) => {
+                            let e = StepError::Forward { worker: state.id.clone(), source: shardserve::Error::Forward(e) };
+                            out.results.push(e.result(s.seq_id));
+                        }
+                        None => {
+                            let e = StepError::Invalid { seq: s.seq_id, why: "no hidden states for an embed sequence".into() };
+                            out.results.push(e.result(s.seq_id));
+                        }
+                    }
+                    continue;
+                }
                 if !spec.last || s.prefill_only {
                     out.results.push(pb::SequenceResult { seq_id: s.seq_id, ..Default::default() });
                     continue;
