@@ -103,6 +103,8 @@ impl InferenceService {
             stop: req.stop.clone(),
             logprobs: req.logprobs,
             ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
+            min_tokens: req.min_tokens,
         };
         let (engine, model, mut valid) = self.prepare(&generate)?;
         valid.prompt_ids = shardserve::chat::prompt_ids(&model.tokenizer, &text).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
@@ -165,6 +167,7 @@ impl InferenceService {
             resp.text.push_str(&ev.text);
             resp.token_ids.extend(ev.token_ids);
             resp.logprobs.extend(ev.logprobs);
+            resp.top_logprobs.extend(ev.top_logprobs.iter().map(|t| top_logprobs(t)));
             if let Some(r) = ev.finish_reason {
                 resp.finish_reason = r.to_string();
             }
@@ -320,6 +323,7 @@ fn stream(id: String, name: String, span: tracing::Span, engine: Arc<Engine>, mo
                     text: ev.text,
                     token_ids: ev.token_ids,
                     logprobs: ev.logprobs,
+                    top_logprobs: ev.top_logprobs.iter().map(|t| top_logprobs(t)).collect(),
                     finish_reason: ev.finish_reason.unwrap_or_default().to_string(),
                     usage: ev.finish_reason.map(|_| usage(prompt_ids.len(), completion)),
                     prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
@@ -341,6 +345,10 @@ fn stream(id: String, name: String, span: tracing::Span, engine: Arc<Engine>, mo
         .instrument(span),
     );
     with_id(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))), &id)
+}
+
+fn top_logprobs(t: &[(u32, f32)]) -> pb::TopLogprobs {
+    pb::TopLogprobs { token_ids: t.iter().map(|(i, _)| *i).collect(), logprobs: t.iter().map(|(_, l)| *l).collect() }
 }
 
 pub(crate) fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {

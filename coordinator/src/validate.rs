@@ -10,6 +10,8 @@ use shardserve_proto::v1 as pb;
 pub const MAX_STOP_SEQUENCES: usize = 8;
 /// Longest stop sequence accepted, in bytes.
 pub const MAX_STOP_BYTES: usize = 512;
+/// Most alternatives per token a request may ask for (`top_logprobs`).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// max_new_tokens when neither the request nor generation_config.json sets it.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 100;
 
@@ -95,6 +97,15 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
             .map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize)
             .min(limit - prompt_ids.len()),
     };
+    if req.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs)));
+    }
+    if req.top_logprobs > 0 && !req.logprobs {
+        return Err(invalid("top_logprobs needs logprobs".into()));
+    }
+    if req.min_tokens as usize > max_new_tokens {
+        return Err(invalid(format!("min_tokens ({}) exceeds max_new_tokens ({max_new_tokens})", req.min_tokens)));
+    }
     let seed = s.seed.unwrap_or_else(crate::random_u64);
     let sampling = SamplingParams {
         temperature,
@@ -110,6 +121,8 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
         stop: req.stop.clone(),
         logprobs: req.logprobs,
         ignore_eos: req.ignore_eos,
+        top_logprobs: req.top_logprobs as usize,
+        min_tokens: req.min_tokens as usize,
         embed: None,
     })
 }
@@ -140,6 +153,8 @@ pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate
         stop: Vec::new(),
         logprobs: false,
         ignore_eos: false,
+        top_logprobs: 0,
+        min_tokens: 0,
         embed: Some(spec),
     })
 }

@@ -514,9 +514,37 @@ impl Shard {
     }
 }
 
+/// The `k` largest of `values` (most likely first; ties by lower id) and their values.
+pub fn top_k(values: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let k = k.min(values.len());
+    if k == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let by = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, by);
+    idx.truncate(k);
+    idx.sort_by(by);
+    let vals = idx.iter().map(|&i| values[i as usize]).collect();
+    (idx, vals)
+}
+
 /// Softmax over `logits` then log, as f32 values.
 pub fn log_softmax(logits: &Tensor) -> Result<Vec<f32>> {
     candle_nn::ops::log_softmax(logits, D::Minus1)
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(Error::Forward)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    #[test]
+    fn top_k_gives_the_largest_first_ties_by_lower_id() {
+        let v = [0.1, -2.0, 3.0, 0.1, 2.5];
+        assert_eq!(top_k(&v, 3), (vec![2, 4, 0], vec![3.0, 2.5, 0.1]));
+        assert_eq!(top_k(&v, 0), (vec![], vec![]));
+        assert_eq!(top_k(&v, 9).0, vec![2, 4, 0, 3, 1]);
+    }
 }

@@ -84,10 +84,29 @@ for c in client.completions.create(n=3, stream=True, **kw):
         streamed[ch.index] = streamed.get(ch.index, "") + ch.text
 check([streamed[i] for i in range(3)] == texts, f"streamed n=3 {streamed} != {texts}")
 
-# Log-probabilities of each generated token.
+# Log-probabilities of each generated token, and the most likely alternatives: greedy picks the
+# most likely, so its log-probability is the top one's.
 r = client.completions.create(model=plain_model, prompt=case["prompt"], max_tokens=8, temperature=0, logprobs=0)
 lp = r.choices[0].logprobs
 check(len(lp.token_logprobs) == 8 and all(x <= 0 for x in lp.token_logprobs), lp)
+r = client.completions.create(model=plain_model, prompt=case["prompt"], max_tokens=4, temperature=0, logprobs=3)
+lp = r.choices[0].logprobs
+check(len(lp.top_logprobs) == 4 and all(1 <= len(t) <= 3 for t in lp.top_logprobs), lp)
+check(all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(lp.top_logprobs, lp.token_logprobs)), lp)
+r = client.chat.completions.create(model=chat_model, messages=chat_cases[0]["messages"], max_completion_tokens=3,
+                                   temperature=0, logprobs=True, top_logprobs=2)
+content = r.choices[0].logprobs.content
+check(len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content), content)
+check(all(abs(c.top_logprobs[0].logprob - c.logprob) < 1e-5 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content), content)
+
+# min_tokens: this prompt's greedy continuation is the end-of-sequence token at once; with
+# min_tokens it cannot be before the fifth token.
+r = client.completions.create(model=plain_model, prompt="<|endoftext|>", max_tokens=8, temperature=0)
+check(r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "stop", r)
+r = client.completions.create(model=plain_model, prompt="<|endoftext|>", max_tokens=8, temperature=0, extra_body={"min_tokens": 5})
+check(r.usage.completion_tokens >= 5, r.usage)
+expect_error(lambda: client.completions.create(model=plain_model, prompt="x", max_tokens=4, extra_body={"min_tokens": 5}), 400, "min_tokens")
+expect_error(lambda: client.completions.create(model=plain_model, prompt="x", max_tokens=4, logprobs=21), 400, "at most 20")
 
 # Chat: the template's prompt, the same tokens as the completion of the rendered text.
 for cc in chat_cases:

@@ -125,11 +125,17 @@ async fn sse_framing_errors_and_disconnects_over_raw_http() {
     let plain = reference_model().to_str().unwrap().to_string();
     let case = &reference_cases()[1];
 
-    // A stream, byte by byte: `data: {json}\n\n` events, the last one `data: [DONE]\n\n`.
+    // A stream as `curl -N` shows it, byte by byte: `data: {json}\n\n` events, the last one
+    // `data: [DONE]\n\n`.
     let body = serde_json::json!({"model": plain, "prompt": case.prompt, "max_tokens": 6, "temperature": 0, "stream": true}).to_string();
-    let (status, raw) = request(&http, "POST", "/v1/completions", &body);
-    assert_eq!(status, 200);
-    let text = String::from_utf8(raw).unwrap();
+    let out = bounded(
+        Command::new("curl")
+            .args(["-sS", "-N", "--fail-with-body", "-H", "Content-Type: application/json", "-d", &body])
+            .arg(format!("http://{http}/v1/completions")),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text:?}");
     let events: Vec<&str> = text.strip_suffix("\n\n").unwrap().split("\n\n").collect();
     let mut streamed = String::new();

@@ -565,6 +565,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         logprobs: false,
         // Every request generates exactly --output-tokens, as vLLM's benchmark does.
         ignore_eos: true,
+        ..Default::default()
     };
     let mut runs = Vec::with_capacity(levels.len());
     for (i, &level) in levels.iter().enumerate() {

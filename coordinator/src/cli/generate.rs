@@ -64,6 +64,12 @@ pub struct GenerateArgs {
     /// Generate past end-of-sequence tokens, up to --max-new-tokens or a stop string.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// With --logprobs: also the N most likely tokens at each position (at most 20).
+    #[arg(long, default_value_t = 0, requires = "logprobs")]
+    pub top_logprobs: u32,
+    /// No end-of-sequence token before N tokens are generated.
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: u32,
 }
 
 impl GenerateArgs {
@@ -82,6 +88,8 @@ impl GenerateArgs {
             stop: self.stop.clone(),
             logprobs: self.logprobs,
             ignore_eos: self.ignore_eos,
+            top_logprobs: self.top_logprobs,
+            min_tokens: self.min_tokens,
         }
     }
 
@@ -116,6 +124,8 @@ impl GenerateArgs {
             stop: g.stop,
             logprobs: g.logprobs,
             ignore_eos: g.ignore_eos,
+            top_logprobs: g.top_logprobs,
+            min_tokens: g.min_tokens,
         })
     }
 }

@@ -242,6 +242,10 @@ pub struct ValidRequest {
     pub logprobs: bool,
     /// Generate past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// With logprobs: how many most likely alternatives to give per token.
+    pub top_logprobs: usize,
+    /// No end-of-sequence token before this many are generated.
+    pub min_tokens: usize,
     /// An embedding request: nothing is generated; the final-norm hidden states of the prompt
     /// come back pooled.
     pub embed: Option<EmbedSpec>,
@@ -318,6 +322,8 @@ pub struct GenEvent {
     pub finish_reason: Option<&'static str>,
     /// An embedding request's pooled vectors (its one event).
     pub embedding: Vec<Vec<f32>>,
+    /// With top_logprobs: for each token, the most likely (token, log-probability) pairs.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
 /// Resolves the model and reads what the coordinator needs of it (config, generation config,

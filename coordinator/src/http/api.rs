@@ -92,8 +92,7 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub model: String,
     pub prompt: serde_json::Value,
-    /// Completions' logprobs: how many alternatives per token (only 0 is supported: each
-    /// token's own log-probability).
+    /// Completions' logprobs: each token's own log-probability, and this many alternatives.
     pub logprobs: Option<u32>,
     #[serde(default)]
     pub stream: bool,
@@ -136,12 +135,6 @@ impl CompletionRequest {
         if self.logit_bias.as_ref().is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
             return Err(ApiError::unsupported("logit_bias", ""));
         }
-        if self.logprobs.is_some_and(|k| k > 0) {
-            return Err(ApiError::unsupported(
-                "logprobs",
-                " above 0: only each generated token's own log-probability is returned (logprobs: 0)",
-            ));
-        }
         Ok(())
     }
 }
@@ -164,7 +157,7 @@ fn engine_request(
     model: &str,
     prompt: String,
     s: &Sampling,
-    logprobs: bool,
+    logprobs: Logprobs,
     index: u32,
     add_special_tokens: bool,
 ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ApiError> {
@@ -172,9 +165,6 @@ fn engine_request(
         if v.is_some_and(|v| v != 0.0) {
             return Err(ApiError::unsupported(field, " (use repetition_penalty, transformers' penalty)"));
         }
-    }
-    if s.min_tokens.is_some_and(|m| m > 0) {
-        return Err(ApiError::unsupported("min_tokens", ""));
     }
     let stop = match &s.stop {
         None => Vec::new(),
@@ -197,8 +187,10 @@ fn engine_request(
             seed: s.seed.map(|seed| seed.wrapping_add(u64::from(index))),
         }),
         stop,
-        logprobs,
+        logprobs: logprobs.on,
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        top_logprobs: logprobs.top,
+        min_tokens: s.min_tokens.unwrap_or(0),
     };
     let (engine, model, mut valid) = svc.prepare(&req).map_err(|e| field_error(e.into()))?;
     if !add_special_tokens {
@@ -225,6 +217,8 @@ fn field_error(mut e: ApiError) -> ApiError {
         ("sampling.top_k", "top_k"),
         ("sampling.repetition_penalty", "repetition_penalty"),
         ("max_new_tokens", "max_tokens"),
+        ("top_logprobs", "top_logprobs"),
+        ("min_tokens", "min_tokens"),
     ] {
         if e.message.contains(grpc) {
             e.message = e.message.replace(grpc, http);
@@ -257,6 +251,13 @@ fn choice_stream(index: usize, handle: RequestHandle) -> impl Stream<Item = Item
     })
 }
 
+/// What a request asks of log-probabilities: each token's own, and how many alternatives.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Logprobs {
+    pub on: bool,
+    pub top: u32,
+}
+
 /// OpenAI's finish_reason for the engine's.
 fn finish_reason(r: &str) -> &'static str {
     match r {
@@ -279,7 +280,7 @@ async fn submit_all(
     model: &str,
     prompt: &str,
     s: &Sampling,
-    logprobs: bool,
+    logprobs: Logprobs,
     id: &str,
     add_special_tokens: bool,
     max_n: u32,
@@ -308,7 +309,7 @@ async fn generate(
     model: String,
     prompt: String,
     s: Sampling,
-    logprobs: bool,
+    logprobs: Logprobs,
     stream: bool,
     include_usage: bool,
 ) -> Response {
@@ -354,7 +355,7 @@ async fn generate(
         let out = match item {
             Item::Event(i, ev) => {
                 completion += ev.token_ids.len();
-                let lp = logprobs.then(|| logprobs_json(kind, &tokenizer_model, &ev));
+                let lp = logprobs.on.then(|| logprobs_json(kind, &tokenizer_model, &ev));
                 let choice = if kind == Kind::Chat {
                     serde_json::json!({"index": i, "delta": {"content": ev.text}, "logprobs": lp,
                         "finish_reason": ev.finish_reason.map(finish_reason)})
@@ -409,14 +410,21 @@ fn usage(prompt: usize, completion: usize) -> serde_json::Value {
 /// The logprobs of an event's tokens: completions' `{tokens, token_logprobs, ...}` lists, or
 /// chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`.
 fn logprobs_json(kind: Kind, model: &ModelEntry, ev: &GenEvent) -> serde_json::Value {
-    let tokens: Vec<String> = ev.token_ids.iter().map(|t| model.tokenizer.decode(&[*t]).unwrap_or_default()).collect();
+    let text = |t: u32| model.tokenizer.decode(&[t]).unwrap_or_default();
+    let tokens: Vec<String> = ev.token_ids.iter().map(|t| text(*t)).collect();
+    let top = |i: usize| ev.top_logprobs.get(i).cloned().unwrap_or_default();
     match kind {
         Kind::Completion => serde_json::json!({
-            "tokens": tokens, "token_logprobs": ev.logprobs, "top_logprobs": null, "text_offset": null,
+            "tokens": tokens, "token_logprobs": ev.logprobs,
+            "top_logprobs": if ev.top_logprobs.is_empty() { serde_json::Value::Null } else {
+                (0..tokens.len()).map(|i| top(i).into_iter().map(|(t, lp)| (text(t), serde_json::json!(lp))).collect::<serde_json::Map<_, _>>()).collect()
+            },
+            "text_offset": null,
         }),
         Kind::Chat => serde_json::json!({
-            "content": tokens.iter().zip(&ev.logprobs).map(|(t, lp)| serde_json::json!({
-                "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [],
+            "content": tokens.iter().zip(&ev.logprobs).enumerate().map(|(i, (t, lp))| serde_json::json!({
+                "token": t, "logprob": lp, "bytes": t.as_bytes(),
+                "top_logprobs": top(i).into_iter().map(|(id, lp)| { let t = text(id); serde_json::json!({"token": t, "logprob": lp, "bytes": t.as_bytes()}) }).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         }),
     }
@@ -433,7 +441,7 @@ async fn collect(
     model_name: &str,
     prompt_tokens: usize,
     model: &ModelEntry,
-    logprobs: bool,
+    logprobs: Logprobs,
     name: &str,
 ) -> Response {
     let mut texts = vec![String::new(); n];
@@ -448,7 +456,7 @@ async fn collect(
                 if let Some(r) = ev.finish_reason {
                     finish[i] = Some(finish_reason(r));
                 }
-                if logprobs {
+                if logprobs.on {
                     events[i].push(ev);
                 }
             }
@@ -463,11 +471,12 @@ async fn collect(
     let merged = |evs: &[GenEvent]| GenEvent {
         token_ids: evs.iter().flat_map(|e| e.token_ids.clone()).collect(),
         logprobs: evs.iter().flat_map(|e| e.logprobs.clone()).collect(),
+        top_logprobs: evs.iter().flat_map(|e| e.top_logprobs.clone()).collect(),
         ..Default::default()
     };
     let choices: Vec<serde_json::Value> = (0..n)
         .map(|i| {
-            let lp = logprobs.then(|| logprobs_json(kind, model, &merged(&events[i])));
+            let lp = logprobs.on.then(|| logprobs_json(kind, model, &merged(&events[i])));
             match kind {
                 Kind::Completion => serde_json::json!({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finish[i]}),
                 Kind::Chat => serde_json::json!({"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -500,7 +509,8 @@ pub async fn completions(State(app): State<App>, body: Body) -> Response {
     if req.stream_options.is_some() && !req.stream {
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
-    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, req.logprobs.is_some(), req.stream, include_usage).await
+    let logprobs = Logprobs { on: req.logprobs.is_some(), top: req.logprobs.unwrap_or(0) };
+    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -517,7 +527,8 @@ pub async fn chat_completions(State(app): State<App>, body: Body) -> Response {
     if req.stream_options.is_some() && !req.stream {
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
-    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, req.logprobs.unwrap_or(false), req.stream, include_usage).await
+    let logprobs = Logprobs { on: req.logprobs.unwrap_or(false), top: req.top_logprobs.unwrap_or(0) };
+    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage).await
 }
 
 /// `POST /v1/embeddings`.

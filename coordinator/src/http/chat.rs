@@ -50,12 +50,6 @@ impl ChatRequest {
         if self.parallel_tool_calls.as_ref().is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(true)) {
             return Err(ApiError::unsupported("parallel_tool_calls", " (other than true)"));
         }
-        if self.top_logprobs.is_some_and(|k| k > 0) {
-            return Err(ApiError::unsupported(
-                "top_logprobs",
-                " above 0: only each generated token's own log-probability is returned",
-            ));
-        }
         if self.top_logprobs.is_some() && self.logprobs != Some(true) {
             return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs".into())));
         }

@@ -344,13 +344,23 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
                     out.results.push(e.result(s.seq_id));
                     continue;
                 };
+                let mut values = values;
+                for t in &s.suppress {
+                    if let Some(v) = values.get_mut(*t as usize) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
                 let token = sampler.sample(&values, &seq.history);
-                let logprob = if s.logprobs {
-                    model::log_softmax(&l).map(|lp| lp[token as usize]).unwrap_or(f32::NAN)
-                } else {
-                    0.0
-                };
-                out.results.push(pb::SequenceResult { seq_id: s.seq_id, token_id: token, logprob, ..Default::default() });
+                let mut result = pb::SequenceResult { seq_id: s.seq_id, token_id: token, ..Default::default() };
+                if s.logprobs || s.top_logprobs > 0 {
+                    // The model's own distribution (before any suppression or sampling filter).
+                    let lp = model::log_softmax(&l).unwrap_or_default();
+                    result.logprob = lp.get(token as usize).copied().unwrap_or(f32::NAN);
+                    let (ids, top) = model::top_k(&lp, s.top_logprobs as usize);
+                    result.top_ids = ids;
+                    result.top_logprobs = top;
+                }
+                out.results.push(result);
             }
         }
     }
