@@ -57,7 +57,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "metrics_address": s.metrics_address, "models": models,
+            serde_json::json!({"membership": s.membership, "role": s.role, "workers": s.workers, "metrics_address": s.metrics_address, "http_address": s.http_address, "models": models,
                 "downloads": s.downloads.iter().map(|d| serde_json::json!({
                     "repo": d.repo, "file": d.file, "done_bytes": d.done_bytes, "total_bytes": d.total_bytes,
                 })).collect::<Vec<_>>()})
