@@ -71,6 +71,59 @@ impl BatchArgs {
     }
 }
 
+/// Client auth.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// A file of API keys (one per line), required on Inference and the HTTP API when given;
+    /// read again whenever it changes.
+    #[arg(long, env = "SHARDSERVE_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// A file of admin keys (one per line), required on Admin (and accepted on Inference) when
+    /// given; read again whenever it changes.
+    #[arg(long, env = "SHARDSERVE_ADMIN_KEYS_FILE")]
+    pub admin_keys_file: Option<std::path::PathBuf>,
+    /// Do not serve gRPC reflection.
+    #[arg(long, env = "SHARDSERVE_NO_REFLECTION")]
+    pub no_reflection: bool,
+}
+
+impl AuthArgs {
+    /// Opens the key files (each must hold a key).
+    pub fn load(&self) -> anyhow::Result<crate::auth::Auth> {
+        let open = |p: &Option<std::path::PathBuf>| -> anyhow::Result<_> {
+            p.as_deref().map(|p| crate::auth::KeyFile::open(p).map(std::sync::Arc::new)).transpose()
+        };
+        Ok(crate::auth::Auth { api: open(&self.api_keys_file)?, admin: open(&self.admin_keys_file)? })
+    }
+
+    /// The same flags as arguments, for a coordinator started by `shardctl up`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if let Some(p) = &self.api_keys_file {
+            a.extend(["--api-keys-file".to_string(), p.display().to_string()]);
+        }
+        if let Some(p) = &self.admin_keys_file {
+            a.extend(["--admin-keys-file".to_string(), p.display().to_string()]);
+        }
+        if self.no_reflection {
+            a.push("--no-reflection".into());
+        }
+        a
+    }
+
+    /// A key `shardctl up` itself presents to the coordinator it started: the first admin key,
+    /// else the first API key.
+    pub fn own_key(&self) -> anyhow::Result<Option<String>> {
+        for p in [&self.admin_keys_file, &self.api_keys_file].into_iter().flatten() {
+            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            if let Some(k) = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')) {
+                return Ok(Some(k.to_string()));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// The OpenAI-compatible HTTP API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpArgs {

@@ -9,6 +9,7 @@
 //! - [`scale`]: starting and stopping local workers.
 //! - [`cli`]: `shardctl`, the operator CLI.
 
+pub mod auth;
 pub mod cli;
 pub mod engine;
 pub mod error;
@@ -46,6 +47,10 @@ pub struct CoordinatorConfig {
     pub http_address: Option<String>,
     /// What one HTTP request may ask.
     pub http_limits: http::Limits,
+    /// API and admin keys.
+    pub auth: auth::Auth,
+    /// Serve gRPC reflection.
+    pub reflection: bool,
 }
 
 /// Serves the coordinator on `listener` (and the HTTP API on `http`, when given) until
@@ -69,9 +74,9 @@ pub async fn run(
     let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd.clone(), shutdown.clone()).await?;
     let models = models::Models::new(engine.clone(), fleet, etcd, shutdown.clone());
     let http_task = http.map(|l| {
-        let (models, stop, limits) = (models.clone(), shutdown.clone(), config.http_limits);
+        let (models, stop, limits, keys) = (models.clone(), shutdown.clone(), config.http_limits, config.auth.clone());
         tokio::spawn(async move {
-            if let Err(e) = http::serve(l, models, limits, stop).await {
+            if let Err(e) = http::serve(l, models, limits, keys, stop).await {
                 tracing::error!(error = %e, "the HTTP API stopped");
             }
         })
@@ -108,18 +113,20 @@ pub async fn run(
     // The builder's own tcp_nodelay covers only sockets it binds itself: without it on these,
     // Nagle's algorithm holds streamed tokens back until the client's delayed ACK (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let inference = config.auth.interceptor(auth::Role::Inference);
+    let admin = config.auth.interceptor(auth::Role::Admin);
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(InferenceServer::new(service::InferenceService(models.clone())))
-        .add_service(AdminServer::new(service::AdminService {
+        .add_optional_service(config.reflection.then_some(reflection))
+        .add_service(InferenceServer::with_interceptor(service::InferenceService(models.clone()), inference))
+        .add_service(AdminServer::with_interceptor(service::AdminService {
             models: models.clone(),
             local: config.local_workers.clone(),
             kubernetes: config.kubernetes.clone(),
             spawned: Arc::default(),
             metrics_address: config.metrics_listen.clone().unwrap_or_default(),
             http_address: config.http_address.clone().unwrap_or_default(),
-        }))
+        }, admin))
         .add_service(MembershipServer::new(membership::MembershipService(embedded)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await?;

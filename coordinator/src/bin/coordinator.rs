@@ -45,6 +45,8 @@ struct Args {
     batch: shardserve_coordinator::flags::BatchArgs,
     #[command(flatten)]
     http: shardserve_coordinator::flags::HttpArgs,
+    #[command(flatten)]
+    auth: shardserve_coordinator::flags::AuthArgs,
     /// Seconds a worker's lease lasts without a keep-alive.
     #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
     lease_ttl_s: u64,
@@ -186,6 +188,8 @@ impl TryFrom<Args> for CoordinatorConfig {
             metrics_listen: a.batch.metrics_listen.clone(),
             http_address: None,
             http_limits: a.http.validate()?,
+            auth: a.auth.load()?,
+            reflection: !a.auth.no_reflection,
             etcd: a.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
             kubernetes: match (a.fleet, a.statefulset) {
                 (Fleet::Kubernetes, Some(name)) => {

@@ -9,7 +9,6 @@ use shardserve_proto::v1 as pb;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// Bounds every single RPC, so a stuck cluster ends the bench with an error instead of a hang.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -180,7 +179,7 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = anyhow::R
         .map_err(|_| anyhow!("{what} took longer than {} s", REQUEST_TIMEOUT.as_secs()))?
 }
 
-async fn tokenize(client: &mut pb::inference_client::InferenceClient<Channel>, model: &str, text: &str) -> anyhow::Result<Vec<u32>> {
+async fn tokenize(client: &mut super::InferenceClient, model: &str, text: &str) -> anyhow::Result<Vec<u32>> {
     let req = pb::TokenizeRequest { model: model.to_string(), text: text.to_string() };
     bounded("Tokenize", async { Ok(client.tokenize(req).await.map_err(status_error)?.into_inner().token_ids) }).await
 }
@@ -198,7 +197,7 @@ fn words(k: usize) -> String {
 }
 
 /// Finds a prompt that the model's own tokenizer turns into exactly `n` ids.
-async fn build_prompt(client: &mut pb::inference_client::InferenceClient<Channel>, model: &str, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
+async fn build_prompt(client: &mut super::InferenceClient, model: &str, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
     let empty = tokenize(client, model, "").await?.len();
     if n <= empty {
         bail!("--prompt-tokens {n} is too small: the tokenizer adds {empty} special token(s) to any prompt");
@@ -241,7 +240,7 @@ async fn build_prompt(client: &mut pb::inference_client::InferenceClient<Channel
 }
 
 /// One streamed greedy request, timed from send to each token's arrival.
-async fn one_request(mut client: pb::inference_client::InferenceClient<Channel>, req: pb::GenerateRequest) -> anyhow::Result<Sample> {
+async fn one_request(mut client: super::InferenceClient, req: pb::GenerateRequest) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut stream = client.generate_stream(req).await.map_err(status_error)?.into_inner();
     let mut s = Sample::default();
@@ -269,7 +268,7 @@ async fn one_request(mut client: pb::inference_client::InferenceClient<Channel>,
 }
 
 /// Sends `total` requests with `concurrency` in flight; returns the samples and the wall time.
-async fn run_phase(client: &pb::inference_client::InferenceClient<Channel>, req: &pb::GenerateRequest, total: usize, concurrency: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
+async fn run_phase(client: &super::InferenceClient, req: &pb::GenerateRequest, total: usize, concurrency: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
     let next = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let start = Instant::now();
@@ -407,7 +406,7 @@ fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n:
 
 /// Sends `total` requests arriving as a Poisson process of `rate` per second (seeded), each as
 /// soon as it arrives; returns the samples and the wall time.
-async fn run_open_loop(client: &pb::inference_client::InferenceClient<Channel>, req: &pb::GenerateRequest, total: usize, rate: f64, seed: u64) -> anyhow::Result<(Vec<Sample>, f64)> {
+async fn run_open_loop(client: &super::InferenceClient, req: &pb::GenerateRequest, total: usize, rate: f64, seed: u64) -> anyhow::Result<(Vec<Sample>, f64)> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = tokio::time::Instant::now();
@@ -541,7 +540,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             .connect()
             .await
             .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
-        let mut c = pb::inference_client::InferenceClient::new(channel);
+        let key = a.target.key(crate::auth::Role::Inference)?;
+        let mut c = pb::inference_client::InferenceClient::with_interceptor(channel, super::Bearer::new(key.as_deref())?);
         if model.is_empty() {
             let list = bounded("ListModels", async { c.list_models(pb::ListModelsRequest {}).await.map_err(status_error) });
             if let [only] = list.await?.into_inner().models.as_slice() {

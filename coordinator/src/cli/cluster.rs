@@ -58,6 +58,8 @@ pub struct UpArgs {
     pub batch: crate::flags::BatchArgs,
     #[command(flatten)]
     pub http: crate::flags::HttpArgs,
+    #[command(flatten)]
+    pub auth: crate::flags::AuthArgs,
     /// Placement over the workers, as transformers' device_map: auto, balanced,
     /// balanced_low_0 or sequential.
     #[arg(long, default_value = "auto")]
@@ -95,6 +97,8 @@ pub struct UpArgs {
 /// A running local cluster; everything it started stops when it is dropped.
 pub struct LocalCluster {
     pub url: String,
+    /// The key this cluster's coordinator asks for, when it asks for one.
+    pub key: Option<String>,
     coordinator: Child,
     workers: Vec<Child>,
 }
@@ -149,6 +153,7 @@ impl LocalCluster {
         cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype.to_string()])
             .args(a.batch.to_args())
             .args(a.http.to_args())
+            .args(a.auth.to_args())
             .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
             .args(["--tp", &a.tp.to_string()])
             .args(a.random_weights.then_some("--random-weights"))
@@ -188,6 +193,7 @@ impl LocalCluster {
         let url = crate::url(&addr);
         let mut cluster = LocalCluster {
             url: url.clone(),
+            key: a.auth.own_key()?,
             coordinator,
             workers: Vec::new(),
         };
@@ -233,13 +239,13 @@ impl LocalCluster {
             if let Some(status) = self.coordinator.try_wait()? {
                 bail!("the coordinator exited ({status}) before the model was ready");
             }
-            if let Ok(mut c) = pb::inference_client::InferenceClient::connect(self.url.clone()).await {
+            if let Ok(mut c) = super::inference_at(&self.url, self.key.as_deref()).await {
                 if let Ok(r) = c.list_models(pb::ListModelsRequest {}).await {
                     let models = r.into_inner().models;
                     if !models.is_empty() && models.iter().all(|m| m.state == "ready") {
                         return Ok(());
                     }
-                    if let Ok(mut a) = pb::admin_client::AdminClient::connect(self.url.clone()).await {
+                    if let Ok(mut a) = super::admin_at(&self.url, self.key.as_deref()).await {
                         if let Ok(s) = a.cluster_status(pb::ClusterStatusRequest {}).await {
                             last = s.into_inner().models.iter().map(|m| m.detail.clone()).collect::<Vec<_>>().join("; ");
                         }

@@ -160,10 +160,7 @@ impl Generated {
 
 /// `shardctl generate`.
 pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let url = crate::url(&a.target.coordinator);
-    let mut client = pb::inference_client::InferenceClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    let mut client = super::inference(&a.target).await?;
     let mut out = Generated::default();
     if a.stream || a.chat {
         let mut stream = if a.chat {

@@ -27,6 +27,75 @@ pub struct Target {
     /// Coordinator URL.
     #[arg(long, env = "SHARDSERVE_COORDINATOR", default_value = crate::DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    /// A file holding the key to present (its first line). Without it: SHARDSERVE_ADMIN_KEY for
+    /// operator commands, SHARDSERVE_API_KEY (else SHARDSERVE_ADMIN_KEY) for the others.
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// The key to present for `role`, if any.
+    pub fn key(&self, role: crate::auth::Role) -> anyhow::Result<Option<String>> {
+        if let Some(p) = &self.api_key_file {
+            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", p.display()))?;
+            let key = text.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_string);
+            return key.map(Some).ok_or_else(|| anyhow::anyhow!("--api-key-file {}: empty", p.display()));
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Ok(match role {
+            crate::auth::Role::Admin => env("SHARDSERVE_ADMIN_KEY"),
+            crate::auth::Role::Inference => env("SHARDSERVE_API_KEY").or_else(|| env("SHARDSERVE_ADMIN_KEY")),
+        })
+    }
+}
+
+/// Presents a key (`authorization: Bearer KEY`) on every call, when there is one.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(key: Option<&str>) -> anyhow::Result<Self> {
+        key.map(|k| format!("Bearer {k}").parse().map_err(|_| anyhow::anyhow!("the key is not printable ASCII")))
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// An Admin client that presents the operator's key.
+pub type AdminClient = shardserve_proto::v1::admin_client::AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+/// An Inference client that presents the user's key.
+pub type InferenceClient =
+    shardserve_proto::v1::inference_client::InferenceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))
+}
+
+/// An Inference client of `url` presenting `key`.
+pub async fn inference_at(url: &str, key: Option<&str>) -> anyhow::Result<InferenceClient> {
+    Ok(shardserve_proto::v1::inference_client::InferenceClient::with_interceptor(channel(url).await?, Bearer::new(key)?))
+}
+
+/// An Admin client of `url` presenting `key`.
+pub async fn admin_at(url: &str, key: Option<&str>) -> anyhow::Result<AdminClient> {
+    Ok(shardserve_proto::v1::admin_client::AdminClient::with_interceptor(channel(url).await?, Bearer::new(key)?))
+}
+
+/// An Inference client of the target.
+pub async fn inference(target: &Target) -> anyhow::Result<InferenceClient> {
+    inference_at(&crate::url(&target.coordinator), target.key(crate::auth::Role::Inference)?.as_deref()).await
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,11 +162,8 @@ pub async fn main() -> i32 {
 }
 
 /// A client of the coordinator's Admin API.
-pub async fn admin(target: &Target) -> anyhow::Result<shardserve_proto::v1::admin_client::AdminClient<tonic::transport::Channel>> {
-    let url = crate::url(&target.coordinator);
-    shardserve_proto::v1::admin_client::AdminClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))
+pub async fn admin(target: &Target) -> anyhow::Result<AdminClient> {
+    admin_at(&crate::url(&target.coordinator), target.key(crate::auth::Role::Admin)?.as_deref()).await
 }
 
 /// Turns a gRPC status into a one-line error that keeps its code.

@@ -74,10 +74,7 @@ fn info_json(m: &pb::ModelInfo) -> serde_json::Value {
 }
 
 async fn list_models(target: &Target) -> anyhow::Result<Vec<pb::ModelInfo>> {
-    let url = crate::url(&target.coordinator);
-    let mut c = pb::inference_client::InferenceClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    let mut c = super::inference(target).await?;
     Ok(c.list_models(pb::ListModelsRequest {}).await.map_err(status_error)?.into_inner().models)
 }
 

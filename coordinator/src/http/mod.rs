@@ -41,10 +41,12 @@ impl Default for Limits {
 struct App {
     models: Arc<Models>,
     limits: Limits,
+    auth: crate::auth::Auth,
 }
 
 /// The API's routes.
-pub fn router(models: Arc<Models>, limits: Limits) -> Router {
+pub fn router(models: Arc<Models>, limits: Limits, auth: crate::auth::Auth) -> Router {
+    let app = App { models, limits, auth };
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(list_models))
@@ -54,12 +56,26 @@ pub fn router(models: Arc<Models>, limits: Limits) -> Router {
         .route("/tokenize", post(api::tokenize))
         .route("/detokenize", post(api::detokenize))
         .fallback(not_found)
-        .with_state(App { models, limits })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
+        .with_state(app)
+}
+
+/// Every route but `/health` needs an API key when the coordinator has them
+/// (`Authorization: Bearer KEY`): 401 without a valid one.
+async fn authorize(State(app): State<App>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.uri().path() != "/health" {
+        let key = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
+        if let Err(e) = app.auth.check(crate::auth::Role::Inference, key) {
+            let status = if e.code() == tonic::Code::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::UNAUTHORIZED };
+            return ApiError { status, message: e.to_string(), param: None }.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Serves the API on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, models: Arc<Models>, limits: Limits, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(models, limits)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(listener: TcpListener, models: Arc<Models>, limits: Limits, auth: crate::auth::Auth, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(models, limits, auth)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 /// The request body, at most `limit` bytes (413 beyond).
