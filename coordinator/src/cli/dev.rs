@@ -17,6 +17,24 @@ pub enum DevCommand {
     /// Create an NCCL communicator on a GPU and time an all-reduce (one JSON line; a build
     /// with --features cuda).
     CheckNccl(CheckNcclArgs),
+    /// Make a certificate authority and a server and a client certificate signed by it (for
+    /// tests, Compose and Kubernetes Secrets): ca.pem, ca.key, server.pem, server.key,
+    /// client.pem, client.key.
+    Certs(CertsArgs),
+}
+
+/// Arguments of `shardctl dev certs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CertsArgs {
+    /// The folder to write the files into (made if missing; existing files are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Names the server certificate is valid for: DNS names or IP addresses, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub hosts: Vec<String>,
+    /// Days the certificates are valid, from now.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
 }
 
 /// Arguments of `shardctl dev check-device`.
@@ -178,7 +196,66 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
         }
         DevCommand::CheckDevice(a) => check_device(&a),
         DevCommand::CheckNccl(a) => check_nccl(&a),
+        DevCommand::Certs(a) => certs(&a),
     }
+}
+
+/// `shardctl dev certs`: an ECDSA P-256 CA, and a server (serverAuth, the --hosts as subject
+/// alternative names) and a client (clientAuth) certificate it signs.
+fn certs(a: &CertsArgs) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    anyhow::ensure!(!a.hosts.iter().any(|h| h.trim().is_empty()), "--hosts: an empty name");
+    anyhow::ensure!(a.days >= 1, "--days must be at least 1");
+    let now = time::OffsetDateTime::now_utc();
+    let valid = |p: &mut CertificateParams| {
+        p.not_before = now - time::Duration::minutes(5);
+        p.not_after = now + time::Duration::days(i64::from(a.days));
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, "shardserve cluster CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    valid(&mut ca);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_pem = ca_cert.pem();
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| -> anyhow::Result<(String, String)> {
+        let mut p = CertificateParams::new(names)?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![usage];
+        valid(&mut p);
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let hosts: Vec<String> = a.hosts.iter().map(|h| h.trim().to_string()).collect();
+    let (server, server_key) = leaf(hosts.clone(), &hosts[0], ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (client, client_key) = leaf(vec!["shardserve-client".into()], "shardserve-client", ExtendedKeyUsagePurpose::ClientAuth)?;
+    std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("{}: {e}", a.out.display()))?;
+    for (name, text, private) in [
+        ("ca.pem", &ca_pem, false),
+        ("ca.key", &ca_key_pem, true),
+        ("server.pem", &server, false),
+        ("server.key", &server_key, true),
+        ("client.pem", &client, false),
+        ("client.key", &client_key, true),
+    ] {
+        let path = a.out.join(name);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        // Private keys are readable by their owner only.
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, if private { 0o600 } else { 0o644 });
+        let mut f = opts.open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        if private {
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+    }
+    println!("wrote {}: ca.pem ca.key server.pem server.key (for {}) client.pem client.key, valid {} days", a.out.display(), hosts.join(", "), a.days);
+    Ok(())
 }
 
 /// Greedy decoding of `n` tokens on one whole-model shard: (tokens, logits after the prompt).
