@@ -3,6 +3,133 @@
 
 use shardserve::placement::parse_size;
 
+/// What a coordinator serves and how: the flags `coordinator` and `shardctl up` share, declared
+/// once (each with its environment twin) and passed on by `up` as they were given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The model: a local folder or a Hugging Face Hub id (ORG/NAME).
+    #[arg(long, env = "SHARDSERVE_MODEL")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, env = "SHARDSERVE_REVISION")]
+    pub revision: Option<String>,
+    /// Name clients use for the model (default: as given by --model).
+    #[arg(long, env = "SHARDSERVE_MODEL_NAME")]
+    pub name: Option<String>,
+    /// Address to serve on (port 0 picks a free one; printed as `listening ADDR`).
+    #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Compute dtype: auto (checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, env = "SHARDSERVE_DTYPE", value_enum, default_value_t = shardserve::dtype::Dtype::Auto)]
+    pub dtype: shardserve::dtype::Dtype,
+    /// Workers (pipeline stages) to spread the model over; waits until that many joined.
+    #[arg(long, env = "SHARDSERVE_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Tensor-parallel ranks per pipeline stage: each stage is a group of this many workers
+    /// that split every layer (--workers = stages × --tp).
+    #[arg(long, env = "SHARDSERVE_TP", default_value_t = 1)]
+    pub tp: usize,
+    /// Workers make seeded random weights of the model's shapes instead of reading its
+    /// checkpoint (benchmarks of shapes whose weights are not on disk).
+    #[arg(long, env = "SHARDSERVE_RANDOM_WEIGHTS")]
+    pub random_weights: bool,
+    /// Cap on prompt + generated tokens (default: the model's max_position_embeddings).
+    #[arg(long, env = "SHARDSERVE_MAX_TOTAL_TOKENS")]
+    pub max_total_tokens: Option<usize>,
+    /// Requests per model (running or waiting) before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SHARDSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
+    #[command(flatten)]
+    pub batch: crate::flags::BatchArgs,
+    #[command(flatten)]
+    pub http: crate::flags::HttpArgs,
+    #[command(flatten)]
+    pub auth: crate::flags::AuthArgs,
+    /// Seconds a worker's lease lasts without a keep-alive.
+    #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
+    pub lease_ttl_s: u64,
+    /// Seconds one pipeline step may take before the request fails.
+    #[arg(long, env = "SHARDSERVE_STEP_TIMEOUT", default_value_t = 300)]
+    pub step_timeout_s: u64,
+    /// Placement strategy over the workers, as transformers' device_map: auto, balanced,
+    /// balanced_low_0 or sequential.
+    #[arg(long, env = "SHARDSERVE_STRATEGY", default_value = "auto")]
+    pub strategy: String,
+    /// Weight budget per worker by index in join order, e.g. 0=2GiB,1=2GiB (default: each
+    /// worker's free memory less --kv-reserve).
+    #[arg(long, env = "SHARDSERVE_MAX_MEMORY")]
+    pub max_memory: Option<String>,
+    /// An explicit placement: a JSON file of Hugging Face module names → worker index or id.
+    #[arg(long, env = "SHARDSERVE_DEVICE_MAP")]
+    pub device_map: Option<std::path::PathBuf>,
+    /// Share of each worker's free memory kept for KV caches and activations.
+    #[arg(long, env = "SHARDSERVE_KV_RESERVE", default_value_t = 0.1)]
+    pub kv_reserve: f64,
+    /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
+    #[arg(long, env = "SHARDSERVE_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// etcd endpoints (comma-separated) holding membership; without it, membership is embedded.
+    #[arg(long, env = "SHARDSERVE_ETCD")]
+    pub etcd: Option<String>,
+    /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
+    #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Times a request may move to a new placement when a stage under it dies, keeping the
+    /// tokens it already has (0: it fails with UNAVAILABLE at once).
+    #[arg(long, env = "SHARDSERVE_MIGRATION_LIMIT", default_value_t = 0)]
+    pub migration_limit: usize,
+    /// Seconds a migrating request waits for the new placement.
+    #[arg(long, env = "SHARDSERVE_MIGRATION_WAIT", default_value_t = 60)]
+    pub migration_wait_s: u64,
+    /// Seconds a new request waits for the model to be placed again after a stage was lost,
+    /// before it gets UNAVAILABLE.
+    #[arg(long, env = "SHARDSERVE_REPLAN_WAIT", default_value_t = 10)]
+    pub replan_wait_s: u64,
+}
+
+impl ServeArgs {
+    /// The same flags as arguments, for a coordinator started by `shardctl up`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec!["--model".into(), self.model.clone()];
+        let mut opt = |flag: &str, v: Option<String>| {
+            if let Some(v) = v {
+                a.extend([flag.to_string(), v]);
+            }
+        };
+        opt("--revision", self.revision.clone());
+        opt("--name", self.name.clone());
+        opt("--max-total-tokens", self.max_total_tokens.map(|m| m.to_string()));
+        opt("--max-memory", self.max_memory.clone());
+        opt("--device-map", self.device_map.as_ref().map(|p| p.display().to_string()));
+        opt("--etcd", self.etcd.clone());
+        for (flag, v) in [
+            ("--listen", self.listen.clone()),
+            ("--dtype", self.dtype.to_string()),
+            ("--workers", self.workers.to_string()),
+            ("--tp", self.tp.to_string()),
+            ("--max-concurrent-requests", self.max_concurrent_requests.to_string()),
+            ("--lease-ttl-s", self.lease_ttl_s.to_string()),
+            ("--step-timeout-s", self.step_timeout_s.to_string()),
+            ("--strategy", self.strategy.clone()),
+            ("--kv-reserve", self.kv_reserve.to_string()),
+            ("--prefill-chunk", self.prefill_chunk.to_string()),
+            ("--cluster", self.cluster.clone()),
+            ("--migration-limit", self.migration_limit.to_string()),
+            ("--migration-wait-s", self.migration_wait_s.to_string()),
+            ("--replan-wait-s", self.replan_wait_s.to_string()),
+        ] {
+            a.extend([flag.to_string(), v]);
+        }
+        if self.random_weights {
+            a.push("--random-weights".into());
+        }
+        a.extend(self.batch.to_args());
+        a.extend(self.http.to_args());
+        a.extend(self.auth.to_args());
+        a
+    }
+}
+
 /// Batching, admission and KV memory.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BatchArgs {
@@ -184,5 +311,30 @@ mod tests {
         assert!(cli.batch.validate().unwrap_err().to_string().contains("--kv-memory lots"));
         let cli = Cli::parse_from(["x", "--max-batch-size", "0"]);
         assert!(cli.batch.validate().unwrap_err().to_string().contains("--max-batch-size"));
+    }
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn every_serve_flag_reaches_the_coordinator_up_starts() {
+        let given = [
+            "x", "--model", "M", "--revision", "r1", "--name", "n", "--listen", "127.0.0.1:0", "--dtype", "bf16",
+            "--workers", "4", "--tp", "2", "--random-weights", "--max-total-tokens", "99", "--max-concurrent-requests", "7",
+            "--lease-ttl-s", "3", "--step-timeout-s", "9", "--strategy", "balanced", "--max-memory", "0=1GiB",
+            "--device-map", "/m.json", "--kv-reserve", "0.2", "--prefill-chunk", "64", "--etcd", "http://e:2379",
+            "--cluster", "c", "--migration-limit", "2", "--migration-wait-s", "5", "--replan-wait-s", "6",
+            "--max-batch-size", "8", "--http-listen", "127.0.0.1:0", "--max-n", "3", "--api-keys-file", "/k",
+            "--admin-keys-file", "/a", "--no-reflection",
+        ];
+        let first = Serve::parse_from(given).serve;
+        let again = Serve::parse_from(std::iter::once("x".to_string()).chain(first.to_args())).serve;
+        assert_eq!(format!("{first:?}"), format!("{again:?}"));
+        assert_eq!((again.workers, again.tp, again.step_timeout_s, again.migration_wait_s), (4, 2, 9, 5));
+        assert_eq!(again.name.as_deref(), Some("n"));
+        assert!(again.random_weights && again.auth.no_reflection);
     }
 }

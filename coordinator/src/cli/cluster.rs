@@ -12,76 +12,12 @@ use tokio::process::{Child, Command};
 /// Arguments of `shardctl up`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
-    /// The model: a local folder or a Hugging Face Hub id (ORG/NAME).
-    #[arg(long, env = "SHARDSERVE_MODEL")]
-    pub model: String,
-    /// Hub revision (branch, tag or commit).
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// Worker processes (= pipeline stages × --tp); each holds one stage, or one rank of one.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
-    /// Tensor-parallel ranks per stage: each stage is a group of this many workers that split
-    /// every layer and all-reduce between them.
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
-    /// Workers make seeded random weights of the model's shapes instead of reading its
-    /// checkpoint (for benchmarks; the folder needs only config and tokenizer files).
-    #[arg(long)]
-    pub random_weights: bool,
-    /// etcd endpoints for membership (without it, membership is embedded in the coordinator).
-    #[arg(long, env = "SHARDSERVE_ETCD")]
-    pub etcd: Option<String>,
-    /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
-    #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
-    pub cluster: String,
-    /// Address the coordinator serves on (port 0 picks a free one).
-    #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: String,
+    #[command(flatten)]
+    pub serve: crate::flags::ServeArgs,
     /// Where the workers compute: cpu, cuda or cuda:N (every worker on the same device; a
     /// build with --features cuda).
     #[arg(long, env = "SHARDSERVE_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: auto (the checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
-    #[arg(long, value_enum, default_value_t = shardserve::dtype::Dtype::Auto)]
-    pub dtype: shardserve::dtype::Dtype,
-    /// Cap on prompt + generated tokens.
-    #[arg(long)]
-    pub max_total_tokens: Option<usize>,
-    /// Seconds a worker's lease lasts without a keep-alive.
-    #[arg(long, default_value_t = 10)]
-    pub lease_ttl_s: u64,
-    /// Requests per model (running or waiting) before new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
-    pub max_concurrent_requests: usize,
-    #[command(flatten)]
-    pub batch: crate::flags::BatchArgs,
-    #[command(flatten)]
-    pub http: crate::flags::HttpArgs,
-    #[command(flatten)]
-    pub auth: crate::flags::AuthArgs,
-    /// Placement over the workers, as transformers' device_map: auto, balanced,
-    /// balanced_low_0 or sequential.
-    #[arg(long, default_value = "auto")]
-    pub strategy: String,
-    /// Weight budget per worker by index, e.g. 0=2GiB,1=2GiB (default: free memory less --kv-reserve).
-    #[arg(long)]
-    pub max_memory: Option<String>,
-    /// An explicit placement: a JSON file of Hugging Face module names → worker index or id.
-    #[arg(long)]
-    pub device_map: Option<PathBuf>,
-    /// Share of each worker's free memory kept for KV caches and activations.
-    #[arg(long, default_value_t = 0.1)]
-    pub kv_reserve: f64,
-    /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
-    /// Times a request may move to a new placement when a stage under it dies (0: fail at once).
-    #[arg(long, default_value_t = 0)]
-    pub migration_limit: usize,
-    /// Seconds a new request waits for a re-plan after a stage was lost, before UNAVAILABLE.
-    #[arg(long, default_value_t = 10)]
-    pub replan_wait_s: u64,
     /// CPU threads each worker's kernels use (default: the machine's cores divided among the
     /// workers, so stages on one machine do not contend for the same cores).
     #[arg(long)]
@@ -141,47 +77,21 @@ async fn wait_line(child: &mut Child, prefix: &str, within: Duration) -> anyhow:
 impl LocalCluster {
     /// Starts the coordinator and workers and waits until the model serves.
     pub async fn start(a: &UpArgs) -> anyhow::Result<Self> {
-        if a.workers == 0 {
+        if a.serve.workers == 0 {
             bail!("--workers must be at least 1");
         }
-        if a.tp == 0 || !a.workers.is_multiple_of(a.tp) {
-            bail!("--workers {} is not a multiple of --tp {} (workers = stages × tp)", a.workers, a.tp);
+        if a.serve.tp == 0 || !a.serve.workers.is_multiple_of(a.serve.tp) {
+            bail!("--workers {} is not a multiple of --tp {} (workers = stages × tp)", a.serve.workers, a.serve.tp);
         }
         let mut cmd = Command::new(bin_path("coordinator")?);
-        a.batch.validate()?;
-        a.http.validate()?;
-        cmd.args(["--model", &a.model, "--listen", &a.listen, "--dtype", &a.dtype.to_string()])
-            .args(a.batch.to_args())
-            .args(a.http.to_args())
-            .args(a.auth.to_args())
-            .args(["--workers", &a.workers.to_string(), "--lease-ttl-s", &a.lease_ttl_s.to_string()])
-            .args(["--tp", &a.tp.to_string()])
-            .args(a.random_weights.then_some("--random-weights"))
-            .args(["--max-concurrent-requests", &a.max_concurrent_requests.to_string()])
+        a.serve.batch.validate()?;
+        a.serve.http.validate()?;
+        cmd.args(a.serve.to_args())
+            .arg("--worker-bin")
+            .arg(bin_path("worker")?)
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        if let Some(r) = &a.revision {
-            cmd.args(["--revision", r]);
-        }
-        if let Some(m) = a.max_total_tokens {
-            cmd.args(["--max-total-tokens", &m.to_string()]);
-        }
-        cmd.args(["--strategy", &a.strategy, "--kv-reserve", &a.kv_reserve.to_string()])
-            .args(["--prefill-chunk", &a.prefill_chunk.to_string()]);
-        if let Some(m) = &a.max_memory {
-            cmd.args(["--max-memory", m]);
-        }
-        if let Some(m) = &a.device_map {
-            cmd.arg("--device-map").arg(m);
-        }
-        cmd.args(["--cluster", &a.cluster, "--migration-limit", &a.migration_limit.to_string()])
-            .args(["--replan-wait-s", &a.replan_wait_s.to_string()])
-            .arg("--worker-bin")
-            .arg(bin_path("worker")?);
-        if let Some(e) = &a.etcd {
-            cmd.args(["--etcd", e]);
-        }
         let quiet = a.quiet && std::env::var_os("RUST_LOG").is_none();
         if quiet {
             cmd.env("RUST_LOG", "warn");
@@ -193,13 +103,13 @@ impl LocalCluster {
         let url = crate::url(&addr);
         let mut cluster = LocalCluster {
             url: url.clone(),
-            key: a.auth.own_key()?,
+            key: a.serve.auth.own_key()?,
             coordinator,
             workers: Vec::new(),
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = a.worker_threads.unwrap_or((cores / a.workers).max(1));
-        for i in 0..a.workers {
+        let threads = a.worker_threads.unwrap_or((cores / a.serve.workers).max(1));
+        for i in 0..a.serve.workers {
             let mut cmd = Command::new(bin_path("worker")?);
             // candle's CPU kernels size their thread pool from this variable.
             if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -208,14 +118,14 @@ impl LocalCluster {
             if quiet {
                 cmd.env("RUST_LOG", "warn");
             }
-            cmd.args(["--cluster", &a.cluster, "--lease-ttl-s", &a.lease_ttl_s.to_string()])
+            cmd.args(["--cluster", &a.serve.cluster, "--lease-ttl-s", &a.serve.lease_ttl_s.to_string()])
                 .args(["--device", &a.device]);
-            if let Some(m) = &a.batch.metrics_listen {
+            if let Some(m) = &a.serve.batch.metrics_listen {
                 // Each worker on a free port of the same host.
                 let host = m.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
                 cmd.args(["--metrics-listen", &format!("{host}:0")]);
             }
-            if let Some(e) = &a.etcd {
+            if let Some(e) = &a.serve.etcd {
                 cmd.args(["--etcd", e]);
             }
             let child = cmd
