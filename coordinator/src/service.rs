@@ -78,7 +78,11 @@ impl InferenceService {
     /// rendering as `/v1/chat/completions`) and validates it like a `GenerateRequest` whose
     /// prompt is that text, tokenized without added special tokens.
     fn prepare_chat(&self, req: &pb::ChatRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
-        let (_, model) = self.0.find(&req.model)?;
+        let mut generate = req.generation.clone().unwrap_or_default();
+        if !generate.prompt.is_empty() {
+            return Err(ServeError::InvalidArgument("generation.prompt must be empty: the conversation is the prompt".into()));
+        }
+        let (_, model) = self.0.find(&generate.model)?;
         let json = |field: &str, text: &str| -> Result<Option<serde_json::Value>, ServeError> {
             if text.trim().is_empty() {
                 return Ok(None);
@@ -95,17 +99,7 @@ impl InferenceService {
         };
         let text = crate::http::chat::render_messages(&model, &messages, tools.as_ref(), req.add_generation_prompt.unwrap_or(true), kwargs.as_ref())
             .map_err(|e| ServeError::InvalidArgument(e.message))?;
-        let generate = pb::GenerateRequest {
-            model: req.model.clone(),
-            prompt: text.clone(),
-            max_new_tokens: req.max_new_tokens,
-            sampling: req.sampling,
-            stop: req.stop.clone(),
-            logprobs: req.logprobs,
-            ignore_eos: req.ignore_eos,
-            top_logprobs: req.top_logprobs,
-            min_tokens: req.min_tokens,
-        };
+        generate.prompt = text.clone();
         let (engine, model, mut valid) = self.prepare(&generate)?;
         valid.prompt_ids = shardserve::chat::prompt_ids(&model.tokenizer, &text).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
         serving(&model)?;
@@ -238,8 +232,9 @@ impl pb::inference_server::Inference for InferenceService {
     async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
         let id = request_id(&request);
         let req = request.into_inner();
-        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
-        let name = self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
+        let model = req.generation.as_ref().map(|g| g.model.clone()).unwrap_or_default();
+        let span = tracing::info_span!("request", request_id = %id, model = %model);
+        let name = self.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
         match self.prepare_chat(&req) {
             Ok((engine, model, valid)) => Ok(stream(id, name, span, engine, model, valid)),
             Err(e) => {

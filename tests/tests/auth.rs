@@ -9,27 +9,27 @@ use std::io::{Read, Write};
 use std::time::Duration;
 use tonic::Code;
 
-/// A client of `url` presenting `key` (`None`: nothing).
-async fn inference(url: &str, key: Option<&str>) -> pb::inference_client::InferenceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>> {
+/// A channel to `url` and an interceptor presenting `key` (`None`: nothing).
+async fn with_key(url: &str, key: Option<&str>) -> (tonic::transport::Channel, impl tonic::service::Interceptor) {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
     let value: Option<tonic::metadata::MetadataValue<_>> = key.map(|k| format!("Bearer {k}").parse().unwrap());
-    pb::inference_client::InferenceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+    let interceptor = move |mut r: tonic::Request<()>| {
         if let Some(v) = &value {
             r.metadata_mut().insert("authorization", v.clone());
         }
         Ok(r)
-    })
+    };
+    (channel, interceptor)
+}
+
+async fn inference(url: &str, key: Option<&str>) -> pb::inference_client::InferenceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>> {
+    let (channel, i) = with_key(url, key).await;
+    pb::inference_client::InferenceClient::with_interceptor(channel, i)
 }
 
 async fn admin(url: &str, key: Option<&str>) -> pb::admin_client::AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
-    let value: Option<tonic::metadata::MetadataValue<_>> = key.map(|k| format!("Bearer {k}").parse().unwrap());
-    pb::admin_client::AdminClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        if let Some(v) = &value {
-            r.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(r)
-    })
+    let (channel, i) = with_key(url, key).await;
+    pb::admin_client::AdminClient::with_interceptor(channel, i)
 }
 
 /// POST to the HTTP API with an optional bearer key: status and body.

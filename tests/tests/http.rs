@@ -266,7 +266,8 @@ async fn shardctl_generate_chat_uses_the_chat_rpc_and_transformers_prompt() {
     );
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["token_ids"], serde_json::json!(want.token_ids));
-    let bad = pb::ChatRequest { model: "chat".into(), messages_json: r#"[{"role": "wizard", "content": "x"}]"#.into(), ..Default::default() };
+    let chat = Some(pb::GenerateRequest { model: "chat".into(), ..Default::default() });
+    let bad = pb::ChatRequest { generation: chat, messages_json: r#"[{"role": "wizard", "content": "x"}]"#.into(), ..Default::default() };
     let e = c.chat(bad).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("unknown role \"wizard\""), "{e:?}");

@@ -112,20 +112,12 @@ impl GenerateArgs {
                 serde_json::Value::Array(m).to_string()
             }
         };
-        let g = self.request();
         Ok(pb::ChatRequest {
-            model: g.model,
             messages_json: messages,
             tools_json: String::new(),
             chat_template_kwargs_json: self.chat_template_kwargs.clone().unwrap_or_default(),
             add_generation_prompt: None,
-            max_new_tokens: g.max_new_tokens,
-            sampling: g.sampling,
-            stop: g.stop,
-            logprobs: g.logprobs,
-            ignore_eos: g.ignore_eos,
-            top_logprobs: g.top_logprobs,
-            min_tokens: g.min_tokens,
+            generation: Some(pb::GenerateRequest { prompt: String::new(), ..self.request() }),
         })
     }
 }
