@@ -212,6 +212,13 @@ pub struct AuthArgs {
     /// Do not serve gRPC reflection.
     #[arg(long, env = "SHARDSERVE_NO_REFLECTION")]
     pub no_reflection: bool,
+    /// Serve the client ports (gRPC, and HTTP with --http-listen) over TLS with this
+    /// certificate chain (PEM), read again whenever it changes. Needs --tls-key.
+    #[arg(long, env = "SHARDSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "SHARDSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl AuthArgs {
@@ -235,7 +242,18 @@ impl AuthArgs {
         if self.no_reflection {
             a.push("--no-reflection".into());
         }
+        if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
+            a.extend(["--tls-cert".to_string(), c.display().to_string(), "--tls-key".into(), k.display().to_string()]);
+        }
         a
+    }
+
+    /// The certificate files to serve the client ports with, when TLS is asked for.
+    pub fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<crate::tls::CertFiles>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => crate::tls::CertFiles::open(c, k).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// A key `shardctl up` itself presents to the coordinator it started: the first admin key,

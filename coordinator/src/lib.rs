@@ -20,6 +20,7 @@ pub mod membership;
 pub mod models;
 pub mod scale;
 pub mod service;
+pub mod tls;
 pub mod validate;
 
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct CoordinatorConfig {
     pub auth: auth::Auth,
     /// Serve gRPC reflection.
     pub reflection: bool,
+    /// TLS on the client ports, when asked for.
+    pub tls: Option<Arc<tls::CertFiles>>,
 }
 
 /// Serves the coordinator on `listener` (and the HTTP API on `http`, when given) until
@@ -73,10 +76,14 @@ pub async fn run(
     };
     let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd.clone(), shutdown.clone()).await?;
     let models = models::Models::new(engine.clone(), fleet, etcd, shutdown.clone());
+    let http_tls = match &config.tls {
+        Some(files) => Some(tls::acceptor(files.clone(), &[b"http/1.1"])?),
+        None => None,
+    };
     let http_task = http.map(|l| {
         let (models, stop, limits, keys) = (models.clone(), shutdown.clone(), config.http_limits, config.auth.clone());
         tokio::spawn(async move {
-            if let Err(e) = http::serve(l, models, limits, keys, stop).await {
+            if let Err(e) = http::serve(l, http_tls, models, limits, keys, stop).await {
                 tracing::error!(error = %e, "the HTTP API stopped");
             }
         })
@@ -110,12 +117,9 @@ pub async fn run(
         .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    // The builder's own tcp_nodelay covers only sockets it binds itself: without it on these,
-    // Nagle's algorithm holds streamed tokens back until the client's delayed ACK (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let inference = config.auth.interceptor(auth::Role::Inference);
     let admin = config.auth.interceptor(auth::Role::Admin);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_optional_service(config.reflection.then_some(reflection))
         .add_service(InferenceServer::with_interceptor(service::InferenceService(models.clone()), inference))
@@ -127,9 +131,22 @@ pub async fn run(
             metrics_address: config.metrics_listen.clone().unwrap_or_default(),
             http_address: config.http_address.clone().unwrap_or_default(),
         }, admin))
-        .add_service(MembershipServer::new(membership::MembershipService(embedded)))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
-        .await?;
+        .add_service(MembershipServer::new(membership::MembershipService(embedded)));
+    match &config.tls {
+        Some(files) => {
+            let acceptor = tls::acceptor(files.clone(), &[b"h2"])?;
+            let conns = tls::accept(listener, acceptor, "grpc", shutdown.clone());
+            let incoming = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(conns), Ok::<_, std::io::Error>);
+            router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()).await?;
+        }
+        None => {
+            // The builder's own tcp_nodelay covers only sockets it binds itself: without it on
+            // these, Nagle's algorithm holds streamed tokens back until the client's delayed
+            // ACK (~40 ms).
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()).await?;
+        }
+    }
     shutdown.cancel();
     let _ = health_task.await;
     if let Some(t) = http_task {

@@ -114,6 +114,7 @@ impl TryFrom<Args> for CoordinatorConfig {
             http_limits: a.serve.http.validate()?,
             auth: a.serve.auth.load()?,
             reflection: !a.serve.auth.no_reflection,
+            tls: a.serve.auth.tls()?,
             etcd: a.serve.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
             kubernetes: match (a.fleet, a.statefulset) {
                 (Fleet::Kubernetes, Some(name)) => {

@@ -534,12 +534,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut client = None;
     let mut prompt = None;
     if !a.baseline_only {
-        let url = crate::url(&a.target.coordinator);
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+        let url = a.target.url();
+        let channel = super::channel(&url, a.target.tls_ca.as_deref()).await?;
         let key = a.target.key(crate::auth::Role::Inference)?;
         let mut c = pb::inference_client::InferenceClient::with_interceptor(channel, super::Bearer::new(key.as_deref())?);
         if model.is_empty() {

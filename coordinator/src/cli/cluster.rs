@@ -22,6 +22,9 @@ pub struct UpArgs {
     /// workers, so stages on one machine do not contend for the same cores).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// The CA (PEM) `up` trusts for its own calls to a coordinator serving TLS (--tls-cert).
+    #[arg(long, env = "SHARDSERVE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Seconds to wait for the model to load before giving up.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout_s: u64,
@@ -35,6 +38,8 @@ pub struct LocalCluster {
     pub url: String,
     /// The key this cluster's coordinator asks for, when it asks for one.
     pub key: Option<String>,
+    /// The CA trusted for the coordinator's TLS, when it serves TLS.
+    pub tls_ca: Option<PathBuf>,
     coordinator: Child,
     workers: Vec<Child>,
 }
@@ -83,6 +88,13 @@ impl LocalCluster {
         if a.serve.tp == 0 || !a.serve.workers.is_multiple_of(a.serve.tp) {
             bail!("--workers {} is not a multiple of --tp {} (workers = stages × tp)", a.serve.workers, a.serve.tp);
         }
+        let tls = a.serve.auth.tls_cert.is_some();
+        if tls && a.serve.etcd.is_none() {
+            bail!("--tls-cert needs --etcd: with membership embedded in the coordinator, the workers would join it over its TLS port");
+        }
+        if tls && a.tls_ca.is_none() {
+            bail!("--tls-cert: give --tls-ca too, the CA `up` trusts for its own calls to the coordinator");
+        }
         let mut cmd = Command::new(bin_path("coordinator")?);
         a.serve.batch.validate()?;
         a.serve.http.validate()?;
@@ -100,10 +112,11 @@ impl LocalCluster {
         let addr = wait_line(&mut coordinator, "listening ", Duration::from_secs(60))
             .await
             .context("the coordinator did not start")?;
-        let url = crate::url(&addr);
+        let url = if tls { format!("https://{addr}") } else { crate::url(&addr) };
         let mut cluster = LocalCluster {
             url: url.clone(),
             key: a.serve.auth.own_key()?,
+            tls_ca: a.tls_ca.clone(),
             coordinator,
             workers: Vec::new(),
         };
@@ -149,13 +162,13 @@ impl LocalCluster {
             if let Some(status) = self.coordinator.try_wait()? {
                 bail!("the coordinator exited ({status}) before the model was ready");
             }
-            if let Ok(mut c) = super::inference_at(&self.url, self.key.as_deref()).await {
+            if let Ok(mut c) = super::inference_at(&self.url, self.key.as_deref(), self.tls_ca.as_deref()).await {
                 if let Ok(r) = c.list_models(pb::ListModelsRequest {}).await {
                     let models = r.into_inner().models;
                     if !models.is_empty() && models.iter().all(|m| m.state == "ready") {
                         return Ok(());
                     }
-                    if let Ok(mut a) = super::admin_at(&self.url, self.key.as_deref()).await {
+                    if let Ok(mut a) = super::admin_at(&self.url, self.key.as_deref(), self.tls_ca.as_deref()).await {
                         if let Ok(s) = a.cluster_status(pb::ClusterStatusRequest {}).await {
                             last = s.into_inner().models.iter().map(|m| m.detail.clone()).collect::<Vec<_>>().join("; ");
                         }

@@ -31,6 +31,9 @@ pub struct Target {
     /// operator commands, SHARDSERVE_API_KEY (else SHARDSERVE_ADMIN_KEY) for the others.
     #[arg(long)]
     pub api_key_file: Option<std::path::PathBuf>,
+    /// The CA (PEM) to trust for a coordinator serving TLS (`https://` URLs).
+    #[arg(long, env = "SHARDSERVE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Target {
@@ -76,7 +79,12 @@ pub type AdminClient = shardserve_proto::v1::admin_client::AdminClient<tonic::se
 pub type InferenceClient =
     shardserve_proto::v1::inference_client::InferenceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
-async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+/// A channel to `url`: TLS (trusting `tls_ca`) for `https://`, plain HTTP/2 otherwise.
+pub async fn channel(url: &str, tls_ca: Option<&std::path::Path>) -> anyhow::Result<tonic::transport::Channel> {
+    if url.starts_with("https://") {
+        let ca = tls_ca.ok_or_else(|| anyhow::anyhow!("{url} is served over TLS: give the CA to trust with --tls-ca (or SHARDSERVE_TLS_CA)"))?;
+        return crate::tls::connect(url, crate::tls::client_config(ca)?).await;
+    }
     tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect()
         .await
@@ -84,18 +92,29 @@ async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
 }
 
 /// An Inference client of `url` presenting `key`.
-pub async fn inference_at(url: &str, key: Option<&str>) -> anyhow::Result<InferenceClient> {
-    Ok(shardserve_proto::v1::inference_client::InferenceClient::with_interceptor(channel(url).await?, Bearer::new(key)?))
+pub async fn inference_at(url: &str, key: Option<&str>, tls_ca: Option<&std::path::Path>) -> anyhow::Result<InferenceClient> {
+    Ok(shardserve_proto::v1::inference_client::InferenceClient::with_interceptor(channel(url, tls_ca).await?, Bearer::new(key)?))
 }
 
 /// An Admin client of `url` presenting `key`.
-pub async fn admin_at(url: &str, key: Option<&str>) -> anyhow::Result<AdminClient> {
-    Ok(shardserve_proto::v1::admin_client::AdminClient::with_interceptor(channel(url).await?, Bearer::new(key)?))
+pub async fn admin_at(url: &str, key: Option<&str>, tls_ca: Option<&std::path::Path>) -> anyhow::Result<AdminClient> {
+    Ok(shardserve_proto::v1::admin_client::AdminClient::with_interceptor(channel(url, tls_ca).await?, Bearer::new(key)?))
+}
+
+impl Target {
+    /// The coordinator's URL: `https://` when a CA to trust is given and no scheme is.
+    pub fn url(&self) -> String {
+        if self.tls_ca.is_some() && !self.coordinator.contains("://") {
+            format!("https://{}", self.coordinator)
+        } else {
+            crate::url(&self.coordinator)
+        }
+    }
 }
 
 /// An Inference client of the target.
 pub async fn inference(target: &Target) -> anyhow::Result<InferenceClient> {
-    inference_at(&crate::url(&target.coordinator), target.key(crate::auth::Role::Inference)?.as_deref()).await
+    inference_at(&target.url(), target.key(crate::auth::Role::Inference)?.as_deref(), target.tls_ca.as_deref()).await
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,7 +182,7 @@ pub async fn main() -> i32 {
 
 /// A client of the coordinator's Admin API.
 pub async fn admin(target: &Target) -> anyhow::Result<AdminClient> {
-    admin_at(&crate::url(&target.coordinator), target.key(crate::auth::Role::Admin)?.as_deref()).await
+    admin_at(&target.url(), target.key(crate::auth::Role::Admin)?.as_deref(), target.tls_ca.as_deref()).await
 }
 
 /// Turns a gRPC status into a one-line error that keeps its code.

@@ -74,8 +74,23 @@ async fn authorize(State(app): State<App>, req: axum::extract::Request, next: ax
 }
 
 /// Serves the API on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, models: Arc<Models>, limits: Limits, auth: crate::auth::Auth, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(models, limits, auth)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    models: Arc<Models>,
+    limits: Limits,
+    auth: crate::auth::Auth,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(models, limits, auth);
+    match tls {
+        Some(acceptor) => {
+            let addr = listener.local_addr()?;
+            let rx = crate::tls::accept(listener, acceptor, "http", shutdown.clone());
+            axum::serve(crate::tls::TlsListener { rx, addr }, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+    }
 }
 
 /// The request body, at most `limit` bytes (413 beyond).
