@@ -5,6 +5,8 @@
 //! their gRPC code.
 
 mod api;
+mod embeddings;
+mod tokens;
 pub(crate) mod chat;
 mod error;
 
@@ -30,12 +32,6 @@ pub struct Limits {
     pub max_request_bytes: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_n: 16, max_request_bytes: 4 << 20 }
-    }
-}
-
 /// What the handlers share.
 #[derive(Clone)]
 struct App {
@@ -52,9 +48,9 @@ pub fn router(models: Arc<Models>, limits: Limits, auth: crate::auth::Auth) -> R
         .route("/v1/models", get(list_models))
         .route("/v1/completions", post(api::completions))
         .route("/v1/chat/completions", post(api::chat_completions))
-        .route("/v1/embeddings", post(api::embeddings))
-        .route("/tokenize", post(api::tokenize))
-        .route("/detokenize", post(api::detokenize))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         .with_state(app)
