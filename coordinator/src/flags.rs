@@ -45,6 +45,8 @@ pub struct ServeArgs {
     pub http: crate::flags::HttpArgs,
     #[command(flatten)]
     pub auth: crate::flags::AuthArgs,
+    #[command(flatten)]
+    pub cluster_tls: shardserve::tls::ClusterTlsArgs,
     /// Seconds a worker's lease lasts without a keep-alive.
     #[arg(long, env = "SHARDSERVE_LEASE_TTL", default_value_t = 10)]
     pub lease_ttl_s: u64,
@@ -68,9 +70,8 @@ pub struct ServeArgs {
     /// Most prompt tokens per pipeline step; longer prompts are prefilled in chunks.
     #[arg(long, env = "SHARDSERVE_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// etcd endpoints (comma-separated) holding membership; without it, membership is embedded.
-    #[arg(long, env = "SHARDSERVE_ETCD")]
-    pub etcd: Option<String>,
+    #[command(flatten)]
+    pub etcd: shardserve::membership::EtcdArgs,
     /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
     #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
     pub cluster: String,
@@ -101,7 +102,6 @@ impl ServeArgs {
         opt("--max-total-tokens", self.max_total_tokens.map(|m| m.to_string()));
         opt("--max-memory", self.max_memory.clone());
         opt("--device-map", self.device_map.as_ref().map(|p| p.display().to_string()));
-        opt("--etcd", self.etcd.clone());
         for (flag, v) in [
             ("--listen", self.listen.clone()),
             ("--dtype", self.dtype.to_string()),
@@ -126,6 +126,8 @@ impl ServeArgs {
         a.extend(self.batch.to_args());
         a.extend(self.http.to_args());
         a.extend(self.auth.to_args());
+        a.extend(self.cluster_tls.to_args());
+        a.extend(self.etcd.to_args());
         a
     }
 }
@@ -249,9 +251,9 @@ impl AuthArgs {
     }
 
     /// The certificate files to serve the client ports with, when TLS is asked for.
-    pub fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<crate::tls::CertFiles>>> {
+    pub fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<shardserve::tls::CertFiles>>> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => crate::tls::CertFiles::open(c, k).map(Some),
+            (Some(c), Some(k)) => Ok(Some(shardserve::tls::CertFiles::open(c, k, ("--tls-cert", "--tls-key"))?)),
             _ => Ok(None),
         }
     }

@@ -20,7 +20,6 @@ pub mod membership;
 pub mod models;
 pub mod scale;
 pub mod service;
-pub mod tls;
 pub mod validate;
 
 use std::sync::Arc;
@@ -34,8 +33,8 @@ pub struct CoordinatorConfig {
     pub engine: engine::EngineConfig,
     /// Lease TTL of embedded membership.
     pub lease_ttl: Duration,
-    /// etcd endpoints; empty means membership is embedded in the coordinator.
-    pub etcd: Vec<String>,
+    /// The etcd holding membership; none means membership is embedded in the coordinator.
+    pub etcd: Option<shardserve::membership::Etcd>,
     /// The cluster's name: its etcd key prefix is `/shardserve/<cluster>/`.
     pub cluster: String,
     /// How to start workers on this machine (for `Scale`), when the coordinator may.
@@ -53,7 +52,7 @@ pub struct CoordinatorConfig {
     /// Serve gRPC reflection.
     pub reflection: bool,
     /// TLS on the client ports, when asked for.
-    pub tls: Option<Arc<tls::CertFiles>>,
+    pub tls: Option<Arc<shardserve::tls::CertFiles>>,
 }
 
 /// Serves the coordinator on `listener` (and the HTTP API on `http`, when given) until
@@ -66,18 +65,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use shardserve_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer, membership_server::MembershipServer};
     let embedded = membership::Embedded::new(config.lease_ttl, shutdown.clone());
-    let (fleet, etcd): (std::sync::Arc<dyn membership::Membership>, _) = if config.etcd.is_empty() {
-        (embedded.clone(), None)
-    } else {
-        let fleet = shardserve::membership::EtcdFleet::start(config.etcd.clone(), config.cluster.clone(), shutdown.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", config.etcd.join(",")))?;
-        (fleet, Some((config.etcd.clone(), config.cluster.clone())))
+    let (fleet, etcd): (std::sync::Arc<dyn membership::Membership>, _) = match &config.etcd {
+        None => (embedded.clone(), None),
+        Some(etcd) => {
+            let fleet = shardserve::membership::EtcdFleet::start(etcd.clone(), config.cluster.clone(), shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("etcd at {}: {}", etcd.endpoints().join(","), shardserve::tls::error_chain(&e)))?;
+            (fleet, Some((etcd.clone(), config.cluster.clone())))
+        }
     };
     let engine = engine::Engine::start(config.engine.clone(), fleet.clone(), etcd.clone(), shutdown.clone()).await?;
     let models = models::Models::new(engine.clone(), fleet, etcd, shutdown.clone());
     let http_tls = match &config.tls {
-        Some(files) => Some(tls::acceptor(files.clone(), &[b"http/1.1"])?),
+        Some(files) => Some(shardserve::tls::server_config(files.clone(), &[b"http/1.1"])?),
         None => None,
     };
     let http_task = http.map(|l| {
@@ -131,11 +131,13 @@ pub async fn run(
             metrics_address: config.metrics_listen.clone().unwrap_or_default(),
             http_address: config.http_address.clone().unwrap_or_default(),
         }, admin))
-        .add_service(MembershipServer::new(membership::MembershipService(embedded)));
-    match &config.tls {
-        Some(files) => {
-            let acceptor = tls::acceptor(files.clone(), &[b"h2"])?;
-            let conns = tls::accept(listener, acceptor, "grpc", shutdown.clone());
+        .add_service(MembershipServer::with_interceptor(
+            membership::MembershipService(embedded),
+            membership::members_only(config.engine.tls.is_some()),
+        ));
+    match grpc_tls(&config)? {
+        Some(tls) => {
+            let conns = shardserve::tls::accept(listener, tls, "grpc", shutdown.clone());
             let incoming = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(conns), Ok::<_, std::io::Error>);
             router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()).await?;
         }
@@ -153,6 +155,28 @@ pub async fn run(
         let _ = t.await;
     }
     Ok(())
+}
+
+/// What TLS the gRPC port speaks: with the cluster's certificates and membership embedded,
+/// workers join over this port, so it is TLS and takes (without insisting on) a certificate of
+/// the cluster CA, presenting `--tls-cert` or else the coordinator's cluster certificate;
+/// otherwise `--tls-cert` alone, when given.
+type ConfigSource = Box<dyn Fn() -> Result<Arc<rustls::ServerConfig>, shardserve::tls::TlsError> + Send>;
+
+fn grpc_tls(config: &CoordinatorConfig) -> anyhow::Result<Option<ConfigSource>> {
+    let files = config.tls.clone();
+    Ok(match (config.engine.tls.clone(), files) {
+        (Some(cluster), files) if config.etcd.is_none() => {
+            // Fail at start, not on the first connection.
+            cluster.server_config(files.clone(), &[b"h2"], shardserve::tls::ClientAuth::Optional)?;
+            Some(Box::new(move || cluster.server_config(files.clone(), &[b"h2"], shardserve::tls::ClientAuth::Optional)))
+        }
+        (_, Some(files)) => {
+            let cfg = shardserve::tls::server_config(files, &[b"h2"])?;
+            Some(Box::new(move || Ok(cfg.clone())))
+        }
+        (_, None) => None,
+    })
 }
 
 /// Makes an `http://` URL of an address given with or without a scheme.

@@ -178,3 +178,20 @@ impl pb::membership_server::Membership for MembershipService {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 }
+
+/// The Membership service's guard. With the cluster's certificates (`--cluster-ca`), only a
+/// peer that presented one — checked against the cluster CA in the TLS handshake — may join or
+/// renew; anyone else gets UNAUTHENTICATED, so no stranger can register a worker and be sent
+/// shards and prompts. Without them the fleet trusts its network, as before.
+pub fn members_only(required: bool) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| {
+        let member = req.extensions().get::<shardserve::tls::Peer>().is_some_and(|p| p.certified);
+        if required && !member {
+            warn!("a peer without a cluster certificate tried the Membership service");
+            return Err(Status::unauthenticated(
+                "Membership takes only members of the cluster: connect over TLS with a certificate of the cluster CA (--cluster-cert)",
+            ));
+        }
+        Ok(req)
+    }
+}

@@ -41,7 +41,7 @@ pub struct Models {
     primary: Arc<Engine>,
     loaded: Mutex<Vec<Loaded>>,
     membership: Arc<dyn Membership>,
-    etcd: Option<(Vec<String>, String)>,
+    etcd: Option<(shardserve::membership::Etcd, String)>,
     shutdown: CancellationToken,
     /// One load or unload at a time: each looks at which workers are free.
     changing: tokio::sync::Mutex<()>,
@@ -55,7 +55,7 @@ impl Models {
     pub fn new(
         primary: Arc<Engine>,
         membership: Arc<dyn Membership>,
-        etcd: Option<(Vec<String>, String)>,
+        etcd: Option<(shardserve::membership::Etcd, String)>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let models = Arc::new(Models {
@@ -334,7 +334,7 @@ impl Models {
             }
             for (id, address) in ranks {
                 let call = async {
-                    let mut c = shardserve::stage::connect(&address).await?;
+                    let mut c = shardserve::stage::connect(&address, self.primary.config().tls.as_deref()).await?;
                     c.unload(pb::UnloadRequest { epoch: p.epoch }).await
                 };
                 if let Err(e) = tokio::time::timeout(Duration::from_secs(5), call).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("timed out"))) {

@@ -17,6 +17,7 @@
 //! - [`placement`]: which worker holds which layers.
 //! - [`telemetry`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
+//! - [`tls`]: TLS on the client ports and mutual TLS on every link inside the cluster.
 
 pub mod chat;
 pub mod collective;
@@ -32,6 +33,7 @@ pub mod sampling;
 pub mod stage;
 pub mod telemetry;
 pub mod tiny;
+pub mod tls;
 pub mod tokenizer;
 pub mod weights;
 pub mod wire;

@@ -6,7 +6,10 @@
 
 /// The etcd client this module speaks through, for callers that need more of it.
 pub use etcd_client;
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+
+mod connection;
+pub use connection::{Etcd, EtcdArgs};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use shardserve_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -119,22 +122,10 @@ impl From<WorkerRecord> for pb::WorkerInfo {
     }
 }
 
-/// Connects to etcd with bounded connect and request times.
+/// Connects to plain etcd (no TLS, no user) at `endpoints`, with bounded connect and request
+/// times.
 pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    Client::connect(endpoints, Some(options)).await
-}
-
-/// Connects without a request timeout, for calls that block until something happens (an
-/// election campaign).
-async fn connect_untimed(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    Client::connect(endpoints, Some(options)).await
+    Etcd::plain(endpoints.to_vec()).connect().await
 }
 
 /// Keeps a lease alive every `period`; returns when it is lost: etcd says it expired, or no
@@ -168,7 +159,7 @@ async fn keep_lease(client: &mut Client, lease: i64, ttl: Duration, period: Dura
 /// lease behind it is lost (then it campaigns again). On shutdown the lease is revoked, so
 /// another coordinator takes over at once.
 pub async fn lead(
-    endpoints: Vec<String>,
+    etcd: Etcd,
     cluster: String,
     value: String,
     ttl: Duration,
@@ -180,7 +171,7 @@ pub async fn lead(
     let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
     loop {
         let attempt = async {
-            let mut client = connect_untimed(&endpoints).await?;
+            let mut client = etcd.connect_untimed().await?;
             let lease = client.lease_grant(ttl_s, None).await?.id();
             Ok::<_, etcd_client::Error>((client, lease))
         };
@@ -245,7 +236,7 @@ pub fn endpoints(spec: &str) -> Vec<String> {
 /// `on_lost` runs when a lease ran out (the worker must treat what it held as unassigned);
 /// the record is then registered again under a new lease.
 pub async fn keep_registered(
-    endpoints: Vec<String>,
+    etcd: Etcd,
     cluster: String,
     record: WorkerRecord,
     ttl: Duration,
@@ -259,7 +250,7 @@ pub async fn keep_registered(
     let mut backoff = Duration::from_millis(200);
     loop {
         let attempt = async {
-            let mut client = connect(&endpoints).await?;
+            let mut client = etcd.connect().await?;
             let lease = client.lease_grant(ttl_s, None).await?.id();
             client.put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease))).await?;
             let (keeper, stream) = client.lease_keep_alive(lease).await?;
@@ -311,7 +302,7 @@ pub async fn keep_registered(
                             stream = s;
                         }
                         _ => {
-                            if let Ok(c) = connect(&endpoints).await {
+                            if let Ok(c) = etcd.connect().await {
                                 client = c;
                             }
                         }
@@ -340,17 +331,17 @@ pub struct EtcdFleet {
 impl EtcdFleet {
     /// Lists and watches `cluster`'s workers until `shutdown`; waits (bounded) for the first
     /// listing so the fleet is known from the start.
-    pub async fn start(endpoints: Vec<String>, cluster: String, shutdown: CancellationToken) -> Result<Arc<Self>, etcd_client::Error> {
+    pub async fn start(etcd: Etcd, cluster: String, shutdown: CancellationToken) -> Result<Arc<Self>, etcd_client::Error> {
         let (version, _) = watch::channel(0);
         let fleet = Arc::new(EtcdFleet {
             fleet: Mutex::new(Fleet { workers: BTreeMap::new() }),
             version,
         });
-        let mut client = connect(&endpoints).await?;
+        let mut client = etcd.connect().await?;
         let prefix = format!("{}workers/", prefix(&cluster));
         let rev = fleet.list(&mut client, &prefix).await?;
         let f = fleet.clone();
-        tokio::spawn(async move { f.watch_loop(endpoints, client, prefix, rev, shutdown).await });
+        tokio::spawn(async move { f.watch_loop(etcd, client, prefix, rev, shutdown).await });
         Ok(fleet)
     }
 
@@ -380,7 +371,7 @@ impl EtcdFleet {
         Ok(rev)
     }
 
-    async fn watch_loop(self: Arc<Self>, endpoints: Vec<String>, mut client: Client, prefix: String, mut rev: i64, shutdown: CancellationToken) {
+    async fn watch_loop(self: Arc<Self>, etcd: Etcd, mut client: Client, prefix: String, mut rev: i64, shutdown: CancellationToken) {
         loop {
             let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
             let mut stream = match tokio::select! {
@@ -390,7 +381,7 @@ impl EtcdFleet {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "etcd watch failed; reconnecting");
-                    if !reconnect_after_pause(&endpoints, &mut client, &shutdown).await {
+                    if !reconnect_after_pause(&etcd, &mut client, &shutdown).await {
                         return;
                     }
                     continue;
@@ -441,7 +432,7 @@ impl EtcdFleet {
                     }
                     Ok(None) | Err(_) => {
                         debug!(rev, "etcd watch ended; resuming");
-                        if !reconnect_after_pause(&endpoints, &mut client, &shutdown).await {
+                        if !reconnect_after_pause(&etcd, &mut client, &shutdown).await {
                             return;
                         }
                         break;
@@ -454,12 +445,12 @@ impl EtcdFleet {
 
 /// Waits a moment, then replaces `client` with a fresh connection if one can be made; `false`
 /// when shutting down.
-async fn reconnect_after_pause(endpoints: &[String], client: &mut Client, shutdown: &CancellationToken) -> bool {
+async fn reconnect_after_pause(etcd: &Etcd, client: &mut Client, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => return false,
         _ = tokio::time::sleep(Duration::from_millis(400)) => {}
     }
-    if let Ok(c) = connect(endpoints).await {
+    if let Ok(c) = etcd.connect().await {
         *client = c;
     }
     true

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+use crate::tls::ClusterTls;
 
 /// The largest message a stage sends or accepts: hidden states of the longest prefill the
 /// biggest supported config allows fit well inside it.
@@ -33,6 +34,7 @@ struct Conn {
 pub struct StageClient {
     name: String,
     address: String,
+    tls: Option<Arc<ClusterTls>>,
     /// The open stream, if any. Held only to read or swap it, never across a connect.
     conn: Mutex<Option<Conn>>,
     next_id: AtomicU64,
@@ -65,42 +67,59 @@ impl PendingStep {
     }
 }
 
-/// Opens a channel to a worker with the settings every hop uses: no Nagle delay, HTTP/2
-/// keep-alive so a silent peer is noticed, bounded connect time.
-pub async fn connect(address: &str) -> Result<WorkerClient<Channel>, Status> {
-    let url = if address.starts_with("http") { address.to_string() } else { format!("http://{address}") };
-    let channel = Endpoint::from_shared(url)
+/// The worker's endpoint with the settings every hop uses: no Nagle delay, HTTP/2 keep-alive
+/// so a silent peer is noticed, bounded connect time.
+fn endpoint(address: &str) -> Result<Endpoint, Status> {
+    let url = crate::tls::plain_url(address);
+    Ok(Endpoint::from_shared(url)
         .map_err(|e| Status::invalid_argument(format!("bad worker address {address:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach worker at {address}: {e}")))?;
-    Ok(WorkerClient::new(channel)
+        .keep_alive_while_idle(true))
+}
+
+fn cluster_client(tls: &ClusterTls) -> Result<Arc<rustls::ClientConfig>, Status> {
+    tls.client_config(&[b"h2"]).map_err(|e| Status::internal(e.to_string()))
+}
+
+fn client(channel: Channel) -> WorkerClient<Channel> {
+    WorkerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Opens a channel to a worker: mutual TLS with the cluster's certificates when `tls` is
+/// given, plaintext otherwise.
+pub async fn connect(address: &str, tls: Option<&ClusterTls>) -> Result<WorkerClient<Channel>, Status> {
+    let endpoint = endpoint(address)?;
+    let channel = match tls {
+        Some(t) => endpoint.connect_with_connector(crate::tls::connector(cluster_client(t)?)).await,
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| Status::unavailable(format!("cannot reach worker at {address}: {}", crate::tls::error_chain(&e))))?;
+    Ok(client(channel))
 }
 
 /// A client that connects on first use, for occasional calls such as `Release`.
-pub fn lazy_client(address: &str) -> Result<WorkerClient<Channel>, Status> {
-    let url = if address.starts_with("http") { address.to_string() } else { format!("http://{address}") };
-    let channel = Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("bad worker address {address:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    Ok(WorkerClient::new(channel))
+pub fn lazy_client(address: &str, tls: Option<&ClusterTls>) -> Result<WorkerClient<Channel>, Status> {
+    let endpoint = endpoint(address)?;
+    let channel = match tls {
+        Some(t) => endpoint.connect_with_connector_lazy(crate::tls::connector(cluster_client(t)?)),
+        None => endpoint.connect_lazy(),
+    };
+    Ok(client(channel))
 }
 
 impl StageClient {
-    /// A client for the stage served at `address`; `name` (e.g. the worker id) appears in errors.
-    pub fn new(name: impl Into<String>, address: impl Into<String>) -> Self {
+    /// A client for the stage served at `address`, over mutual TLS when `tls` is given;
+    /// `name` (e.g. the worker id) appears in errors.
+    pub fn new(name: impl Into<String>, address: impl Into<String>, tls: Option<Arc<ClusterTls>>) -> Self {
         StageClient {
             name: name.into(),
             address: address.into(),
+            tls,
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
         }
@@ -111,13 +130,18 @@ impl StageClient {
         &self.address
     }
 
+    /// The cluster identity its links present, if any.
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_deref()
+    }
+
     /// The stage's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
     async fn open(&self) -> Result<Conn, Status> {
-        let mut client = connect(&self.address).await.map_err(|e| self.unavailable(e.message()))?;
+        let mut client = connect(&self.address, self.tls.as_deref()).await.map_err(|e| self.unavailable(e.message()))?;
         let (tx, rx) = mpsc::channel::<pb::StepRequest>(STEPS_QUEUED);
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut inbound = client

@@ -69,7 +69,7 @@ impl TpStage {
             let (dir, addr, names) = (dir.to_path_buf(), addr.clone(), names.clone());
             followers.push(std::thread::spawn(move || {
                 let mut shard = load(&dir, whole(&dir).with_tp(TpRank { rank, size: tp }));
-                let group = TcpGroup::follower(&addr, "g", rank, tp, names, t, t).unwrap();
+                let group = TcpGroup::follower(&addr, None, "g", rank, tp, names, t, t).unwrap();
                 shard.set_group(Arc::new(group));
                 let mut cache = shard.new_pool(64, 16).unwrap();
                 while let Ok(tokens) = rx.recv() {
@@ -83,7 +83,8 @@ impl TpStage {
         }
         let mut conns: Vec<_> = (1..tp)
             .map(|_| {
-                let (mut s, _) = listener.accept().unwrap();
+                let (s, _) = listener.accept().unwrap();
+                let mut s = shardserve::collective::tcp::Link::plain(s).unwrap();
                 let (_, r) = read_hello(&mut s).unwrap();
                 (r, s)
             })

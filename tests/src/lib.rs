@@ -9,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod certs;
+mod etcd;
+pub use etcd::{Etcd, EtcdSecurity};
+
 /// The workspace's `target/<profile>` folder, where `cargo build --bins` put the binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("SHARDSERVE_BIN_DIR") {
@@ -400,125 +404,6 @@ pub async fn kill_during_stream(
     (err, killed.elapsed())
 }
 
-/// A real etcd server (Debian's `etcd-server`) on free loopback ports with its own data dir,
-/// stopped when dropped.
-pub struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-/// A port nothing listens on right now. Another process may take it before it is used: what
-/// binds it must be ready to try again with another (as [`Etcd::start`] is).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Etcd {
-    /// Starts etcd and waits (bounded) until it accepts connections. Ports are picked free and
-    /// may be taken by another process before etcd binds them: then it exits, and is started
-    /// again on new ports (three tries).
-    pub fn start() -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: 0,
-            peer_port: 0,
-        };
-        for attempt in 1..=3 {
-            (e.client_port, e.peer_port) = (free_port(), free_port());
-            match e.try_spawn() {
-                Ok(()) => return e,
-                Err(why) if attempt < 3 => eprintln!("etcd did not start ({why}); trying other ports"),
-                Err(why) => panic!("etcd did not start: {why}"),
-            }
-        }
-        unreachable!()
-    }
-
-    /// The client URL.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn spawn(&mut self) {
-        if let Err(why) = self.try_spawn() {
-            panic!("etcd did not start again on its ports: {why}");
-        }
-    }
-
-    /// Starts etcd on its ports and waits (20 s at most) until it answers; an error when it
-    /// exits first or does not answer.
-    fn try_spawn(&mut self) -> Result<(), String> {
-        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-            .into_iter()
-            .find(|p| Path::new(p).is_file())
-            .expect("etcd is not installed: run scripts/test.sh, which installs Debian's etcd-server");
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut child = Command::new(etcd)
-            .args(["--name", "test", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &self.url(), "--advertise-client-urls", &self.url()])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn etcd");
-        let url = self.url();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Err(format!("etcd exited with {status}"));
-            }
-            // A thread of its own, so this works from inside a test's runtime too.
-            let u = url.clone();
-            let ok = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async {
-                    match shardserve::membership::connect(std::slice::from_ref(&u)).await {
-                        Ok(mut c) => c.get("/", None).await.is_ok(),
-                        Err(_) => false,
-                    }
-                })
-            })
-            .join()
-            .unwrap_or(false);
-            if ok {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("no answer within 20 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Stops etcd (SIGKILL) and waits for it to exit.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same ports and data.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// A name no other test uses, for etcd key prefixes.
 pub fn unique_cluster(tag: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -539,7 +424,7 @@ impl Drop for Proc {
 impl ClusterBuilder {
     /// Membership in `etcd`, under a cluster name of its own.
     pub fn etcd(self, etcd: &Etcd, cluster: &str) -> Self {
-        self.arg("--etcd").arg(&etcd.url()).arg("--cluster").arg(cluster)
+        etcd.args().iter().fold(self, |b, a| b.arg(a)).arg("--cluster").arg(cluster)
     }
 }
 
@@ -565,7 +450,8 @@ pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
 pub fn worker_at(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64, listen: &str) -> Proc {
     Proc(
         Command::new(bin("worker"))
-            .args(["--etcd", &etcd.url(), "--cluster", cluster, "--id", id, "--lease-ttl-s", &ttl_s.to_string()])
+            .args(etcd.args())
+            .args(["--cluster", cluster, "--id", id, "--lease-ttl-s", &ttl_s.to_string()])
             .args(["--listen", listen])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

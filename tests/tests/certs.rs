@@ -28,6 +28,16 @@ fn dev_certs_makes_a_ca_a_server_and_a_client_certificate_openssl_accepts() {
     // Each certificate serves its own purpose only.
     assert!(!openssl(&["verify", "-CAfile", &ca, "-purpose", "sslclient", &server]).0);
     assert!(!openssl(&["verify", "-CAfile", &ca, "-purpose", "sslserver", &client]).0);
+    // The node certificate (the cluster's own links) serves both, for the same names.
+    let node = f("node.pem");
+    for purpose in ["sslserver", "sslclient"] {
+        let (ok, text) = openssl(&["verify", "-CAfile", &ca, "-purpose", purpose, &node]);
+        assert!(ok, "node.pem as {purpose}: {text}");
+    }
+    let (_, text) = openssl(&["x509", "-in", &node, "-noout", "-ext", "subjectAltName"]);
+    assert!(text.contains("DNS:coordinator.shardserve.svc") && text.contains("IP Address:127.0.0.1"), "{text}");
+    let mode = std::fs::metadata(f("node.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "node.key must be readable by its owner only");
     let (_, san) = openssl(&["x509", "-in", &server, "-noout", "-ext", "subjectAltName"]);
     for name in ["DNS:localhost", "IP Address:127.0.0.1", "DNS:coordinator.shardserve.svc"] {
         assert!(san.contains(name), "{name} missing: {san}");

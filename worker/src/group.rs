@@ -5,6 +5,9 @@
 //! leader, the only rank the pipeline talks to — waits there for the other ranks; each of them
 //! connects, says which group and rank it is, and is acknowledged once all have arrived.
 //!
+//! With the cluster's certificates each connection is mutual TLS, and the handshake (which
+//! refuses a peer without a certificate of the cluster CA) comes before the hello is read.
+//!
 //! After that the leader mirrors everything that changes a sequence to its followers as control
 //! messages on the compute thread, in the order it happens: a step (sent once the leader has
 //! checked it, so a follower never refuses one) and a release. Followers run each step on the
@@ -13,7 +16,9 @@
 use prost::Message;
 use shardserve_proto::v1 as pb;
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use shardserve::collective::tcp::Link;
+use shardserve::tls::ClusterTls;
+use std::net::TcpListener;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -22,7 +27,7 @@ use tracing::{debug, warn};
 const STALE_GROUP: Duration = Duration::from_secs(900);
 
 /// The ranks of one group that have connected: when the first came, and (rank, stream) each.
-type Arrivals = (Instant, Vec<(usize, TcpStream)>);
+type Arrivals = (Instant, Vec<(usize, Link)>);
 
 /// Where the followers of a group meet their leader.
 pub struct Rendezvous {
@@ -33,8 +38,9 @@ pub struct Rendezvous {
 }
 
 impl Rendezvous {
-    /// Listens on `host`, on a free port, and accepts peers on a thread of its own.
-    pub fn start(host: &str) -> std::io::Result<Arc<Self>> {
+    /// Listens on `host`, on a free port, and accepts peers on a thread of its own (over
+    /// mutual TLS when `tls` is given).
+    pub fn start(host: &str, tls: Option<Arc<ClusterTls>>) -> std::io::Result<Arc<Self>> {
         let listener = TcpListener::bind((host, 0)).or_else(|_| TcpListener::bind(("0.0.0.0", 0)))?;
         let port = listener.local_addr()?.port();
         let r = Arc::new(Rendezvous {
@@ -46,9 +52,18 @@ impl Rendezvous {
         std::thread::Builder::new().name("tp-accept".into()).spawn(move || {
             for conn in listener.incoming() {
                 let Some(r) = weak.upgrade() else { return };
-                let Ok(mut s) = conn else { continue };
+                let Ok(s) = conn else { continue };
+                let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 // A peer that connects and says nothing must not stall the others.
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = s.set_read_timeout(Some(shardserve::tls::HANDSHAKE));
+                let _ = s.set_write_timeout(Some(shardserve::tls::HANDSHAKE));
+                let mut s = match Link::accept(s, tls.as_deref()) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(port = "collective", %peer, error = %e, "TLS handshake refused");
+                        continue;
+                    }
+                };
                 match shardserve::collective::tcp::read_hello(&mut s) {
                     Ok((group, rank)) => {
                         debug!(group = %group, rank, "tensor-parallel peer arrived");
@@ -72,7 +87,7 @@ impl Rendezvous {
 
     /// Waits until ranks 1..size of `group` have all connected; returns their streams in rank
     /// order.
-    pub fn wait(&self, group: &str, size: usize, names: &[String], within: Duration) -> Result<Vec<TcpStream>, String> {
+    pub fn wait(&self, group: &str, size: usize, names: &[String], within: Duration) -> Result<Vec<Link>, String> {
         let deadline = Instant::now() + within;
         let mut arrived = self.arrived.lock().expect("arrived lock");
         loop {

@@ -24,8 +24,8 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// Longest a single step may take before the previous stage gives up on this one.
     pub step_timeout: std::time::Duration,
-    /// etcd endpoints; empty means joining the coordinator's embedded membership.
-    pub etcd: Vec<String>,
+    /// The etcd to register in; none means joining the coordinator's embedded membership.
+    pub etcd: Option<shardserve::membership::Etcd>,
     /// The cluster's name (etcd key prefix `/shardserve/<cluster>/`).
     pub cluster: String,
     /// TTL of the etcd lease the registration is bound to.
@@ -40,13 +40,16 @@ pub struct WorkerConfig {
     /// Where Prometheus metrics are served (host:port), if they are; set by the caller once
     /// it listens.
     pub metrics_address: String,
+    /// The cluster identity, when every link inside the cluster is mutual TLS: the Worker port
+    /// and the collective port then refuse peers without a certificate of the cluster CA.
+    pub tls: Option<Arc<shardserve::tls::ClusterTls>>,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
 pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Tensor-parallel peers connect on the advertised host, on a port of their own.
     let host = config.advertise.rsplit_once(':').map_or(config.advertise.as_str(), |(h, _)| h);
-    let rendezvous = group::Rendezvous::start(host)?;
+    let rendezvous = group::Rendezvous::start(host, config.tls.clone())?;
     config.collective_address = rendezvous.address().to_string();
     let state = Arc::new(service::WorkerState::new(
         config.id.clone(),
@@ -54,6 +57,7 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
         config.collective_timeout,
         rendezvous,
         config.device.clone(),
+        config.tls.clone(),
         shutdown.clone(),
     ));
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -67,24 +71,33 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
     let svc = shardserve_proto::v1::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))
         .max_decoding_message_size(shardserve::stage::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(shardserve::stage::MAX_MESSAGE_BYTES);
-    // Accepted sockets need nodelay set here (the builder's covers only sockets it binds).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server_stop = shutdown.clone();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection)
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
+        .add_service(svc);
+    let server = async {
+        match config.tls.clone() {
+            Some(tls) => {
+                use shardserve::tls::ClientAuth;
+                let conns = shardserve::tls::accept(listener, move || tls.server_config(None, &[b"h2"], ClientAuth::Required), "worker", shutdown.clone());
+                let incoming = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(conns), Ok::<_, std::io::Error>);
+                router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()).await
+            }
+            None => {
+                // Accepted sockets need nodelay set here (the builder's covers only sockets it binds).
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()).await
+            }
+        }
+    };
     let registration = async {
-        if config.etcd.is_empty() {
-            register::keep_registered(config.clone(), state.clone(), shutdown.clone()).await
-        } else {
+        if let Some(etcd) = config.etcd.clone() {
             let record = shardserve::membership::WorkerRecord::from(&register::worker_info(&config));
             let st = state.clone();
             shardserve::membership::keep_registered(
-                config.etcd.clone(),
+                etcd,
                 config.cluster.clone(),
                 record,
                 config.lease_ttl,
@@ -92,6 +105,8 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
                 shutdown.clone(),
             )
             .await
+        } else {
+            register::keep_registered(config.clone(), state.clone(), shutdown.clone()).await
         }
     };
     let (served, _) = tokio::join!(server, registration);

@@ -25,10 +25,8 @@ struct Args {
     /// Seconds the next stage may take to answer one step before it is declared failed.
     #[arg(long, env = "SHARDSERVE_STEP_TIMEOUT", default_value_t = 300)]
     step_timeout_s: u64,
-    /// etcd endpoints (comma-separated) to register in; without it, the worker joins the
-    /// coordinator's embedded membership.
-    #[arg(long, env = "SHARDSERVE_ETCD")]
-    etcd: Option<String>,
+    #[command(flatten)]
+    etcd: shardserve::membership::EtcdArgs,
     /// The cluster's name (its etcd keys live under /shardserve/<cluster>/).
     #[arg(long, env = "SHARDSERVE_CLUSTER", default_value = "default")]
     cluster: String,
@@ -45,6 +43,8 @@ struct Args {
     /// printed as `metrics ADDR`).
     #[arg(long, env = "SHARDSERVE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    cluster_tls: shardserve::tls::ClusterTlsArgs,
 }
 
 fn hostname() -> String {
@@ -101,13 +101,14 @@ async fn main() -> anyhow::Result<()> {
         advertise,
         coordinator,
         step_timeout: std::time::Duration::from_secs(args.step_timeout_s),
-        etcd: args.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
+        etcd: args.etcd.open()?,
         cluster: args.cluster,
         lease_ttl: std::time::Duration::from_secs(args.lease_ttl_s.max(1)),
         collective_address: String::new(),
         device,
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_s.max(1)),
         metrics_address,
+        tls: args.cluster_tls.open()?,
     };
     println!("listening {bound}");
     tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");

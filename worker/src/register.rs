@@ -56,12 +56,23 @@ fn device_name(device: &candle_core::Device) -> String {
 }
 
 /// Total and available memory from /proc/meminfo (0 where unknown).
+/// A channel to the coordinator's embedded membership: mutual TLS with the cluster's
+/// certificates when the worker has them (the membership refuses workers without one then).
+async fn coordinator_channel(config: &WorkerConfig) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(shardserve::tls::plain_url(&config.coordinator))?.connect_timeout(Duration::from_secs(3));
+    Ok(match &config.tls {
+        Some(t) => endpoint.connect_with_connector(shardserve::tls::connector(t.client_config(&[b"h2"])?)).await,
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| anyhow::anyhow!("{}", shardserve::tls::error_chain(&e)))?)
+}
+
 /// Keeps this worker registered until `shutdown`.
 pub async fn keep_registered(config: WorkerConfig, state: Arc<WorkerState>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     'register: loop {
         let attempt = async {
-            let mut client = MembershipClient::connect(config.coordinator.clone()).await?;
+            let mut client = MembershipClient::new(coordinator_channel(&config).await?);
             let lease = client
                 .register(pb::RegisterRequest {
                     worker: Some(worker_info(&config)),

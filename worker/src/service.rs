@@ -15,6 +15,7 @@ use shardserve::config::ModelConfig;
 use shardserve::model::{self, KvPool, Shard, StageSpec};
 use shardserve::sampling::Sampler;
 use shardserve::stage::StageClient;
+use shardserve::tls::ClusterTls;
 use shardserve_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -96,6 +97,8 @@ pub struct WorkerState {
     collective_timeout: Duration,
     rendezvous: Arc<Rendezvous>,
     device: Device,
+    /// The cluster identity every link presents, when the cluster uses mutual TLS.
+    tls: Option<Arc<ClusterTls>>,
     compute: ComputeThread,
     /// Fires on shutdown: step streams stop taking new steps and close.
     shutdown: tokio_util::sync::CancellationToken,
@@ -109,6 +112,7 @@ impl WorkerState {
         collective_timeout: Duration,
         rendezvous: Arc<Rendezvous>,
         device: Device,
+        tls: Option<Arc<ClusterTls>>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         WorkerState {
@@ -119,6 +123,7 @@ impl WorkerState {
             collective_timeout,
             rendezvous,
             device,
+            tls,
             compute: ComputeThread::start(),
             shutdown,
         }
@@ -337,7 +342,7 @@ impl pb::worker_server::Worker for WorkerService {
                 let conns = st.rendezvous.wait(&r.tp_group, tp.size, &names, GROUP_WAIT).map_err(Status::unavailable)?;
                 TcpGroup::leader(conns, names, st.collective_timeout)
             } else {
-                TcpGroup::follower(&r.tp_leader, &r.tp_group, tp.rank, tp.size, names, st.collective_timeout, GROUP_WAIT)
+                TcpGroup::follower(&r.tp_leader, st.tls.as_deref(), &r.tp_group, tp.rank, tp.size, names, st.collective_timeout, GROUP_WAIT)
             }
             .map_err(|e| {
                 Status::unavailable(format!(
@@ -354,7 +359,7 @@ impl pb::worker_server::Worker for WorkerService {
         let report = shard.report().clone();
         let dtype = format!("{:?}", shard.dtype()).to_lowercase();
         let next_name = if req.next_worker_id.is_empty() { format!("stage {}", req.stage + 1) } else { req.next_worker_id.clone() };
-        let next = (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone())));
+        let next = (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone(), state.tls.clone())));
         let (blocks_total, block_size, block_bytes) = (pool.blocks_total(), pool.block_size(), pool.bytes_per_block());
         info!(
             worker = %state.id, model = %req.model, stage = req.stage, layers = ?(req.layer_start..req.layer_end),
@@ -586,7 +591,7 @@ fn release_downstream(next: Arc<StageClient>, ids: Vec<u64>) {
     }
     tokio::spawn(async move {
         let call = async {
-            let mut c = shardserve::stage::lazy_client(next.address())?;
+            let mut c = shardserve::stage::lazy_client(next.address(), next.tls())?;
             c.release(pb::ReleaseRequest { seq_ids: ids }).await
         };
         if let Err(e) = tokio::time::timeout(Duration::from_secs(3), call).await.unwrap_or_else(|_| {

@@ -98,6 +98,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 kv_block_size: a.serve.batch.kv_block_size,
                 max_buffered_tokens: a.serve.batch.max_buffered_tokens,
                 step_timeout: Duration::from_secs(a.serve.step_timeout_s),
+                tls: a.serve.cluster_tls.open()?,
                 strategy,
                 max_memory,
                 device_map,
@@ -115,7 +116,7 @@ impl TryFrom<Args> for CoordinatorConfig {
             auth: a.serve.auth.load()?,
             reflection: !a.serve.auth.no_reflection,
             tls: a.serve.auth.tls()?,
-            etcd: a.serve.etcd.as_deref().map(shardserve::membership::endpoints).unwrap_or_default(),
+            etcd: a.serve.etcd.open()?,
             kubernetes: match (a.fleet, a.statefulset) {
                 (Fleet::Kubernetes, Some(name)) => {
                     Some(shardserve_coordinator::kubernetes::StatefulSetScaler::in_cluster(name, a.namespace)?)
@@ -124,7 +125,11 @@ impl TryFrom<Args> for CoordinatorConfig {
             },
             local_workers: a.worker_bin.map(|bin| shardserve_coordinator::scale::LocalWorkers {
                 bin,
-                args: vec!["--cluster".into(), a.serve.cluster.clone(), "--lease-ttl-s".into(), a.serve.lease_ttl_s.to_string()],
+                args: [
+                    vec!["--cluster".into(), a.serve.cluster.clone(), "--lease-ttl-s".into(), a.serve.lease_ttl_s.to_string()],
+                    a.serve.cluster_tls.to_args(),
+                ]
+                .concat(),
             }),
             cluster: a.serve.cluster,
         })
@@ -156,8 +161,8 @@ async fn main() {
         if let Some(local) = &mut config.local_workers {
             // Workers it starts join the same fleet.
             local.args.extend(["--coordinator".to_string(), format!("http://{bound}")]);
-            if !config.etcd.is_empty() {
-                local.args.extend(["--etcd".to_string(), config.etcd.join(",")]);
+            if let Some(etcd) = &config.etcd {
+                local.args.extend(etcd.to_args());
             }
             if let Some(m) = &config.metrics_listen {
                 let host = m.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);

@@ -88,13 +88,19 @@ impl LocalCluster {
         if a.serve.tp == 0 || !a.serve.workers.is_multiple_of(a.serve.tp) {
             bail!("--workers {} is not a multiple of --tp {} (workers = stages × tp)", a.serve.workers, a.serve.tp);
         }
-        let tls = a.serve.auth.tls_cert.is_some();
-        if tls && a.serve.etcd.is_none() {
-            bail!("--tls-cert needs --etcd: with membership embedded in the coordinator, the workers would join it over its TLS port");
+        let cluster_tls = a.serve.cluster_tls.cluster_ca.is_some();
+        if a.serve.auth.tls_cert.is_some() && a.serve.etcd.etcd.is_none() && !cluster_tls {
+            bail!("--tls-cert needs --etcd or the cluster's certificates (--cluster-ca, --cluster-cert, --cluster-key): with membership embedded in the coordinator, the workers join it over its TLS port");
         }
-        if tls && a.tls_ca.is_none() {
-            bail!("--tls-cert: give --tls-ca too, the CA `up` trusts for its own calls to the coordinator");
-        }
+        // With the cluster's certificates and embedded membership the port is TLS even without
+        // --tls-cert: it then presents the coordinator's cluster certificate.
+        let tls = a.serve.auth.tls_cert.is_some() || (cluster_tls && a.serve.etcd.etcd.is_none());
+        let tls_ca = match (&a.tls_ca, a.serve.auth.tls_cert.is_some()) {
+            (Some(ca), _) => Some(ca.clone()),
+            (None, false) if tls => a.serve.cluster_tls.cluster_ca.clone(),
+            (None, _) if tls => bail!("--tls-cert: give --tls-ca too, the CA `up` trusts for its own calls to the coordinator"),
+            (None, _) => None,
+        };
         let mut cmd = Command::new(bin_path("coordinator")?);
         a.serve.batch.validate()?;
         a.serve.http.validate()?;
@@ -116,7 +122,7 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             url: url.clone(),
             key: a.serve.auth.own_key()?,
-            tls_ca: a.tls_ca.clone(),
+            tls_ca,
             coordinator,
             workers: Vec::new(),
         };
@@ -138,9 +144,9 @@ impl LocalCluster {
                 let host = m.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
                 cmd.args(["--metrics-listen", &format!("{host}:0")]);
             }
-            if let Some(e) = &a.serve.etcd {
-                cmd.args(["--etcd", e]);
-            }
+            cmd.args(a.serve.etcd.to_args());
+            // The workers it starts present the same cluster certificate.
+            cmd.args(a.serve.cluster_tls.to_args());
             let child = cmd
                 .args(["--coordinator", &url, "--listen", "127.0.0.1:0"])
                 .args(["--id", &format!("worker-{i}-{}", std::process::id())])

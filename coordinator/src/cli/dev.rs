@@ -17,9 +17,10 @@ pub enum DevCommand {
     /// Create an NCCL communicator on a GPU and time an all-reduce (one JSON line; a build
     /// with --features cuda).
     CheckNccl(CheckNcclArgs),
-    /// Make a certificate authority and a server and a client certificate signed by it (for
-    /// tests, Compose and Kubernetes Secrets): ca.pem, ca.key, server.pem, server.key,
-    /// client.pem, client.key.
+    /// Make a certificate authority and a server, a client and a node certificate signed by it
+    /// (for tests, Compose and Kubernetes Secrets): ca.pem, ca.key, server.pem, server.key,
+    /// client.pem, client.key, and node.pem, node.key for the cluster's own links
+    /// (--cluster-cert, --cluster-key).
     Certs(CertsArgs),
 }
 
@@ -201,7 +202,8 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
 }
 
 /// `shardctl dev certs`: an ECDSA P-256 CA, and a server (serverAuth, the --hosts as subject
-/// alternative names) and a client (clientAuth) certificate it signs.
+/// alternative names), a client (clientAuth) and a node certificate (both: what each process of
+/// the cluster presents on its links, `--cluster-cert`) it signs.
 fn certs(a: &CertsArgs) -> anyhow::Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     anyhow::ensure!(!a.hosts.iter().any(|h| h.trim().is_empty()), "--hosts: an empty name");
@@ -221,19 +223,21 @@ fn certs(a: &CertsArgs) -> anyhow::Result<()> {
     let ca_pem = ca_cert.pem();
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca, ca_key);
-    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| -> anyhow::Result<(String, String)> {
+    let leaf = |names: Vec<String>, cn: &str, usage: &[ExtendedKeyUsagePurpose]| -> anyhow::Result<(String, String)> {
         let mut p = CertificateParams::new(names)?;
         p.distinguished_name.push(DnType::CommonName, cn);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![usage];
+        p.extended_key_usages = usage.to_vec();
         valid(&mut p);
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
     let hosts: Vec<String> = a.hosts.iter().map(|h| h.trim().to_string()).collect();
-    let (server, server_key) = leaf(hosts.clone(), &hosts[0], ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (client, client_key) = leaf(vec!["shardserve-client".into()], "shardserve-client", ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (server, server_key) = leaf(hosts.clone(), &hosts[0], &[ExtendedKeyUsagePurpose::ServerAuth])?;
+    let (client, client_key) = leaf(vec!["shardserve-client".into()], "shardserve-client", &[ExtendedKeyUsagePurpose::ClientAuth])?;
+    let both = [ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let (node, node_key) = leaf(hosts.clone(), "shardserve-node", &both)?;
     std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("{}: {e}", a.out.display()))?;
     for (name, text, private) in [
         ("ca.pem", &ca_pem, false),
@@ -242,6 +246,8 @@ fn certs(a: &CertsArgs) -> anyhow::Result<()> {
         ("server.key", &server_key, true),
         ("client.pem", &client, false),
         ("client.key", &client_key, true),
+        ("node.pem", &node, false),
+        ("node.key", &node_key, true),
     ] {
         let path = a.out.join(name);
         let mut opts = std::fs::OpenOptions::new();
@@ -254,7 +260,12 @@ fn certs(a: &CertsArgs) -> anyhow::Result<()> {
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         }
     }
-    println!("wrote {}: ca.pem ca.key server.pem server.key (for {}) client.pem client.key, valid {} days", a.out.display(), hosts.join(", "), a.days);
+    println!(
+        "wrote {}: ca.pem ca.key server.pem server.key (for {}) client.pem client.key node.pem node.key, valid {} days",
+        a.out.display(),
+        hosts.join(", "),
+        a.days
+    );
     Ok(())
 }
 

@@ -83,7 +83,11 @@ pub type InferenceClient =
 pub async fn channel(url: &str, tls_ca: Option<&std::path::Path>) -> anyhow::Result<tonic::transport::Channel> {
     if url.starts_with("https://") {
         let ca = tls_ca.ok_or_else(|| anyhow::anyhow!("{url} is served over TLS: give the CA to trust with --tls-ca (or SHARDSERVE_TLS_CA)"))?;
-        return crate::tls::connect(url, crate::tls::client_config(ca)?).await;
+        let cfg = shardserve::tls::client_config(ca)?;
+        return tonic::transport::Endpoint::from_shared(shardserve::tls::plain_url(url))?
+            .connect_with_connector(shardserve::tls::connector(cfg))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url} over TLS: {}", shardserve::tls::error_chain(&e)));
     }
     tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect()

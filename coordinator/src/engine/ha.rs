@@ -148,12 +148,12 @@ impl Engine {
 
     /// The engine's etcd client (connecting on first use); `None` without etcd.
     pub(super) async fn etcd_client(&self) -> Option<Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error>> {
-        let (endpoints, _) = self.etcd.as_ref()?;
+        let (etcd, _) = self.etcd.as_ref()?;
         let mut cached = self.etcd_client.lock().await;
         if let Some(c) = cached.as_ref() {
             return Some(Ok(c.clone()));
         }
-        match shardserve::membership::connect(endpoints).await {
+        match etcd.connect().await {
             Ok(c) => {
                 *cached = Some(c.clone());
                 Some(Ok(c))

@@ -65,6 +65,8 @@ pub struct EngineConfig {
     pub max_buffered_tokens: usize,
     /// Longest one step may take.
     pub step_timeout: Duration,
+    /// The cluster identity presented to workers, when links inside the cluster are mutual TLS.
+    pub tls: Option<std::sync::Arc<shardserve::tls::ClusterTls>>,
     /// accelerate's strategy, applied over the workers.
     pub strategy: shardserve::placement::Strategy,
     /// Weight budget per worker, by worker index in join order (accelerate's `max_memory`).
@@ -380,7 +382,7 @@ impl Shared {
 pub struct Engine {
     config: EngineConfig,
     /// etcd endpoints and cluster name, when membership lives in etcd.
-    etcd: Option<(Vec<String>, String)>,
+    etcd: Option<(shardserve::membership::Etcd, String)>,
     /// Mod revision of the placement this engine last wrote to etcd.
     placement_rev: std::sync::Mutex<i64>,
     /// Epoch of the placement last written to etcd (0: none), so a failed write is retried.
@@ -424,7 +426,7 @@ impl Engine {
     pub async fn start(
         config: EngineConfig,
         membership: Arc<dyn Membership>,
-        etcd: Option<(Vec<String>, String)>,
+        etcd: Option<(shardserve::membership::Etcd, String)>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         Self::start_in(config, membership, etcd, Arc::default(), None, shutdown).await
@@ -436,7 +438,7 @@ impl Engine {
     pub async fn start_in(
         config: EngineConfig,
         membership: Arc<dyn Membership>,
-        etcd: Option<(Vec<String>, String)>,
+        etcd: Option<(shardserve::membership::Etcd, String)>,
         shared: Arc<Shared>,
         primary: Option<Arc<Engine>>,
         shutdown: CancellationToken,
@@ -510,12 +512,12 @@ impl Engine {
                 }
             });
             tokio::spawn(engine.clone().follow(cluster, shutdown.clone()));
-        } else if let Some((endpoints, cluster)) = engine.etcd.clone() {
+        } else if let Some((etcd, cluster)) = engine.etcd.clone() {
             // Every coordinator serves; the elected one plans and the others follow its plan.
             let e = engine.clone();
             let value = format!("coordinator pid {}", std::process::id());
             tokio::spawn(shardserve::membership::lead(
-                endpoints.clone(),
+                etcd.clone(),
                 cluster.clone(),
                 value,
                 engine.config.lease_ttl,

@@ -282,9 +282,10 @@ impl Engine {
                     kv_memory: self.kv_memory_for(&w),
                     kv_block_size: self.config.kv_block_size as u32,
                 };
+                let tls = self.config.tls.clone();
                 calls.push(async move {
                     let failed = |why: String, permanent: bool| LoadFailure { why, permanent, worker: Some(w.id.clone()) };
-                    let mut client = shardserve::stage::connect(&w.address)
+                    let mut client = shardserve::stage::connect(&w.address, tls.as_deref())
                         .await
                         .map_err(|e| failed(format!("worker {}: {}", w.id, e.message()), false))?;
                     let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
@@ -338,8 +339,9 @@ impl Engine {
     /// A placement over stages already loaded: the stream into stage 0 and its release client.
     pub(super) fn placement_of(&self, stages: Vec<StageAssignment>, epoch: u64) -> Result<Placement, String> {
         let head = stages.first().ok_or("a placement needs at least one stage")?;
-        let first = Arc::new(StageClient::new(head.worker_id.clone(), head.address.clone()));
-        let release = shardserve::stage::lazy_client(&head.address).map_err(|e| e.message().to_string())?;
+        let tls = self.config.tls.clone();
+        let release = shardserve::stage::lazy_client(&head.address, tls.as_deref()).map_err(|e| e.message().to_string())?;
+        let first = Arc::new(StageClient::new(head.worker_id.clone(), head.address.clone(), tls));
         Ok(Placement {
             stages,
             epoch,

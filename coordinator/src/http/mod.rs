@@ -72,7 +72,7 @@ async fn authorize(State(app): State<App>, req: axum::extract::Request, next: ax
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     models: Arc<Models>,
     limits: Limits,
     auth: crate::auth::Auth,
@@ -80,10 +80,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(models, limits, auth);
     match tls {
-        Some(acceptor) => {
+        Some(cfg) => {
             let addr = listener.local_addr()?;
-            let rx = crate::tls::accept(listener, acceptor, "http", shutdown.clone());
-            axum::serve(crate::tls::TlsListener { rx, addr }, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+            let rx = shardserve::tls::accept(listener, move || Ok(cfg.clone()), "http", shutdown.clone());
+            axum::serve(shardserve::tls::TlsListener { rx, addr }, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
         }
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
     }

@@ -7,6 +7,10 @@
 //! Only one thread per process drives a group (the worker's compute thread), so the order of
 //! frames on a link is the order of operations on both ends.
 //!
+//! With the cluster's certificates (`--cluster-ca`) every link is mutual TLS: the leader's
+//! listener and the followers both present a certificate of the cluster CA, and a peer without
+//! one is refused before its hello is read.
+//!
 //! A link that closes, errs, or stays silent past the group's timeout breaks the group: every
 //! connection is shut down (so ranks blocked on it wake up and fail too) and every later call
 //! fails at once with the first reason.
@@ -29,7 +33,68 @@ mod kind {
 /// Longest frame accepted: a prefill's hidden states at the largest chunk fit well below it.
 const MAX_FRAME: u64 = 1 << 31;
 
-fn write_frame(s: &mut TcpStream, k: u8, payload: &[u8]) -> std::io::Result<()> {
+/// A byte stream a link runs over: the socket itself, or TLS over it.
+pub trait Transport: Read + Write + Send {}
+impl<T: Read + Write + Send> Transport for T {}
+
+/// One end of a link: its byte stream, and the socket under it (for timeouts and shutdown,
+/// which TLS leaves to the socket).
+pub struct Link {
+    io: Box<dyn Transport>,
+    socket: TcpStream,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({:?})", self.socket.peer_addr().ok())
+    }
+}
+
+impl Link {
+    /// A plaintext link.
+    pub fn plain(s: TcpStream) -> std::io::Result<Self> {
+        Ok(Link { socket: s.try_clone()?, io: Box::new(s) })
+    }
+
+    /// A link over `io`, a stream (TLS) over `socket`.
+    pub fn over(io: impl Transport + 'static, socket: &TcpStream) -> std::io::Result<Self> {
+        Ok(Link { socket: socket.try_clone()?, io: Box::new(io) })
+    }
+
+    /// The socket under the link.
+    pub fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// The server side of a link accepted on `tcp`: TLS when `tls` is given (bounded by the
+    /// socket's timeouts).
+    pub fn accept(tcp: TcpStream, tls: Option<&crate::tls::ClusterTls>) -> std::io::Result<Self> {
+        match tls {
+            Some(t) => {
+                let socket = tcp.try_clone()?;
+                Link::over(t.accept_blocking(tcp)?, &socket)
+            }
+            None => Link::plain(tcp),
+        }
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.io.read(buf)
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.io.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.io.flush()
+    }
+}
+
+fn write_frame(s: &mut impl Write, k: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut head = [0u8; 9];
     head[0] = k;
     head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -37,14 +102,16 @@ fn write_frame(s: &mut TcpStream, k: u8, payload: &[u8]) -> std::io::Result<()> 
         let mut buf = Vec::with_capacity(9 + payload.len());
         buf.extend_from_slice(&head);
         buf.extend_from_slice(payload);
-        s.write_all(&buf)
+        s.write_all(&buf)?;
     } else {
         s.write_all(&head)?;
-        s.write_all(payload)
+        s.write_all(payload)?;
     }
+    // TLS buffers what it writes until flushed; a plain socket has nothing to flush.
+    s.flush()
 }
 
-fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 9];
     s.read_exact(&mut head)?;
     let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
@@ -68,14 +135,14 @@ fn describe(e: &std::io::Error) -> String {
 }
 
 /// The opening message of a follower's connection: which group and rank it is.
-pub fn hello(stream: &mut TcpStream, group: &str, rank: usize) -> std::io::Result<()> {
+pub fn hello(stream: &mut impl Write, group: &str, rank: usize) -> std::io::Result<()> {
     let mut payload = (rank as u32).to_le_bytes().to_vec();
     payload.extend_from_slice(group.as_bytes());
     write_frame(stream, kind::HELLO, &payload)
 }
 
 /// Reads a follower's hello: (group, rank).
-pub fn read_hello(stream: &mut TcpStream) -> std::io::Result<(String, usize)> {
+pub fn read_hello(stream: &mut impl Read) -> std::io::Result<(String, usize)> {
     let (k, p) = read_frame(stream)?;
     if k != kind::HELLO || p.len() < 4 {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a tensor-parallel hello"));
@@ -90,7 +157,7 @@ pub struct TcpGroup {
     rank: usize,
     size: usize,
     /// Leader: one link per follower, rank 1 first. Follower: the link to the leader.
-    links: Vec<Mutex<TcpStream>>,
+    links: Vec<Mutex<Link>>,
     /// Names of the ranks (worker ids), by rank, for messages.
     names: Vec<String>,
     /// Clones of the links' sockets, to shut them down while another thread blocks on one.
@@ -112,15 +179,15 @@ impl std::fmt::Debug for TcpGroup {
 impl TcpGroup {
     /// The leader's side: `followers` are the connections of ranks 1.. in order, each past its
     /// hello; they are acknowledged here, which completes the group on their side.
-    pub fn leader(followers: Vec<TcpStream>, names: Vec<String>, timeout: Duration) -> std::io::Result<Self> {
+    pub fn leader(followers: Vec<Link>, names: Vec<String>, timeout: Duration) -> std::io::Result<Self> {
         let size = followers.len() + 1;
         let (mut links, mut shutters) = (Vec::with_capacity(followers.len()), Vec::new());
         for mut s in followers {
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(timeout))?;
-            s.set_write_timeout(Some(timeout))?;
+            s.socket.set_nodelay(true)?;
+            s.socket.set_read_timeout(Some(timeout))?;
+            s.socket.set_write_timeout(Some(timeout))?;
             write_frame(&mut s, kind::ACK, &[])?;
-            shutters.push(s.try_clone()?);
+            shutters.push(s.socket.try_clone()?);
             links.push(Mutex::new(s));
         }
         Ok(TcpGroup {
@@ -134,10 +201,12 @@ impl TcpGroup {
         })
     }
 
-    /// A follower's side: connects to the leader at `leader`, says which rank it is and waits
-    /// (up to `wait`) until the leader has every rank.
+    /// A follower's side: connects to the leader at `leader` (over mutual TLS when `tls` is
+    /// given), says which rank it is and waits (up to `wait`) until the leader has every rank.
+    #[allow(clippy::too_many_arguments)]
     pub fn follower(
         leader: &str,
+        tls: Option<&crate::tls::ClusterTls>,
         group: &str,
         rank: usize,
         size: usize,
@@ -148,20 +217,28 @@ impl TcpGroup {
         let addr = std::net::ToSocketAddrs::to_socket_addrs(leader)?
             .next()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{leader} resolves to nothing")))?;
-        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-        s.set_nodelay(true)?;
-        s.set_write_timeout(Some(timeout))?;
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_write_timeout(Some(timeout))?;
+        tcp.set_read_timeout(Some(timeout))?;
+        let mut s = match tls {
+            Some(t) => {
+                let host = leader.rsplit_once(':').map_or(leader, |(h, _)| h);
+                Link::over(t.connect_blocking(tcp.try_clone()?, host)?, &tcp)?
+            }
+            None => Link::plain(tcp)?,
+        };
         hello(&mut s, group, rank)?;
-        s.set_read_timeout(Some(wait))?;
+        s.socket.set_read_timeout(Some(wait))?;
         let (k, _) = read_frame(&mut s)?;
         if k != kind::ACK {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the leader did not acknowledge"));
         }
-        s.set_read_timeout(Some(timeout))?;
+        s.socket.set_read_timeout(Some(timeout))?;
         Ok(TcpGroup {
             rank,
             size,
-            shutters: vec![s.try_clone()?],
+            shutters: vec![s.socket.try_clone()?],
             links: vec![Mutex::new(s)],
             names: padded(names, size),
             timeout,
@@ -232,7 +309,7 @@ impl TcpGroup {
         self.check()?;
         for (i, l) in self.links.iter().enumerate() {
             let mut s = l.lock().expect("link lock");
-            if let Err(e) = write_frame(&mut s, kind::CONTROL, payload) {
+            if let Err(e) = write_frame(&mut *s, kind::CONTROL, payload) {
                 drop(s);
                 return Err(self.fail(format!("{}: {}", self.name(i + 1), describe(&e))));
             }
@@ -248,9 +325,9 @@ impl TcpGroup {
         // The blocking read holds the lock; `fail` shuts the socket down through its clone, so
         // it can still wake this reader.
         let mut s = link.lock().expect("link lock");
-        let _ = s.set_read_timeout(None);
-        let got = read_frame(&mut s);
-        let _ = s.set_read_timeout(Some(self.timeout));
+        let _ = s.socket.set_read_timeout(None);
+        let got = read_frame(&mut *s);
+        let _ = s.socket.set_read_timeout(Some(self.timeout));
         match got {
             Ok((kind::CONTROL, p)) => Ok(Some(p)),
             Ok((k, _)) => {
@@ -282,7 +359,7 @@ impl TcpGroup {
             let mut acc = mine;
             for (i, l) in self.links.iter().enumerate() {
                 let mut s = l.lock().expect("link lock");
-                let got = read_frame(&mut s);
+                let got = read_frame(&mut *s);
                 drop(s);
                 let part = match got {
                     Ok((kind::REDUCE, p)) if p.len() == n * 4 => p,
@@ -303,7 +380,7 @@ impl TcpGroup {
             let bytes: Vec<u8> = acc.iter().flat_map(|v| v.to_le_bytes()).collect();
             for (i, l) in self.links.iter().enumerate() {
                 let mut s = l.lock().expect("link lock");
-                if let Err(e) = write_frame(&mut s, kind::REDUCE, &bytes) {
+                if let Err(e) = write_frame(&mut *s, kind::REDUCE, &bytes) {
                     drop(s);
                     return Err(self.fail(format!("{}: {}", self.name(i + 1), describe(&e))));
                 }
@@ -312,7 +389,7 @@ impl TcpGroup {
         } else {
             let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mut s = self.links[0].lock().expect("link lock");
-            let got = write_frame(&mut s, kind::REDUCE, &bytes).and_then(|()| read_frame(&mut s));
+            let got = write_frame(&mut *s, kind::REDUCE, &bytes).and_then(|()| read_frame(&mut *s));
             drop(s);
             match got {
                 Ok((kind::REDUCE, p)) if p.len() == n * 4 => {
@@ -368,20 +445,27 @@ mod tests {
 
     /// Forms a group of `size` ranks on loopback, one thread per follower.
     fn group(size: usize) -> (TcpGroup, Vec<std::thread::JoinHandle<TcpGroup>>) {
+        group_over(size, None)
+    }
+
+    /// The same, over mutual TLS when `tls` is given (every rank with the same identity).
+    fn group_over(size: usize, tls: Option<std::sync::Arc<crate::tls::ClusterTls>>) -> (TcpGroup, Vec<std::thread::JoinHandle<TcpGroup>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let names: Vec<String> = (0..size).map(|r| format!("w{r}")).collect();
         let threads: Vec<_> = (1..size)
             .map(|r| {
-                let (addr, names) = (addr.clone(), names.clone());
+                let (addr, names, tls) = (addr.clone(), names.clone(), tls.clone());
                 std::thread::spawn(move || {
-                    TcpGroup::follower(&addr, "g", r, size, names, Duration::from_secs(5), Duration::from_secs(5)).unwrap()
+                    TcpGroup::follower(&addr, tls.as_deref(), "g", r, size, names, Duration::from_secs(5), Duration::from_secs(5)).unwrap()
                 })
             })
             .collect();
-        let mut conns: Vec<(usize, TcpStream)> = (1..size)
+        let mut conns: Vec<(usize, Link)> = (1..size)
             .map(|_| {
-                let (mut s, _) = listener.accept().unwrap();
+                let (s, _) = listener.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut s = Link::accept(s, tls.as_deref()).unwrap();
                 let (g, r) = read_hello(&mut s).unwrap();
                 assert_eq!(g, "g");
                 (r, s)
@@ -458,9 +542,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let t = std::thread::spawn(move || {
-            TcpGroup::follower(&addr, "g", 1, 2, vec![], Duration::from_millis(300), Duration::from_secs(5)).unwrap()
+            TcpGroup::follower(&addr, None, "g", 1, 2, vec![], Duration::from_millis(300), Duration::from_secs(5)).unwrap()
         });
-        let (mut s, _) = listener.accept().unwrap();
+        let (s, _) = listener.accept().unwrap();
+        let mut s = Link::plain(s).unwrap();
         read_hello(&mut s).unwrap();
         let leader = TcpGroup::leader(vec![s], vec!["a".into(), "b".into()], Duration::from_millis(300)).unwrap();
         let _follower = t.join().unwrap();
@@ -468,5 +553,66 @@ mod tests {
         let err = leader.all_reduce_sum(&Tensor::new(&[1f32], &Device::Cpu).unwrap()).unwrap_err().to_string();
         assert!(err.contains("timed out"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    /// A CA and a certificate it signed for both ends of a link, written to `dir`.
+    fn cluster_identity(dir: &std::path::Path, name: &str) -> std::sync::Arc<crate::tls::ClusterTls> {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["node".to_string()]).unwrap();
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let p = |f: &str| dir.join(format!("{name}-{f}"));
+        std::fs::write(p("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(p("node.pem"), cert.pem()).unwrap();
+        std::fs::write(p("node.key"), key.serialize_pem()).unwrap();
+        crate::tls::ClusterTls::open(&p("ca.pem"), &p("node.pem"), &p("node.key"), None).unwrap()
+    }
+
+    #[test]
+    fn a_group_over_mutual_tls_sums_as_over_plain_tcp() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leader, threads) = group_over(3, Some(cluster_identity(dir.path(), "a")));
+        let followers: Vec<TcpGroup> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let handles: Vec<_> = followers
+            .into_iter()
+            .map(|g| std::thread::spawn(move || g.all_reduce_sum(&Tensor::new(&[g.rank as f32], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        let mine = leader.all_reduce_sum(&Tensor::new(&[0.5f32], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(mine, vec![3.5]);
+        for h in handles {
+            assert_eq!(h.join().unwrap(), mine);
+        }
+    }
+
+    #[test]
+    fn a_peer_of_another_cluster_or_in_plaintext_is_refused_before_its_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = cluster_identity(dir.path(), "ours");
+        cluster_identity(dir.path(), "theirs");
+        // Trusts our CA, presents a certificate of another.
+        let p = |f: &str| dir.path().join(f);
+        let theirs = crate::tls::ClusterTls::open(&p("ours-ca.pem"), &p("theirs-node.pem"), &p("theirs-node.key"), None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        for peer in [Some(theirs), None] {
+            let (a, tls) = (addr.clone(), peer.clone());
+            let t = std::thread::spawn(move || {
+                TcpGroup::follower(&a, tls.as_deref(), "g", 1, 2, vec![], Duration::from_secs(2), Duration::from_secs(2)).map(|_| ())
+            });
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let err = Link::accept(s, Some(&ours)).map(|_| ()).unwrap_err().to_string();
+            // Both CAs have the same (empty) name: the signature is what does not match.
+            // A follower without the cluster's certificates speaks plaintext, not TLS.
+            let expected = if peer.is_some() { "invalid peer certificate: BadSignature" } else { "corrupt message" };
+            assert!(err.contains(expected), "{err}");
+            assert!(t.join().unwrap().is_err(), "the follower must not think it joined");
+        }
     }
 }
