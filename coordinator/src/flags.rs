@@ -214,6 +214,11 @@ pub struct AuthArgs {
     /// Do not serve gRPC reflection.
     #[arg(long, env = "SHARDSERVE_NO_REFLECTION")]
     pub no_reflection: bool,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (port 0 picks a free
+    /// one, printed as `health ADDR`): for probes that cannot speak TLS (Kubernetes' gRPC
+    /// probes) when the gRPC port is served with --tls-cert.
+    #[arg(long, env = "SHARDSERVE_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
     /// Serve the client ports (gRPC, and HTTP with --http-listen) over TLS with this
     /// certificate chain (PEM), read again whenever it changes. Needs --tls-key.
     #[arg(long, env = "SHARDSERVE_TLS_CERT", requires = "tls_key")]
@@ -243,6 +248,9 @@ impl AuthArgs {
         }
         if self.no_reflection {
             a.push("--no-reflection".into());
+        }
+        if let Some(h) = &self.health_listen {
+            a.extend(["--health-listen".to_string(), h.clone()]);
         }
         if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
             a.extend(["--tls-cert".to_string(), c.display().to_string(), "--tls-key".into(), k.display().to_string()]);

@@ -53,6 +53,8 @@ pub struct CoordinatorConfig {
     pub reflection: bool,
     /// TLS on the client ports, when asked for.
     pub tls: Option<Arc<shardserve::tls::CertFiles>>,
+    /// Where grpc.health.v1 is also served alone, in plaintext, if anywhere.
+    pub health_listen: Option<String>,
 }
 
 /// Serves the coordinator on `listener` (and the HTTP API on `http`, when given) until
@@ -113,6 +115,12 @@ pub async fn run(
             }
         }
     });
+    if let Some(a) = &config.health_listen {
+        let at = shardserve::telemetry::start_health(a, tonic::service::Routes::new(health.clone()), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve health on {a}: {e}"))?;
+        println!("health {at}");
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

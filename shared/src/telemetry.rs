@@ -55,3 +55,20 @@ pub async fn start(address: &str, shutdown: CancellationToken) -> std::io::Resul
     });
     Ok(bound)
 }
+
+/// Binds `address` and serves `routes` (the process's grpc.health.v1 service) there alone, in
+/// plaintext, on a task of its own until `shutdown`; returns the bound address. For probes that
+/// cannot speak TLS — Kubernetes' gRPC probes — when the service port needs it (mutual TLS
+/// with `--cluster-ca`, or `--tls-cert`). It tells whether the process serves, nothing else.
+pub async fn start_health(address: &str, routes: tonic::service::Routes, shutdown: CancellationToken) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let served = tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the health port stopped");
+        }
+    });
+    Ok(bound)
+}

@@ -202,6 +202,24 @@ async fn the_compose_cluster_gives_transformers_tokens_and_rides_out_an_etcd_res
         let got = generate(&mut client(url).await, greedy(&case.prompt, case.new_ids.len() as i32)).await.unwrap();
         assert_eq!(got.token_ids, case.new_ids, "case {i} through {url}");
     }
+    // Inside the cluster every link is mutual TLS (certificates from the `certs` service): a
+    // worker's port, reached from the host over the Compose network, refuses a plaintext call
+    // and logs why.
+    let worker = compose.containers("worker")[0].clone();
+    let ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &worker]).trim().to_string();
+    let plaintext = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{ip}:50061")).unwrap().connect().await.map_err(|e| e.to_string())?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), plaintext).await.unwrap_or_else(|_| Err("no answer".into()));
+    assert!(answer.is_err(), "a worker answered plaintext: {answer:?}");
+    wait_until("the worker logging the refused handshake", Duration::from_secs(10), || {
+        let out = bounded(Command::new("docker").args(["logs", &worker]), Duration::from_secs(30));
+        String::from_utf8_lossy(&out.stderr).contains("TLS handshake refused")
+    });
     // etcd's container restarts (its data on a volume): nothing is lost — the same workers,
     // the same placement, the same tokens, and nothing restarted but etcd.
     let workers_before = {

@@ -167,3 +167,53 @@ async fn a_cluster_over_mutual_tls_serves_its_members_and_refuses_everyone_else(
     // Everyone else is still served.
     assert_eq!(tokens(&generate(Some("user-key-1"))), case.new_ids[..8]);
 }
+
+/// A worker's plaintext health port (`--health-listen`, for Kubernetes' probes, which cannot
+/// speak mutual TLS) answers SERVING while its Worker port refuses the same plaintext call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_port_answers_probes_in_plaintext_while_the_worker_port_needs_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_certs(dir.path());
+    let f = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let mut child = Command::new(bin("worker"))
+        .args(["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0", "--id", "probed"])
+        // Nobody there: the worker keeps trying to join, and serves meanwhile.
+        .args(["--coordinator", "https://127.0.0.1:9"])
+        .args(["--cluster-ca", &f("ca.pem"), "--cluster-cert", &f("node.pem"), "--cluster-key", &f("node.key")])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let _worker = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut health, mut listening) = (None, None);
+    while health.is_none() || listening.is_none() {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("the worker printed `health` and `listening` within 30 s");
+        if let Some(a) = line.strip_prefix("health ") {
+            health = Some(a.to_string());
+        } else if let Some(a) = line.strip_prefix("listening ") {
+            listening = Some(a.to_string());
+        }
+    }
+    let check = |address: String| async move {
+        let call = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.map_err(|e| e.to_string())?;
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await
+                .map(|r| r.into_inner().status)
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(10), call).await.unwrap_or_else(|_| Err("no answer within 10 s".into()))
+    };
+    assert_eq!(check(health.unwrap()).await, Ok(tonic_health::pb::health_check_response::ServingStatus::Serving as i32));
+    assert!(check(listening.unwrap()).await.is_err(), "the Worker port answered plaintext");
+}

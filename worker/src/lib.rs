@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     /// The cluster identity, when every link inside the cluster is mutual TLS: the Worker port
     /// and the collective port then refuse peers without a certificate of the cluster CA.
     pub tls: Option<Arc<shardserve::tls::ClusterTls>>,
+    /// Where grpc.health.v1 is also served alone, in plaintext (probes that cannot speak
+    /// mutual TLS), if anywhere; printed as `health ADDR` once bound.
+    pub health_listen: Option<String>,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.
@@ -64,6 +67,12 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
     reporter
         .set_serving::<shardserve_proto::v1::worker_server::WorkerServer<service::WorkerService>>()
         .await;
+    if let Some(a) = &config.health_listen {
+        let at = shardserve::telemetry::start_health(a, tonic::service::Routes::new(health.clone()), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve health on {a}: {e}"))?;
+        println!("health {at}");
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

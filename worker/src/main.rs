@@ -43,6 +43,11 @@ struct Args {
     /// printed as `metrics ADDR`).
     #[arg(long, env = "SHARDSERVE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (port 0 picks a free
+    /// one, printed as `health ADDR`): for probes that cannot speak mutual TLS (Kubernetes'
+    /// gRPC probes) when the Worker port asks for the cluster's certificate.
+    #[arg(long, env = "SHARDSERVE_HEALTH_LISTEN")]
+    health_listen: Option<String>,
     #[command(flatten)]
     cluster_tls: shardserve::tls::ClusterTlsArgs,
 }
@@ -109,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_s.max(1)),
         metrics_address,
         tls: args.cluster_tls.open()?,
+        health_listen: args.health_listen,
     };
     println!("listening {bound}");
     tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");

@@ -116,6 +116,7 @@ impl TryFrom<Args> for CoordinatorConfig {
             auth: a.serve.auth.load()?,
             reflection: !a.serve.auth.no_reflection,
             tls: a.serve.auth.tls()?,
+            health_listen: a.serve.auth.health_listen.clone(),
             etcd: a.serve.etcd.open()?,
             kubernetes: match (a.fleet, a.statefulset) {
                 (Fleet::Kubernetes, Some(name)) => {
