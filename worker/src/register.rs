@@ -60,11 +60,11 @@ fn device_name(device: &candle_core::Device) -> String {
 /// certificates when the worker has them (the membership refuses workers without one then).
 async fn coordinator_channel(config: &WorkerConfig) -> anyhow::Result<tonic::transport::Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(shardserve::tls::plain_url(&config.coordinator))?.connect_timeout(Duration::from_secs(3));
-    Ok(match &config.tls {
+    match &config.tls {
         Some(t) => endpoint.connect_with_connector(shardserve::tls::connector(t.client_config(&[b"h2"])?)).await,
         None => endpoint.connect().await,
     }
-    .map_err(|e| anyhow::anyhow!("{}", shardserve::tls::error_chain(&e)))?)
+    .map_err(|e| anyhow::anyhow!("{}", shardserve::tls::error_chain(&e)))
 }
 
 /// Keeps this worker registered until `shutdown`.
