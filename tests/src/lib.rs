@@ -441,6 +441,24 @@ pub fn migrating_cluster(etcd: &Etcd, name: &str) -> Cluster {
         .start()
 }
 
+/// Starts a `worker` with `args` and waits (bounded) until its log (warnings and up) says
+/// `logged`: a worker that is refused somewhere and says why. Killed when dropped.
+pub fn worker_until_it_logs(args: &[String], logged: &str, within: Duration) -> Proc {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let worker = Proc(
+        Command::new(bin("worker"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("spawn worker"),
+    );
+    wait_until(&format!("the worker logging `{logged}`"), within, || std::fs::read_to_string(log.path()).unwrap_or_default().contains(logged));
+    worker
+}
+
 /// Starts one more worker process joining `cluster` through `etcd`.
 pub fn spare_worker(etcd: &Etcd, cluster: &str, id: &str, ttl_s: u64) -> Proc {
     worker_at(etcd, cluster, id, ttl_s, "127.0.0.1:0")

@@ -8,7 +8,7 @@ use shardserve::membership::etcd_client::Permission;
 use shardserve_tests::certs::dev_certs;
 use shardserve_tests::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn s(p: &Path) -> String {
@@ -108,20 +108,8 @@ async fn etcd_over_tls_with_rbac_users_serves_members_and_refuses_the_rest_with_
     assert!(err.contains(&format!("write {url}")), "http:// with --etcd-ca: {err}");
 
     // A worker with a wrong password keeps trying and says why; it never registers.
-    let log = dir.path().join("worker.log");
-    let _worker = Proc(
-        Command::new(bin("worker"))
-            .args(with(tls(&a), Some(("shardserve", &wrong_pw))))
-            .args(["--id", "wrong-password", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the worker's refused registration", Duration::from_secs(20), || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("authentication failed")
-    });
+    let args = [with(tls(&a), Some(("shardserve", &wrong_pw))), vec!["--id".into(), "wrong-password".into()]].concat();
+    let _worker = worker_until_it_logs(&args, "authentication failed", Duration::from_secs(20));
     let registered = root
         .get(format!("/shardserve/{name}/workers/"), Some(shardserve::membership::etcd_client::GetOptions::new().with_prefix()))
         .await

@@ -148,19 +148,8 @@ async fn a_cluster_over_mutual_tls_serves_its_members_and_refuses_everyone_else(
     }
 
     // A worker started without the cluster's certificate cannot join.
-    let log = dir.path().join("stranger.log");
-    let _stranger = Proc(
-        Command::new(bin("worker"))
-            .args(["--coordinator", &url, "--id", "stranger", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the stranger's failed registration", Duration::from_secs(20), || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("registration failed")
-    });
+    let args = ["--coordinator", url.as_str(), "--id", "stranger"].map(String::from);
+    let _stranger = worker_until_it_logs(&args, "registration failed", Duration::from_secs(20));
     let listed = run_shardctl(&["workers", "--json", "--coordinator", &url], &[("SHARDSERVE_TLS_CA", s(&ca)), ("SHARDSERVE_ADMIN_KEY", "admin-key-1")], Duration::from_secs(30));
     assert!(!listed.stdout.contains("stranger") && !listed.stdout.contains("intruder"), "{}", listed.stdout);
 
