@@ -48,12 +48,28 @@ pub fn encode(t: &Tensor) -> Result<pb::Tensor> {
     })
 }
 
+/// The number of elements of `shape`, `None` when it does not fit in memory's address space.
+/// A zero dimension makes the count 0, but the strides of the other dimensions (their product
+/// with zeros left out) must fit as well: a peer's shape is checked before anything multiplies
+/// it unchecked.
+fn elements(shape: &[u64]) -> Option<usize> {
+    let (mut n, mut strides) = (1usize, 1usize);
+    for &d in shape {
+        let d = usize::try_from(d).ok()?;
+        n = n.checked_mul(d)?;
+        strides = strides.checked_mul(d.max(1))?;
+    }
+    // Nothing past isize::MAX bytes can be allocated or indexed.
+    (strides <= isize::MAX as usize).then_some(n)
+}
+
 /// Decodes a wire tensor onto `device`, checking that the bytes match dtype and shape.
 pub fn decode(t: &pb::Tensor, device: &Device) -> Result<Tensor> {
     let dtype = dtype_of(&t.dtype)?;
+    let too_large = || Error::Wire(format!("shape {:?} is too large for any tensor", t.shape));
+    let n = elements(&t.shape).ok_or_else(too_large)?;
+    let want = n.checked_mul(dtype.size_in_bytes()).ok_or_else(too_large)?;
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-    let n: usize = shape.iter().product();
-    let want = n * dtype.size_in_bytes();
     if t.data.len() != want {
         return Err(Error::Wire(format!(
             "{} bytes for a {:?} {} tensor that needs {want}",
@@ -96,6 +112,19 @@ mod tests {
             let diff = (back.to_dtype(DType::F32).unwrap() - &t).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         }
+    }
+
+    #[test]
+    fn shapes_past_the_address_space_are_rejected() {
+        // Found by the wire_tensor fuzzer: the element count (or, past a zero dimension, the
+        // strides candle computes) overflowed.
+        for shape in [vec![1u64 << 33, 1 << 33], vec![0, 1 << 40, 1 << 40], vec![u64::MAX], vec![1 << 62, 2]] {
+            let w = pb::Tensor { dtype: "f32".into(), shape: shape.clone(), data: Vec::new() };
+            let e = decode(&w, &Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains("too large"), "{shape:?}: {e}");
+        }
+        let empty = pb::Tensor { dtype: "f16".into(), shape: vec![0, 1 << 20, 16], data: Vec::new() };
+        assert_eq!(decode(&empty, &Device::Cpu).unwrap().dims(), &[0, 1 << 20, 16]);
     }
 
     #[test]

@@ -179,8 +179,20 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     };
     let rows: usize = req.sequences.iter().map(|s| s.token_ids.len()).sum();
     if let (Some(h), true) = (&hidden, out.results.is_empty()) {
-        if h.dims().first() != Some(&rows) {
-            let why = format!("hidden states of shape {:?} for {rows} rows", h.dims());
+        // The whole shape, not only the rows: the forward pass would refuse any other, and its
+        // refusal reads as this stage failing (INTERNAL; a broken tensor-parallel group).
+        let hidden_size = shard.config().hidden_size;
+        if h.dims() != [rows, hidden_size] {
+            let why = format!("hidden states of shape {:?} do not fit {rows} rows of hidden_size {hidden_size}", h.dims());
+            fail_all(StepError::Malformed { worker: state.id.clone(), why }, &mut out);
+        }
+    }
+    if out.results.is_empty() {
+        // A sequence twice in one step has no one place in the KV cache, and its second
+        // occurrence failing a check would free the first after it passed.
+        let mut seen = std::collections::HashSet::with_capacity(req.sequences.len());
+        if let Some(s) = req.sequences.iter().find(|s| !seen.insert(s.seq_id)) {
+            let why = format!("sequence {} appears twice in the step", s.seq_id);
             fail_all(StepError::Malformed { worker: state.id.clone(), why }, &mut out);
         }
     }
@@ -427,4 +439,31 @@ fn abandon(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, step: 
 /// A step that carries only releases to the next stage (none on the last stage).
 fn forward_release(loaded: &Loaded, release: Vec<u64>) -> Option<pb::StepRequest> {
     (!loaded.shard.spec().last).then_some(pb::StepRequest { release, ..Default::default() })
+}
+
+/// Entry points for the fuzz targets in `fuzz/`: a step through exactly the checks and forward
+/// pass a Step stream runs it through, but on the caller's thread, so that a panic reaches the
+/// fuzzer instead of being caught (and logged) by the compute thread.
+impl WorkerState {
+    /// Runs `req` on the shard loaded here as a Step stream would, without sending anything
+    /// on: the results settled here, and the step for the next stage (`None` on the last).
+    pub fn run_step(&self, req: pb::StepRequest) -> Result<(Vec<pb::SequenceResult>, Option<pb::StepRequest>), tonic::Status> {
+        let loaded = self.current()?;
+        let out = compute(self, &loaded, req);
+        Ok((out.results, out.forward))
+    }
+
+    /// Frees every sequence and forgets every release, so that the next step finds the shard
+    /// as it was just after loading (each fuzz input starts from the same state).
+    pub fn clear_sequences(&self) {
+        if let Ok(loaded) = self.current() {
+            let mut kv = loaded.kv.lock().expect("kv lock");
+            kv.pool.clear();
+            kv.seqs.clear();
+            loaded.publish(&kv);
+        }
+        let mut released = self.released.lock().expect("released lock");
+        released.0.clear();
+        released.1.clear();
+    }
 }

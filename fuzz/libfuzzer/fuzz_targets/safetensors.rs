@@ -1,0 +1,4 @@
+//! libFuzzer's inputs to [`shardserve_fuzz::safetensors`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|d: &[u8]| shardserve_fuzz::safetensors(d));
