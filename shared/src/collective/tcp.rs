@@ -61,11 +61,6 @@ impl Link {
         Ok(Link { socket: socket.try_clone()?, io: Box::new(io) })
     }
 
-    /// The socket under the link.
-    pub fn socket(&self) -> &TcpStream {
-        &self.socket
-    }
-
     /// The server side of a link accepted on `tcp`: TLS when `tls` is given (bounded by the
     /// socket's timeouts).
     pub fn accept(tcp: TcpStream, tls: Option<&crate::tls::ClusterTls>) -> std::io::Result<Self> {
