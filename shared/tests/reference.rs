@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 fn fixtures() -> PathBuf {
     match std::env::var_os("SHARDSERVE_FIXTURES") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"),
     }
 }
 

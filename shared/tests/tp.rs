@@ -16,7 +16,7 @@ use std::time::Duration;
 fn fixture() -> PathBuf {
     match std::env::var_os("SHARDSERVE_FIXTURES") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"),
     }
     .join("hf-reference/tiny-qwen3")
 }

@@ -30,11 +30,12 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The shared fixtures folder (`../shared/fixtures` from the project root).
+/// The fixtures folder (`tests/fixtures/`: transformers' and accelerate's own outputs;
+/// `SHARDSERVE_FIXTURES` points elsewhere).
 pub fn fixtures() -> PathBuf {
     match std::env::var_os("SHARDSERVE_FIXTURES") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
     }
 }
 

@@ -8,7 +8,7 @@ use serde::Deserializer;
 
 /// Absolute fixture location for the dev crate; `SHARDSERVE_FIXTURES` (the fixtures
 /// directory) overrides it.
-const FIXTURE_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/device-maps/public.json");
+const FIXTURE_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/device-maps/public.json");
 
 fn fixture_text() -> String {
     let path = match std::env::var("SHARDSERVE_FIXTURES") {
