@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "shardserve/v1/inference.proto",
         "shardserve/v1/admin.proto",
         "shardserve/v1/worker.proto",
+        "shardserve/v1/relay.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("shardserve_descriptor.bin"))

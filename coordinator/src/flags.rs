@@ -19,6 +19,11 @@ pub struct ServeArgs {
     /// Address to serve on (port 0 picks a free one; printed as `listening ADDR`).
     #[arg(long, env = "SHARDSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Address the other coordinators of the cluster reach this one's gRPC port at, when it
+    /// leads (default: the bound address, or this host's name and port when it listens on
+    /// every interface).
+    #[arg(long, env = "SHARDSERVE_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Compute dtype: auto (checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
     #[arg(long, env = "SHARDSERVE_DTYPE", value_enum, default_value_t = shardserve::dtype::Dtype::Auto)]
     pub dtype: shardserve::dtype::Dtype,
@@ -102,6 +107,7 @@ impl ServeArgs {
         opt("--max-total-tokens", self.max_total_tokens.map(|m| m.to_string()));
         opt("--max-memory", self.max_memory.clone());
         opt("--device-map", self.device_map.as_ref().map(|p| p.display().to_string()));
+        opt("--advertise", self.advertise.clone());
         for (flag, v) in [
             ("--listen", self.listen.clone()),
             ("--dtype", self.dtype.to_string()),
@@ -160,6 +166,28 @@ pub struct BatchArgs {
     /// `shardctl up`, every worker serves them too, on a free port of the same host.
     #[arg(long, env = "SHARDSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Reuse the KV blocks of prompt prefixes already computed: a request computes only what
+    /// follows its longest cached prefix of whole blocks.
+    #[arg(long, env = "SHARDSERVE_PREFIX_CACHING", value_enum, default_value_t = OnOff::On)]
+    pub prefix_caching: OnOff,
+    /// Who shares cached prefixes: shared (every client; `cache_salt` separates requests) or
+    /// per-key (only requests made with the same API key; needs --api-keys-file or
+    /// --admin-keys-file).
+    #[arg(long, env = "SHARDSERVE_PREFIX_CACHE_SCOPE", value_enum, default_value_t = crate::engine::PrefixCacheScope::Shared)]
+    pub prefix_cache_scope: crate::engine::PrefixCacheScope,
+}
+
+/// A feature switched on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl std::fmt::Display for OnOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if *self == OnOff::On { "on" } else { "off" })
+    }
 }
 
 impl BatchArgs {
@@ -196,6 +224,9 @@ impl BatchArgs {
         if let Some(m) = &self.metrics_listen {
             a.extend(["--metrics-listen".to_string(), m.clone()]);
         }
+        a.extend(["--prefix-caching".to_string(), self.prefix_caching.to_string()]);
+        let scope = clap::ValueEnum::to_possible_value(&self.prefix_cache_scope).expect("every scope has a name");
+        a.extend(["--prefix-cache-scope".to_string(), scope.get_name().to_string()]);
         a
     }
 }
@@ -226,6 +257,10 @@ pub struct AuthArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "SHARDSERVE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// The CA (PEM) that signed the other coordinators' --tls-cert: a follower hands requests to
+    /// the leader over the leader's gRPC port (default: the cluster CA, --cluster-ca).
+    #[arg(long, env = "SHARDSERVE_PEER_CA")]
+    pub peer_ca: Option<std::path::PathBuf>,
 }
 
 impl AuthArgs {
@@ -254,6 +289,9 @@ impl AuthArgs {
         }
         if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
             a.extend(["--tls-cert".to_string(), c.display().to_string(), "--tls-key".into(), k.display().to_string()]);
+        }
+        if let Some(p) = &self.peer_ca {
+            a.extend(["--peer-ca".to_string(), p.display().to_string()]);
         }
         a
     }
@@ -356,7 +394,8 @@ mod tests {
             "--device-map", "/m.json", "--kv-reserve", "0.2", "--prefill-chunk", "64", "--etcd", "http://e:2379",
             "--cluster", "c", "--migration-limit", "2", "--migration-wait-s", "5", "--replan-wait-s", "6",
             "--max-batch-size", "8", "--http-listen", "127.0.0.1:0", "--max-n", "3", "--api-keys-file", "/k",
-            "--admin-keys-file", "/a", "--no-reflection",
+            "--admin-keys-file", "/a", "--no-reflection", "--prefix-caching", "off", "--prefix-cache-scope", "per-key",
+            "--advertise", "coordinator-1:50051", "--peer-ca", "/ca.pem",
         ];
         let first = Serve::parse_from(given).serve;
         let again = Serve::parse_from(std::iter::once("x".to_string()).chain(first.to_args())).serve;
@@ -364,5 +403,7 @@ mod tests {
         assert_eq!((again.workers, again.tp, again.step_timeout_s, again.migration_wait_s), (4, 2, 9, 5));
         assert_eq!(again.name.as_deref(), Some("n"));
         assert!(again.random_weights && again.auth.no_reflection);
+        assert_eq!(again.batch.prefix_caching, OnOff::Off);
+        assert_eq!(again.batch.prefix_cache_scope, crate::engine::PrefixCacheScope::PerKey);
     }
 }

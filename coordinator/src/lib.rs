@@ -3,6 +3,8 @@
 //! - [`engine`]: a model's placement over the fleet and its scheduler (continuous batching).
 //! - [`validate`]: client requests parsed into validated ones.
 //! - [`service`]: the `Inference` and `Admin` gRPC services.
+//! - [`relay`]: followers handing requests to the leader coordinator, which alone schedules
+//!   each model.
 //! - [`membership`]: the fleet view, embedded in the coordinator or (later) in etcd.
 //! - [`error`]: request failures and their gRPC statuses.
 //! - [`flags`]: flags the coordinator and `shardctl up` share.
@@ -18,6 +20,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod membership;
 pub mod models;
+pub mod relay;
 pub mod scale;
 pub mod service;
 pub mod validate;
@@ -65,7 +68,9 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    use shardserve_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer, membership_server::MembershipServer};
+    use shardserve_proto::v1::{
+        admin_server::AdminServer, inference_server::InferenceServer, membership_server::MembershipServer, relay_server::RelayServer,
+    };
     let embedded = membership::Embedded::new(config.lease_ttl, shutdown.clone());
     let (fleet, etcd): (std::sync::Arc<dyn membership::Membership>, _) = match &config.etcd {
         None => (embedded.clone(), None),
@@ -139,6 +144,7 @@ pub async fn run(
             metrics_address: config.metrics_listen.clone().unwrap_or_default(),
             http_address: config.http_address.clone().unwrap_or_default(),
         }, admin))
+        .add_service(RelayServer::with_interceptor(relay::RelayService(models.clone()), config.auth.interceptor(auth::Role::Inference)))
         .add_service(MembershipServer::with_interceptor(
             membership::MembershipService(embedded),
             membership::members_only(config.engine.tls.is_some()),

@@ -14,10 +14,45 @@ use tracing::Instrument;
 /// `Inference` over the [`Models`] served.
 pub struct InferenceService(pub Arc<Models>);
 
-fn usage(prompt: usize, completion: usize) -> pb::Usage {
+fn usage(prompt: usize, completion: usize, cached: usize) -> pb::Usage {
     pb::Usage {
         prompt_tokens: prompt as u32,
         completion_tokens: completion as u32,
+        cached_tokens: cached as u32,
+    }
+}
+
+/// Who made a request, as far as prefix caching and the leader coordinator care: the API key
+/// it presented (already checked by the port's interceptor).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    key: Option<crate::relay::Credential>,
+}
+
+impl Caller {
+    /// The caller of a gRPC request.
+    pub fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+        let key = metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
+        Caller::with_key(key)
+    }
+
+    /// A caller presenting `key` (`Authorization: Bearer KEY`; `None`: no key).
+    pub fn with_key(key: Option<&str>) -> Self {
+        Caller { key: key.filter(|k| !k.is_empty()).map(|k| crate::relay::Credential(k.to_string())) }
+    }
+
+    /// Marks `valid` as this caller's: with `per-key` scope its prefix-cache tenant is its
+    /// key's digest (so no other key's requests share its cached blocks), and the key goes
+    /// with it to the leader coordinator.
+    pub fn apply(&self, valid: &mut ValidRequest, scope: crate::engine::PrefixCacheScope) {
+        valid.tenant = match (&self.key, scope) {
+            (Some(k), crate::engine::PrefixCacheScope::PerKey) => {
+                use sha2::Digest;
+                sha2::Sha256::digest(k.0.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+            }
+            _ => String::new(),
+        };
+        valid.credential = self.key.clone();
     }
 }
 
@@ -67,17 +102,18 @@ impl InferenceService {
         self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone())
     }
 
-    /// Finds `req`'s model and validates `req` for it.
-    pub(crate) fn prepare(&self, req: &pb::GenerateRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
+    /// Finds `req`'s model and validates `req` for it, as `caller`'s.
+    pub(crate) fn prepare(&self, req: &pb::GenerateRequest, caller: &Caller) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
-        let valid = validate(&model, req)?;
+        let mut valid = validate(&model, req)?;
+        caller.apply(&mut valid, engine.config().prefix_cache_scope);
         Ok((engine, model, valid))
     }
 
     /// Renders a `Chat` request's conversation with its model's template (the same checks and
     /// rendering as `/v1/chat/completions`) and validates it like a `GenerateRequest` whose
     /// prompt is that text, tokenized without added special tokens.
-    fn prepare_chat(&self, req: &pb::ChatRequest) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
+    fn prepare_chat(&self, req: &pb::ChatRequest, caller: &Caller) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let mut generate = req.generation.clone().unwrap_or_default();
         if !generate.prompt.is_empty() {
             return Err(ServeError::InvalidArgument("generation.prompt must be empty: the conversation is the prompt".into()));
@@ -100,7 +136,7 @@ impl InferenceService {
         let text = crate::http::chat::render_messages(&model, &messages, tools.as_ref(), req.add_generation_prompt.unwrap_or(true), kwargs.as_ref())
             .map_err(|e| ServeError::InvalidArgument(e.message))?;
         generate.prompt = text.clone();
-        let (engine, model, mut valid) = self.prepare(&generate)?;
+        let (engine, model, mut valid) = self.prepare(&generate, caller)?;
         valid.prompt_ids = shardserve::chat::prompt_ids(&model.tokenizer, &text).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
         serving(&model)?;
         Ok((engine, model, valid))
@@ -114,6 +150,7 @@ impl InferenceService {
         inputs: &[String],
         spec: crate::engine::EmbedSpec,
         id: &str,
+        caller: &Caller,
     ) -> Result<(Vec<Vec<Vec<f32>>>, usize), ServeError> {
         if inputs.is_empty() {
             return Err(ServeError::InvalidArgument("inputs must not be empty".into()));
@@ -123,8 +160,12 @@ impl InferenceService {
         let valid = inputs
             .iter()
             .enumerate()
-            .map(|(i, text)| crate::validate::validate_embed(&entry, text, i, spec))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(i, text)| {
+                let mut v = crate::validate::validate_embed(&entry, text, i, spec)?;
+                caller.apply(&mut v, engine.config().prefix_cache_scope);
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>, ServeError>>()?;
         let prompt_tokens = valid.iter().map(|v| v.prompt_ids.len()).sum();
         let mut handles = Vec::with_capacity(valid.len());
         for (i, v) in valid.into_iter().enumerate() {
@@ -143,21 +184,23 @@ impl InferenceService {
     }
 
     /// Validates `req` and hands it to its model's scheduler.
-    async fn start(&self, req: &pb::GenerateRequest, id: String) -> Result<(RequestHandle, Vec<u32>), ServeError> {
-        let (engine, model, valid) = self.prepare(req)?;
+    async fn start(&self, req: &pb::GenerateRequest, id: String, caller: &Caller) -> Result<(RequestHandle, Vec<u32>), ServeError> {
+        let (engine, model, valid) = self.prepare(req, caller)?;
         let prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, id).await?;
         Ok((handle, prompt_ids))
     }
 
-    async fn generate_all(&self, req: pb::GenerateRequest, id: String) -> (String, Result<pb::GenerateResponse, ServeError>) {
+    async fn generate_all(&self, req: pb::GenerateRequest, id: String, caller: &Caller) -> (String, Result<pb::GenerateResponse, ServeError>) {
         let name = self.name_of(&req);
-        let (mut handle, prompt_ids) = match self.start(&req, id).await {
+        let (mut handle, prompt_ids) = match self.start(&req, id, caller).await {
             Ok(v) => v,
             Err(e) => return (name, Err(e)),
         };
         let mut resp = pb::GenerateResponse { prompt_token_ids: prompt_ids.clone(), ..Default::default() };
+        let mut cached = 0;
         while let Some(ev) = handle.next().await {
+            cached = ev.cached_tokens.unwrap_or(cached);
             resp.text.push_str(&ev.text);
             resp.token_ids.extend(ev.token_ids);
             resp.logprobs.extend(ev.logprobs);
@@ -167,7 +210,7 @@ impl InferenceService {
             }
         }
         let result = handle.outcome().await.map(|()| {
-            resp.usage = Some(usage(prompt_ids.len(), resp.token_ids.len()));
+            resp.usage = Some(usage(prompt_ids.len(), resp.token_ids.len(), cached));
             resp
         });
         (name, result)
@@ -178,9 +221,10 @@ impl InferenceService {
 impl pb::inference_server::Inference for InferenceService {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
         let id = request_id(&request);
+        let caller = Caller::of(request.metadata());
         let req = request.into_inner();
         let span = tracing::info_span!("request", request_id = %id, model = %req.model);
-        let (name, result) = self.generate_all(req, id.clone()).instrument(span).await;
+        let (name, result) = self.generate_all(req, id.clone(), &caller).instrument(span).await;
         record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
         Ok(with_id(Response::new(result?), &id))
     }
@@ -189,12 +233,13 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let id = request_id(&request);
+        let caller = Caller::of(request.metadata());
         let req = request.into_inner();
         let span = tracing::info_span!("request", request_id = %id, model = %req.model);
         // Refused before the stream opens when the model cannot serve or the request is bad,
         // so the client sees the status itself rather than an empty stream. (A model that
         // served before and is being re-planned is waited for.)
-        let precheck = self.prepare(&req).and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
+        let precheck = self.prepare(&req, &caller).and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
         let name = self.name_of(&req);
         let (engine, model, valid) = match precheck {
             Ok(v) => v,
@@ -208,12 +253,13 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let id = request_id(&request);
+        let caller = Caller::of(request.metadata());
         let req = request.into_inner();
         let span = tracing::info_span!("request", request_id = %id, model = %req.model);
         let name = self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
         let pooling = req.pooling.parse().map_err(|e: String| Status::invalid_argument(e))?;
         let spec = crate::engine::EmbedSpec { pooling, normalize: req.normalize };
-        let result = self.embed_all(&req.model, &req.inputs, spec, &id).instrument(span).await;
+        let result = self.embed_all(&req.model, &req.inputs, spec, &id, &caller).instrument(span).await;
         record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
         let (vectors, prompt_tokens) = result?;
         let embeddings = vectors
@@ -224,18 +270,19 @@ impl pb::inference_server::Inference for InferenceService {
                 values: rows.into_iter().flatten().collect(),
             })
             .collect();
-        Ok(with_id(Response::new(pb::EmbedResponse { embeddings, usage: Some(usage(prompt_tokens, 0)) }), &id))
+        Ok(with_id(Response::new(pb::EmbedResponse { embeddings, usage: Some(usage(prompt_tokens, 0, 0)) }), &id))
     }
 
     type ChatStream = GenStream;
 
     async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
         let id = request_id(&request);
+        let caller = Caller::of(request.metadata());
         let req = request.into_inner();
         let model = req.generation.as_ref().map(|g| g.model.clone()).unwrap_or_default();
         let span = tracing::info_span!("request", request_id = %id, model = %model);
         let name = self.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
-        match self.prepare_chat(&req) {
+        match self.prepare_chat(&req, &caller) {
             Ok((engine, model, valid)) => Ok(stream(id, name, span, engine, model, valid)),
             Err(e) => {
                 record(&name, e.code());
@@ -300,6 +347,7 @@ fn stream(id: String, name: String, span: tracing::Span, engine: Arc<Engine>, mo
             };
             let mut first = true;
             let mut completion = 0usize;
+            let mut cached = 0;
             loop {
                 let ev = tokio::select! {
                     ev = handle.next() => match ev {
@@ -314,13 +362,14 @@ fn stream(id: String, name: String, span: tracing::Span, engine: Arc<Engine>, mo
                     }
                 };
                 completion += ev.token_ids.len();
+                cached = ev.cached_tokens.unwrap_or(cached);
                 let msg = pb::GenerateStreamResponse {
                     text: ev.text,
                     token_ids: ev.token_ids,
                     logprobs: ev.logprobs,
                     top_logprobs: ev.top_logprobs.iter().map(|t| top_logprobs(t)).collect(),
                     finish_reason: ev.finish_reason.unwrap_or_default().to_string(),
-                    usage: ev.finish_reason.map(|_| usage(prompt_ids.len(), completion)),
+                    usage: ev.finish_reason.map(|_| usage(prompt_ids.len(), completion, cached)),
                     prompt_token_ids: if first { prompt_ids.clone() } else { Vec::new() },
                 };
                 first = false;
@@ -405,10 +454,15 @@ impl pb::admin_server::Admin for AdminService {
                     ServingState::Ready(p) => (stage_infos(&p.stages), format!("{} requests running, {} waiting", m.active(), m.queued())),
                     ServingState::Loading(why) | ServingState::Unavailable(why) => (Vec::new(), why.clone()),
                 };
+                let (queries, hits) = m.prefix_cache_counts();
                 pb::ModelStatus {
                     model: Some(model_info(m)),
                     stages,
                     detail,
+                    prefix_caching: e.config().prefix_caching,
+                    prefix_cache_queries: queries,
+                    prefix_cache_hits: hits,
+                    kv_blocks_cached: m.cached_blocks() as u32,
                 }
             })
             .collect();

@@ -12,6 +12,8 @@ pub const MAX_STOP_SEQUENCES: usize = 8;
 pub const MAX_STOP_BYTES: usize = 512;
 /// Most alternatives per token a request may ask for (`top_logprobs`).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Longest `cache_salt` accepted, in bytes.
+pub const MAX_CACHE_SALT_BYTES: usize = 1024;
 /// max_new_tokens when neither the request nor generation_config.json sets it.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 100;
 
@@ -103,6 +105,9 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
     if req.top_logprobs > 0 && !req.logprobs {
         return Err(invalid("top_logprobs needs logprobs".into()));
     }
+    if req.cache_salt.len() > MAX_CACHE_SALT_BYTES {
+        return Err(invalid(format!("cache_salt is longer than {MAX_CACHE_SALT_BYTES} bytes")));
+    }
     if req.min_tokens as usize > max_new_tokens {
         return Err(invalid(format!("min_tokens ({}) exceeds max_new_tokens ({max_new_tokens})", req.min_tokens)));
     }
@@ -124,6 +129,10 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
         top_logprobs: req.top_logprobs as usize,
         min_tokens: req.min_tokens as usize,
         embed: None,
+        cache_salt: req.cache_salt.clone(),
+        tenant: String::new(),
+        skip_prefix_cache: req.skip_prefix_cache,
+        credential: None,
     })
 }
 
@@ -156,5 +165,73 @@ pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate
         top_logprobs: 0,
         min_tokens: 0,
         embed: Some(spec),
+        cache_salt: String::new(),
+        tenant: String::new(),
+        skip_prefix_cache: false,
+        credential: None,
+    })
+}
+
+/// Validates a request another coordinator of the cluster validated and tokenized and now
+/// hands to this one (its leader): checked again here, as anything that reaches a port is, with
+/// the model's limits as this coordinator knows them.
+pub fn validate_relayed(model: &ModelEntry, r: &pb::RelayRequest) -> Result<ValidRequest, ServeError> {
+    if r.prompt_ids.is_empty() {
+        return Err(invalid("prompt_ids must not be empty".into()));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(t) = r.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(invalid(format!("prompt_ids: token {t} is outside the vocabulary ({vocab})")));
+    }
+    let limit = model.max_total_tokens;
+    let embed = match r.embed_pooling.as_str() {
+        "" => None,
+        p => Some(crate::engine::EmbedSpec { pooling: p.parse().map_err(invalid)?, normalize: r.embed_normalize }),
+    };
+    let max_new_tokens = r.max_new_tokens as usize;
+    if embed.is_none() && max_new_tokens < 1 {
+        return Err(invalid(format!("max_new_tokens must be >= 1, got {max_new_tokens}")));
+    }
+    if r.prompt_ids.len() + max_new_tokens > limit {
+        return Err(invalid(format!(
+            "prompt ({} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit} tokens",
+            r.prompt_ids.len()
+        )));
+    }
+    let s = r.sampling.unwrap_or_default();
+    let sampling = SamplingParams {
+        temperature: s.temperature.unwrap_or(0.0),
+        top_k: usize::try_from(s.top_k.unwrap_or(0)).map_err(|_| invalid("sampling.top_k must be >= 0".into()))?,
+        top_p: s.top_p.unwrap_or(1.0),
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+        seed: s.seed.unwrap_or(0),
+    };
+    sampling.validate().map_err(|e| invalid(format!("sampling: {e}")))?;
+    if r.stop.len() > MAX_STOP_SEQUENCES || r.stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!("stop: at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_BYTES} bytes")));
+    }
+    if r.top_logprobs > MAX_TOP_LOGPROBS || (r.top_logprobs > 0 && !r.logprobs) {
+        return Err(invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, and needs logprobs")));
+    }
+    if r.min_tokens as usize > max_new_tokens {
+        return Err(invalid(format!("min_tokens ({}) exceeds max_new_tokens ({max_new_tokens})", r.min_tokens)));
+    }
+    if r.cache_salt.len() > MAX_CACHE_SALT_BYTES {
+        return Err(invalid(format!("cache_salt is longer than {MAX_CACHE_SALT_BYTES} bytes")));
+    }
+    Ok(ValidRequest {
+        prompt_ids: r.prompt_ids.clone(),
+        max_new_tokens,
+        sampling,
+        stop: r.stop.clone(),
+        logprobs: r.logprobs,
+        ignore_eos: r.ignore_eos,
+        top_logprobs: r.top_logprobs as usize,
+        min_tokens: r.min_tokens as usize,
+        embed,
+        cache_salt: r.cache_salt.clone(),
+        tenant: String::new(),
+        skip_prefix_cache: r.skip_prefix_cache,
+        credential: None,
     })
 }

@@ -140,6 +140,9 @@ pub(crate) fn coordinator() -> &'static Coordinator {
                 migration_wait: Duration::from_secs(1),
                 lease_ttl: Duration::from_secs(10),
                 replan_wait: Duration::from_secs(1),
+                prefix_caching: true,
+                prefix_cache_scope: Default::default(),
+                peers: None,
             };
             let engine = Engine::start(config, fleet.clone(), None, stop.clone()).await.expect("starting the engine");
             let entry = engine.entry().clone();

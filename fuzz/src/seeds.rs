@@ -135,6 +135,8 @@ fn request() {
         ignore_eos: true,
         top_logprobs: 5,
         min_tokens: 2,
+        cache_salt: "tenant-a".into(),
+        skip_prefix_cache: false,
     };
     write("request", "full", &full.encode_to_vec());
 }

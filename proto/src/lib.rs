@@ -1,5 +1,6 @@
 //! shardserve's gRPC interfaces, package `shardserve.v1`: `Inference` and `Admin` (clients and
-//! operators), `Membership` (workers joining an embedded fleet) and `Worker` (internal).
+//! operators), `Membership` (workers joining an embedded fleet), `Worker` and `Relay`
+//! (internal: stages, and coordinators handing requests to their leader).
 
 #![allow(clippy::all)]
 

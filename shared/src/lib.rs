@@ -15,6 +15,7 @@
 //! - [`membership`]: the fleet in etcd: registration with leases, the watched view.
 //! - [`wire`]: tensors between stages as raw little-endian bytes.
 //! - [`placement`]: which worker holds which layers.
+//! - [`prefix`]: content addresses of KV blocks (hash chains), for prefix caching.
 //! - [`telemetry`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`tiny`]: tiny random checkpoints in the exact HF layout, for tests and demos.
 //! - [`tls`]: TLS on the client ports and mutual TLS on every link inside the cluster.
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod membership;
 pub mod model;
 pub mod placement;
+pub mod prefix;
 pub mod sampling;
 pub mod stage;
 pub mod telemetry;

@@ -155,15 +155,16 @@ async fn keep_lease(client: &mut Client, lease: i64, ttl: Duration, period: Dura
 }
 
 /// Campaigns for the leadership of `cluster` (etcd election `<prefix>leader`, bound to a lease
-/// of `ttl`) until `shutdown`: `on_change(true)` once elected, `on_change(false)` when the
-/// lease behind it is lost (then it campaigns again). On shutdown the lease is revoked, so
-/// another coordinator takes over at once.
+/// of `ttl`) until `shutdown`: `on_change(Some(term))` once elected, `on_change(None)` when the
+/// lease behind it is lost (then it campaigns again). The term is the creation revision of the
+/// leader's key, which grows with every election: a newer leader's term is always higher. On
+/// shutdown the lease is revoked, so another coordinator takes over at once.
 pub async fn lead(
     etcd: Etcd,
     cluster: String,
     value: String,
     ttl: Duration,
-    on_change: impl Fn(bool) + Send + Sync,
+    on_change: impl Fn(Option<u64>) + Send + Sync,
     shutdown: CancellationToken,
 ) {
     let name = format!("{}leader", prefix(&cluster));
@@ -199,31 +200,63 @@ pub async fn lead(
                 let _ = tokio::time::timeout(Duration::from_secs(2), revoke_client.lease_revoke(lease)).await;
                 return;
             }
-            _ = &mut keep => false,
+            _ = &mut keep => None,
             r = campaign_client.campaign(name.clone(), value.clone(), lease) => match r {
-                Ok(_) => true,
+                Ok(r) => match r.leader().map(|l| l.rev()) {
+                    Some(rev) if rev > 0 => Some(rev as u64),
+                    _ => {
+                        warn!("campaign won without a leader key; campaigning again");
+                        None
+                    }
+                },
                 Err(e) => {
                     warn!(error = %e, "campaign failed; retrying");
-                    false
+                    None
                 }
             },
         };
-        if !elected {
-            continue;
-        }
-        info!(cluster = %cluster, "elected leader");
-        on_change(true);
+        let Some(term) = elected else { continue };
+        info!(cluster = %cluster, term, "elected leader");
+        on_change(Some(term));
         tokio::select! {
             _ = shutdown.cancelled() => {
-                on_change(false);
+                on_change(None);
                 let _ = tokio::time::timeout(Duration::from_secs(2), revoke_client.lease_revoke(lease)).await;
                 return;
             }
             _ = &mut keep => {
                 warn!(cluster = %cluster, "leadership lost with its lease; campaigning again");
-                on_change(false);
+                on_change(None);
             }
         }
+    }
+}
+
+/// The value the leader of `cluster` campaigned with; `None` while no one leads.
+pub async fn leader_value(client: &mut etcd_client::Client, cluster: &str) -> Result<Option<Vec<u8>>, etcd_client::Error> {
+    match client.leader(format!("{}leader", prefix(cluster))).await {
+        Ok(r) => Ok(r.kv().map(|kv| kv.value().to_vec())),
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// This machine's host name (`localhost` when it has none).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// The address peers reach a process at when none is given: the bound one, or this host's name
+/// with the bound port when it listens on every interface (no address of its own to give).
+pub fn default_advertise(bound: std::net::SocketAddr, host: &str) -> String {
+    if bound.ip().is_unspecified() {
+        format!("{host}:{}", bound.port())
+    } else {
+        bound.to_string()
     }
 }
 

@@ -52,24 +52,6 @@ struct Args {
     cluster_tls: shardserve::tls::ClusterTlsArgs,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
-/// The address peers reach a worker at when none is given: the bound one, or this host's name
-/// with the bound port when it listens on every interface (no address of its own to give).
-fn default_advertise(bound: std::net::SocketAddr, host: &str) -> String {
-    if bound.ip().is_unspecified() {
-        format!("{host}:{}", bound.port())
-    } else {
-        bound.to_string()
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -83,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let bound = listener.local_addr()?;
-    let advertise = args.advertise.unwrap_or_else(|| default_advertise(bound, &hostname()));
+    let advertise = args.advertise.unwrap_or_else(|| shardserve::membership::default_advertise(bound, &shardserve::membership::hostname()));
     let coordinator = if args.coordinator.starts_with("http") {
         args.coordinator
     } else {
@@ -102,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
         None => String::new(),
     };
     let config = WorkerConfig {
-        id: args.id.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+        id: args.id.unwrap_or_else(|| format!("{}-{}", shardserve::membership::hostname(), std::process::id())),
         advertise,
         coordinator,
         step_timeout: std::time::Duration::from_secs(args.step_timeout_s),
@@ -137,7 +119,7 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::default_advertise;
+    use shardserve::membership::default_advertise;
 
     #[test]
     fn a_worker_on_every_interface_advertises_its_host_name() {

@@ -39,6 +39,8 @@ struct SeqState {
 struct StageKv {
     pool: KvPool,
     seqs: HashMap<u64, SeqState>,
+    /// The term of the scheduler that owns the pool (0: none has claimed it).
+    owner: u64,
 }
 
 /// The shard this worker serves.
@@ -58,6 +60,9 @@ struct Loaded {
     /// never waits for a step.
     blocks_used: AtomicUsize,
     sequences: AtomicUsize,
+    /// Free blocks still holding a cached prefix, and cached blocks overwritten so far.
+    blocks_cached: AtomicUsize,
+    blocks_evicted: std::sync::atomic::AtomicU64,
     blocks_total: usize,
     block_size: usize,
     block_bytes: u64,
@@ -71,10 +76,14 @@ impl Loaded {
 
     fn publish(&self, kv: &StageKv) {
         self.blocks_used.store(kv.pool.blocks_used(), Ordering::SeqCst);
+        self.blocks_cached.store(kv.pool.blocks_cached(), Ordering::SeqCst);
+        self.blocks_evicted.store(kv.pool.blocks_evicted(), Ordering::SeqCst);
         self.sequences.store(kv.seqs.len(), Ordering::SeqCst);
         let stage = self.stage.to_string();
         metrics::gauge!("shardserve_kv_blocks_used", "stage" => stage.clone()).set(kv.pool.blocks_used() as f64);
         metrics::gauge!("shardserve_kv_blocks_total", "stage" => stage.clone()).set(self.blocks_total as f64);
+        metrics::gauge!("shardserve_kv_blocks_cached", "stage" => stage.clone()).set(kv.pool.blocks_cached() as f64);
+        metrics::counter!("shardserve_kv_blocks_evicted_total", "stage" => stage.clone()).absolute(kv.pool.blocks_evicted());
         metrics::gauge!("shardserve_worker_sequences", "stage" => stage).set(kv.seqs.len() as f64);
     }
 }
@@ -374,8 +383,10 @@ impl pb::worker_server::Worker for WorkerService {
             next: if tp.is_leader() { next } else { None },
             tp,
             group: group.clone(),
-            kv: Mutex::new(StageKv { pool, seqs: HashMap::new() }),
+            kv: Mutex::new(StageKv { pool, seqs: HashMap::new(), owner: 0 }),
             blocks_used: AtomicUsize::new(0),
+            blocks_cached: AtomicUsize::new(0),
+            blocks_evicted: Default::default(),
             sequences: AtomicUsize::new(0),
             blocks_total,
             block_size,
@@ -568,6 +579,8 @@ impl pb::worker_server::Worker for WorkerService {
             resp.sequences = l.sequences.load(Ordering::SeqCst) as u32;
             resp.kv_bytes = used as u64 * l.block_bytes;
             resp.kv_blocks_used = used as u32;
+            resp.kv_blocks_cached = l.blocks_cached.load(Ordering::SeqCst) as u32;
+            resp.kv_blocks_evicted = l.blocks_evicted.load(Ordering::SeqCst);
             resp.kv_blocks_total = l.blocks_total as u32;
             resp.kv_block_size = l.block_size as u32;
             resp.model = l.model.clone();

@@ -58,6 +58,12 @@ impl TryFrom<Args> for CoordinatorConfig {
         anyhow::ensure!(a.serve.prefill_chunk >= 1, "--prefill-chunk must be at least 1");
         let kv_memory = a.serve.batch.validate()?;
         anyhow::ensure!(
+            a.serve.batch.prefix_cache_scope != shardserve_coordinator::engine::PrefixCacheScope::PerKey
+                || a.serve.auth.api_keys_file.is_some()
+                || a.serve.auth.admin_keys_file.is_some(),
+            "--prefix-cache-scope per-key needs --api-keys-file or --admin-keys-file: without keys every client is the same tenant"
+        );
+        anyhow::ensure!(
             !a.serve.cluster.is_empty() && a.serve.cluster.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
             "--cluster {:?}: use letters, digits, '-', '_' or '.'",
             a.serve.cluster
@@ -108,6 +114,10 @@ impl TryFrom<Args> for CoordinatorConfig {
                 migration_wait: Duration::from_secs(a.serve.migration_wait_s),
                 lease_ttl: Duration::from_secs(a.serve.lease_ttl_s),
                 replan_wait: Duration::from_secs(a.serve.replan_wait_s),
+                prefix_caching: a.serve.batch.prefix_caching == shardserve_coordinator::flags::OnOff::On,
+                prefix_cache_scope: a.serve.batch.prefix_cache_scope,
+                // Known once the port is bound (see main).
+                peers: None,
             },
             lease_ttl: Duration::from_secs(a.serve.lease_ttl_s),
             metrics_listen: a.serve.batch.metrics_listen.clone(),
@@ -142,6 +152,8 @@ async fn main() {
     shardserve_coordinator::init_tracing();
     let args = Args::parse();
     let listen = args.serve.listen.clone();
+    let advertise = args.serve.advertise.clone();
+    let peer_ca = args.serve.auth.peer_ca.clone();
     let http_listen = args.serve.http.http_listen.clone();
     let result = async {
         let mut config = CoordinatorConfig::try_from(args)?;
@@ -151,6 +163,14 @@ async fn main() {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let bound = listener.local_addr()?;
+        let advertise = advertise.unwrap_or_else(|| shardserve::membership::default_advertise(bound, &shardserve::membership::hostname()));
+        let peer_tls = match (&peer_ca, &config.engine.tls) {
+            (Some(ca), _) => Some(shardserve::tls::client_config(ca)?),
+            (None, Some(cluster)) => Some(cluster.client_config(&[b"h2"])?),
+            (None, None) => None,
+        };
+        let serves_tls = config.tls.is_some() || (config.engine.tls.is_some() && config.etcd.is_none());
+        config.engine.peers = Some(shardserve_coordinator::relay::Peers::new(advertise, serves_tls, peer_tls));
         let shutdown = CancellationToken::new();
         if let Some(m) = config.metrics_listen.clone() {
             let at = shardserve::telemetry::start(&m, shutdown.clone())

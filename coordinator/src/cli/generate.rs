@@ -70,6 +70,9 @@ pub struct GenerateArgs {
     /// No end-of-sequence token before N tokens are generated.
     #[arg(long, default_value_t = 0)]
     pub min_tokens: u32,
+    /// Share cached prompt blocks only with requests of the same salt.
+    #[arg(long)]
+    pub cache_salt: Option<String>,
 }
 
 impl GenerateArgs {
@@ -90,6 +93,8 @@ impl GenerateArgs {
             ignore_eos: self.ignore_eos,
             top_logprobs: self.top_logprobs,
             min_tokens: self.min_tokens,
+            cache_salt: self.cache_salt.clone().unwrap_or_default(),
+            skip_prefix_cache: false,
         }
     }
 
@@ -130,6 +135,8 @@ pub struct Generated {
     pub prompt_token_ids: Vec<u32>,
     pub finish_reason: String,
     pub usage: (u32, u32),
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
     pub logprobs: Vec<f32>,
 }
 
@@ -141,7 +148,7 @@ impl Generated {
             "token_ids": self.token_ids,
             "prompt_token_ids": self.prompt_token_ids,
             "finish_reason": self.finish_reason,
-            "usage": {"prompt_tokens": self.usage.0, "completion_tokens": self.usage.1},
+            "usage": {"prompt_tokens": self.usage.0, "completion_tokens": self.usage.1, "cached_tokens": self.cached_tokens},
         });
         if with_logprobs {
             v["logprobs"] = serde_json::json!(self.logprobs);
@@ -178,6 +185,7 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
             if let Some(u) = msg.usage {
                 out.usage = (u.prompt_tokens, u.completion_tokens);
+                out.cached_tokens = u.cached_tokens;
             }
         }
         if !a.json {
@@ -195,6 +203,7 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
             prompt_token_ids: r.prompt_token_ids,
             finish_reason: r.finish_reason,
             usage: r.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or_default(),
+            cached_tokens: r.usage.map_or(0, |u| u.cached_tokens),
             logprobs: r.logprobs,
         };
         if !a.json {

@@ -11,6 +11,17 @@ pub enum Pooling {
     None,
 }
 
+impl Pooling {
+    /// Its name, as requests give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Last => "last",
+            Pooling::Mean => "mean",
+            Pooling::None => "none",
+        }
+    }
+}
+
 impl std::str::FromStr for Pooling {
     type Err = String;
 

@@ -15,6 +15,11 @@ pub struct RequestHandle {
 }
 
 impl RequestHandle {
+    /// A handle reading `events`, then how the request ended from `done`.
+    pub(crate) fn new(id: String, events: mpsc::Receiver<GenEvent>, done: oneshot::Receiver<Result<(), ServeError>>) -> Self {
+        RequestHandle { id, events, done }
+    }
+
     /// The next event; `None` once the request ended (then see [`RequestHandle::outcome`]).
     pub async fn next(&mut self) -> Option<GenEvent> {
         self.events.recv().await
@@ -29,9 +34,45 @@ impl RequestHandle {
 }
 
 impl Engine {
-    /// Hands `req` to the model's scheduler. Fails at once when the model is not serving, when
-    /// the request could never fit a stage's KV pool, or when the queue is full.
+    /// Hands `req` to the model's scheduler: this coordinator's own, or, on a follower of a
+    /// cluster of several coordinators, the leader's (which alone schedules the model). Fails at
+    /// once when the model is not serving, when the request could never fit a stage's KV pool,
+    /// or when the queue is full.
     pub async fn submit(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, id: String) -> Result<RequestHandle, ServeError> {
+        self.submit_to(model, req, id, true).await
+    }
+
+    /// Hands `req` to this coordinator's own scheduler (what the leader does with the requests
+    /// the others hand it).
+    pub(crate) async fn submit_here(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, id: String) -> Result<RequestHandle, ServeError> {
+        self.submit_to(model, req, id, false).await
+    }
+
+    /// Where requests go when this coordinator does not schedule its models: the leader, once
+    /// one is known (waiting for one as long as for a re-plan). `None`: scheduled here.
+    async fn leader_elsewhere(&self) -> Result<Option<crate::relay::LeaderRecord>, ServeError> {
+        let Some(peers) = &self.config.peers else { return Ok(None) };
+        if self.etcd.is_none() || self.is_leader() {
+            return Ok(None);
+        }
+        let mut leader = self.shared.leader.subscribe();
+        let known = leader.wait_for(|l| l.is_some() || self.is_leader());
+        let found = tokio::select! {
+            r = tokio::time::timeout(self.config.replan_wait, known) => r.ok().and_then(|r| r.ok().map(|l| l.clone())),
+            _ = self.stop.cancelled() => None,
+        };
+        match found {
+            _ if self.is_leader() => Ok(None),
+            Some(Some(l)) if l.address == peers.own.address => Ok(None),
+            Some(Some(l)) => Ok(Some(l)),
+            _ => Err(ServeError::Unavailable(format!(
+                "no coordinator leads the cluster (none elected within {:?}); model {} is scheduled by the leader",
+                self.config.replan_wait, self.model.name
+            ))),
+        }
+    }
+
+    async fn submit_to(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, id: String, relay: bool) -> Result<RequestHandle, ServeError> {
         // While the model moves off cordoned workers, new requests wait (bounded) for the new
         // placement rather than start on the old one.
         let mut moving = self.moving.subscribe();
@@ -72,6 +113,12 @@ impl Engine {
                 model.name, self.config.max_concurrent_requests, self.config.max_concurrent_requests
             ))
         })?;
+        if relay {
+            if let Some(leader) = self.leader_elsewhere().await? {
+                debug!(model = %model.name, request_id = %id, leader = %leader.address, "request handed to the leader");
+                return crate::relay::forward(self, model, req, id, leader, _request_slot).await;
+            }
+        }
         let waiting_slot = self.waiting.clone().try_acquire_owned().map_err(|_| ServeError::QueueFull {
             model: model.name.clone(),
             limit: self.config.max_waiting,

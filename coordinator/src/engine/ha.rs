@@ -20,6 +20,14 @@ impl Engine {
             }
             let poll = async {
                 let mut client = self.etcd_client().await.expect("etcd is configured")?;
+                // Who leads: where requests go (see crate::relay).
+                let leader = shardserve::membership::leader_value(&mut client, &cluster).await?;
+                let record = leader.and_then(|v| serde_json::from_slice::<crate::relay::LeaderRecord>(&v).ok());
+                self.shared.leader.send_if_modified(|l| {
+                    let changed = *l != record;
+                    *l = record;
+                    changed
+                });
                 client.get(key.as_str(), None).await
             };
             match tokio::time::timeout(Duration::from_secs(5), poll).await {

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod blocks;
 mod embed;
 pub use embed::{EmbedSpec, Pooling};
 mod generate;
@@ -87,6 +88,24 @@ pub struct EngineConfig {
     /// How long a new request waits for the model to be placed again after a stage was lost,
     /// before it gets UNAVAILABLE.
     pub replan_wait: Duration,
+    /// Reuse the KV blocks of prompt prefixes already computed (`--prefix-caching`).
+    pub prefix_caching: bool,
+    /// Who shares cached prefixes (`--prefix-cache-scope`).
+    pub prefix_cache_scope: PrefixCacheScope,
+    /// How the other coordinators of the cluster reach this one and it reaches them (with etcd:
+    /// followers hand their requests to the leader).
+    pub peers: Option<Arc<crate::relay::Peers>>,
+}
+
+/// Who may reuse a cached prompt prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PrefixCacheScope {
+    /// Every client (requests still separate themselves with `cache_salt`).
+    #[default]
+    Shared,
+    /// Only requests made with the same API key: no tenant can hit, or time, another's
+    /// prompts. Needs --api-keys-file or --admin-keys-file.
+    PerKey,
 }
 
 /// One stage of a placement.
@@ -186,6 +205,12 @@ pub struct ModelEntry {
     /// Requests waiting for admission.
     queued: AtomicUsize,
     ever_ready: std::sync::atomic::AtomicBool,
+    /// Prompt tokens looked up in the prefix cache and found there (of the requests this
+    /// coordinator scheduled or handed to the leader), and blocks the cache holds now (on the
+    /// coordinator that schedules the model).
+    prefix_queries: AtomicU64,
+    prefix_hits: AtomicU64,
+    cached_blocks: AtomicUsize,
 }
 
 impl ModelEntry {
@@ -234,6 +259,22 @@ impl ModelEntry {
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
     }
+
+    /// Counts one lookup in the prefix cache: `queried` prompt tokens, `hit` of them found.
+    pub(crate) fn count_prefix_lookup(&self, queried: usize, hit: usize) {
+        self.prefix_queries.fetch_add(queried as u64, Ordering::Relaxed);
+        self.prefix_hits.fetch_add(hit as u64, Ordering::Relaxed);
+    }
+
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub fn prefix_cache_counts(&self) -> (u64, u64) {
+        (self.prefix_queries.load(Ordering::Relaxed), self.prefix_hits.load(Ordering::Relaxed))
+    }
+
+    /// Blocks the prefix cache holds that no request holds.
+    pub fn cached_blocks(&self) -> usize {
+        self.cached_blocks.load(Ordering::SeqCst)
+    }
 }
 
 /// A request that passed validation.
@@ -253,6 +294,16 @@ pub struct ValidRequest {
     /// An embedding request: nothing is generated; the final-norm hidden states of the prompt
     /// come back pooled.
     pub embed: Option<EmbedSpec>,
+    /// Mixed into the prefix cache's block hashes: only requests with the same salt (and the
+    /// same tenant) share cached blocks.
+    pub cache_salt: String,
+    /// Whose prompts it may share (`--prefix-cache-scope per-key`: its API key's digest, in
+    /// hex; empty when every client shares).
+    pub tenant: String,
+    /// Computes its whole prompt and publishes nothing, as with prefix caching off.
+    pub skip_prefix_cache: bool,
+    /// The caller's API key, passed on when the request is handed to the leader coordinator.
+    pub credential: Option<crate::relay::Credential>,
 }
 
 /// Something the request loop produced.
@@ -267,6 +318,8 @@ pub struct GenEvent {
     pub embedding: Vec<Vec<f32>>,
     /// With top_logprobs: for each token, the most likely (token, log-probability) pairs.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// On the first event: prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: Option<usize>,
 }
 
 /// Resolves the model and reads what the coordinator needs of it (config, generation config,
@@ -321,6 +374,8 @@ pub struct Shared {
     pins: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Every engine, so each sees the workers the others use.
     engines: RwLock<Vec<std::sync::Weak<Engine>>>,
+    /// The coordinator that leads the cluster (as its election value names it), while known.
+    leader: watch::Sender<Option<crate::relay::LeaderRecord>>,
 }
 
 impl Shared {
@@ -394,6 +449,9 @@ pub struct Engine {
     broken: Notify,
     /// Set while this coordinator is the one that plans.
     leader: std::sync::atomic::AtomicBool,
+    /// The term of this coordinator's latest leadership (its election revision; 0 without
+    /// etcd): its steps carry it, and the stages refuse steps of older terms.
+    term: AtomicU64,
     /// Wakes the planner when leadership is won.
     elected: Notify,
     /// Shared with the other models' engines: cordons, reservations, who uses which worker.
@@ -464,6 +522,9 @@ impl Engine {
             active: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             ever_ready: Default::default(),
+            prefix_queries: AtomicU64::new(0),
+            prefix_hits: AtomicU64::new(0),
+            cached_blocks: AtomicUsize::new(0),
         });
         let seed = crate::random_u64();
         let etcd_is_none = etcd.is_none();
@@ -479,6 +540,7 @@ impl Engine {
             membership,
             broken: Notify::new(),
             leader: std::sync::atomic::AtomicBool::new(etcd_is_none),
+            term: AtomicU64::new(0),
             elected: Notify::new(),
             shared: shared.clone(),
             quarantined: Default::default(),
@@ -501,6 +563,7 @@ impl Engine {
                 while !stop.is_cancelled() {
                     let Some(e) = e.upgrade() else { return };
                     let leading = primary.is_leader();
+                    e.term.store(primary.term(), Ordering::SeqCst);
                     if e.leader.swap(leading, Ordering::SeqCst) != leading && leading {
                         e.elected.notify_one();
                     }
@@ -515,15 +578,21 @@ impl Engine {
         } else if let Some((etcd, cluster)) = engine.etcd.clone() {
             // Every coordinator serves; the elected one plans and the others follow its plan.
             let e = engine.clone();
-            let value = format!("coordinator pid {}", std::process::id());
+            let value = match &engine.config.peers {
+                Some(p) => p.record(),
+                None => format!("coordinator pid {}", std::process::id()),
+            };
             tokio::spawn(shardserve::membership::lead(
                 etcd.clone(),
                 cluster.clone(),
                 value,
                 engine.config.lease_ttl,
-                move |leading| {
-                    e.leader.store(leading, Ordering::SeqCst);
-                    if leading {
+                move |term| {
+                    if let Some(t) = term {
+                        e.term.store(t, Ordering::SeqCst);
+                    }
+                    e.leader.store(term.is_some(), Ordering::SeqCst);
+                    if term.is_some() {
                         e.elected.notify_one();
                     }
                 },
@@ -576,6 +645,11 @@ impl Engine {
     /// Whether this coordinator plans (the elected leader, or the only coordinator).
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::SeqCst)
+    }
+
+    /// The term this coordinator schedules under (see the field).
+    pub(crate) fn term(&self) -> u64 {
+        self.term.load(Ordering::SeqCst)
     }
 
     /// "leader", "follower" or "standalone".

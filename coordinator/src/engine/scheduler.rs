@@ -2,8 +2,10 @@
 //!
 //! Requests wait in a FIFO queue (bounded by `max_waiting`) and are admitted, in order, while
 //! every stage's KV pool can hold them: each reserves blocks for its prompt + max_new_tokens up
-//! front (as TGI does), so a running sequence never runs out of KV memory and nothing is ever
-//! preempted. Each step is built from the running set — decode rows first, then prefill chunks,
+//! front (as TGI does), less the blocks of its longest cached prefix, which it shares instead
+//! of computing ([`super::blocks`]), so a running sequence never runs out of KV memory and
+//! nothing is ever preempted. The scheduler names every block, so all stages and ranks hold a
+//! sequence under the same ids, and a block is published to the cache once every stage wrote it. Each step is built from the running set — decode rows first, then prefill chunks,
 //! within `max_batch_size` sequences and `max_batch_tokens` rows — and as many steps are in
 //! flight as the pipeline has stages (each taking an even share of the ready sequences), so
 //! every stage computes at once. A sequence that finishes, is cancelled or fails leaves at the
@@ -14,6 +16,7 @@
 //! its stream is cancelled once `max_buffered_tokens` events wait for it, never holding up the
 //! others.
 
+use super::blocks::{Blocks, SeqBlocks};
 use super::*;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -50,10 +53,16 @@ struct Running {
     context: Vec<u32>,
     /// Tokens of `context` the stages hold.
     fed: usize,
+    /// Tokens it started from on its placement (a cached prefix: its first step starts there).
+    start: usize,
     /// Rows of it in the step in flight (0: none in flight).
     sending: usize,
-    /// KV blocks reserved for it on its placement.
-    blocks: usize,
+    /// Its KV blocks on its placement, and those reserved for it, as of scheduler term `term`.
+    kv: SeqBlocks,
+    term: u64,
+    /// Prompt tokens that came from the prefix cache when it was admitted, until reported with
+    /// its first event.
+    cached_tokens: Option<usize>,
     generated: usize,
     migrations: usize,
     decoder: IncrementalDecoder,
@@ -80,8 +89,11 @@ struct Scheduler {
     releases: Vec<u64>,
     /// The placement steps go to (the model's, while it is ready).
     placement: Option<Arc<Placement>>,
-    /// KV blocks reserved on `placement`.
-    used: usize,
+    /// The KV blocks of `placement` (held, reserved, cached).
+    blocks: Blocks,
+    /// The term this scheduler's steps carry (see [`Engine::term`]): when it changes, the pools
+    /// are another scheduler's since, and what this one knew of them is dropped.
+    term: u64,
     /// Since when the model has had no placement.
     unready_since: Option<Instant>,
 }
@@ -97,11 +109,13 @@ pub(super) async fn run(engine: Arc<Engine>, mut inbox: mpsc::UnboundedReceiver<
         in_flight: FuturesUnordered::new(),
         releases: Vec::new(),
         placement: None,
-        used: 0,
+        blocks: Blocks::new(0, 1, false),
+        term: 0,
         unready_since: Some(Instant::now()),
     };
     s.on_state();
     loop {
+        s.on_term();
         s.admit();
         s.dispatch().await;
         s.publish();
@@ -157,16 +171,18 @@ impl Scheduler {
         self.engine.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Follows the model's state: a new placement takes the steps; without one, nothing is
-    /// sent and the sequences on the old one move (or fail).
+    /// Follows the model's state: a new placement takes the steps (with pools of its own, whose
+    /// blocks start empty); without one, nothing is sent and the sequences on the old one move
+    /// (or fail).
     fn on_state(&mut self) {
         let state = self.model().state();
         let current = self.placement.as_ref().map(|p| p.id);
         match state {
             ServingState::Ready(p) if Some(p.id) == current => {}
             ServingState::Ready(p) => {
+                let (blocks, block_size) = p.kv_capacity();
+                self.blocks = Blocks::new(blocks, block_size, self.config().prefix_caching);
                 let old = self.placement.replace(p);
-                self.used = 0;
                 self.releases.clear();
                 self.unready_since = None;
                 self.displace_all(old, "the model was placed again");
@@ -174,10 +190,31 @@ impl Scheduler {
             ServingState::Loading(why) | ServingState::Unavailable(why) => {
                 self.unready_since.get_or_insert_with(Instant::now);
                 if let Some(old) = self.placement.take() {
-                    self.used = 0;
+                    self.blocks = Blocks::new(0, 1, false);
                     self.releases.clear();
                     self.displace_all(Some(old), &why);
                 }
+            }
+        }
+    }
+
+    /// Follows the engine's term: once another scheduler has owned the pools, nothing this one
+    /// knew of them holds (the stages dropped it all when the other took them), so its
+    /// sequences start over on them, with pools it sees as empty.
+    fn on_term(&mut self) {
+        let term = self.engine.term();
+        if term == self.term {
+            return;
+        }
+        self.term = term;
+        if let Some(p) = self.placement.clone() {
+            let (blocks, block_size) = p.kv_capacity();
+            self.blocks = Blocks::new(blocks, block_size, self.config().prefix_caching);
+            self.releases.clear();
+            // Those in flight follow when their step returns.
+            let here: Vec<u64> = self.running.iter().filter(|r| r.sending == 0 && r.placement.is_some()).map(|r| r.seq_id).collect();
+            for seq_id in here {
+                self.displace(seq_id, None, "this coordinator took over scheduling the model", false);
             }
         }
     }
@@ -210,6 +247,14 @@ impl Scheduler {
             return;
         }
         let new_id = self.new_seq_id();
+        let current = self.placement.as_ref().map(|p| p.id);
+        let r = &mut self.running[i];
+        let kv = std::mem::take(&mut r.kv);
+        if r.placement.is_some() && r.placement == current && r.term == self.term {
+            // Its blocks here are free again (the stages free it with the next step).
+            self.blocks.release(kv);
+            self.releases.push(seq_id);
+        }
         let r = &mut self.running[i];
         r.migrations += usize::from(counted);
         warn!(model = %self.engine.model.name, request_id = %r.sub.id, error = %why, migrations = r.migrations, "a stage failed; the request moves to the next placement");
@@ -217,26 +262,54 @@ impl Scheduler {
         r.parked_since = Some(Instant::now());
         r.seq_id = new_id;
         r.fed = 0;
+        r.start = 0;
         r.hidden.clear();
         r.sending = 0;
-        r.blocks = 0;
+    }
+
+    /// The root of `req`'s block-hash chain: everything besides its tokens that changes its
+    /// keys and values (the model, its revision and dtype), and who may share them (the
+    /// tenant and the request's cache_salt). `None` when its blocks are never shared.
+    fn prefix_root(&self, req: &ValidRequest) -> Option<shardserve::prefix::BlockHash> {
+        let c = self.config();
+        if !c.prefix_caching || req.skip_prefix_cache {
+            return None;
+        }
+        let dtype = self.model().dtype.to_string();
+        Some(shardserve::prefix::root(&[
+            c.model.as_bytes(),
+            c.revision.as_deref().unwrap_or("").as_bytes(),
+            dtype.as_bytes(),
+            req.tenant.as_bytes(),
+            req.cache_salt.as_bytes(),
+        ]))
     }
 
     /// Admits what fits, in order: sequences moving to this placement first, then the queue.
+    /// Each starts from the longest prefix of its context that the cache holds (an embedding
+    /// needs every position's hidden states and computes them all).
     fn admit(&mut self) {
         let Some(p) = self.placement.clone() else { return };
         if *self.engine.moving.borrow() {
             return;
         }
-        let (capacity, block_size) = p.kv_capacity();
+        let capacity = self.blocks.total();
+        let block_size = self.blocks.block_size();
         let max_running = self.config().max_batch_size.saturating_mul(p.stages.len());
-        for r in self.running.iter_mut().filter(|r| r.placement.is_none()) {
-            let need = steps::blocks_for(r.context.len() + r.sub.req.max_new_tokens - r.generated, block_size);
-            if self.used + need > capacity {
-                return;
+        for i in 0..self.running.len() {
+            if self.running[i].placement.is_some() {
+                continue;
             }
-            self.used += need;
-            r.blocks = need;
+            let r = &self.running[i];
+            let root = self.prefix_root(&r.sub.req);
+            let total = r.context.len() + r.sub.req.max_new_tokens - r.generated;
+            let lookup = r.sub.req.embed.is_none();
+            let Some(kv) = self.blocks.admit(root, lookup, &r.context, total) else { return };
+            let r = &mut self.running[i];
+            r.start = kv.cached_tokens(block_size);
+            r.fed = r.start;
+            r.kv = kv;
+            r.term = self.term;
             r.placement = Some(p.id);
             r.parked_since = None;
         }
@@ -250,31 +323,39 @@ impl Scheduler {
                 return;
             }
             let tokens = front.req.prompt_ids.len() + front.req.max_new_tokens;
-            let need = steps::blocks_for(tokens, block_size);
-            if need > capacity {
+            if steps::blocks_for(tokens, block_size) > capacity {
                 let sub = self.waiting.pop_front().expect("front");
                 let _ = sub.done.send(Err(ServeError::TooLargeForKv { tokens, capacity: capacity * block_size }));
                 continue;
             }
-            if self.used + need > capacity {
-                return;
-            }
+            let root = self.prefix_root(&front.req);
+            let lookup = front.req.embed.is_none();
+            let Some(kv) = self.blocks.admit(root, lookup, &front.req.prompt_ids, tokens) else { return };
             let mut sub = self.waiting.pop_front().expect("front");
             sub.waiting_slot = None;
-            self.used += need;
+            let cached = kv.cached_tokens(block_size);
             let labels = [("model", self.model().name.clone())];
             metrics::histogram!("shardserve_queue_duration_seconds", &labels).record(sub.arrived.elapsed().as_secs_f64());
             metrics::counter!("shardserve_prompt_tokens_total", &labels).increment(sub.req.prompt_ids.len() as u64);
-            debug!(model = %self.model().name, request_id = %sub.id, blocks = need, "request admitted");
+            if root.is_some() && lookup {
+                // As vLLM counts them: prompt tokens looked up, and those found.
+                metrics::counter!("shardserve_prefix_cache_queries_total", &labels).increment(sub.req.prompt_ids.len() as u64);
+                metrics::counter!("shardserve_prefix_cache_hits_total", &labels).increment(cached as u64);
+                self.model().count_prefix_lookup(sub.req.prompt_ids.len(), cached);
+            }
+            debug!(model = %self.model().name, request_id = %sub.id, cached, blocks = kv.table.len(), "request admitted");
             let seq_id = self.new_seq_id();
             self.running.push(Running {
                 seq_id,
                 placement: Some(p.id),
                 parked_since: None,
                 context: sub.req.prompt_ids.clone(),
-                fed: 0,
+                fed: cached,
+                start: cached,
                 sending: 0,
-                blocks: need,
+                kv,
+                term: self.term,
+                cached_tokens: Some(cached),
                 generated: 0,
                 migrations: 0,
                 decoder: IncrementalDecoder::new(&sub.req.prompt_ids),
@@ -302,7 +383,7 @@ impl Scheduler {
             let ready: Vec<usize> = (0..self.running.len())
                 .filter(|&i| {
                     let r = &self.running[i];
-                    r.sending == 0 && r.placement == Some(p.id) && r.fed < r.context.len()
+                    r.sending == 0 && r.placement == Some(p.id) && r.term == self.term && r.fed < r.context.len()
                 })
                 .collect();
             let here = self.running.iter().filter(|r| r.placement == Some(p.id)).count();
@@ -317,10 +398,16 @@ impl Scheduler {
             }
             let mut sequences = Vec::with_capacity(rows.len());
             let mut sent = Vec::with_capacity(rows.len());
+            let mut starved = Vec::new();
             for (k, n) in rows {
                 let r = &mut self.running[ready[k]];
-                let first = r.fed == 0;
+                let Some(blocks) = self.blocks.grow(&mut r.kv, r.fed + n) else {
+                    starved.push(r.seq_id);
+                    continue;
+                };
+                let first = r.fed == r.start;
                 let req = &r.sub.req;
+                let cached = if first { r.kv.cached } else { 0 };
                 sequences.push(pb::SequenceStep {
                     seq_id: r.seq_id,
                     token_ids: r.context[r.fed..r.fed + n].to_vec(),
@@ -333,16 +420,29 @@ impl Scheduler {
                     embed: req.embed.is_some(),
                     top_logprobs: req.top_logprobs as u32,
                     suppress: if r.generated < req.min_tokens { self.engine.model.eos.clone() } else { Vec::new() },
+                    blocks,
+                    cached_blocks: r.kv.table[..cached].to_vec(),
+                    cached_ids: if first { r.context[..r.start].to_vec() } else { Vec::new() },
+                    prefix_root: match (first, r.kv.root()) {
+                        (true, Some(root)) => root.to_vec(),
+                        _ => Vec::new(),
+                    },
                 });
                 r.sending = n;
                 sent.push((r.seq_id, n));
+            }
+            for seq_id in starved {
+                // Admission reserved every block a sequence can need: this is a bug.
+                if let Some(i) = self.find(seq_id) {
+                    self.fail(i, ServeError::Internal(format!("sequence {seq_id} outgrew the KV blocks reserved for it")));
+                }
             }
             if !sent.is_empty() {
                 let labels = [("model", self.model().name.clone())];
                 metrics::histogram!("shardserve_batch_size", &labels).record(sent.len() as f64);
                 metrics::histogram!("shardserve_batch_tokens", &labels).record(sent.iter().map(|(_, n)| *n).sum::<usize>() as f64);
             }
-            let step = pb::StepRequest { step_id: 0, sequences, hidden: None, release: std::mem::take(&mut self.releases) };
+            let step = pb::StepRequest { step_id: 0, sequences, hidden: None, release: std::mem::take(&mut self.releases), owner: self.term };
             let timeout = self.config().step_timeout;
             // Queued here, in order: a step's releases reach every stage before the steps sent
             // after it.
@@ -383,18 +483,26 @@ impl Scheduler {
                 continue;
             }
             self.running[i].fed += rows;
+            let current = self.placement.as_ref().map(|p| p.id);
+            let run = &mut self.running[i];
+            if run.placement == current && run.term == self.term {
+                // Every stage wrote these rows: the blocks they filled may be shared from now on.
+                self.blocks.written(&mut run.kv, &run.context, run.fed);
+            }
             if self.running[i].sub.req.embed.is_some() {
                 self.embedded(i, r.hidden.as_ref(), rows);
             } else if self.running[i].fed >= self.running[i].context.len() {
                 let top = r.top_ids.iter().copied().zip(r.top_logprobs.iter().copied()).collect();
                 self.accept(i, r.token_id, r.logprob, top);
             }
-            // A sequence whose placement was replaced while its step was out moves now.
-            let current = self.placement.as_ref().map(|p| p.id);
+            // A sequence whose placement was replaced while its step was out moves now; one
+            // whose pools another scheduler owned meanwhile starts over on them.
             if let Some(i) = self.find(seq_id) {
                 if self.running[i].placement != current {
                     let why = "the model was placed again".to_string();
                     self.displace(seq_id, Some(&placement), &why, true);
+                } else if self.running[i].term != self.term {
+                    self.displace(seq_id, None, "this coordinator took over scheduling the model", false);
                 }
             }
         }
@@ -403,6 +511,11 @@ impl Scheduler {
     /// A sequence's step failed with `code` on some stage.
     fn step_failed(&mut self, seq_id: u64, code: tonic::Code, message: String, placement: &Arc<Placement>) {
         let Some(i) = self.find(seq_id) else { return };
+        if code == tonic::Code::Aborted && message.contains(shardserve::model::kv::FENCED) {
+            // Another coordinator schedules the model now: this one's sequences are done.
+            let why = format!("model {} is now scheduled by another coordinator: {message}", self.model().name);
+            return self.fail(i, ServeError::Unavailable(why));
+        }
         match code {
             // The stage serves a newer placement than this one (the leader re-planned and this
             // coordinator has not read it yet): a request with nothing generated yet simply
@@ -473,7 +586,7 @@ impl Scheduler {
             return;
         }
         let spec = r.sub.req.embed.expect("an embedding request");
-        let event = GenEvent { embedding: spec.pool(&r.hidden, dims), finish_reason: Some("stop"), ..Default::default() };
+        let event = GenEvent { embedding: spec.pool(&r.hidden, dims), finish_reason: Some("stop"), cached_tokens: r.cached_tokens.take(), ..Default::default() };
         match r.sub.out.try_send(event) {
             Ok(()) => self.finish(i, Ok(())),
             Err(_) => self.fail(i, ServeError::Cancelled("the client went away".into())),
@@ -487,10 +600,10 @@ impl Scheduler {
     /// Ends `running[i]`: its blocks are free for others, and it is released on every stage
     /// with the next step.
     fn finish(&mut self, i: usize, outcome: Result<(), ServeError>) {
-        let r = self.running.remove(i);
+        let mut r = self.running.remove(i);
         let current = self.placement.as_ref().map(|p| p.id);
-        if r.placement.is_some() && r.placement == current {
-            self.used -= r.blocks;
+        if r.placement.is_some() && r.placement == current && r.term == self.term {
+            self.blocks.release(std::mem::take(&mut r.kv));
             self.releases.push(r.seq_id);
         }
         let labels = [("model", self.engine.model.name.clone())];
@@ -553,9 +666,11 @@ impl Scheduler {
         let labels = [("model", model.name.clone())];
         metrics::gauge!("shardserve_running_sequences", &labels).set(self.running.len() as f64);
         metrics::gauge!("shardserve_queue_depth", &labels).set(self.waiting.len() as f64);
-        if let Some(p) = &self.placement {
-            metrics::gauge!("shardserve_kv_blocks_reserved", &labels).set(self.used as f64);
-            metrics::gauge!("shardserve_kv_blocks_capacity", &labels).set(p.kv_capacity().0 as f64);
+        model.cached_blocks.store(self.blocks.cached(), Ordering::SeqCst);
+        if self.placement.is_some() {
+            metrics::gauge!("shardserve_kv_blocks_reserved", &labels).set(self.blocks.reserved() as f64);
+            metrics::gauge!("shardserve_kv_blocks_capacity", &labels).set(self.blocks.total() as f64);
+            metrics::gauge!("shardserve_prefix_cache_blocks", &labels).set(self.blocks.cached() as f64);
         }
     }
 }
@@ -567,6 +682,7 @@ fn next_event(model: &ModelEntry, r: &mut Running, token: u32, logprob: f32, top
         token_ids: vec![token],
         logprobs: if r.sub.req.logprobs { vec![logprob] } else { Vec::new() },
         top_logprobs: if r.sub.req.top_logprobs > 0 { vec![top] } else { Vec::new() },
+        cached_tokens: r.cached_tokens.take(),
         ..Default::default()
     };
     if model.eos.contains(&token) && !r.sub.req.ignore_eos {

@@ -4,9 +4,10 @@
 use super::{parse, sse, App, ApiError};
 use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
 use crate::error::ServeError;
-use crate::service::{record, InferenceService};
+use crate::service::{record, Caller, InferenceService};
 use axum::body::Body;
 use axum::extract::State;
+use axum::Extension;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
@@ -53,10 +54,13 @@ pub struct Sampling {
     pub min_tokens: Option<u32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// vLLM's: mixed into the prefix cache's block hashes, so only requests with the same salt
+    /// share cached prompt blocks.
+    pub cache_salt: Option<String>,
 }
 
 /// The fields of [`Sampling`], as they are named in a request body.
-pub const SAMPLING_FIELDS: [&str; 13] = [
+pub const SAMPLING_FIELDS: [&str; 14] = [
     "max_tokens",
     "max_completion_tokens",
     "temperature",
@@ -70,6 +74,7 @@ pub const SAMPLING_FIELDS: [&str; 13] = [
     "min_tokens",
     "presence_penalty",
     "frequency_penalty",
+    "cache_salt",
 ];
 
 impl Sampling {
@@ -160,6 +165,7 @@ fn engine_request(
     logprobs: Logprobs,
     index: u32,
     add_special_tokens: bool,
+    caller: &Caller,
 ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ApiError> {
     for (field, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
         if v.is_some_and(|v| v != 0.0) {
@@ -175,9 +181,14 @@ fn engine_request(
         Some(m) => Some(i32::try_from(m).map_err(|_| ApiError::invalid(format!("max_tokens: {m} is too large"), Some("max_tokens".into())))?),
         None => None,
     };
+    if s.cache_salt.as_deref() == Some("") {
+        return Err(ApiError::invalid("cache_salt must be a non-empty string when given", Some("cache_salt".to_string())));
+    }
     let req = pb::GenerateRequest {
         model: model.to_string(),
         prompt,
+        cache_salt: s.cache_salt.clone().unwrap_or_default(),
+        skip_prefix_cache: false,
         max_new_tokens,
         sampling: Some(pb::SamplingParams {
             temperature: s.temperature,
@@ -192,7 +203,7 @@ fn engine_request(
         top_logprobs: logprobs.top,
         min_tokens: s.min_tokens.unwrap_or(0),
     };
-    let (engine, model, mut valid) = svc.prepare(&req).map_err(|e| field_error(e.into()))?;
+    let (engine, model, mut valid) = svc.prepare(&req, caller).map_err(|e| field_error(e.into()))?;
     if !add_special_tokens {
         // A rendered chat template carries its special tokens itself.
         valid.prompt_ids = model
@@ -284,6 +295,7 @@ async fn submit_all(
     id: &str,
     add_special_tokens: bool,
     max_n: u32,
+    caller: &Caller,
 ) -> Result<(Arc<ModelEntry>, Vec<u32>, Vec<RequestHandle>), ApiError> {
     let n = s.n.unwrap_or(1);
     if n == 0 || n > max_n {
@@ -293,7 +305,7 @@ async fn submit_all(
     let mut entry = None;
     let mut prompt_ids = Vec::new();
     for i in 0..n {
-        let (engine, model, valid) = engine_request(svc, model, prompt.to_string(), s, logprobs, i, add_special_tokens)?;
+        let (engine, model, valid) = engine_request(svc, model, prompt.to_string(), s, logprobs, i, add_special_tokens, caller)?;
         prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, format!("{id}-{i}")).await.map_err(ApiError::from)?;
         handles.push(handle);
@@ -312,12 +324,13 @@ async fn generate(
     logprobs: Logprobs,
     stream: bool,
     include_usage: bool,
+    caller: Caller,
 ) -> Response {
     let svc = InferenceService(app.models.clone());
     let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::random_u64());
     let span = tracing::info_span!("request", request_id = %id, model = %model);
     let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
-    let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n), span);
+    let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n, &caller), span);
     let (entry, prompt_ids, handles) = match submitted.await {
         Ok(v) => v,
         Err(e) => {
@@ -349,12 +362,16 @@ async fn generate(
     let prompt_tokens = prompt_ids.len();
     let (id2, model2) = (id.clone(), model_name.clone());
     let mut completion = 0usize;
+    let mut cached = 0usize;
     let mut failed = false;
     let mut ended = 0usize;
     let body = items.filter_map(move |item| {
         let out = match item {
             Item::Event(i, ev) => {
                 completion += ev.token_ids.len();
+                if let (0, Some(c)) = (i, ev.cached_tokens) {
+                    cached = c;
+                }
                 let lp = logprobs.on.then(|| logprobs_json(kind, &tokenizer_model, &ev));
                 let choice = if kind == Kind::Chat {
                     serde_json::json!({"index": i, "delta": {"content": ev.text}, "logprobs": lp,
@@ -370,7 +387,7 @@ async fn generate(
                     record(&name, tonic::Code::Ok);
                     include_usage.then(|| {
                         serde_json::json!({"id": id2, "object": object, "created": created, "model": model2, "choices": [],
-                            "usage": usage(prompt_tokens, completion)})
+                            "usage": usage(prompt_tokens, completion, cached)})
                         .to_string()
                     })
                 } else {
@@ -403,8 +420,11 @@ fn grpc_code(s: StatusCode) -> tonic::Code {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> serde_json::Value {
-    serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage; `cached`: prompt tokens served from the prefix cache (the first choice's,
+/// as the prompt is counted once).
+fn usage(prompt: usize, completion: usize, cached: usize) -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// The logprobs of an event's tokens: completions' `{tokens, token_logprobs, ...}` lists, or
@@ -448,10 +468,14 @@ async fn collect(
     let mut finish = vec![None; n];
     let mut events: Vec<Vec<GenEvent>> = vec![Vec::new(); n];
     let mut completion = 0usize;
+    let mut cached = 0usize;
     while let Some(item) = items.next().await {
         match item {
             Item::Event(i, ev) => {
                 completion += ev.token_ids.len();
+                if let (0, Some(c)) = (i, ev.cached_tokens) {
+                    cached = c;
+                }
                 texts[i].push_str(&ev.text);
                 if let Some(r) = ev.finish_reason {
                     finish[i] = Some(finish_reason(r));
@@ -488,12 +512,12 @@ async fn collect(
     super::json(
         StatusCode::OK,
         &serde_json::json!({"id": id, "object": object, "created": created, "model": model_name, "choices": choices,
-            "usage": usage(prompt_tokens, completion)}),
+            "usage": usage(prompt_tokens, completion, cached)}),
     )
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(app): State<App>, body: Body) -> Response {
+pub async fn completions(State(app): State<App>, Extension(caller): Extension<Caller>, body: Body) -> Response {
     let (req, sampling): (CompletionRequest, Sampling) = match parse(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -510,11 +534,11 @@ pub async fn completions(State(app): State<App>, body: Body) -> Response {
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
     let logprobs = Logprobs { on: req.logprobs.is_some(), top: req.logprobs.unwrap_or(0) };
-    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage).await
+    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, caller).await
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(app): State<App>, body: Body) -> Response {
+pub async fn chat_completions(State(app): State<App>, Extension(caller): Extension<Caller>, body: Body) -> Response {
     let (req, sampling): (super::chat::ChatRequest, Sampling) = match parse(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -528,7 +552,7 @@ pub async fn chat_completions(State(app): State<App>, body: Body) -> Response {
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
     let logprobs = Logprobs { on: req.logprobs.unwrap_or(false), top: req.top_logprobs.unwrap_or(0) };
-    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage).await
+    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, caller).await
 }
 
 #[cfg(test)]
@@ -543,6 +567,7 @@ mod tests {
                 let v = match *k {
                     "stop" => serde_json::json!(["a"]),
                     "ignore_eos" => serde_json::json!(true),
+                    "cache_salt" => serde_json::json!("s"),
                     "temperature" | "top_p" | "repetition_penalty" | "presence_penalty" | "frequency_penalty" => serde_json::json!(0.5),
                     _ => serde_json::json!(3),
                 };
@@ -551,6 +576,7 @@ mod tests {
             .collect();
         let s: Sampling = serde_json::from_value(serde_json::Value::Object(body)).expect("SAMPLING_FIELDS names Sampling's fields");
         assert_eq!((s.max_tokens, s.n, s.top_k, s.ignore_eos), (Some(3), Some(3), Some(3), Some(true)));
+        assert_eq!(s.cache_salt.as_deref(), Some("s"));
         assert_eq!(s.max_tokens().unwrap(), Some(3));
         let disagree = Sampling { max_tokens: Some(3), max_completion_tokens: Some(4), ..Default::default() };
         assert_eq!(disagree.max_tokens().unwrap_err().param.as_deref(), Some("max_completion_tokens"));

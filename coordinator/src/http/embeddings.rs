@@ -3,9 +3,10 @@
 
 use super::api::{field_error, kind_of};
 use super::{App, ApiError};
-use crate::service::{record, InferenceService};
+use crate::service::{record, Caller, InferenceService};
 use axum::body::Body;
 use axum::extract::State;
+use axum::Extension;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -30,7 +31,7 @@ pub struct EmbeddingsRequest {
 }
 
 /// `POST /v1/embeddings`: the final-norm hidden states of each input, pooled.
-pub async fn embeddings(State(app): State<App>, body: Body) -> Response {
+pub async fn embeddings(State(app): State<App>, Extension(caller): Extension<Caller>, body: Body) -> Response {
     let req: EmbeddingsRequest = match super::parse_whole(&app, body).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -73,7 +74,7 @@ pub async fn embeddings(State(app): State<App>, body: Body) -> Response {
     let id = format!("embd-{:016x}", crate::random_u64());
     let name = svc.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
     let span = tracing::info_span!("request", request_id = %id, model = %req.model);
-    let result = tracing::Instrument::instrument(svc.embed_all(&req.model, &inputs, spec, &id), span).await;
+    let result = tracing::Instrument::instrument(svc.embed_all(&req.model, &inputs, spec, &id, &caller), span).await;
     record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
     let (vectors, prompt_tokens) = match result {
         Ok(v) => v,

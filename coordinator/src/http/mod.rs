@@ -58,14 +58,17 @@ pub fn router(models: Arc<Models>, limits: Limits, auth: crate::auth::Auth) -> R
 
 /// Every route but `/health` needs an API key when the coordinator has them
 /// (`Authorization: Bearer KEY`): 401 without a valid one.
-async fn authorize(State(app): State<App>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn authorize(State(app): State<App>, mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let key = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
     if req.uri().path() != "/health" {
-        let key = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
         if let Err(e) = app.auth.check(crate::auth::Role::Inference, key) {
             let status = if e.code() == tonic::Code::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::UNAUTHORIZED };
             return ApiError { status, message: e.to_string(), param: None }.into_response();
         }
     }
+    // Handlers see who asked (for the prefix cache's tenants, and the leader coordinator).
+    let caller = crate::service::Caller::with_key(key);
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 

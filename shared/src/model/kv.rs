@@ -2,11 +2,25 @@
 //! it): one preallocated key tensor and one value tensor per layer, each holding
 //! `blocks × block_size` token slots, and a block table per sequence. A step writes the new
 //! tokens' keys and values into their slots in place; nothing is copied or reallocated per step,
-//! and a sequence's memory is its blocks, freed at once when it ends.
+//! and a sequence's memory is its blocks, given back at once when it ends.
+//!
+//! Blocks are shared for prefix caching. The scheduler that owns the pool names the blocks a
+//! sequence gets (every stage and rank gets the same ids); the pool counts how many sequences
+//! hold each block and never hands out, or lets a step write into, a block another sequence
+//! holds. A block a sequence filled is tagged with its content address
+//! ([`crate::prefix`]), computed here from the tokens written, and keeps that tag after the
+//! sequence ends (cached) until it is written again (evicted). A sequence that starts from
+//! cached blocks names them with the tokens they hold; the pool checks each tag against the
+//! hashes of those tokens, so a block is never read for a prefix it does not hold.
 
 use crate::error::{Error, Result};
+use crate::prefix::{self, BlockHash};
 use candle_core::{DType, Device, Storage, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+
+/// What a stage answers a step from a scheduler whose term is older than the pool's owner:
+/// the scheduler recognises it and stops (another coordinator schedules the model now).
+pub const FENCED: &str = "belongs to a newer scheduler";
 
 /// Tokens per block unless configured otherwise (vLLM's and TGI's default).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -16,6 +30,9 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 struct BlockTable {
     blocks: Vec<u32>,
     len: usize,
+    /// When the sequence's blocks are content-addressed: the hash of its last full block (the
+    /// chain's root before the first), and the tokens written since that block.
+    chain: Option<(BlockHash, Vec<u32>)>,
 }
 
 /// The KV memory of one stage (or one tensor-parallel rank of it).
@@ -27,7 +44,15 @@ pub struct KvPool {
     /// so one head's keys of one block lie together (a decode reads them as one stream; with
     /// the slots outermost, consecutive positions of a head were a page apart).
     layers: Vec<(Tensor, Tensor)>,
-    free: Vec<u32>,
+    /// Blocks no sequence holds (some of them cached).
+    free: BTreeSet<u32>,
+    /// Per block: the sequences holding it, and the content address of what it holds.
+    refs: Vec<u32>,
+    tags: Vec<Option<BlockHash>>,
+    /// Free blocks that hold a tag.
+    cached: usize,
+    /// Tagged blocks written again since the pool was made.
+    evicted: u64,
     total: usize,
     sequences: HashMap<u64, BlockTable>,
 }
@@ -38,6 +63,7 @@ impl std::fmt::Debug for KvPool {
             .field("block_size", &self.block_size)
             .field("blocks", &self.total)
             .field("free", &self.free.len())
+            .field("cached", &self.cached)
             .field("sequences", &self.sequences.len())
             .finish()
     }
@@ -62,6 +88,9 @@ impl KvPool {
         if block_size == 0 {
             return Err(Error::Sequence("the KV block size must be at least 1".into()));
         }
+        if blocks > u32::MAX as usize {
+            return Err(Error::Sequence(format!("{blocks} KV blocks are more than a pool can number")));
+        }
         let slots = blocks * block_size;
         let layers = (0..layers)
             .map(|_| {
@@ -76,8 +105,11 @@ impl KvPool {
             kv_heads,
             head_dim,
             layers,
-            // Popped from the end: low blocks are handed out first.
-            free: (0..blocks as u32).rev().collect(),
+            free: (0..blocks as u32).collect(),
+            refs: vec![0; blocks],
+            tags: vec![None; blocks],
+            cached: 0,
+            evicted: 0,
             total: blocks,
             sequences: HashMap::new(),
         })
@@ -98,9 +130,19 @@ impl KvPool {
         self.total - self.free.len()
     }
 
-    /// Blocks no sequence holds.
+    /// Blocks no sequence holds (cached ones included).
     pub fn blocks_free(&self) -> usize {
         self.free.len()
+    }
+
+    /// Blocks no sequence holds that still hold a tagged prefix.
+    pub fn blocks_cached(&self) -> usize {
+        self.cached
+    }
+
+    /// Cached blocks written again since the pool was made.
+    pub fn blocks_evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// Bytes one block holds over every layer.
@@ -139,11 +181,74 @@ impl KvPool {
         self.sequences.entry(id).or_default();
     }
 
-    /// Frees sequence `id` and its blocks; whether it was held.
+    /// Starts holding sequence `id` (not held yet) from cached blocks: `blocks` hold its first
+    /// `tokens`, whole blocks of them, as the chain from `root` names them. With no root the
+    /// sequence is not content-addressed and may start from no cached block. Checks every
+    /// block's tag first and changes nothing when one does not match.
+    pub fn insert_cached(&mut self, id: u64, root: Option<BlockHash>, blocks: &[u32], tokens: &[u32]) -> Result<()> {
+        let bad = |why: String| Err(Error::Sequence(why));
+        if self.sequences.contains_key(&id) {
+            return bad(format!("sequence {id} is held already"));
+        }
+        if tokens.len() != blocks.len() * self.block_size {
+            return bad(format!(
+                "{} cached tokens do not fill {} blocks of {} tokens",
+                tokens.len(),
+                blocks.len(),
+                self.block_size
+            ));
+        }
+        let Some(root) = root else {
+            if blocks.is_empty() {
+                self.insert(id);
+                return Ok(());
+            }
+            return bad("cached blocks need the prefix root that names them".into());
+        };
+        let hashes = prefix::chain(&root, tokens, self.block_size);
+        for (i, (&b, h)) in blocks.iter().zip(&hashes).enumerate() {
+            if b as usize >= self.total {
+                return bad(format!("cached block {b} is outside the pool of {} blocks", self.total));
+            }
+            if self.tags[b as usize].as_ref() != Some(h) {
+                // What the scheduler published is not what this stage holds: refuse rather
+                // than attend to another prompt's keys and values.
+                return bad(format!("cached block {b} (block {i} of the prefix) does not hold that prefix here"));
+            }
+        }
+        for &b in blocks {
+            self.take(b);
+        }
+        let last = hashes.last().copied().unwrap_or(root);
+        self.sequences.insert(id, BlockTable { blocks: blocks.to_vec(), len: tokens.len(), chain: Some((last, Vec::new())) });
+        Ok(())
+    }
+
+    /// One more holder of block `b`.
+    fn take(&mut self, b: u32) {
+        if self.free.remove(&b) && self.tags[b as usize].is_some() {
+            self.cached -= 1;
+        }
+        self.refs[b as usize] += 1;
+    }
+
+    /// One holder fewer of block `b`; free (and cached, when tagged) once none is left.
+    fn put(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        *r = r.saturating_sub(1);
+        if *r == 0 && self.free.insert(b) && self.tags[b as usize].is_some() {
+            self.cached += 1;
+        }
+    }
+
+    /// Frees sequence `id`; its blocks go back once no other sequence holds them (those it
+    /// filled stay cached). Whether it was held.
     pub fn remove(&mut self, id: u64) -> bool {
         match self.sequences.remove(&id) {
             Some(t) => {
-                self.free.extend(t.blocks.into_iter().rev());
+                for b in t.blocks {
+                    self.put(b);
+                }
                 true
             }
             None => false,
@@ -158,6 +263,13 @@ impl KvPool {
         }
     }
 
+    /// Frees every sequence and forgets every cached prefix (a new owner takes the pool).
+    pub fn reset(&mut self) {
+        self.clear();
+        self.tags.iter_mut().for_each(|t| *t = None);
+        self.cached = 0;
+    }
+
     /// Blocks sequence `id` still needs to hold `extra` more tokens.
     pub fn blocks_needed(&self, id: u64, extra: usize) -> usize {
         let t = self.sequences.get(&id);
@@ -165,17 +277,57 @@ impl KvPool {
         self.blocks_for(len + extra).saturating_sub(held)
     }
 
-    /// Gives sequence `id` blocks for `extra` more tokens, all or nothing.
-    pub(crate) fn grow(&mut self, id: u64, extra: usize) -> Result<()> {
+    /// Gives sequence `id` blocks for `extra` more tokens, all or nothing: the blocks `given`
+    /// (as many as it needs, none held by any sequence), or with none given the lowest free
+    /// ones. A block given up this way loses what it cached.
+    pub fn grow_with(&mut self, id: u64, extra: usize, given: &[u32]) -> Result<()> {
         let needed = self.blocks_needed(id, extra);
-        if needed > self.free.len() {
-            return Err(Error::KvFull { needed, free: self.free.len(), total: self.total });
+        let table = self.sequences.get(&id).ok_or_else(|| Error::Sequence(format!("sequence {id} is not held")))?;
+        if table.len % self.block_size != 0 && extra > 0 {
+            // The new tokens begin in the sequence's last block: it must be its own.
+            let last = *table.blocks.last().expect("a partly filled block is held");
+            if self.refs[last as usize] != 1 {
+                return Err(Error::Sequence(format!("block {last} is shared: sequence {id} may not write into it")));
+            }
         }
-        let table = self.sequences.get_mut(&id).ok_or_else(|| Error::Sequence(format!("sequence {id} is not held")))?;
-        for _ in 0..needed {
-            table.blocks.push(self.free.pop().expect("counted above"));
+        let picked: Vec<u32> = if given.is_empty() {
+            if needed > self.free.len() {
+                return Err(Error::KvFull { needed, free: self.free.len(), total: self.total });
+            }
+            self.free.iter().take(needed).copied().collect()
+        } else {
+            if given.len() != needed {
+                return Err(Error::Sequence(format!(
+                    "sequence {id} needs {needed} new blocks for {extra} tokens, the step names {}",
+                    given.len()
+                )));
+            }
+            let mut seen = BTreeSet::new();
+            for &b in given {
+                if b as usize >= self.total {
+                    return Err(Error::Sequence(format!("block {b} is outside the pool of {} blocks", self.total)));
+                }
+                if !self.free.contains(&b) || !seen.insert(b) {
+                    return Err(Error::Sequence(format!("block {b} is held by another sequence")));
+                }
+            }
+            given.to_vec()
+        };
+        for &b in &picked {
+            if self.tags[b as usize].take().is_some() {
+                self.evicted += 1;
+                self.cached -= 1;
+            }
+            self.free.remove(&b);
+            self.refs[b as usize] += 1;
         }
+        self.sequences.get_mut(&id).expect("held").blocks.extend(picked);
         Ok(())
+    }
+
+    /// Gives sequence `id` blocks for `extra` more tokens from the free ones, all or nothing.
+    pub(crate) fn grow(&mut self, id: u64, extra: usize) -> Result<()> {
+        self.grow_with(id, extra, &[])
     }
 
     /// Records that sequence `id` now holds `extra` more tokens (written by the step).
@@ -183,6 +335,23 @@ impl KvPool {
         if let Some(t) = self.sequences.get_mut(&id) {
             t.len += extra;
         }
+    }
+
+    /// Tags the blocks sequence `id` filled with `tokens`, the tokens its last step wrote
+    /// (after [`KvPool::advance`]); nothing for a sequence that is not content-addressed.
+    pub fn record(&mut self, id: u64, tokens: &[u32]) {
+        let bs = self.block_size;
+        let Some(t) = self.sequences.get_mut(&id) else { return };
+        let Some((parent, pending)) = t.chain.as_mut() else { return };
+        pending.extend_from_slice(tokens);
+        let first_full = (t.len - pending.len()) / bs;
+        let full = pending.len() / bs;
+        for k in 0..full {
+            *parent = prefix::block_hash(parent, &pending[k * bs..(k + 1) * bs]);
+            let b = t.blocks[first_full + k] as usize;
+            self.tags[b] = Some(*parent);
+        }
+        pending.drain(..full * bs);
     }
 
     /// The pool slot of position `pos` of sequence `id`.
@@ -401,6 +570,92 @@ mod tests {
         assert_eq!(p.blocks_used(), 2);
         p.clear();
         assert_eq!((p.blocks_used(), p.sequences()), (0, 0));
+    }
+
+    #[test]
+    fn blocks_named_by_the_scheduler_must_be_free_and_as_many_as_needed() {
+        let mut p = pool(6);
+        p.insert(1);
+        // 6 tokens of 4 a block need 2 blocks.
+        assert!(p.grow_with(1, 6, &[3]).unwrap_err().to_string().contains("needs 2 new blocks"));
+        p.grow_with(1, 6, &[3, 5]).unwrap();
+        p.insert(2);
+        assert!(p.grow_with(2, 1, &[5]).unwrap_err().to_string().contains("held by another sequence"));
+        assert!(p.grow_with(2, 1, &[9]).unwrap_err().to_string().contains("outside the pool"));
+        assert!(p.grow_with(2, 5, &[0, 0]).unwrap_err().to_string().contains("held by another sequence"));
+        // A refused grow takes nothing.
+        assert_eq!(p.blocks_used(), 2);
+        p.grow_with(2, 5, &[0, 1]).unwrap();
+        assert_eq!(p.slots(2, 5), vec![0, 1, 2, 3, 4]);
+        assert_eq!(p.slots(1, 6)[4..], [20, 21]);
+    }
+
+    #[test]
+    fn filled_blocks_stay_cached_and_are_shared_only_for_the_prefix_they_hold() {
+        let mut p = pool(8);
+        let root = prefix::root(&[b"m"]);
+        let toks: Vec<u32> = (1..=10).collect();
+        p.insert_cached(1, Some(root), &[], &[]).unwrap();
+        p.grow_with(1, 10, &[4, 2, 7]).unwrap();
+        p.advance(1, 10);
+        p.record(1, &toks);
+        // Two full blocks are tagged; the third holds 2 tokens and is not.
+        assert!(p.remove(1));
+        assert_eq!((p.blocks_used(), p.blocks_cached()), (0, 2));
+        p.insert_cached(2, Some(root), &[4, 2], &toks[..8]).unwrap();
+        assert_eq!((p.len_of(2), p.blocks_used(), p.blocks_cached()), (Some(8), 2, 0));
+        // Other tokens, another root, or a block that is not the prefix's: refused, and
+        // nothing taken.
+        let mut other = toks[..8].to_vec();
+        other[6] = 99;
+        assert!(p.insert_cached(3, Some(root), &[4, 2], &other).unwrap_err().to_string().contains("does not hold that prefix"));
+        assert!(p.insert_cached(3, Some(prefix::root(&[b"x"])), &[4], &toks[..4]).is_err());
+        assert!(p.insert_cached(3, Some(root), &[7], &toks[..4]).is_err());
+        assert!(p.insert_cached(3, None, &[4], &toks[..4]).is_err());
+        assert!(p.insert_cached(3, Some(root), &[4], &toks[..3]).unwrap_err().to_string().contains("do not fill"));
+        assert_eq!((p.sequences(), p.blocks_used()), (1, 2));
+        // Two sequences share block 4; neither may be given it to write.
+        p.insert_cached(3, Some(root), &[4], &toks[..4]).unwrap();
+        assert!(p.grow_with(3, 1, &[4]).is_err());
+        p.grow_with(3, 1, &[0]).unwrap();
+        p.advance(3, 1);
+        p.record(3, &[50]);
+        assert!(p.remove(2));
+        // Block 4 is still held by sequence 3; block 2 is cached.
+        assert_eq!((p.blocks_used(), p.blocks_cached()), (2, 1));
+        assert!(p.remove(3));
+        assert_eq!(p.blocks_cached(), 2);
+        // Writing over cached blocks evicts them.
+        p.insert(9);
+        p.grow(9, 32).unwrap();
+        assert_eq!((p.blocks_cached(), p.blocks_evicted()), (0, 2));
+        assert!(p.insert_cached(10, Some(root), &[4], &toks[..4]).is_err());
+        p.remove(9);
+        // A reset forgets every prefix.
+        p.insert_cached(1, Some(root), &[], &[]).unwrap();
+        p.grow_with(1, 4, &[6]).unwrap();
+        p.advance(1, 4);
+        p.record(1, &toks[..4]);
+        p.reset();
+        assert_eq!((p.sequences(), p.blocks_used(), p.blocks_cached()), (0, 0, 0));
+        assert!(p.insert_cached(1, Some(root), &[6], &toks[..4]).is_err());
+    }
+
+    #[test]
+    fn tags_follow_tokens_written_a_few_at_a_time() {
+        let mut p = pool(4);
+        let root = prefix::root(&[b"m"]);
+        p.insert_cached(1, Some(root), &[], &[]).unwrap();
+        let toks = [5u32, 6, 7, 8, 9, 10];
+        // A prefill of 3, then decodes of one token each.
+        for chunk in [&toks[..3], &toks[3..4], &toks[4..5], &toks[5..6]] {
+            p.grow(1, chunk.len()).unwrap();
+            p.advance(1, chunk.len());
+            p.record(1, chunk);
+        }
+        let blocks = p.sequences[&1].blocks.clone();
+        p.remove(1);
+        p.insert_cached(2, Some(root), &blocks[..1], &toks[..4]).unwrap();
     }
 
     #[test]

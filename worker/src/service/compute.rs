@@ -92,6 +92,10 @@ pub(super) enum StepError {
         #[source]
         source: shardserve::Error,
     },
+    /// The step comes from a scheduler whose term is older than the one that owns the pool now
+    /// (a deposed coordinator leader).
+    #[error("worker {worker}: the KV pool {} (term {here}; this step is of term {step})", shardserve::model::kv::FENCED)]
+    Fenced { worker: String, here: u64, step: u64 },
     /// The tensor-parallel group broke: the stage is gone as far as the caller can tell.
     #[error("{0}")]
     Group(String),
@@ -105,7 +109,7 @@ impl StepError {
     pub(super) fn code(&self) -> Code {
         match self {
             // The worker is alive but serves a newer placement: the caller's plan is stale.
-            StepError::Replanned { .. } => Code::Aborted,
+            StepError::Replanned { .. } | StepError::Fenced { .. } => Code::Aborted,
             StepError::Lost { .. } | StepError::Group(_) => Code::Unavailable,
             StepError::Released(_) => Code::Cancelled,
             StepError::Invalid { .. } | StepError::Malformed { .. } => Code::InvalidArgument,
@@ -144,6 +148,21 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     let spec = shard.spec().clone();
     let mut kv = loaded.kv.lock().expect("kv lock");
     let mut out = Computed::default();
+    // One scheduler owns the pool: a newer one takes it over (everything the older one held
+    // is dropped), and the older one's steps are refused from then on.
+    if req.owner != 0 && req.owner != kv.owner {
+        if req.owner < kv.owner {
+            let e = StepError::Fenced { worker: state.id.clone(), here: kv.owner, step: req.owner };
+            out.results.extend(req.sequences.iter().map(|s| e.result(s.seq_id)));
+            return out;
+        }
+        if kv.owner != 0 || kv.pool.sequences() > 0 {
+            tracing::info!(worker = %state.id, term = req.owner, previous = kv.owner, dropped = kv.pool.sequences(), "a new scheduler owns the KV pool");
+        }
+        kv.pool.reset();
+        kv.seqs.clear();
+        kv.owner = req.owner;
+    }
     // Releases first: their blocks are free for this step's sequences.
     let mut release = req.release.clone();
     state.forget(&mut kv, &req.release);
@@ -207,12 +226,11 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     // Every check before anything runs, so that the step the followers are sent is one they
     // run as well; a sequence that fails a check is answered alone.
     let mut ok: Vec<(usize, &pb::SequenceStep, usize)> = Vec::with_capacity(req.sequences.len());
-    let mut blocks_left = kv.pool.blocks_free();
     let mut offset = 0;
     for s in &req.sequences {
         let (first_row, n) = (offset, s.token_ids.len());
         offset += n;
-        let checked = check(state, loaded, &mut kv, s, &mut blocks_left);
+        let checked = check(state, loaded, &mut kv, s);
         match checked {
             Ok(fresh) => {
                 if fresh {
@@ -235,6 +253,7 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
         sequences: ok.iter().map(|(_, s, _)| (*s).clone()).collect(),
         hidden: None,
         release: release.clone(),
+        owner: req.owner,
     };
     let hidden = match (hidden, ok.len() == req.sequences.len()) {
         (Some(h), false) if !ok.is_empty() => {
@@ -286,7 +305,13 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     let kv = &mut *kv;
     let computed = shard.forward_batch(&mut kv.pool, &seqs, input);
     let output = match computed {
-        Ok(o) => o,
+        Ok(o) => {
+            // Written on this stage: the blocks the step filled get their content addresses.
+            for (_, s, _) in &ok {
+                kv.pool.record(s.seq_id, &s.token_ids);
+            }
+            o
+        }
         Err(e) => {
             let e = match &loaded.group {
                 // A rank failed part-way through a step: the ranks no longer hold the same
@@ -380,8 +405,10 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     out
 }
 
-/// Checks one sequence of a step and makes room for it: whether it is new here.
-fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::SequenceStep, blocks_left: &mut usize) -> Result<bool, StepError> {
+/// Checks one sequence of a step and gives it the blocks its tokens need: whether it is new
+/// here. A sequence new here starts empty, or from the cached blocks its step names (each
+/// checked against the prefix it is said to hold).
+fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::SequenceStep) -> Result<bool, StepError> {
     let shard = &loaded.shard;
     let n = s.token_ids.len();
     let invalid = |why: String| StepError::Invalid { seq: s.seq_id, why };
@@ -392,33 +419,39 @@ fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::
         shard.check_tokens(&s.token_ids).map_err(|e| invalid(e.to_string()))?;
     }
     shard.check_positions(s.start_pos as usize, n).map_err(|e| invalid(e.to_string()))?;
+    let cached = s.cached_ids.len();
     let fresh = match kv.pool.len_of(s.seq_id) {
         Some(held) if held != s.start_pos as usize => {
             return Err(invalid(format!("step at position {} but worker {} holds {held} tokens", s.start_pos, state.id)));
         }
+        Some(_) if !s.cached_blocks.is_empty() => return Err(invalid("cached blocks on a step that is not the sequence's first".into())),
         Some(_) => false,
-        None if s.start_pos == 0 && state.was_released(s.seq_id) => return Err(StepError::Released(s.seq_id)),
-        None if s.start_pos == 0 => true,
+        None if s.start_pos as usize == cached && state.was_released(s.seq_id) => return Err(StepError::Released(s.seq_id)),
+        None if s.start_pos as usize == cached => true,
+        None if s.start_pos == 0 => return Err(invalid(format!("{cached} cached tokens, but the step starts at position 0"))),
         None => return Err(StepError::Lost { seq: s.seq_id, worker: state.id.clone() }),
     };
-    let needed = if fresh { kv.pool.blocks_for(n) } else { kv.pool.blocks_needed(s.seq_id, n) };
-    if needed > *blocks_left {
-        let source = shardserve::Error::KvFull { needed, free: *blocks_left, total: kv.pool.blocks_total() };
-        return Err(StepError::KvFull { worker: state.id.clone(), seq: s.seq_id, source });
-    }
     if fresh {
+        let root = match s.prefix_root.as_slice() {
+            [] => None,
+            b => Some(shardserve::prefix::from_bytes(b).ok_or_else(|| invalid(format!("prefix_root has {} bytes, not {}", b.len(), shardserve::prefix::HASH_LEN)))?),
+        };
         let sampler = if shard.spec().has_head() {
             Some(Sampler::new(sampling_params(s.sampling.as_ref()).map_err(invalid)?))
         } else {
             None
         };
-        kv.pool.insert(s.seq_id);
-        kv.seqs.insert(s.seq_id, SeqState { sampler, history: Vec::new(), request_id: s.request_id.clone() });
+        kv.pool.insert_cached(s.seq_id, root, &s.cached_blocks, &s.cached_ids).map_err(|e| invalid(format!("worker {}: {e}", state.id)))?;
+        let history = if sampler.is_some() { s.cached_ids.clone() } else { Vec::new() };
+        kv.seqs.insert(s.seq_id, SeqState { sampler, history, request_id: s.request_id.clone() });
         if !s.request_id.is_empty() {
-            tracing::debug!(worker = %state.id, request_id = %s.request_id, seq = s.seq_id, "sequence started");
+            tracing::debug!(worker = %state.id, request_id = %s.request_id, seq = s.seq_id, cached, "sequence started");
         }
     }
-    *blocks_left -= needed;
+    kv.pool.grow_with(s.seq_id, n, &s.blocks).map_err(|e| match e {
+        source @ shardserve::Error::KvFull { .. } => StepError::KvFull { worker: state.id.clone(), seq: s.seq_id, source },
+        e => invalid(format!("worker {}: {e}", state.id)),
+    })?;
     Ok(fresh)
 }
 
