@@ -176,14 +176,17 @@ pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate
 /// hands to this one (its leader): checked again here, as anything that reaches a port is, with
 /// the model's limits as this coordinator knows them.
 pub fn validate_relayed(model: &ModelEntry, r: &pb::RelayRequest) -> Result<ValidRequest, ServeError> {
+    check_relayed(model.config.vocab_size, model.max_total_tokens, r)
+}
+
+/// [`validate_relayed`] for a model of `vocab` tokens and a context of `limit`.
+fn check_relayed(vocab: usize, limit: usize, r: &pb::RelayRequest) -> Result<ValidRequest, ServeError> {
     if r.prompt_ids.is_empty() {
         return Err(invalid("prompt_ids must not be empty".into()));
     }
-    let vocab = model.config.vocab_size;
     if let Some(t) = r.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
         return Err(invalid(format!("prompt_ids: token {t} is outside the vocabulary ({vocab})")));
     }
-    let limit = model.max_total_tokens;
     let embed = match r.embed_pooling.as_str() {
         "" => None,
         p => Some(crate::engine::EmbedSpec { pooling: p.parse().map_err(invalid)?, normalize: r.embed_normalize }),
@@ -234,4 +237,46 @@ pub fn validate_relayed(model: &ModelEntry, r: &pb::RelayRequest) -> Result<Vali
         skip_prefix_cache: r.skip_prefix_cache,
         credential: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relayed() -> pb::RelayRequest {
+        pb::RelayRequest {
+            prompt_ids: vec![1, 2, 3],
+            max_new_tokens: 8,
+            sampling: Some(pb::SamplingParams { temperature: Some(0.0), top_p: Some(1.0), top_k: Some(0), repetition_penalty: Some(1.0), seed: Some(3) }),
+            cache_salt: "s".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_relayed_request_is_checked_again_and_keeps_every_field() {
+        let v = check_relayed(512, 64, &relayed()).unwrap();
+        assert_eq!((v.prompt_ids, v.max_new_tokens, v.sampling.seed, v.cache_salt.as_str()), (vec![1, 2, 3], 8, 3, "s"));
+        assert!(v.embed.is_none() && v.credential.is_none() && v.tenant.is_empty());
+        let cases: Vec<(pb::RelayRequest, &str)> = vec![
+            (pb::RelayRequest { prompt_ids: vec![], ..relayed() }, "prompt_ids must not be empty"),
+            (pb::RelayRequest { prompt_ids: vec![1, 600], ..relayed() }, "token 600 is outside the vocabulary (512)"),
+            (pb::RelayRequest { max_new_tokens: 0, ..relayed() }, "max_new_tokens must be >= 1"),
+            (pb::RelayRequest { max_new_tokens: 62, ..relayed() }, "exceeds the model's context of 64"),
+            (pb::RelayRequest { sampling: Some(pb::SamplingParams { top_p: Some(2.0), ..relayed().sampling.unwrap() }), ..relayed() }, "top_p"),
+            (pb::RelayRequest { stop: vec![String::new()], ..relayed() }, "stop"),
+            (pb::RelayRequest { top_logprobs: 3, ..relayed() }, "needs logprobs"),
+            (pb::RelayRequest { min_tokens: 9, ..relayed() }, "min_tokens (9) exceeds"),
+            (pb::RelayRequest { embed_pooling: "max".into(), ..relayed() }, "pooling must be"),
+            (pb::RelayRequest { cache_salt: "x".repeat(MAX_CACHE_SALT_BYTES + 1), ..relayed() }, "cache_salt is longer"),
+        ];
+        for (r, want) in cases {
+            let e = check_relayed(512, 64, &r).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.to_string().contains(want), "{e} lacks {want:?}");
+        }
+        // An embedding needs no new tokens.
+        let e = check_relayed(512, 64, &pb::RelayRequest { max_new_tokens: 0, embed_pooling: "mean".into(), ..relayed() }).unwrap();
+        assert_eq!(e.embed.map(|s| s.pooling), Some(crate::engine::Pooling::Mean));
+    }
 }

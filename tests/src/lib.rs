@@ -579,6 +579,20 @@ pub async fn wait_no_sequences(addresses: &[String]) {
     }
 }
 
+/// POST `body` (JSON) to `path` on `address` over plain HTTP/1.1 with an optional bearer key,
+/// bounded (60 s): the status line's code and the body.
+pub fn http_post(address: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), rest.to_string())
+}
+
 /// `GET path` on `address` over plain HTTP/1.1, bounded (10 s): the status line's code and the
 /// body.
 pub fn http_get(address: &str, path: &str) -> (u16, String) {

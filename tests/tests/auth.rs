@@ -5,7 +5,6 @@
 
 use shardserve_proto::v1 as pb;
 use shardserve_tests::*;
-use std::io::{Read, Write};
 use std::time::Duration;
 use tonic::Code;
 
@@ -32,17 +31,7 @@ async fn admin(url: &str, key: Option<&str>) -> pb::admin_client::AdminClient<to
     pb::admin_client::AdminClient::with_interceptor(channel, i)
 }
 
-/// POST to the HTTP API with an optional bearer key: status and body.
-fn post(addr: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), rest.to_string())
-}
+use shardserve_tests::http_post as post;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_guard_inference_and_admin_and_rotate_without_a_restart() {

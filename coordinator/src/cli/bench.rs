@@ -70,30 +70,44 @@ pub struct BenchArgs {
     /// Free text copied into the report.
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Every request starts with the same TOKENS tokens, then about --prompt-tokens of its own;
+    /// measured with prefix caching and again with it off for every request, as ratios (0:
+    /// unique prompts only, which measures what the cache's lookup costs).
+    #[arg(long, conflicts_with = "multi_turn")]
+    pub shared_prefix: Option<usize>,
+    /// Conversations of TURNS turns (--concurrency of them at once): each turn sends the
+    /// conversation so far plus a new user message of about --prompt-tokens tokens; TTFT by
+    /// turn, with prefix caching and again with it off.
+    #[arg(long)]
+    pub multi_turn: Option<usize>,
 }
 
 /// What one request measured; times in seconds.
 #[derive(Debug, Clone, Default)]
-struct Sample {
-    ttft: f64,
+pub(super) struct Sample {
+    pub(super) ttft: f64,
     itl: Vec<f64>,
     total: f64,
     tokens: usize,
     token_ids: Vec<u32>,
+    /// The text generated.
+    pub(super) text: String,
+    /// Prompt tokens the cluster served from its prefix cache.
+    pub(super) cached_tokens: usize,
 }
 
 /// The summary of one side (ours or the baseline).
 #[derive(Debug, Clone)]
-struct Report {
-    ttft_ms: (f64, f64),
+pub(super) struct Report {
+    pub(super) ttft_ms: (f64, f64),
     itl_ms: (f64, f64),
     decode_tok_s: (f64, f64),
     /// Decode tokens/s of all requests together (closed loop: concurrency × the token-weighted
     /// per-request decode rate); NaN in the open loop, where concurrency varies.
     decode_aggregate_tok_s: f64,
-    aggregate_tok_s: f64,
+    pub(super) aggregate_tok_s: f64,
     tokens: usize,
-    wall_s: f64,
+    pub(super) wall_s: f64,
 }
 
 /// Nearest-rank percentile; NaN for no samples (printed as JSON null).
@@ -105,13 +119,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+pub(super) fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     (percentile(&v, 50.0), percentile(&v, 99.0))
 }
 
 impl Report {
-    fn new(samples: &[Sample], wall_s: f64, concurrency: Option<usize>) -> Self {
+    pub(super) fn new(samples: &[Sample], wall_s: f64, concurrency: Option<usize>) -> Self {
         let tokens: usize = samples.iter().map(|s| s.tokens).sum();
         // A request that produced one token (early eos) has no decode phase to rate.
         let decoding: Vec<&Sample> = samples.iter().filter(|s| s.tokens > 1 && s.total > s.ttft).collect();
@@ -131,7 +145,7 @@ impl Report {
         }
     }
 
-    fn to_json(&self) -> serde_json::Value {
+    pub(super) fn to_json(&self) -> serde_json::Value {
         let pair = |(a, b): (f64, f64)| serde_json::json!({"p50": num(a), "p99": num(b)});
         serde_json::json!({
             "ttft_ms": pair(self.ttft_ms),
@@ -159,7 +173,7 @@ impl Report {
         })
     }
 
-    fn print(&self, name: &str) {
+    pub(super) fn print(&self, name: &str) {
         println!(
             "{name:<9} ttft p50 {:.1} ms p99 {:.1} ms | itl p50 {:.2} ms p99 {:.2} ms | decode p50 {:.1} tok/s per request, {:.1} in all | aggregate {:.1} tok/s ({} tokens in {:.2} s)",
             self.ttft_ms.0, self.ttft_ms.1, self.itl_ms.0, self.itl_ms.1, self.decode_tok_s.0,
@@ -173,19 +187,19 @@ fn num(x: f64) -> serde_json::Value {
     serde_json::json!(x.is_finite().then_some(x))
 }
 
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(super) async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::time::timeout(REQUEST_TIMEOUT, fut)
         .await
         .map_err(|_| anyhow!("{what} took longer than {} s", REQUEST_TIMEOUT.as_secs()))?
 }
 
-async fn tokenize(client: &mut super::InferenceClient, model: &str, text: &str) -> anyhow::Result<Vec<u32>> {
+pub(super) async fn tokenize(client: &mut super::InferenceClient, model: &str, text: &str) -> anyhow::Result<Vec<u32>> {
     let req = pb::TokenizeRequest { model: model.to_string(), text: text.to_string() };
     bounded("Tokenize", async { Ok(client.tokenize(req).await.map_err(status_error)?.into_inner().token_ids) }).await
 }
 
 /// Plain words that most BPE vocabularies keep whole, so the count grows about one per word.
-const WORDS: &[&str] = &[
+pub(super) const WORDS: &[&str] = &[
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "runs", "into",
     "forest", "where", "it", "finds", "small", "river", "near", "old", "stone", "bridge", "under", "blue", "sky",
 ];
@@ -197,7 +211,7 @@ fn words(k: usize) -> String {
 }
 
 /// Finds a prompt that the model's own tokenizer turns into exactly `n` ids.
-async fn build_prompt(client: &mut super::InferenceClient, model: &str, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
+pub(super) async fn build_prompt(client: &mut super::InferenceClient, model: &str, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
     let empty = tokenize(client, model, "").await?.len();
     if n <= empty {
         bail!("--prompt-tokens {n} is too small: the tokenizer adds {empty} special token(s) to any prompt");
@@ -240,12 +254,16 @@ async fn build_prompt(client: &mut super::InferenceClient, model: &str, n: usize
 }
 
 /// One streamed greedy request, timed from send to each token's arrival.
-async fn one_request(mut client: super::InferenceClient, req: pb::GenerateRequest) -> anyhow::Result<Sample> {
+pub(super) async fn one_request(mut client: super::InferenceClient, req: pb::GenerateRequest) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut stream = client.generate_stream(req).await.map_err(status_error)?.into_inner();
     let mut s = Sample::default();
     let mut last: Option<Instant> = None;
     while let Some(msg) = stream.message().await.map_err(status_error)? {
+        s.text.push_str(&msg.text);
+        if let Some(u) = msg.usage {
+            s.cached_tokens = u.cached_tokens as usize;
+        }
         if msg.token_ids.is_empty() {
             continue;
         }
@@ -543,6 +561,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             if let [only] = list.await?.into_inner().models.as_slice() {
                 model = only.name.clone();
             }
+        }
+        let workload = match (a.shared_prefix, a.multi_turn) {
+            (Some(n), _) => Some(super::bench_prefix::Workload::SharedPrefix(n)),
+            (None, Some(t)) => Some(super::bench_prefix::Workload::MultiTurn(t)),
+            (None, None) => None,
+        };
+        if let Some(w) = workload {
+            return super::bench_prefix::run(&a, &mut c, &model, w).await;
         }
         prompt = Some(build_prompt(&mut c, &model, a.prompt_tokens).await?);
         client = Some(c);

@@ -1,6 +1,7 @@
 //! `shardctl`, the operator CLI: start a local cluster, generate, inspect, make tiny models.
 
 pub mod bench;
+mod bench_prefix;
 pub mod cache;
 pub mod cluster;
 pub mod demo;

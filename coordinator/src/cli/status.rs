@@ -23,6 +23,11 @@ pub struct WorkersArgs {
     pub json: bool,
 }
 
+/// Prompt tokens found in the prefix cache per token looked up; `None` before any lookup.
+fn hit_rate(m: &pb::ModelStatus) -> Option<f64> {
+    (m.prefix_cache_queries > 0).then(|| m.prefix_cache_hits as f64 / m.prefix_cache_queries as f64)
+}
+
 /// `shardctl status`.
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let s = admin(&a.target).await?.cluster_status(pb::ClusterStatusRequest {}).await.map_err(status_error)?.into_inner();
@@ -38,6 +43,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "layers": info.num_layers,
                 "dtype": info.dtype,
                 "detail": m.detail,
+                "prefix_cache": {
+                    "enabled": m.prefix_caching,
+                    "queried_tokens": m.prefix_cache_queries,
+                    "hit_tokens": m.prefix_cache_hits,
+                    "hit_rate": hit_rate(m),
+                    "cached_blocks": m.kv_blocks_cached,
+                },
                 "placement": m.stages.iter().map(|st| serde_json::json!({
                     "stage": st.stage,
                     "worker": st.worker_id,
@@ -75,6 +87,15 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     for m in &s.models {
         let info = m.model.clone().unwrap_or_default();
         println!("model {} [{}] {} layers={} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);
+        if m.prefix_caching {
+            let rate = hit_rate(m).map_or_else(|| "no lookups yet".to_string(), |r| format!("{:.1}% hit", r * 100.0));
+            println!(
+                "  prefix cache: {rate} ({} of {} prompt tokens), {} blocks cached",
+                m.prefix_cache_hits, m.prefix_cache_queries, m.kv_blocks_cached
+            );
+        } else {
+            println!("  prefix cache: off");
+        }
         for st in &m.stages {
             println!(
                 "  stage {} worker {} ({}) layers {}..{} {}",

@@ -7,7 +7,9 @@
 //! Blocks are shared for prefix caching. The scheduler that owns the pool names the blocks a
 //! sequence gets (every stage and rank gets the same ids); the pool counts how many sequences
 //! hold each block and never hands out, or lets a step write into, a block another sequence
-//! holds. A block a sequence filled is tagged with its content address
+//! holds. A sequence whose steps name no blocks (a client driving a stage directly) takes the
+//! highest free ones itself, and gives them up — it is dropped — when the scheduler names one
+//! of them: the pool is the scheduler's. A block a sequence filled is tagged with its content address
 //! ([`crate::prefix`]), computed here from the tokens written, and keeps that tag after the
 //! sequence ends (cached) until it is written again (evicted). A sequence that starts from
 //! cached blocks names them with the tokens they hold; the pool checks each tag against the
@@ -33,6 +35,8 @@ struct BlockTable {
     /// When the sequence's blocks are content-addressed: the hash of its last full block (the
     /// chain's root before the first), and the tokens written since that block.
     chain: Option<(BlockHash, Vec<u32>)>,
+    /// Its blocks are named by the scheduler (not taken by the pool itself).
+    named: bool,
 }
 
 /// The KV memory of one stage (or one tensor-parallel rank of it).
@@ -220,7 +224,8 @@ impl KvPool {
             self.take(b);
         }
         let last = hashes.last().copied().unwrap_or(root);
-        self.sequences.insert(id, BlockTable { blocks: blocks.to_vec(), len: tokens.len(), chain: Some((last, Vec::new())) });
+        let named = !blocks.is_empty();
+        self.sequences.insert(id, BlockTable { blocks: blocks.to_vec(), len: tokens.len(), chain: Some((last, Vec::new())), named });
         Ok(())
     }
 
@@ -278,11 +283,15 @@ impl KvPool {
     }
 
     /// Gives sequence `id` blocks for `extra` more tokens, all or nothing: the blocks `given`
-    /// (as many as it needs, none held by any sequence), or with none given the lowest free
-    /// ones. A block given up this way loses what it cached.
-    pub fn grow_with(&mut self, id: u64, extra: usize, given: &[u32]) -> Result<()> {
+    /// (as many as it needs, none held by a sequence whose blocks are named too), or with none
+    /// given the highest free ones. A block taken this way loses what it cached. Returns the
+    /// sequences dropped because they held a block `given` names (they took it themselves).
+    pub fn grow_with(&mut self, id: u64, extra: usize, given: &[u32]) -> Result<Vec<u64>> {
         let needed = self.blocks_needed(id, extra);
         let table = self.sequences.get(&id).ok_or_else(|| Error::Sequence(format!("sequence {id} is not held")))?;
+        if table.named && given.is_empty() && needed > 0 {
+            return Err(Error::Sequence(format!("sequence {id} needs {needed} new blocks and the step names none")));
+        }
         if table.len % self.block_size != 0 && extra > 0 {
             // The new tokens begin in the sequence's last block: it must be its own.
             let last = *table.blocks.last().expect("a partly filled block is held");
@@ -290,11 +299,12 @@ impl KvPool {
                 return Err(Error::Sequence(format!("block {last} is shared: sequence {id} may not write into it")));
             }
         }
+        let mut dropped = Vec::new();
         let picked: Vec<u32> = if given.is_empty() {
             if needed > self.free.len() {
                 return Err(Error::KvFull { needed, free: self.free.len(), total: self.total });
             }
-            self.free.iter().take(needed).copied().collect()
+            self.free.iter().rev().take(needed).copied().collect()
         } else {
             if given.len() != needed {
                 return Err(Error::Sequence(format!(
@@ -307,10 +317,24 @@ impl KvPool {
                 if b as usize >= self.total {
                     return Err(Error::Sequence(format!("block {b} is outside the pool of {} blocks", self.total)));
                 }
-                if !self.free.contains(&b) || !seen.insert(b) {
-                    return Err(Error::Sequence(format!("block {b} is held by another sequence")));
+                if !seen.insert(b) {
+                    return Err(Error::Sequence(format!("block {b} is named twice")));
                 }
             }
+            let holders: Vec<(u64, bool)> = self
+                .sequences
+                .iter()
+                .filter(|(other, t)| **other != id && t.blocks.iter().any(|b| seen.contains(b)))
+                .map(|(other, t)| (*other, t.named))
+                .collect();
+            if let Some((other, _)) = holders.iter().find(|(_, named)| *named) {
+                return Err(Error::Sequence(format!("a block named for sequence {id} is held by sequence {other}")));
+            }
+            for (other, _) in holders {
+                self.remove(other);
+                dropped.push(other);
+            }
+            self.sequences.get_mut(&id).expect("held").named = true;
             given.to_vec()
         };
         for &b in &picked {
@@ -322,12 +346,12 @@ impl KvPool {
             self.refs[b as usize] += 1;
         }
         self.sequences.get_mut(&id).expect("held").blocks.extend(picked);
-        Ok(())
+        Ok(dropped)
     }
 
     /// Gives sequence `id` blocks for `extra` more tokens from the free ones, all or nothing.
     pub(crate) fn grow(&mut self, id: u64, extra: usize) -> Result<()> {
-        self.grow_with(id, extra, &[])
+        self.grow_with(id, extra, &[]).map(|_| ())
     }
 
     /// Records that sequence `id` now holds `extra` more tokens (written by the step).
@@ -580,14 +604,35 @@ mod tests {
         assert!(p.grow_with(1, 6, &[3]).unwrap_err().to_string().contains("needs 2 new blocks"));
         p.grow_with(1, 6, &[3, 5]).unwrap();
         p.insert(2);
-        assert!(p.grow_with(2, 1, &[5]).unwrap_err().to_string().contains("held by another sequence"));
+        assert!(p.grow_with(2, 1, &[5]).unwrap_err().to_string().contains("is held by sequence 1"));
         assert!(p.grow_with(2, 1, &[9]).unwrap_err().to_string().contains("outside the pool"));
-        assert!(p.grow_with(2, 5, &[0, 0]).unwrap_err().to_string().contains("held by another sequence"));
+        assert!(p.grow_with(2, 5, &[0, 0]).unwrap_err().to_string().contains("named twice"));
         // A refused grow takes nothing.
         assert_eq!(p.blocks_used(), 2);
         p.grow_with(2, 5, &[0, 1]).unwrap();
         assert_eq!(p.slots(2, 5), vec![0, 1, 2, 3, 4]);
         assert_eq!(p.slots(1, 6)[4..], [20, 21]);
+        // Once named, a sequence's new blocks must be named.
+        assert!(p.grow_with(2, 9, &[]).unwrap_err().to_string().contains("names none"));
+    }
+
+    #[test]
+    fn a_sequence_that_took_its_own_blocks_gives_them_up_to_named_ones() {
+        let mut p = pool(4);
+        // A client driving the stage directly: it takes the highest free blocks.
+        p.insert(7);
+        p.grow(7, 5).unwrap();
+        assert_eq!(p.slots(7, 5)[..1], [12]);
+        p.insert(8);
+        assert_eq!(p.grow_with(8, 4, &[0]).unwrap(), Vec::<u64>::new());
+        // The scheduler names block 3, which sequence 7 took: 7 is dropped.
+        p.insert(9);
+        assert_eq!(p.grow_with(9, 4, &[3]).unwrap(), vec![7]);
+        assert!(!p.contains(7));
+        assert_eq!(p.blocks_used(), 2);
+        // A block of a named sequence is never given away.
+        p.insert(10);
+        assert!(p.grow_with(10, 4, &[0]).unwrap_err().to_string().contains("held by sequence 8"));
     }
 
     #[test]

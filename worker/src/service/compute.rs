@@ -230,7 +230,7 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     for s in &req.sequences {
         let (first_row, n) = (offset, s.token_ids.len());
         offset += n;
-        let checked = check(state, loaded, &mut kv, s);
+        let checked = check(state, loaded, &mut kv, s, &mut release);
         match checked {
             Ok(fresh) => {
                 if fresh {
@@ -408,7 +408,8 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
 /// Checks one sequence of a step and gives it the blocks its tokens need: whether it is new
 /// here. A sequence new here starts empty, or from the cached blocks its step names (each
 /// checked against the prefix it is said to hold).
-fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::SequenceStep) -> Result<bool, StepError> {
+/// Sequences dropped to make room go to `gone`.
+fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::SequenceStep, gone: &mut Vec<u64>) -> Result<bool, StepError> {
     let shard = &loaded.shard;
     let n = s.token_ids.len();
     let invalid = |why: String| StepError::Invalid { seq: s.seq_id, why };
@@ -448,10 +449,16 @@ fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::
             tracing::debug!(worker = %state.id, request_id = %s.request_id, seq = s.seq_id, cached, "sequence started");
         }
     }
-    kv.pool.grow_with(s.seq_id, n, &s.blocks).map_err(|e| match e {
+    let dropped = kv.pool.grow_with(s.seq_id, n, &s.blocks).map_err(|e| match e {
         source @ shardserve::Error::KvFull { .. } => StepError::KvFull { worker: state.id.clone(), seq: s.seq_id, source },
         e => invalid(format!("worker {}: {e}", state.id)),
     })?;
+    if !dropped.is_empty() {
+        // Sequences that took blocks themselves (their steps name none): the scheduler that
+        // owns the pool needs those blocks, and they end here and on the later stages.
+        tracing::warn!(worker = %state.id, sequences = ?dropped, "sequences dropped: the scheduler named the blocks they held");
+        gone.extend(dropped);
+    }
     Ok(fresh)
 }
 
