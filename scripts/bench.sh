@@ -6,8 +6,12 @@
 #     process at batch 1, 8, 16 and 32 on the same weights (--baseline);
 #  2. one stage on one core, then two stages on one core each, at concurrency 16;
 #  3. decode at context 10 and at context 1,000 (one worker, one request at a time);
-#  4. an open loop: Poisson arrivals at 0.25 and 0.5 requests/s.
+#  4. an open loop: Poisson arrivals at 0.25 and 0.5 requests/s;
+#  5. prefix caching, each beside caching off in the same command: 16 requests sharing a
+#     768-token prefix (32 tokens of their own, 32 new); 4 conversations of 4 turns of 192 new
+#     tokens; unique prompts (what the lookup costs when nothing is shared).
 # FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
+# ONLY=prefix runs part 5 alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -27,7 +31,7 @@ run() { # workers threads-per-worker label [bench args]
     local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
     RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$workers" --worker-threads "$threads" \
-        --kv-memory 2GiB --listen 127.0.0.1:0 >"$out" &
+        --kv-memory "${KV_MEMORY:-2GiB}" --listen 127.0.0.1:0 >"$out" &
     local pid=$!
     for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
@@ -36,9 +40,15 @@ run() { # workers threads-per-worker label [bench args]
     kill -TERM $pid; wait $pid || true; rm -f "$out"
 }
 CORES=$(nproc)
+if [ "${ONLY:-}" != prefix ]; then
 run 1 "$CORES" "1 worker" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8,16,32 --baseline "$MODEL"
 run 1 1 "1 stage, 1 core" --prompt-tokens 128 --output-tokens 64 --concurrency 16
 run 2 1 "2 stages, 1 core each" --prompt-tokens 128 --output-tokens 64 --concurrency 16
 run 1 "$CORES" "context 10" --prompt-tokens 10 --output-tokens 32 --concurrency 1
 run 1 "$CORES" "context 1000" --prompt-tokens 1000 --output-tokens 32 --concurrency 1
 run 1 "$CORES" "open loop" --prompt-tokens 128 --output-tokens 64 --request-rate "${RATES:-0.25,0.5}" --requests 12
+fi
+# With caching off every request holds its whole prompt's KV: 4 GiB keeps all 16 admitted.
+KV_MEMORY=4GiB run 1 "$CORES" "shared prefix" --shared-prefix 768 --prompt-tokens 32 --output-tokens 32 --concurrency 16 --requests 16
+KV_MEMORY=4GiB run 1 "$CORES" "multi-turn" --multi-turn 4 --prompt-tokens 192 --output-tokens 32 --concurrency 4
+KV_MEMORY=4GiB run 1 "$CORES" "no shared prefix" --shared-prefix 0 --prompt-tokens 128 --output-tokens 64 --concurrency 8 --requests 16
