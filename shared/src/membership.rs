@@ -71,6 +71,9 @@ pub struct WorkerRecord {
     /// Where the worker serves Prometheus metrics (host:port), if it does.
     #[serde(default)]
     pub metrics_address: String,
+    /// The machine it runs on (see `WorkerInfo.node`).
+    #[serde(default)]
+    pub node: String,
 }
 
 impl From<&pb::WorkerInfo> for WorkerRecord {
@@ -93,6 +96,7 @@ impl From<&pb::WorkerInfo> for WorkerRecord {
             collective_address: w.collective_address.clone(),
             instance: w.instance.clone(),
             metrics_address: w.metrics_address.clone(),
+            node: w.node.clone(),
         }
     }
 }
@@ -118,6 +122,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             collective_address: r.collective_address,
             instance: r.instance,
             metrics_address: r.metrics_address,
+            node: r.node,
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct WorkerConfig {
     /// Where grpc.health.v1 is also served alone, in plaintext (probes that cannot speak
     /// mutual TLS), if anywhere; printed as `health ADDR` once bound.
     pub health_listen: Option<String>,
+    /// The machine this worker runs on (its host name, or the Kubernetes node).
+    pub node: String,
 }
 
 /// Serves the worker on `listener` until `shutdown` fires, then revokes its registration.

@@ -50,6 +50,11 @@ struct Args {
     health_listen: Option<String>,
     #[command(flatten)]
     cluster_tls: shardserve::tls::ClusterTlsArgs,
+    /// The machine this worker runs on, as the planner groups workers: tensor-parallel ranks
+    /// within one node, replicas spread over nodes. Defaults to the host name (the Kubernetes
+    /// manifests give the node's name through the downward API).
+    #[arg(long, env = "SHARDSERVE_NODE")]
+    node: Option<String>,
 }
 
 #[tokio::main]
@@ -97,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_address,
         tls: args.cluster_tls.open()?,
         health_listen: args.health_listen,
+        node: args.node.filter(|n| !n.is_empty()).unwrap_or_else(shardserve::membership::hostname),
     };
     println!("listening {bound}");
     tracing::info!(worker = %config.id, address = %config.advertise, "worker serving");

@@ -31,6 +31,7 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         collective_address: config.collective_address.clone(),
         instance: instance().to_string(),
         metrics_address: config.metrics_address.clone(),
+        node: config.node.clone(),
     }
 }
 

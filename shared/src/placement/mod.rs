@@ -8,6 +8,7 @@
 
 pub mod accelerate;
 pub mod cluster;
+pub mod replicas;
 pub mod sizes;
 mod parse;
 
