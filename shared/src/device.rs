@@ -97,21 +97,27 @@ fn cap_by_cgroup((total, available): (u64, u64), cgroup: Option<(u64, u64)>) -> 
 /// cgroup that sets it: `(limit, usage)` in bytes, or `None` when no limit is set or the files
 /// cannot be read. `own` is the text of /proc/self/cgroup and `mounts` of /proc/self/mountinfo.
 fn cgroup_memory(own: &str, mounts: &str) -> Option<(u64, u64)> {
-    // v2: "0::/path", the one hierarchy mounted as cgroup2. v1: "N:...memory...:/path" under
-    // the memory controller's own mount.
-    let (mount, root, path, v2) = own.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.is_empty() {
-            let (mount, root) = cgroup_mount(mounts, |fs, _| fs == "cgroup2")?;
-            Some((mount, root, path.to_string(), true))
-        } else if controllers.split(',').any(|c| c == "memory") {
+    // v1: "N:...memory...:/path" under the memory controller's own mount; otherwise v2:
+    // "0::/path", the one hierarchy mounted as cgroup2. The v1 line wins on hybrid systems,
+    // where the v2 hierarchy holds no memory controller.
+    let line = |want: &dyn Fn(&str) -> bool| {
+        own.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            want(controllers).then(|| path.to_string())
+        })
+    };
+    let (mount, root, path, v2) = match line(&|c| c.split(',').any(|c| c == "memory")) {
+        Some(path) => {
             let (mount, root) = cgroup_mount(mounts, |fs, opts| fs == "cgroup" && opts.split(',').any(|o| o == "memory"))?;
-            Some((mount, root, path.to_string(), false))
-        } else {
-            None
+            (mount, root, path, false)
         }
-    })?;
+        None => {
+            let path = line(&|c| c.is_empty())?;
+            let (mount, root) = cgroup_mount(mounts, |fs, _| fs == "cgroup2")?;
+            (mount, root, path, true)
+        }
+    };
     let (limit_file, usage_file) = if v2 { ("memory.max", "memory.current") } else { ("memory.limit_in_bytes", "memory.usage_in_bytes") };
     // Inside a cgroup namespace the path is relative to the mount's root; otherwise it starts
     // with it.
@@ -142,7 +148,10 @@ fn cgroup_mount(mounts: &str, wanted: impl Fn(&str, &str) -> bool) -> Option<(St
         let left: Vec<&str> = left.split(' ').collect();
         let mut right = right.split(' ');
         let (fs, _source, opts) = (right.next()?, right.next()?, right.next().unwrap_or(""));
-        wanted(fs, opts).then(|| (left.get(4).map(|s| s.to_string()), left.get(3).map(|s| s.to_string()))).and_then(|(m, r)| Some((m?, r?)))
+        if !wanted(fs, opts) {
+            return None;
+        }
+        Some((left.get(4)?.to_string(), left.get(3)?.to_string()))
     })
 }
 
@@ -215,6 +224,9 @@ mod tests {
         );
         let own = "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n";
         assert_eq!(cgroup_memory(own, &mounts), Some((3 * GIB, GIB)));
+        // Hybrid: the v2 line first, with a v2 hierarchy that holds no memory controller.
+        let hybrid = format!("{mounts}31 22 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(cgroup_memory("0::/docker/abc\n4:memory:/docker/abc\n", &hybrid), Some((3 * GIB, GIB)));
     }
 
     #[test]
