@@ -9,9 +9,11 @@
 #  4. an open loop: Poisson arrivals at 0.25 and 0.5 requests/s;
 #  5. prefix caching, each beside caching off in the same command: 16 requests sharing a
 #     768-token prefix (32 tokens of their own, 32 new); 4 conversations of 4 turns of 192 new
-#     tokens; unique prompts (what the lookup costs when nothing is shared).
+#     tokens; unique prompts (what the lookup costs when nothing is shared);
+#  6. replicas: one replica on one core, then 2 replicas (`--replicas 2`) on one core each, at
+#     concurrency 16.
 # FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
-# ONLY=prefix runs part 5 alone.
+# ONLY=prefix runs part 5 alone (ONLY=multi-turn its multi-turn run), ONLY=replicas part 6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -31,7 +33,7 @@ run() { # workers threads-per-worker label [bench args]
     local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
     RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$workers" --worker-threads "$threads" \
-        --kv-memory "${KV_MEMORY:-2GiB}" --listen 127.0.0.1:0 >"$out" &
+        --kv-memory "${KV_MEMORY:-2GiB}" ${REPLICAS:+--replicas "$REPLICAS"} --listen 127.0.0.1:0 >"$out" &
     local pid=$!
     for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
@@ -40,7 +42,7 @@ run() { # workers threads-per-worker label [bench args]
     kill -TERM $pid; wait $pid || true; rm -f "$out"
 }
 CORES=$(nproc)
-if [ "${ONLY:-}" != prefix ]; then
+if [ -z "${ONLY:-}" ]; then
 run 1 "$CORES" "1 worker" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8,16,32 --baseline "$MODEL"
 run 1 1 "1 stage, 1 core" --prompt-tokens 128 --output-tokens 64 --concurrency 16
 run 2 1 "2 stages, 1 core each" --prompt-tokens 128 --output-tokens 64 --concurrency 16
@@ -48,7 +50,17 @@ run 1 "$CORES" "context 10" --prompt-tokens 10 --output-tokens 32 --concurrency 
 run 1 "$CORES" "context 1000" --prompt-tokens 1000 --output-tokens 32 --concurrency 1
 run 1 "$CORES" "open loop" --prompt-tokens 128 --output-tokens 64 --request-rate "${RATES:-0.25,0.5}" --requests 12
 fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = prefix ]; then
 # With caching off every request holds its whole prompt's KV: 4 GiB keeps all 16 admitted.
 KV_MEMORY=4GiB run 1 "$CORES" "shared prefix" --shared-prefix 768 --prompt-tokens 32 --output-tokens 32 --concurrency 16 --requests 16
+fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = prefix ] || [ "${ONLY:-}" = multi-turn ]; then
 KV_MEMORY=4GiB run 1 "$CORES" "multi-turn" --multi-turn 4 --prompt-tokens 192 --output-tokens 32 --concurrency 4
+fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = prefix ]; then
 KV_MEMORY=4GiB run 1 "$CORES" "no shared prefix" --shared-prefix 0 --prompt-tokens 128 --output-tokens 64 --concurrency 8 --requests 16
+fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = replicas ]; then
+run 1 1 "1 replica, 1 core" --prompt-tokens 128 --output-tokens 64 --concurrency 16
+REPLICAS=2 run 2 1 "2 replicas, 1 core each" --prompt-tokens 128 --output-tokens 64 --concurrency 16
+fi

@@ -34,6 +34,16 @@ pub struct ServeArgs {
     /// that split every layer (--workers = stages × --tp).
     #[arg(long, env = "SHARDSERVE_TP", default_value_t = 1)]
     pub tp: usize,
+    /// Copies of the model, each its own placement, scheduler and KV pools over --workers /
+    /// N workers (stages × --tp), requests routed among them (--router); `auto`: as many as
+    /// the fleet holds, each on the fewest workers that fit the model and its KV reserve.
+    /// Workers that complete no replica wait as spares. Default: one placement over the fleet.
+    #[arg(long, env = "SHARDSERVE_REPLICAS")]
+    pub replicas: Option<crate::engine::ReplicaCount>,
+    /// How requests are spread over replicas: kv (where the longest prefix of the prompt is
+    /// cached, weighed against load), least-loaded or round-robin.
+    #[arg(long, env = "SHARDSERVE_ROUTER", value_enum, default_value_t = crate::router::RouterPolicy::Kv)]
+    pub router: crate::router::RouterPolicy,
     /// Workers make seeded random weights of the model's shapes instead of reading its
     /// checkpoint (benchmarks of shapes whose weights are not on disk).
     #[arg(long, env = "SHARDSERVE_RANDOM_WEIGHTS")]
@@ -108,11 +118,13 @@ impl ServeArgs {
         opt("--max-memory", self.max_memory.clone());
         opt("--device-map", self.device_map.as_ref().map(|p| p.display().to_string()));
         opt("--advertise", self.advertise.clone());
+        opt("--replicas", self.replicas.map(|r| r.to_string()));
         for (flag, v) in [
             ("--listen", self.listen.clone()),
             ("--dtype", self.dtype.to_string()),
             ("--workers", self.workers.to_string()),
             ("--tp", self.tp.to_string()),
+            ("--router", clap::ValueEnum::to_possible_value(&self.router).expect("a named policy").get_name().to_string()),
             ("--max-concurrent-requests", self.max_concurrent_requests.to_string()),
             ("--lease-ttl-s", self.lease_ttl_s.to_string()),
             ("--step-timeout-s", self.step_timeout_s.to_string()),

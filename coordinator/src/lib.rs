@@ -21,6 +21,7 @@ pub mod kubernetes;
 pub mod membership;
 pub mod models;
 pub mod relay;
+pub mod router;
 pub mod scale;
 pub mod service;
 pub mod validate;

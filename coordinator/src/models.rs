@@ -135,6 +135,10 @@ impl Models {
             random_weights: false,
             max_memory: None,
             device_map: None,
+            // Replicas are the primary model's (`--replicas`); a model loaded at run time has
+            // one placement.
+            replicas: None,
+            replica: None,
             ..self.primary.config().clone()
         }
     }
@@ -199,10 +203,12 @@ impl Models {
         }
     }
 
-    /// The engine whose placement uses worker `id` (the coordinator's own when none does).
+    /// The engine whose placement uses worker `id` (the coordinator's own when none does):
+    /// a replica's, with replicas.
     pub fn engine_using(&self, id: &str) -> Arc<Engine> {
         self.engines()
             .into_iter()
+            .flat_map(|e| e.replica_engines().into_iter().flatten())
             .find(|e| matches!(e.entry().state(), ServingState::Ready(p) if p.stages.iter().any(|s| s.uses(id))))
             .unwrap_or_else(|| self.primary.clone())
     }

@@ -266,7 +266,7 @@ impl pb::relay_server::Relay for RelayService {
         let mut valid = crate::validate::validate_relayed(&model, &r)?;
         caller.apply(&mut valid, engine.config().prefix_cache_scope);
         let id = if r.request_id.is_empty() { format!("{:016x}", crate::random_u64()) } else { r.request_id.clone() };
-        let span = tracing::info_span!("relayed", request_id = %id, model = %model.name);
+        let span = tracing::info_span!("relayed", request_id = %id, model = %model.name, replica = tracing::field::Empty);
         let mut handle = tracing::Instrument::instrument(engine.submit_here(&model, valid, id), span).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::RelayEvent, tonic::Status>>(16);
         tokio::spawn(async move {

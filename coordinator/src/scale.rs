@@ -48,6 +48,10 @@ pub async fn scale(
     let fleet = engine.membership().workers();
     let mut started = Vec::new();
     let mut stopped = Vec::new();
+    // With replicas, whole replicas come and go: as many as the new fleet holds.
+    if let Some(per) = engine.workers_per_replica() {
+        engine.set_replicas((target / per).max(1));
+    }
     if target > fleet.len() {
         for k in 0..target - fleet.len() {
             // Never reused, so a new worker cannot inherit an old one's cordon.
@@ -69,6 +73,17 @@ pub async fn scale(
     } else {
         let mut candidates: Vec<_> = fleet.iter().filter(|w| is_local(&w.address) && w.pid != 0).cloned().collect();
         candidates.reverse();
+        // With replicas: spares first, then the workers of the replicas laid out last (those
+        // a smaller count drops), so that whole replicas go and the others keep serving.
+        if let Some(layout) = engine.replica_layout() {
+            let rank = |id: &str| {
+                if layout.spares.iter().any(|s| s == id) {
+                    return usize::MAX;
+                }
+                layout.replicas.iter().position(|r| r.iter().any(|w| w == id)).unwrap_or(usize::MAX)
+            };
+            candidates.sort_by_key(|w| std::cmp::Reverse(rank(&w.id)));
+        }
         let excess = fleet.len() - target;
         if candidates.len() < excess {
             return Err(ServeError::Loading(format!(

@@ -223,7 +223,7 @@ impl pb::inference_server::Inference for InferenceService {
         let id = request_id(&request);
         let caller = Caller::of(request.metadata());
         let req = request.into_inner();
-        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model, replica = tracing::field::Empty);
         let (name, result) = self.generate_all(req, id.clone(), &caller).instrument(span).await;
         record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
         Ok(with_id(Response::new(result?), &id))
@@ -235,7 +235,7 @@ impl pb::inference_server::Inference for InferenceService {
         let id = request_id(&request);
         let caller = Caller::of(request.metadata());
         let req = request.into_inner();
-        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model, replica = tracing::field::Empty);
         // Refused before the stream opens when the model cannot serve or the request is bad,
         // so the client sees the status itself rather than an empty stream. (A model that
         // served before and is being re-planned is waited for.)
@@ -255,7 +255,7 @@ impl pb::inference_server::Inference for InferenceService {
         let id = request_id(&request);
         let caller = Caller::of(request.metadata());
         let req = request.into_inner();
-        let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+        let span = tracing::info_span!("request", request_id = %id, model = %req.model, replica = tracing::field::Empty);
         let name = self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
         let pooling = req.pooling.parse().map_err(|e: String| Status::invalid_argument(e))?;
         let spec = crate::engine::EmbedSpec { pooling, normalize: req.normalize };
@@ -280,7 +280,7 @@ impl pb::inference_server::Inference for InferenceService {
         let caller = Caller::of(request.metadata());
         let req = request.into_inner();
         let model = req.generation.as_ref().map(|g| g.model.clone()).unwrap_or_default();
-        let span = tracing::info_span!("request", request_id = %id, model = %model);
+        let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
         let name = self.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
         match self.prepare_chat(&req, &caller) {
             Ok((engine, model, valid)) => Ok(stream(id, name, span, engine, model, valid)),
@@ -419,6 +419,31 @@ pub struct AdminService {
     pub http_address: String,
 }
 
+/// What `shardctl status` shows of replica `index`, laid out over `workers`.
+fn replica_status(index: usize, e: &crate::engine::Engine, workers: Vec<String>) -> pb::ReplicaStatus {
+    let m = e.entry();
+    let state = m.state();
+    let (stages, detail) = match &state {
+        ServingState::Ready(p) => (stage_infos(&p.stages), String::new()),
+        ServingState::Loading(why) | ServingState::Unavailable(why) => (Vec::new(), why.clone()),
+    };
+    let (queries, hits) = m.prefix_cache_counts();
+    let (total, free) = m.kv_blocks();
+    pb::ReplicaStatus {
+        index: index as u32,
+        state: state.name().to_string(),
+        detail,
+        stages,
+        workers,
+        running: m.active() as u32,
+        waiting: m.queued() as u32,
+        kv_blocks_total: total as u64,
+        kv_blocks_free: free as u64,
+        prefix_cache_queries: queries,
+        prefix_cache_hits: hits,
+    }
+}
+
 fn stage_infos(stages: &[crate::engine::StageAssignment]) -> Vec<pb::StageInfo> {
     let n = stages.len();
     stages
@@ -454,7 +479,15 @@ impl pb::admin_server::Admin for AdminService {
                     ServingState::Ready(p) => (stage_infos(&p.stages), format!("{} requests running, {} waiting", m.active(), m.queued())),
                     ServingState::Loading(why) | ServingState::Unavailable(why) => (Vec::new(), why.clone()),
                 };
-                let (queries, hits) = m.prefix_cache_counts();
+                let replicas = e.replica_engines();
+                let (mut queries, mut hits, mut cached) = (0, 0, 0);
+                for r in replicas.iter().flatten() {
+                    let (q, h) = r.entry().prefix_cache_counts();
+                    queries += q;
+                    hits += h;
+                    cached += r.entry().cached_blocks();
+                }
+                let layout = e.replica_layout();
                 pb::ModelStatus {
                     model: Some(model_info(m)),
                     stages,
@@ -462,7 +495,29 @@ impl pb::admin_server::Admin for AdminService {
                     prefix_caching: e.config().prefix_caching,
                     prefix_cache_queries: queries,
                     prefix_cache_hits: hits,
-                    kv_blocks_cached: m.cached_blocks() as u32,
+                    kv_blocks_cached: cached as u32,
+                    // Every replica laid out (and replica 0 before the first layout), with or
+                    // without its engine yet.
+                    replicas: match &layout {
+                        Some(l) => (0..l.replicas.len().max(1))
+                            .filter(|&i| i == 0 || !l.replicas[i].is_empty())
+                            .map(|i| {
+                                let workers = l.replicas.get(i).cloned().unwrap_or_default();
+                                match replicas.get(i).cloned().flatten() {
+                                    Some(r) => replica_status(i, &r, workers),
+                                    None => pb::ReplicaStatus {
+                                        index: i as u32,
+                                        state: "loading".into(),
+                                        detail: "starting the replica's engine".into(),
+                                        workers,
+                                        ..Default::default()
+                                    },
+                                }
+                            })
+                            .collect(),
+                        None => Vec::new(),
+                    },
+                    spares: layout.map(|l| l.spares).unwrap_or_default(),
                 }
             })
             .collect();
@@ -482,29 +537,33 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let mut workers = self.models.primary().membership().workers();
-        let serving: Vec<(String, u32)> = self
-            .models
-            .engines()
-            .iter()
-            .filter_map(|e| match e.entry().state() {
-                ServingState::Ready(p) => Some(p),
-                _ => None,
-            })
-            .flat_map(|p| {
-                p.stages
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, s)| s.ranks().map(move |(id, _)| (id.to_string(), i as u32)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        // (worker, stage, replica) of every placement, every replica's included.
+        let mut serving: Vec<(String, u32, Option<u32>)> = Vec::new();
+        let mut spares: Vec<String> = Vec::new();
+        for e in self.models.engines() {
+            if let Some(l) = e.replica_layout() {
+                spares.extend(l.spares);
+            }
+            for r in e.replica_engines().into_iter().flatten() {
+                let replica = r.config().replica.map(|i| i as u32);
+                if let ServingState::Ready(p) = r.entry().state() {
+                    for (i, s) in p.stages.iter().enumerate() {
+                        serving.extend(s.ranks().map(|(id, _)| (id.to_string(), i as u32, replica)));
+                    }
+                }
+            }
+        }
         let cordoned = self.models.primary().cordoned().await;
         for w in &mut workers {
-            w.stage = serving.iter().find(|(id, _)| *id == w.id).map(|(_, s)| *s);
+            let found = serving.iter().find(|(id, _, _)| *id == w.id);
+            w.stage = found.map(|(_, s, _)| *s);
+            w.replica = found.and_then(|(_, _, r)| *r);
             if cordoned.contains(&w.id) {
                 w.state = "cordoned".into();
-            } else if serving.iter().any(|(id, _)| *id == w.id) {
+            } else if found.is_some() {
                 w.state = "serving".into();
+            } else if spares.contains(&w.id) {
+                w.state = "spare".into();
             }
         }
         Ok(Response::new(pb::ListWorkersResponse { workers }))

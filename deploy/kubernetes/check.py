@@ -573,7 +573,9 @@ class Overlay:
     def compose_env(self):
         """What Compose sets for a coordinator or a worker, the overlay's pods set too."""
         for service, definition in self.compose["services"].items():
-            component = (definition.get("command") or [None])[0]
+            # `command: [coordinator]`, or `sh -c 'exec coordinator ...'`.
+            commands, _ = shell_commands([str(a) for a in definition.get("command") or []])
+            component = commands[0][0] if commands and commands[0] else None
             if component not in self.component_env:
                 continue
             for n in definition.get("environment") or {}:

@@ -123,6 +123,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             instance: r.instance,
             metrics_address: r.metrics_address,
             node: r.node,
+            replica: None,
         }
     }
 }

@@ -63,6 +63,11 @@ impl Compose {
     /// Starts etcd, both coordinators and `workers` workers; the coordinators place the model
     /// over `place_on` of them.
     fn up(tag: &str, workers: usize, place_on: usize, migration_limit: u32, ttl_s: u64) -> Compose {
+        Self::up_with(tag, workers, place_on, migration_limit, ttl_s, &[])
+    }
+
+    /// Like [`Compose::up`], with more of compose.yaml's settings (`REPLICAS`, say).
+    fn up_with(tag: &str, workers: usize, place_on: usize, migration_limit: u32, ttl_s: u64, settings: &[(&'static str, &str)]) -> Compose {
         build_images();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let model = reference_model();
@@ -78,6 +83,9 @@ impl Compose {
         env.insert("COORDINATOR_1_PORT", String::new());
         env.insert("COORDINATOR_2_PORT", String::new());
         env.insert("COMPOSE_FILE", root.join("deploy/compose.yaml").display().to_string());
+        for (k, v) in settings {
+            env.insert(*k, v.to_string());
+        }
         let c = Compose { project: format!("shardserve-test-{}-{tag}", std::process::id()), env, cmd: compose_cmd() };
         c.compose(&["up", "-d", "--scale", &format!("worker={workers}")], Duration::from_secs(180));
         c
@@ -378,4 +386,48 @@ async fn a_worker_stopped_with_sigterm_deregisters_at_once_and_requests_in_fligh
     }
     stop.join().unwrap();
     assert_eq!(docker(&["inspect", "-f", "{{.State.ExitCode}}", &container]).trim(), "0", "the worker did not exit cleanly on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_cluster_serves_two_replicas_with_transformers_tokens() {
+    let compose = Compose::up_with("replicas", 4, 4, 0, TTL, &[("REPLICAS", "2")]);
+    let urls = [compose.url("coordinator-1"), compose.url("coordinator-2")];
+    // The leader lays the replicas out: two of 2 workers each (the model of 4 split in two).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (leader, replicas) = loop {
+        let mut found = None;
+        for url in &urls {
+            if let Some(s) = try_status(url).await {
+                let r = s.models.first().map(|m| m.replicas.clone()).unwrap_or_default();
+                if s.role == "leader" && r.len() == 2 && r.iter().all(|r| r.state == "ready" && r.stages.len() == 2) {
+                    found = Some((url.clone(), r));
+                }
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no coordinator led two ready replicas of 2 stages within 180 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let workers = |r: &pb::ReplicaStatus| r.stages.iter().map(|s| s.worker_id.clone()).collect::<Vec<_>>();
+    assert!(workers(&replicas[0]).iter().all(|w| !workers(&replicas[1]).contains(w)), "{replicas:?}");
+    // The 8 prompts at once, through both coordinators: transformers' tokens from each.
+    let cases = reference_cases();
+    let mut tasks = Vec::new();
+    for (i, case) in cases.iter().cloned().enumerate() {
+        let url = urls[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let got = generate(&mut client(&url).await, greedy(&case.prompt, case.new_ids.len() as i32)).await;
+            (i, url, case.new_ids, got)
+        }));
+    }
+    for t in tasks {
+        let (i, url, want, got) = tokio::time::timeout(Duration::from_secs(120), t).await.expect("no answer within 120 s").unwrap();
+        assert_eq!(got.unwrap_or_else(|e| panic!("case {i} through {url}: {e:?}")).token_ids, want, "case {i} through {url}");
+    }
+    // Both replicas took some of them.
+    let after = try_status(&leader).await.expect("the leader answers");
+    let r = &after.models[0].replicas;
+    assert!(r.len() == 2 && r.iter().all(|r| r.prefix_cache_queries > 0), "a replica took no request: {r:?}");
 }

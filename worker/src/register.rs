@@ -32,6 +32,7 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
         instance: instance().to_string(),
         metrics_address: config.metrics_address.clone(),
         node: config.node.clone(),
+        replica: None,
     }
 }
 

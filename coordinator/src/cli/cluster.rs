@@ -161,6 +161,13 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// Whether every replica laid out serves (true for models without replicas).
+    async fn replicas_ready(&self) -> bool {
+        let Ok(mut a) = super::admin_at(&self.url, self.key.as_deref(), self.tls_ca.as_deref()).await else { return false };
+        let Ok(s) = a.cluster_status(pb::ClusterStatusRequest {}).await else { return false };
+        s.into_inner().models.iter().all(|m| m.replicas.iter().all(|r| r.state == "ready"))
+    }
+
     async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         let mut last = String::from("no answer yet");
@@ -171,7 +178,7 @@ impl LocalCluster {
             if let Ok(mut c) = super::inference_at(&self.url, self.key.as_deref(), self.tls_ca.as_deref()).await {
                 if let Ok(r) = c.list_models(pb::ListModelsRequest {}).await {
                     let models = r.into_inner().models;
-                    if !models.is_empty() && models.iter().all(|m| m.state == "ready") {
+                    if !models.is_empty() && models.iter().all(|m| m.state == "ready") && self.replicas_ready().await {
                         return Ok(());
                     }
                     if let Ok(mut a) = super::admin_at(&self.url, self.key.as_deref(), self.tls_ca.as_deref()).await {

@@ -22,6 +22,9 @@ pub enum DevCommand {
     /// client.pem, client.key, and node.pem, node.key for the cluster's own links
     /// (--cluster-cert, --cluster-key).
     Certs(CertsArgs),
+    /// Simulate a model's replicas serving a request trace (Mooncake JSONL or synthetic) and
+    /// compare routing policies: TTFT, throughput and prefix cache hits.
+    SimulateRouter(super::simulate::SimulateArgs),
 }
 
 /// Arguments of `shardctl dev certs`.
@@ -198,6 +201,7 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
         DevCommand::CheckDevice(a) => check_device(&a),
         DevCommand::CheckNccl(a) => check_nccl(&a),
         DevCommand::Certs(a) => certs(&a),
+        DevCommand::SimulateRouter(a) => super::simulate::run(a),
     }
 }
 

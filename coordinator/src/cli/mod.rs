@@ -10,6 +10,7 @@ pub mod generate;
 pub mod models;
 pub mod ops;
 pub mod plan;
+mod simulate;
 pub mod status;
 
 use clap::{Parser, Subcommand};

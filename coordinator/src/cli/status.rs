@@ -63,6 +63,19 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "kv_blocks": st.kv_blocks,
                     "kv_block_size": st.kv_block_size,
                 })).collect::<Vec<_>>(),
+                "replicas": m.replicas.iter().map(|r| serde_json::json!({
+                    "replica": r.index,
+                    "state": r.state,
+                    "detail": r.detail,
+                    "workers": r.workers,
+                    "stages": r.stages.iter().map(|st| std::iter::once(&st.worker_id).chain(&st.ranks).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                    "running": r.running,
+                    "waiting": r.waiting,
+                    "kv_blocks_total": r.kv_blocks_total,
+                    "kv_blocks_free": r.kv_blocks_free,
+                    "prefix_cache": {"queried_tokens": r.prefix_cache_queries, "hit_tokens": r.prefix_cache_hits},
+                })).collect::<Vec<_>>(),
+                "spares": m.spares,
             })
         })
         .collect();
@@ -95,6 +108,25 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
             );
         } else {
             println!("  prefix cache: off");
+        }
+        for r in &m.replicas {
+            let rate = if r.prefix_cache_queries == 0 {
+                "no lookups yet".to_string()
+            } else {
+                format!("{:.1}% hit", r.prefix_cache_hits as f64 * 100.0 / r.prefix_cache_queries as f64)
+            };
+            let why = if r.detail.is_empty() { String::new() } else { format!(" — {}", r.detail) };
+            println!(
+                "  replica {} [{}]{why}: {} running, {} waiting, KV {} of {} blocks free, prefix cache {rate}",
+                r.index, r.state, r.running, r.waiting, r.kv_blocks_free, r.kv_blocks_total
+            );
+            for (i, st) in r.stages.iter().enumerate() {
+                let group = std::iter::once(st.worker_id.as_str()).chain(st.ranks.iter().map(String::as_str)).collect::<Vec<_>>().join(", ");
+                println!("    stage {i} layers {}..{} on {group}", st.layer_start, st.layer_end);
+            }
+        }
+        if !m.spares.is_empty() {
+            println!("  spares (complete no replica): {}", m.spares.join(", "));
         }
         for st in &m.stages {
             println!(
@@ -130,6 +162,8 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
                     "instance": w.instance,
                     "metrics_address": w.metrics_address,
                     "stage": w.stage,
+                    "replica": w.replica,
+                    "node": w.node,
                     "version": w.version,
                     "devices": w.devices.iter().map(|d| serde_json::json!({
                         "name": d.name, "total_memory": d.total_memory, "free_memory": d.free_memory,
@@ -140,11 +174,12 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({ "workers": list }));
         return Ok(());
     }
-    println!("{:<28} {:<22} {:<10} {:>6} {:>10} {:>8}", "ID", "ADDRESS", "STATE", "STAGE", "FREE", "PID");
+    println!("{:<28} {:<22} {:<10} {:>7} {:>6} {:>10} {:>8}  NODE", "ID", "ADDRESS", "STATE", "REPLICA", "STAGE", "FREE", "PID");
     for w in &w.workers {
         let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
         let stage = w.stage.map_or("-".to_string(), |s| s.to_string());
-        println!("{:<28} {:<22} {:<10} {:>6} {:>10} {:>8}", w.id, w.address, w.state, stage, human_bytes(free), w.pid);
+        let replica = w.replica.map_or("-".to_string(), |s| s.to_string());
+        println!("{:<28} {:<22} {:<10} {:>7} {:>6} {:>10} {:>8}  {}", w.id, w.address, w.state, replica, stage, human_bytes(free), w.pid, w.node);
     }
     Ok(())
 }

@@ -63,6 +63,9 @@ pub(super) struct Blocks {
     promised: usize,
     /// Whether blocks are looked up and published at all (`--prefix-caching`).
     caching: bool,
+    /// With replicas: where the router learns which prefixes this replica caches (its index
+    /// there), kept as blocks are published and evicted.
+    index: Option<(super::replicas::SharedIndex, usize)>,
 }
 
 impl Blocks {
@@ -80,7 +83,16 @@ impl Blocks {
             by_hash: HashMap::new(),
             promised: 0,
             caching,
+            index: None,
         }
+    }
+
+    /// Tells the router's index of replica `replica` what these blocks cache, starting from
+    /// nothing (a new placement's pools hold nothing yet).
+    pub(super) fn publishing_to(mut self, index: super::replicas::SharedIndex, replica: usize) -> Self {
+        index.lock().expect("index lock").clear_replica(replica);
+        self.index = Some((index, replica));
+        self
     }
 
     pub(super) fn block_size(&self) -> usize {
@@ -175,6 +187,9 @@ impl Blocks {
                     let h = self.hash[b as usize].take().expect("a cached block holds a prefix");
                     if self.by_hash.get(&h) == Some(&b) {
                         self.by_hash.remove(&h);
+                        if let Some((index, r)) = &self.index {
+                            index.lock().expect("index lock").remove(*r, &h);
+                        }
                     }
                     b
                 }
@@ -205,6 +220,9 @@ impl Blocks {
             if self.hash[b as usize].is_none() && !self.by_hash.contains_key(&h) {
                 self.hash[b as usize] = Some(h);
                 self.by_hash.insert(h, b);
+                if let Some((index, r)) = &self.index {
+                    index.lock().expect("index lock").insert(*r, h);
+                }
             }
         }
     }

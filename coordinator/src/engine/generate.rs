@@ -73,6 +73,39 @@ impl Engine {
     }
 
     async fn submit_to(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, id: String, relay: bool) -> Result<RequestHandle, ServeError> {
+        if self.replicas.is_none() || self.config.replica != Some(0) {
+            return self.enqueue(model, req, id, relay, None).await;
+        }
+        // A model with replicas: the leader routes every request to one of them.
+        if relay {
+            if let Some(leader) = self.leader_elsewhere().await? {
+                let slot = self.requests.clone().try_acquire_owned().map_err(|_| {
+                    ServeError::Exhausted(format!(
+                        "model {} already has {} requests in flight (max_concurrent_requests = {})",
+                        model.name, self.config.max_concurrent_requests, self.config.max_concurrent_requests
+                    ))
+                })?;
+                debug!(model = %model.name, request_id = %id, leader = %leader.address, "request handed to the leader");
+                return crate::relay::forward(self, model, req, id, leader, slot).await;
+            }
+        }
+        let (target, routed) = self.route(&req);
+        // The request's log span names the replica that serves it.
+        tracing::Span::current().record("replica", target.replica());
+        let entry = target.model.clone();
+        target.enqueue(&entry, req, id, false, routed).await
+    }
+
+    /// Queues `req` for this engine's scheduler (or, with `relay`, hands it to the leader when
+    /// another coordinator leads).
+    async fn enqueue(
+        self: &Arc<Self>,
+        model: &Arc<ModelEntry>,
+        req: ValidRequest,
+        id: String,
+        relay: bool,
+        routed: Option<super::replicas::Routed>,
+    ) -> Result<RequestHandle, ServeError> {
         // While the model moves off cordoned workers, new requests wait (bounded) for the new
         // placement rather than start on the old one.
         let mut moving = self.moving.subscribe();
@@ -134,6 +167,7 @@ impl Engine {
             arrived: tokio::time::Instant::now(),
             _request_slot,
             waiting_slot: Some(waiting_slot),
+            _routed: routed,
         };
         self.inbox
             .send(sub)

@@ -6,7 +6,7 @@ use super::*;
 impl Engine {
     /// On a follower: serves whatever placement the leader publishes in etcd.
     pub(super) async fn follow(self: Arc<Self>, cluster: String, shutdown: CancellationToken) {
-        let key = shardserve::membership::placement_key(&cluster, &self.model.name);
+        let key = shardserve::membership::placement_key(&cluster, &self.pin_key());
         let mut seen = -1i64;
         loop {
             if self.is_leader() {
@@ -86,7 +86,7 @@ impl Engine {
             // Only the leader's plan goes to etcd; a deposed leader keeps quiet.
             return;
         }
-        let key = shardserve::membership::placement_key(cluster, &self.model.name);
+        let key = shardserve::membership::placement_key(cluster, &self.pin_key());
         let record = PlacementRecord {
             model: self.model.name.clone(),
             epoch: p.epoch,

@@ -26,10 +26,12 @@ mod generate;
 mod ha;
 mod ops;
 mod placing;
+mod replicas;
 mod scheduler;
 mod steps;
 
 pub use generate::RequestHandle;
+pub use replicas::workers_per_replica;
 
 /// How the engine serves its model.
 #[derive(Debug, Clone)]
@@ -95,6 +97,43 @@ pub struct EngineConfig {
     /// How the other coordinators of the cluster reach this one and it reaches them (with etcd:
     /// followers hand their requests to the leader).
     pub peers: Option<Arc<crate::relay::Peers>>,
+    /// Copies of the model to serve, each its own placement, scheduler and KV pools over
+    /// `workers` workers (`--replicas`); `None`: one placement over the whole fleet.
+    pub replicas: Option<ReplicaCount>,
+    /// How requests are spread over replicas (`--router`).
+    pub router: crate::router::RouterPolicy,
+    /// Which replica this engine serves (set by the replica set, not by flags).
+    pub replica: Option<usize>,
+}
+
+/// How many replicas of a model to serve (`--replicas N|auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaCount {
+    Count(usize),
+    /// As many as the fleet holds, each on the fewest workers that fit the model and its KV.
+    Auto,
+}
+
+impl std::str::FromStr for ReplicaCount {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ReplicaCount::Auto),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("--replicas takes a number of at least 1 or `auto`, not {n:?}")),
+                Ok(n) => Ok(ReplicaCount::Count(n)),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaCount::Count(n) => write!(f, "{n}"),
+            ReplicaCount::Auto => f.write_str("auto"),
+        }
+    }
 }
 
 /// Who may reuse a cached prompt prefix.
@@ -211,6 +250,14 @@ pub struct ModelEntry {
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
     cached_blocks: AtomicUsize,
+    /// KV blocks of the placement's pools, and those neither held nor reserved (cached ones
+    /// count as free): the load the router weighs.
+    total_blocks: AtomicUsize,
+    free_blocks: AtomicUsize,
+    /// With replicas: requests routed here and not finished, and the KV blocks they may take
+    /// (prompt and new tokens): the load the router counts, current from the moment it routes.
+    routed_requests: AtomicUsize,
+    routed_blocks: AtomicUsize,
 }
 
 impl ModelEntry {
@@ -274,6 +321,11 @@ impl ModelEntry {
     /// Blocks the prefix cache holds that no request holds.
     pub fn cached_blocks(&self) -> usize {
         self.cached_blocks.load(Ordering::SeqCst)
+    }
+
+    /// KV blocks of the placement's pools, and those neither held nor reserved.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.total_blocks.load(Ordering::SeqCst), self.free_blocks.load(Ordering::SeqCst))
     }
 }
 
@@ -414,17 +466,19 @@ impl Shared {
         self.pins.lock().expect("pins lock").iter().filter(|(_, m)| *m == model).map(|(w, _)| w.clone()).collect()
     }
 
-    /// Workers that the placements of models other than `model` use, by model.
+    /// Workers that the placements of models other than `model` use, by model (by the key their
+    /// workers are reserved under: with replicas, the name and the replica's index).
     pub fn used_elsewhere(&self, model: &str) -> std::collections::HashMap<String, String> {
         let mut out = std::collections::HashMap::new();
         for e in self.engines() {
-            if e.model.name == model {
+            let key = e.pin_key();
+            if key == model {
                 continue;
             }
             if let ServingState::Ready(p) = e.model.state() {
                 for st in &p.stages {
                     for (id, _) in st.ranks() {
-                        out.insert(id.to_string(), e.model.name.clone());
+                        out.insert(id.to_string(), key.clone());
                     }
                 }
             }
@@ -476,6 +530,11 @@ pub struct Engine {
     next_placement: AtomicU64,
     /// Fires when the engine stops (shutdown, or its model unloaded).
     stop: CancellationToken,
+    /// The model's replicas, when it has them (every replica's engine shares the set; the
+    /// first replica's lays them out and routes requests).
+    replicas: Option<Arc<replicas::ReplicaSet>>,
+    /// Wakes the replica layout (a scale changed how many are wanted).
+    relayout: Notify,
 }
 
 impl Engine {
@@ -493,7 +552,20 @@ impl Engine {
     /// Starts an engine that shares cordons and workers with others through `shared`. With
     /// `primary` (a model loaded at run time) it plans only over the workers reserved for its
     /// model, and with etcd it leads exactly when the coordinator's own engine does.
-    pub async fn start_in(
+    ///
+    /// Boxed because a model's first replica starts the others through it.
+    pub fn start_in(
+        config: EngineConfig,
+        membership: Arc<dyn Membership>,
+        etcd: Option<(shardserve::membership::Etcd, String)>,
+        shared: Arc<Shared>,
+        primary: Option<Arc<Engine>>,
+        shutdown: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Arc<Self>>> + Send>> {
+        Box::pin(Self::start_boxed(config, membership, etcd, shared, primary, shutdown))
+    }
+
+    async fn start_boxed(
         config: EngineConfig,
         membership: Arc<dyn Membership>,
         etcd: Option<(shardserve::membership::Etcd, String)>,
@@ -501,7 +573,17 @@ impl Engine {
         primary: Option<Arc<Engine>>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let pinned = primary.is_some();
+        let replica_set = match (&config.replicas, &primary) {
+            (Some(_), Some(p)) if config.replica.is_some() => p.replicas.clone(),
+            (Some(n), None) => Some(Arc::new(replicas::ReplicaSet::new(*n, config.router, shutdown.child_token()))),
+            _ => None,
+        };
+        let mut config = config;
+        if config.replicas.is_some() && config.replica.is_none() {
+            config.replica = Some(0);
+        }
+        // A replica plans only over the workers the layout reserved for it.
+        let pinned = primary.is_some() || config.replica.is_some();
         let c = config.clone();
         let Prepared { files, config: cfg, shape, generation, tokenizer, chat } =
             tokio::task::spawn_blocking(move || preflight(&c)).await??;
@@ -525,6 +607,10 @@ impl Engine {
             prefix_queries: AtomicU64::new(0),
             prefix_hits: AtomicU64::new(0),
             cached_blocks: AtomicUsize::new(0),
+            total_blocks: AtomicUsize::new(0),
+            free_blocks: AtomicUsize::new(0),
+            routed_requests: AtomicUsize::new(0),
+            routed_blocks: AtomicUsize::new(0),
         });
         let seed = crate::random_u64();
         let etcd_is_none = etcd.is_none();
@@ -554,6 +640,8 @@ impl Engine {
             next_seq: AtomicU64::new(seed & 0x0fff_ffff_ffff_ffff),
             next_placement: AtomicU64::new(1),
             stop: shutdown.clone(),
+            replicas: replica_set,
+            relayout: Notify::new(),
         });
         shared.engines.write().expect("engines lock").push(Arc::downgrade(&engine));
         if let (Some((_, cluster)), Some(primary)) = (engine.etcd.clone(), primary) {
@@ -601,6 +689,9 @@ impl Engine {
             tokio::spawn(engine.clone().follow(cluster, shutdown.clone()));
         }
         tokio::spawn(scheduler::run(engine.clone(), submissions, shutdown.clone()));
+        if engine.config.replica == Some(0) {
+            tokio::spawn(engine.clone().lay_out_replicas(shutdown.clone()));
+        }
         tokio::spawn(engine.clone().reconcile(shutdown));
         Ok(engine)
     }
@@ -640,6 +731,29 @@ impl Engine {
                 self.model.name
             )))
         }
+    }
+
+    /// The key its workers are reserved under: the model's name, or with replicas the name
+    /// and the replica's index.
+    pub(crate) fn pin_key(&self) -> String {
+        match self.config.replica {
+            Some(i) => replicas::replica_key(&self.model.name, i),
+            None => self.model.name.clone(),
+        }
+    }
+
+    /// The labels of this engine's metrics: the model, and with replicas the replica.
+    pub(crate) fn metric_labels(&self) -> Vec<(&'static str, String)> {
+        let mut labels = vec![("model", self.model.name.clone())];
+        if let Some(i) = self.config.replica {
+            labels.push(("replica", i.to_string()));
+        }
+        labels
+    }
+
+    /// Which replica of its model this engine serves (0 without replicas).
+    pub fn replica(&self) -> usize {
+        self.config.replica.unwrap_or(0)
     }
 
     /// Whether this coordinator plans (the elected leader, or the only coordinator).

@@ -77,11 +77,16 @@ impl Engine {
         self.mark("draining", &self.evicting, id, true).await?;
         self.shared.wake_all();
         let mut state = self.model.subscribe();
-        let moved = state.wait_for(|s| matches!(s, ServingState::Ready(p) if !p.stages.iter().any(|s| s.uses(id))));
+        // Done once a new placement leaves the worker out; for a replica that a scale down
+        // dropped, once it has no placement at all (it gets no new one).
+        let moved = state.wait_for(|s| match s {
+            ServingState::Ready(p) => !p.stages.iter().any(|s| s.uses(id)),
+            _ => !self.laid_out(),
+        });
         let outcome = match tokio::time::timeout(within, moved).await {
             Ok(Ok(s)) => match &*s {
                 ServingState::Ready(p) => Ok(p.stages.clone()),
-                _ => unreachable!("waited for a ready placement"),
+                _ => Ok(Vec::new()),
             },
             Ok(Err(_)) => Err(ServeError::Unavailable("the coordinator is shutting down".into())),
             Err(_) => Err(ServeError::DeadlineExceeded(format!(

@@ -27,15 +27,39 @@ impl Engine {
             let cordoned = self.cordoned().await;
             // Other models' workers are not ours to plan on: those reserved for them, and those
             // their placements still use; a model loaded at run time plans only on its own.
-            let (elsewhere, used) = (self.shared.pinned_elsewhere(&self.model.name), self.shared.used_elsewhere(&self.model.name));
-            let mine = self.shared.pinned_to(&self.model.name);
-            let workers: Vec<pb::WorkerInfo> = alive
+            let key = self.pin_key();
+            let (elsewhere, used) = (self.shared.pinned_elsewhere(&key), self.shared.used_elsewhere(&key));
+            let mine = self.shared.pinned_to(&key);
+            let mut workers: Vec<pb::WorkerInfo> = alive
                 .iter()
                 .filter(|w| !cordoned.contains(&w.id) && !elsewhere.contains(&w.id) && !used.contains_key(&w.id))
                 .filter(|w| !self.is_quarantined(&w.id))
                 .filter(|w| !self.pinned || mine.contains(&w.id))
                 .cloned()
                 .collect();
+            if let (Some(set), Some(i)) = (&self.replicas, self.config.replica) {
+                // A replica's workers in the layout's rank order: tensor-parallel groups are
+                // consecutive workers, formed within one node.
+                let order = set.layout().replicas.get(i).cloned().unwrap_or_default();
+                workers.sort_by_key(|w| order.iter().position(|id| *id == w.id).unwrap_or(usize::MAX));
+            }
+            if !self.laid_out() {
+                // A replica the layout dropped (a scale down, or before the first layout): it
+                // takes no new requests (the router passes it over), finishes those it has,
+                // then gives up its placement so its workers can go.
+                if matches!(self.model.state(), ServingState::Ready(_)) && self.model.active() == 0 {
+                    info!(model = %self.model.name, replica = self.replica(), "replica no longer laid out; its placement is released");
+                    self.model.set_state(ServingState::Unavailable("this replica is no longer laid out (scaled down)".into()));
+                    self.shared.wake_all();
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = self.broken.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                continue;
+            }
             let state = self.model.state();
             let mut healthy = match &state {
                 ServingState::Ready(p) => p
@@ -190,13 +214,7 @@ impl Engine {
             .map(|(i, w)| {
                 let bytes = match &self.config.max_memory {
                     Some(mm) => mm.iter().find(|(d, _)| *d == Device::Index(i as u32)).map_or(0, |(_, b)| *b),
-                    None => {
-                        // What is free, less the reserve for KV caches and activations, less an
-                        // explicit KV pool.
-                        let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
-                        let weights = (free as f64 * (1.0 - self.config.reserve)) as u64;
-                        weights.saturating_sub(self.config.kv_memory.unwrap_or(0))
-                    }
+                    None => self.weight_budget(w),
                 };
                 cluster::WorkerBudget { id: w.id.clone(), bytes }
             })
@@ -214,9 +232,17 @@ impl Engine {
         cluster::plan(&m.shape, self.dtype_bytes(workers), &budgets, self.config.strategy).map_err(|e| e.to_string())
     }
 
+    /// Bytes of weights `w` may hold: what is free, less the reserve for KV caches and
+    /// activations, less an explicit KV pool.
+    pub(super) fn weight_budget(&self, w: &pb::WorkerInfo) -> u64 {
+        let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
+        let weights = (free as f64 * (1.0 - self.config.reserve)) as u64;
+        weights.saturating_sub(self.config.kv_memory.unwrap_or(0))
+    }
+
     /// Bytes per weight as `workers` will hold them: `--dtype auto` is the checkpoint's dtype on
     /// GPU workers and f32 on CPU ones (the widest, when a fleet has both).
-    fn dtype_bytes(&self, workers: &[pb::WorkerInfo]) -> u64 {
+    pub(super) fn dtype_bytes(&self, workers: &[pb::WorkerInfo]) -> u64 {
         let checkpoint = self.model.config.checkpoint_dtype.as_deref();
         workers
             .iter()
@@ -353,7 +379,7 @@ impl Engine {
     }
 
     /// Whether `id` failed to load a shard lately and is left out of plans.
-    fn is_quarantined(&self, id: &str) -> bool {
+    pub(super) fn is_quarantined(&self, id: &str) -> bool {
         let mut q = self.quarantined.lock().expect("quarantine lock");
         let now = std::time::Instant::now();
         q.retain(|_, until| *until > now);

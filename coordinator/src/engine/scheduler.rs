@@ -39,6 +39,8 @@ pub(super) struct Submission {
     pub(super) _request_slot: OwnedSemaphorePermit,
     /// Its place in the queue, given back when it is admitted.
     pub(super) waiting_slot: Option<OwnedSemaphorePermit>,
+    /// With replicas: what it adds to its replica's load as the router counts it, until it ends.
+    pub(super) _routed: Option<super::replicas::Routed>,
 }
 
 /// A sequence admitted and not finished.
@@ -181,7 +183,7 @@ impl Scheduler {
             ServingState::Ready(p) if Some(p.id) == current => {}
             ServingState::Ready(p) => {
                 let (blocks, block_size) = p.kv_capacity();
-                self.blocks = Blocks::new(blocks, block_size, self.config().prefix_caching);
+                self.blocks = self.new_blocks(blocks, block_size);
                 let old = self.placement.replace(p);
                 self.releases.clear();
                 self.unready_since = None;
@@ -190,7 +192,7 @@ impl Scheduler {
             ServingState::Loading(why) | ServingState::Unavailable(why) => {
                 self.unready_since.get_or_insert_with(Instant::now);
                 if let Some(old) = self.placement.take() {
-                    self.blocks = Blocks::new(0, 1, false);
+                    self.blocks = self.new_blocks(0, 1);
                     self.releases.clear();
                     self.displace_all(Some(old), &why);
                 }
@@ -209,7 +211,7 @@ impl Scheduler {
         self.term = term;
         if let Some(p) = self.placement.clone() {
             let (blocks, block_size) = p.kv_capacity();
-            self.blocks = Blocks::new(blocks, block_size, self.config().prefix_caching);
+            self.blocks = self.new_blocks(blocks, block_size);
             self.releases.clear();
             // Those in flight follow when their step returns.
             let here: Vec<u64> = self.running.iter().filter(|r| r.sending == 0 && r.placement.is_some()).map(|r| r.seq_id).collect();
@@ -267,22 +269,18 @@ impl Scheduler {
         r.sending = 0;
     }
 
-    /// The root of `req`'s block-hash chain: everything besides its tokens that changes its
-    /// keys and values (the model, its revision and dtype), and who may share them (the
-    /// tenant and the request's cache_salt). `None` when its blocks are never shared.
     fn prefix_root(&self, req: &ValidRequest) -> Option<shardserve::prefix::BlockHash> {
-        let c = self.config();
-        if !c.prefix_caching || req.skip_prefix_cache {
-            return None;
+        prefix_root(self.config(), self.model(), req)
+    }
+
+    /// Empty bookkeeping for pools of `total` blocks of `block_size` tokens (a new placement, a
+    /// new term), published to the router's index when the model has replicas.
+    fn new_blocks(&self, total: usize, block_size: usize) -> Blocks {
+        let b = Blocks::new(total, block_size, self.config().prefix_caching && total > 0);
+        match (&self.engine.replicas, self.config().replica) {
+            (Some(set), Some(i)) => b.publishing_to(set.index.clone(), i),
+            _ => b,
         }
-        let dtype = self.model().dtype.to_string();
-        Some(shardserve::prefix::root(&[
-            c.model.as_bytes(),
-            c.revision.as_deref().unwrap_or("").as_bytes(),
-            dtype.as_bytes(),
-            req.tenant.as_bytes(),
-            req.cache_salt.as_bytes(),
-        ]))
     }
 
     /// Admits what fits, in order: sequences moving to this placement first, then the queue.
@@ -334,7 +332,7 @@ impl Scheduler {
             let mut sub = self.waiting.pop_front().expect("front");
             sub.waiting_slot = None;
             let cached = kv.cached_tokens(block_size);
-            let labels = [("model", self.model().name.clone())];
+            let labels = self.engine.metric_labels();
             metrics::histogram!("shardserve_queue_duration_seconds", &labels).record(sub.arrived.elapsed().as_secs_f64());
             metrics::counter!("shardserve_prompt_tokens_total", &labels).increment(sub.req.prompt_ids.len() as u64);
             if root.is_some() && lookup {
@@ -438,7 +436,7 @@ impl Scheduler {
                 }
             }
             if !sent.is_empty() {
-                let labels = [("model", self.model().name.clone())];
+                let labels = self.engine.metric_labels();
                 metrics::histogram!("shardserve_batch_size", &labels).record(sent.len() as f64);
                 metrics::histogram!("shardserve_batch_tokens", &labels).record(sent.iter().map(|(_, n)| *n).sum::<usize>() as f64);
             }
@@ -540,7 +538,7 @@ impl Scheduler {
     /// length, and sent to its client.
     fn accept(&mut self, i: usize, token: u32, logprob: f32, top: Vec<(u32, f32)>) {
         let now = Instant::now();
-        let labels = [("model", self.engine.model.name.clone())];
+        let labels = self.engine.metric_labels();
         let model = self.engine.model.clone();
         let r = &mut self.running[i];
         match r.last_token {
@@ -606,7 +604,7 @@ impl Scheduler {
             self.blocks.release(std::mem::take(&mut r.kv));
             self.releases.push(r.seq_id);
         }
-        let labels = [("model", self.engine.model.name.clone())];
+        let labels = self.engine.metric_labels();
         metrics::histogram!("shardserve_request_duration_seconds", &labels).record(r.sub.arrived.elapsed().as_secs_f64());
         match &outcome {
             Ok(()) => debug!(model = %self.engine.model.name, request_id = %r.sub.id, generated = r.generated, migrations = r.migrations, "request finished"),
@@ -663,16 +661,35 @@ impl Scheduler {
         let model = self.model();
         model.active.store(self.running.len(), Ordering::SeqCst);
         model.queued.store(self.waiting.len(), Ordering::SeqCst);
-        let labels = [("model", model.name.clone())];
+        let labels = self.engine.metric_labels();
         metrics::gauge!("shardserve_running_sequences", &labels).set(self.running.len() as f64);
         metrics::gauge!("shardserve_queue_depth", &labels).set(self.waiting.len() as f64);
         model.cached_blocks.store(self.blocks.cached(), Ordering::SeqCst);
+        model.total_blocks.store(self.blocks.total(), Ordering::SeqCst);
+        model.free_blocks.store(self.blocks.available(), Ordering::SeqCst);
         if self.placement.is_some() {
             metrics::gauge!("shardserve_kv_blocks_reserved", &labels).set(self.blocks.reserved() as f64);
             metrics::gauge!("shardserve_kv_blocks_capacity", &labels).set(self.blocks.total() as f64);
             metrics::gauge!("shardserve_prefix_cache_blocks", &labels).set(self.blocks.cached() as f64);
         }
     }
+}
+
+/// The root of `req`'s block-hash chain: everything besides its tokens that changes its keys
+/// and values (the model, its revision and dtype), and who may share them (the tenant and the
+/// request's cache_salt). `None` when its blocks are never shared.
+pub(super) fn prefix_root(c: &EngineConfig, model: &ModelEntry, req: &ValidRequest) -> Option<shardserve::prefix::BlockHash> {
+    if !c.prefix_caching || req.skip_prefix_cache {
+        return None;
+    }
+    let dtype = model.dtype.to_string();
+    Some(shardserve::prefix::root(&[
+        c.model.as_bytes(),
+        c.revision.as_deref().unwrap_or("").as_bytes(),
+        dtype.as_bytes(),
+        req.tenant.as_bytes(),
+        req.cache_salt.as_bytes(),
+    ]))
 }
 
 /// The event for a token just generated by `r`: its text, and why it ends the request if it does.

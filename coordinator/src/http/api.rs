@@ -328,7 +328,7 @@ async fn generate(
 ) -> Response {
     let svc = InferenceService(app.models.clone());
     let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::random_u64());
-    let span = tracing::info_span!("request", request_id = %id, model = %model);
+    let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
     let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
     let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n, &caller), span);
     let (entry, prompt_ids, handles) = match submitted.await {

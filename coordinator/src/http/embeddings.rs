@@ -73,7 +73,7 @@ pub async fn embeddings(State(app): State<App>, Extension(caller): Extension<Cal
     let svc = InferenceService(app.models.clone());
     let id = format!("embd-{:016x}", crate::random_u64());
     let name = svc.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
-    let span = tracing::info_span!("request", request_id = %id, model = %req.model);
+    let span = tracing::info_span!("request", request_id = %id, model = %req.model, replica = tracing::field::Empty);
     let result = tracing::Instrument::instrument(svc.embed_all(&req.model, &inputs, spec, &id, &caller), span).await;
     record(&name, result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok));
     let (vectors, prompt_tokens) = match result {

@@ -233,14 +233,18 @@ impl Attention {
                 let slots = Tensor::new(s.slots.as_slice(), x.device())?;
                 (pk.index_select(&slots, 1)?, pv.index_select(&slots, 1)?)
             };
-            let ks = repeat_kv(&ks, h / kvh)?;
-            let vs = repeat_kv(&vs, h / kvh)?;
-            let mut scores = (qs.matmul(&ks.t()?)? * scale)?;
+            // Grouped KV heads without copying them: the `h / kvh` query heads that share a KV
+            // head (consecutive, as transformers' `repeat_kv` arranges them) go through one
+            // matmul as `h / kvh` times the rows.
+            let (rep, total) = (h / kvh, ks.dim(1)?);
+            let qg = qs.reshape((kvh, rep * s.len, d))?;
+            let mut scores = (qg.matmul(&ks.t()?)? * scale)?;
             if s.len > 1 {
-                scores = scores.broadcast_add(&causal_mask(s.len, s.start, scores.dtype(), x.device())?)?;
+                let mask = causal_mask(s.len, s.start, scores.dtype(), x.device())?;
+                scores = scores.reshape((kvh, rep, s.len, total))?.broadcast_add(&mask)?.reshape((kvh, rep * s.len, total))?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(vs.dtype())?;
-            let ctx = probs.matmul(&vs)?.transpose(0, 1)?.reshape((s.len, h * d))?;
+            let ctx = probs.matmul(&vs)?.reshape((h, s.len, d))?.transpose(0, 1)?.reshape((s.len, h * d))?;
             pieces.push(ctx);
         }
         let ctx = Tensor::cat(&pieces, 0)?;
@@ -258,14 +262,6 @@ fn row_parallel_out(x: Tensor, bias: Option<&Tensor>, group: Option<&dyn Collect
         Some(b) => x.broadcast_add(b),
         None => Ok(x),
     }
-}
-
-fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return x.contiguous();
-    }
-    let (kvh, t, d) = x.dims3()?;
-    x.unsqueeze(1)?.expand((kvh, n_rep, t, d))?.reshape((kvh * n_rep, t, d))
 }
 
 fn causal_mask(l: usize, offset: usize, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
