@@ -97,6 +97,9 @@ pub async fn run(
         })
     });
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Admin answers whenever the coordinator runs (it is how an operator sees why the model
+    // is not ready).
+    reporter.set_serving::<AdminServer<service::AdminService>>().await;
     // grpc.health.v1 says SERVING (overall and for Inference) only while the model is placed
     // and ready: what a Kubernetes readiness probe asks before sending traffic.
     let mut state = engine.entry().subscribe();
@@ -127,15 +130,20 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("cannot serve health on {a}: {e}"))?;
         println!("health {at}");
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: v1, and v1alpha, the only one grpcio-reflection's client,
+    // older grpcurl and Postman speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(shardserve_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let inference = config.auth.interceptor(auth::Role::Inference);
     let admin = config.auth.interceptor(auth::Role::Admin);
     let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_optional_service(config.reflection.then_some(reflection))
+        .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(InferenceServer::with_interceptor(service::InferenceService(models.clone()), inference))
         .add_service(AdminServer::with_interceptor(service::AdminService {
             models: models.clone(),

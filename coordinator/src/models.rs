@@ -8,7 +8,7 @@
 //! workers reserved), written by the leader; every coordinator runs an engine for each, which
 //! plans while that coordinator leads and otherwise serves the placement the leader publishes.
 
-use crate::engine::{Engine, EngineConfig, ModelEntry, ServingState};
+use crate::engine::{Engine, EngineConfig, ModelEntry, ReplicaCount, ServingState};
 use crate::error::ServeError;
 use crate::membership::Membership;
 use shardserve_proto::v1 as pb;
@@ -34,6 +34,9 @@ struct Record {
     dtype: String,
     /// The workers reserved for it.
     pinned: Vec<String>,
+    /// Replicas over those workers (`--replicas N|auto`); none: one placement over them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replicas: Option<String>,
 }
 
 /// Every model served here.
@@ -103,9 +106,11 @@ impl Models {
             let running: Vec<String> = self.loaded.lock().expect("models lock").iter().map(|l| l.engine.entry().name.clone()).collect();
             for r in &records {
                 if !running.contains(&r.name) && !failed.contains(r) {
-                    let config = self.config_of(r);
-                    let started = match Self::check(&config).await {
-                        Ok(()) => self.start_engine(r, config).await,
+                    let started = match self.config_of(r) {
+                        Ok(config) => match Self::check(&config).await {
+                            Ok(()) => self.start_engine(r, config).await,
+                            Err(e) => Err(e),
+                        },
                         Err(e) => Err(e),
                     };
                     if let Err(e) = started {
@@ -123,24 +128,25 @@ impl Models {
     }
 
     /// The engine configuration of a model loaded at run time.
-    fn config_of(&self, r: &Record) -> EngineConfig {
-        EngineConfig {
+    fn config_of(&self, r: &Record) -> Result<EngineConfig, ServeError> {
+        let replicas = r.replicas.as_deref().map(str::parse::<ReplicaCount>).transpose().map_err(ServeError::InvalidArgument)?;
+        let workers = crate::engine::workers_per_replica(r.workers, r.tp, replicas).map_err(ServeError::InvalidArgument)?;
+        Ok(EngineConfig {
             model: r.model.clone(),
             revision: (!r.revision.is_empty()).then(|| r.revision.clone()),
             name: r.name.clone(),
             // Checked when the record was made.
             dtype: r.dtype.parse().unwrap_or_default(),
-            workers: r.workers,
+            workers,
             tp: r.tp,
             random_weights: false,
             max_memory: None,
             device_map: None,
-            // Replicas are the primary model's (`--replicas`); a model loaded at run time has
-            // one placement.
-            replicas: None,
+            // Laid out over the workers reserved for it only.
+            replicas,
             replica: None,
             ..self.primary.config().clone()
-        }
+        })
     }
 
     /// Reads the model's configs and tokenizer, so a bad model fails before anything starts.
@@ -157,13 +163,14 @@ impl Models {
     /// workers reserved for it.
     async fn start_engine(&self, r: &Record, config: EngineConfig) -> Result<Arc<Engine>, ServeError> {
         let shared = self.primary.shared().clone();
+        // With replicas, the layout moves these to each replica's key; spares stay here.
         shared.pin(&r.pinned, &r.name);
         let stop = self.shutdown.child_token();
         let started = Engine::start_in(config, self.membership.clone(), self.etcd.clone(), shared.clone(), Some(self.primary.clone()), stop.clone()).await;
         let engine = match started {
             Ok(e) => e,
             Err(e) => {
-                shared.unpin(&r.name);
+                shared.unpin_model(&r.name);
                 return Err(ServeError::InvalidArgument(format!("{}: {e:#}", r.model)));
             }
         };
@@ -227,6 +234,11 @@ impl Models {
         if !workers.is_multiple_of(tp) {
             return Err(ServeError::InvalidArgument(format!("workers {workers} is not a multiple of tp {tp}")));
         }
+        let replicas = match req.replicas.as_str() {
+            "" => None,
+            r => Some(r.parse::<ReplicaCount>().map_err(ServeError::InvalidArgument)?),
+        };
+        crate::engine::workers_per_replica(workers, tp, replicas).map_err(ServeError::InvalidArgument)?;
         let name = if req.name.is_empty() { req.model.clone() } else { req.name.clone() };
         let _one_at_a_time = self.changing.lock().await;
         if self.engines().iter().any(|e| e.entry().name == name) {
@@ -244,9 +256,10 @@ impl Models {
                 .map_err(|e| ServeError::InvalidArgument(e.to_string()))?
                 .to_string(),
             pinned: Vec::new(),
+            replicas: replicas.map(|r| r.to_string()),
         };
         // Checked before any worker is reserved, so a bad model takes nothing.
-        let config = self.config_of(&record);
+        let config = self.config_of(&record)?;
         Self::check(&config).await?;
         record.pinned = self.choose_workers(workers).await?;
         if let Some(key) = self.record_key(&name) {
@@ -324,15 +337,26 @@ impl Models {
                 None => return Vec::new(),
             }
         };
-        let entry = loaded.engine.entry().clone();
+        let entries: Vec<Arc<ModelEntry>> = loaded.engine.replica_engines().into_iter().flatten().map(|e| e.entry().clone()).collect();
         let deadline = tokio::time::Instant::now() + if release { UNLOAD_WAIT } else { Duration::ZERO };
-        while entry.active() > 0 && tokio::time::Instant::now() < deadline {
+        while entries.iter().any(|e| e.active() > 0) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Every replica's placement (just the one without replicas).
+        let placements: Vec<Arc<crate::engine::Placement>> = loaded
+            .engine
+            .replica_engines()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e.entry().state() {
+                ServingState::Ready(p) => Some(p),
+                _ => None,
+            })
+            .collect();
         loaded.stop.cancel();
         let shared = self.primary.shared().clone();
-        let workers = shared.pinned_to(name);
-        if let (true, ServingState::Ready(p)) = (release, entry.state()) {
+        let workers = shared.reserved_for_model(name);
+        for p in placements.iter().filter(|_| release) {
             let mut ranks: Vec<(String, String)> = Vec::new();
             for st in &p.stages {
                 ranks.push((st.worker_id.clone(), st.address.clone()));
@@ -348,8 +372,10 @@ impl Models {
                 }
             }
         }
-        entry.set_unavailable(format!("model {name} was unloaded"));
-        shared.unpin(name);
+        for e in &entries {
+            e.set_unavailable(format!("model {name} was unloaded"));
+        }
+        shared.unpin_model(name);
         shared.wake_all();
         info!(model = %name, workers = ?workers, "model unloaded");
         workers

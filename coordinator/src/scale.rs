@@ -120,6 +120,10 @@ pub async fn scale_statefulset(
     target: usize,
 ) -> Result<(Vec<String>, Vec<String>), ServeError> {
     let target = u32::try_from(target).map_err(|_| ServeError::InvalidArgument(format!("{target} workers is too many")))?;
+    // With replicas, as many whole replicas as the new fleet holds.
+    if let Some(per) = models.primary().workers_per_replica() {
+        models.primary().set_replicas((target as usize / per).max(1));
+    }
     let drainer = models.clone();
     let drain = move |id: String| -> futures::future::BoxFuture<'static, Result<(), ServeError>> {
         let models = drainer.clone();

@@ -80,6 +80,17 @@ async fn keys_guard_inference_and_admin_and_rotate_without_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // Neither version of reflection.
+    let ask = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut alpha = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let e = match alpha.server_reflection_info(tokio_stream::iter(vec![ask])).await {
+        Err(e) => e,
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
     let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let ask = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),

@@ -173,3 +173,81 @@ async fn with_etcd_every_coordinator_serves_a_model_the_leader_loaded() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_loaded_at_run_time_is_served_as_replicas_of_its_reserved_workers() {
+    let prompt = "The quick brown fox";
+    let (dir, want_llama) = tiny_llama(23, prompt).await;
+    let llama = dir.path().to_str().unwrap().to_string();
+    let primary = reference_model().to_str().unwrap().to_string();
+    let cluster = Cluster::new(reference_model()).workers(3).start();
+    let mut c = cluster.client().await;
+    assert_eq!(stages(&cluster, &primary).await.len(), 3);
+
+    // Replicas that cannot split the workers evenly are refused before anything is reserved.
+    let mut admin = cluster.admin().await;
+    let req = pb::LoadModelRequest { model: llama.clone(), name: "llama".into(), workers: 3, replicas: "2".into(), ..Default::default() };
+    let e = admin.load_model(req).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("--replicas 2"), "{e:?}");
+    let req = pb::LoadModelRequest { model: llama.clone(), name: "llama".into(), replicas: "two".into(), ..Default::default() };
+    let e = admin.load_model(req).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("--replicas"), "{e:?}");
+    assert_eq!(stages(&cluster, &primary).await.len(), 3, "a refused load took workers");
+
+    // Two workers as two replicas of one worker each.
+    let loaded = shardctl_json(&["models", "load", &llama, "--name", "llama", "--workers", "2", "--replicas", "2", "--json", "--coordinator", &cluster.url]);
+    assert_eq!(loaded["model"]["state"], "ready", "{loaded}");
+    let mut reserved: Vec<String> = serde_json::from_value(loaded["workers"].clone()).unwrap();
+    reserved.sort();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster_status(&cluster.url).await;
+        let m = s.models.iter().find(|m| m.model.as_ref().is_some_and(|i| i.name == "llama")).expect("llama in the status");
+        let ready: Vec<&pb::ReplicaStatus> = m.replicas.iter().filter(|r| r.state == "ready").collect();
+        if ready.len() == 2 {
+            let mut on: Vec<String> = ready.iter().flat_map(|r| r.stages.iter().map(|st| st.worker_id.clone())).collect();
+            on.sort();
+            assert_eq!(on, reserved, "each replica is one stage on a reserved worker: {m:?}");
+            assert!(m.spares.is_empty(), "{m:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "llama's 2 replicas not ready: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both replicas' tokens are the model's, four requests at once; the primary serves on the
+    // worker it kept.
+    let runs = (0..4).map(|_| {
+        let mut c = c.clone();
+        async move { generate(&mut c, on("llama", greedy(prompt, 16))).await.unwrap().token_ids }
+    });
+    for got in futures::future::join_all(runs).await {
+        assert_eq!(got, want_llama);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = stages(&cluster, &primary).await;
+        if p.len() == 1 {
+            assert!(!reserved.contains(&p[0].worker_id), "{p:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the primary is not on the one worker it kept: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let case = &reference_cases()[1];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+
+    // Unloaded: both replicas' workers go back to the primary.
+    let unloaded = shardctl_json(&["models", "unload", "llama", "--json", "--coordinator", &cluster.url]);
+    let mut released: Vec<String> = serde_json::from_value(unloaded["workers"].clone()).unwrap();
+    released.sort();
+    assert_eq!(released, reserved);
+    let e = generate(&mut c, on("llama", greedy(prompt, 4))).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stages(&cluster, &primary).await.len() != 3 {
+        assert!(Instant::now() < deadline, "the primary did not take the workers back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let case = &reference_cases()[2];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+}

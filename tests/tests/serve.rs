@@ -79,9 +79,39 @@ async fn greedy_tokens_equal_transformers_through_up() {
     assert_eq!(models.len(), 1);
     assert_eq!((models[0].state.as_str(), models[0].architecture.as_str()), ("ready", "Qwen3ForCausalLM"));
     let channel = tonic::transport::Endpoint::from_shared(cluster.url.clone()).unwrap().connect().await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let h = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "shardserve.v1.Inference", "shardserve.v1.Admin"] {
+        let h = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+    }
+    // Reflection answers in v1 and in v1alpha (what grpcio-reflection and older grpcurl ask).
+    {
+        use tonic_reflection::pb::v1alpha as alpha;
+        let ask = alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        };
+        let mut r = alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let answer = r.server_reflection_info(tokio_stream::iter(vec![ask])).await.unwrap().into_inner().message().await.unwrap().unwrap();
+        let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("v1alpha reflection: {answer:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == "shardserve.v1.Inference") && names.iter().any(|n| n == "shardserve.v1.Admin"), "{names:?}");
+    }
+    {
+        use tonic_reflection::pb::v1;
+        let ask = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        };
+        let mut r = v1::server_reflection_client::ServerReflectionClient::new(channel);
+        let answer = r.server_reflection_info(tokio_stream::iter(vec![ask])).await.unwrap().into_inner().message().await.unwrap().unwrap();
+        assert!(
+            matches!(&answer.message_response, Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) if l.service.iter().any(|s| s.name == "shardserve.v1.Inference")),
+            "v1 reflection: {answer:?}"
+        );
+    }
     // Stopping leaves nothing running.
     let pids = worker_pids(&cluster);
     assert_eq!(pids.len(), 1);

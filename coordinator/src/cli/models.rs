@@ -49,6 +49,11 @@ pub struct LoadArgs {
     /// Compute dtype: auto, f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Copies of the model over the --workers reserved for it, each its own placement of
+    /// --workers / N of them, requests routed among them; `auto`: as many as those workers
+    /// hold. Default: one placement over them all.
+    #[arg(long)]
+    pub replicas: Option<crate::engine::ReplicaCount>,
     /// Seconds to wait until it serves (0: return once it is registered).
     #[arg(long, default_value_t = 300)]
     pub wait_s: u64,
@@ -102,6 +107,7 @@ pub async fn run(cmd: ModelsCommand) -> anyhow::Result<()> {
                     workers: a.workers,
                     tp: a.tp,
                     dtype: a.dtype.clone(),
+                    replicas: a.replicas.map(|r| r.to_string()).unwrap_or_default(),
                 })
                 .await
                 .map_err(status_error)?

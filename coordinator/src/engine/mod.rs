@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use replicas::base_name;
 
 mod blocks;
 mod embed;
@@ -456,6 +457,16 @@ impl Shared {
         self.pins.lock().expect("pins lock").retain(|_, m| m != model);
     }
 
+    /// Frees every worker reserved for `model` or for any of its replicas.
+    pub fn unpin_model(&self, model: &str) {
+        self.pins.lock().expect("pins lock").retain(|_, m| base_name(m) != model);
+    }
+
+    /// Workers reserved for `model` or for any of its replicas.
+    pub fn reserved_for_model(&self, model: &str) -> Vec<String> {
+        self.pins.lock().expect("pins lock").iter().filter(|(_, m)| base_name(m) == model).map(|(w, _)| w.clone()).collect()
+    }
+
     /// Workers reserved for models other than `model`.
     pub fn pinned_elsewhere(&self, model: &str) -> std::collections::HashSet<String> {
         self.pins.lock().expect("pins lock").iter().filter(|(_, m)| *m != model).map(|(w, _)| w.clone()).collect()
@@ -510,8 +521,8 @@ pub struct Engine {
     elected: Notify,
     /// Shared with the other models' engines: cordons, reservations, who uses which worker.
     shared: Arc<Shared>,
-    /// Workers that failed to load a shard, left out of plans until the instant given.
-    quarantined: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Workers that failed to load a shard, left out of plans for a while.
+    quarantined: std::sync::Mutex<placing::Quarantine>,
     /// Plans only over workers reserved for this model (a model loaded at run time).
     pinned: bool,
     /// Workers being drained: the model moves off them once requests in flight are done
@@ -575,7 +586,11 @@ impl Engine {
     ) -> anyhow::Result<Arc<Self>> {
         let replica_set = match (&config.replicas, &primary) {
             (Some(_), Some(p)) if config.replica.is_some() => p.replicas.clone(),
-            (Some(n), None) => Some(Arc::new(replicas::ReplicaSet::new(*n, config.router, shutdown.child_token()))),
+            // The model's own set: a model loaded at run time (`primary` given) is laid out
+            // over the workers reserved for it.
+            (Some(n), p) if config.replica.is_none() => {
+                Some(Arc::new(replicas::ReplicaSet::new(*n, config.router, shutdown.child_token(), p.is_some())))
+            }
             _ => None,
         };
         let mut config = config;

@@ -33,7 +33,7 @@ impl Engine {
             let mut workers: Vec<pb::WorkerInfo> = alive
                 .iter()
                 .filter(|w| !cordoned.contains(&w.id) && !elsewhere.contains(&w.id) && !used.contains_key(&w.id))
-                .filter(|w| !self.is_quarantined(&w.id))
+                .filter(|w| !self.is_quarantined(w))
                 .filter(|w| !self.pinned || mine.contains(&w.id))
                 .cloned()
                 .collect();
@@ -132,7 +132,8 @@ impl Engine {
                             // what failed (a joiner without the model in its cache, say). Leave it
                             // out for a while and place the model over the others again at once.
                             warn!(model = %self.model.name, worker = %bad, error = %why, "a worker failed to load its shard; left out of plans for {QUARANTINE:?}");
-                            self.quarantined.lock().expect("quarantine lock").insert(bad, std::time::Instant::now() + QUARANTINE);
+                            let instance = workers.iter().find(|w| w.id == bad).map(|w| w.instance.clone()).unwrap_or_default();
+                            self.quarantined.lock().expect("quarantine lock").add(bad, instance, std::time::Instant::now() + QUARANTINE);
                             continue;
                         }
                         Err(LoadFailure { why, permanent, .. }) => {
@@ -378,12 +379,10 @@ impl Engine {
         })
     }
 
-    /// Whether `id` failed to load a shard lately and is left out of plans.
-    pub(super) fn is_quarantined(&self, id: &str) -> bool {
-        let mut q = self.quarantined.lock().expect("quarantine lock");
-        let now = std::time::Instant::now();
-        q.retain(|_, until| *until > now);
-        q.contains_key(id)
+    /// Whether worker `w` failed to load a shard lately and is left out of plans. A worker
+    /// restarted under the same id is a new process (a new `instance`): it is not.
+    pub(super) fn is_quarantined(&self, w: &pb::WorkerInfo) -> bool {
+        self.quarantined.lock().expect("quarantine lock").holds(w, std::time::Instant::now())
     }
 
     /// Marks a placement broken (a stage failed) so it is re-planned.
@@ -408,6 +407,51 @@ struct LoadFailure {
 
 /// How long a worker that failed to load a shard of a model that loads elsewhere is left out.
 const QUARANTINE: Duration = Duration::from_secs(60);
+
+/// Workers left out of plans after failing to load a shard: by id, with the process (its
+/// `instance`) that failed and until when. The same id restarted is a new process, planned at
+/// once.
+#[derive(Default)]
+pub(super) struct Quarantine(std::collections::HashMap<String, (String, std::time::Instant)>);
+
+impl Quarantine {
+    pub(super) fn add(&mut self, id: String, instance: String, until: std::time::Instant) {
+        self.0.insert(id, (instance, until));
+    }
+
+    /// Whether `w` is left out at `now` (forgetting those whose time is up).
+    pub(super) fn holds(&mut self, w: &pb::WorkerInfo, now: std::time::Instant) -> bool {
+        self.0.retain(|_, (_, until)| *until > now);
+        // A worker that reports no instance cannot be told apart from its old process.
+        self.0.get(&w.id).is_some_and(|(instance, _)| instance.is_empty() || *instance == w.instance)
+    }
+}
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn worker(id: &str, instance: &str) -> pb::WorkerInfo {
+        pb::WorkerInfo { id: id.into(), instance: instance.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_failed_worker_is_left_out_until_its_time_is_up_or_it_restarts() {
+        let now = Instant::now();
+        let mut q = Quarantine::default();
+        q.add("w1".into(), "a".into(), now + Duration::from_secs(60));
+        assert!(q.holds(&worker("w1", "a"), now));
+        assert!(!q.holds(&worker("w2", "a"), now));
+        // The same id from a new process is planned on at once.
+        assert!(!q.holds(&worker("w1", "b"), now));
+        // The old process, after the minute, too.
+        assert!(!q.holds(&worker("w1", "a"), now + Duration::from_secs(61)));
+        // Without an instance, the id alone decides.
+        q.add("w3".into(), String::new(), now + Duration::from_secs(60));
+        assert!(q.holds(&worker("w3", "c"), now));
+    }
+}
 
 /// Longest a worker may take to load its shard.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);

@@ -27,10 +27,13 @@ pub(crate) struct ReplicaSet {
     router: std::sync::Mutex<Router>,
     /// Stops the engines of replicas 1.. (with the coordinator, or when their model goes).
     stop: CancellationToken,
+    /// Laid out only over the workers reserved for the model (one loaded at run time), not
+    /// over the free fleet.
+    reserved: bool,
 }
 
 impl ReplicaSet {
-    pub(crate) fn new(wanted: ReplicaCount, policy: crate::router::RouterPolicy, stop: CancellationToken) -> Self {
+    pub(crate) fn new(wanted: ReplicaCount, policy: crate::router::RouterPolicy, stop: CancellationToken, reserved: bool) -> Self {
         ReplicaSet {
             engines: RwLock::new(Vec::new()),
             layout: Default::default(),
@@ -38,6 +41,7 @@ impl ReplicaSet {
             index: Arc::new(std::sync::Mutex::new(PrefixIndex::new(1))),
             router: std::sync::Mutex::new(Router::new(policy)),
             stop,
+            reserved,
         }
     }
 
@@ -83,6 +87,14 @@ pub(crate) fn replica_key(model: &str, i: usize) -> String {
     format!("{model}#{i}")
 }
 
+/// The model a reservation key is for: `model` for `model#i` (a replica's) and for `model`.
+pub(crate) fn base_name(key: &str) -> &str {
+    match key.rsplit_once('#') {
+        Some((model, i)) if i.parse::<usize>().is_ok() => model,
+        _ => key,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +110,14 @@ mod tests {
         assert!(workers_per_replica(1, 1, Some(ReplicaCount::Count(2))).is_err());
         let e = workers_per_replica(6, 2, Some(ReplicaCount::Count(2))).unwrap_err();
         assert!(e.contains("3 workers") && e.contains("--tp 2"), "{e}");
+    }
+
+    #[test]
+    fn reservation_keys_name_their_model() {
+        assert_eq!(base_name(&replica_key("qwen", 3)), "qwen");
+        assert_eq!(base_name("qwen"), "qwen");
+        assert_eq!(base_name("a#b"), "a#b");
+        assert_eq!(base_name(&replica_key("a#b", 0)), "a#b");
     }
 
     #[test]
@@ -201,21 +221,27 @@ impl Engine {
         // Workers of other models are not ours; neither are cordoned or draining ones.
         let others: std::collections::HashSet<String> = {
             let pins = self.shared.pins.lock().expect("pins lock");
-            pins.iter().filter(|(_, m)| m.split_once('#').map_or(true, |(n, _)| n != name)).map(|(w, _)| w.clone()).collect()
+            pins.iter().filter(|(_, m)| base_name(m) != name).map(|(w, _)| w.clone()).collect()
         };
         let used: std::collections::HashSet<String> = self
             .shared
             .used_elsewhere("")
             .into_iter()
-            .filter(|(_, key)| key.split_once('#').map_or(true, |(n, _)| n != name))
+            .filter(|(_, key)| base_name(key) != name)
             .map(|(w, _)| w)
             .collect();
+        // A model loaded at run time is laid out over the workers reserved for it only.
+        let mine: std::collections::HashSet<String> = match set.reserved {
+            true => self.shared.reserved_for_model(&name).into_iter().collect(),
+            false => Default::default(),
+        };
         let fleet: Vec<pb::WorkerInfo> = self
             .membership
             .workers()
             .into_iter()
             .filter(|w| !cordoned.contains(&w.id) && !draining.contains(&w.id) && !others.contains(&w.id) && !used.contains(&w.id))
-            .filter(|w| !self.is_quarantined(&w.id))
+            .filter(|w| !set.reserved || mine.contains(&w.id))
+            .filter(|w| !self.is_quarantined(w))
             .collect();
         let Some(shape) = self.replica_shape(&fleet) else {
             return;
@@ -233,10 +259,16 @@ impl Engine {
         info!(model = %name, replicas = new.replicas.iter().filter(|r| !r.is_empty()).count(), spares = new.spares.len(), layout = ?new.replicas, "replicas laid out");
         {
             let mut pins = self.shared.pins.lock().expect("pins lock");
-            pins.retain(|_, m| m.split_once('#').map_or(true, |(n, _)| n != name));
+            pins.retain(|_, m| base_name(m) != name);
             for (i, workers) in new.replicas.iter().enumerate() {
                 for w in workers {
                     pins.insert(w.clone(), replica_key(&name, i));
+                }
+            }
+            if set.reserved {
+                // A model loaded at run time keeps its spares reserved.
+                for w in &new.spares {
+                    pins.insert(w.clone(), name.clone());
                 }
             }
         }

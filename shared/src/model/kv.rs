@@ -531,6 +531,37 @@ pub(crate) fn paged_decode_cpu(
     Tensor::from_vec(out, (rows.len(), heads * d), q.device())
 }
 
+/// Scaled, causally masked softmax of a prefill chunk's attention scores in one pass (CPU, f32):
+/// `scores` is `(groups, rows, context)` with the chunk's `len` query rows repeating within
+/// each group, the chunk starting at position `start`; row `i` sees keys `0..=start + i`, the
+/// rest get probability 0. The same values as `softmax(scores * scale + causal mask)`, without
+/// building the mask or a pass per operation.
+pub(crate) fn causal_softmax_cpu(scores: &Tensor, len: usize, start: usize, scale: f32) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (groups, rows, total) = scores.dims3()?;
+    let (st, so) = cpu_f32(scores)?;
+    let src = &slice_of(&st, so)?[..groups * rows * total];
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(r, (dst, src))| {
+        let seen = (start + r % len + 1).min(total);
+        let (dst, src) = (&mut dst[..seen], &src[..seen]);
+        let mut max = f32::NEG_INFINITY;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s * scale;
+            max = max.max(*d);
+        }
+        let mut sum = 0f32;
+        for d in dst.iter_mut() {
+            *d = (*d - max).exp();
+            sum += *d;
+        }
+        for d in dst.iter_mut() {
+            *d /= sum;
+        }
+    });
+    Tensor::from_vec(out, (groups, rows, total), scores.device())
+}
+
 /// The same attention as [`paged_decode_cpu`] on any device, in a few kernels whatever the
 /// batch: every row's context is gathered from the pool into one batch padded to the longest
 /// (padding masked out), then two batched matmuls. Returns `(rows, heads × head_dim)`.
@@ -766,6 +797,30 @@ mod tests {
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn causal_softmax_equals_scaled_masked_softmax() {
+        let dev = Device::Cpu;
+        // 2 KV heads × 3 query heads each, a chunk of 4 rows starting at position 5.
+        let (groups, rep, len, start) = (2, 3, 4, 5);
+        let total = start + len;
+        let scores = Tensor::randn(0f32, 3.0, (groups, rep * len, total), &dev).unwrap();
+        let got = causal_softmax_cpu(&scores, len, start, 0.25).unwrap().to_vec3::<f32>().unwrap();
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| (0..total).map(move |j| if j > i + start { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, total), &dev).unwrap();
+        let masked = (scores * 0.25).unwrap().reshape((groups, rep, len, total)).unwrap().broadcast_add(&mask).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&masked.reshape((groups, rep * len, total)).unwrap()).unwrap();
+        let want = want.to_vec3::<f32>().unwrap();
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            for (j, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!((a - b).abs() < 1e-6, "key {j}: {a} vs {b}");
+            }
+        }
+        // A row never sees a key after its own position.
+        assert_eq!(got[0][0][start + 1..], vec![0f32; len - 1][..]);
     }
 
     #[test]

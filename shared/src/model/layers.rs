@@ -3,7 +3,7 @@
 //! parallelism each holds its rank's heads and intermediate columns, and the row-parallel
 //! projections sum over the group.
 
-use super::kv::{cpu_f32 as cpu_f32_storage, padded_decode, paged_decode_cpu, slice_of, DecodeRow, KvPool};
+use super::kv::{causal_softmax_cpu, cpu_f32 as cpu_f32_storage, padded_decode, paged_decode_cpu, slice_of, DecodeRow, KvPool};
 use super::skinny;
 use super::Batch;
 use crate::collective::{Collective, TpSplit};
@@ -238,12 +238,18 @@ impl Attention {
             // matmul as `h / kvh` times the rows.
             let (rep, total) = (h / kvh, ks.dim(1)?);
             let qg = qs.reshape((kvh, rep * s.len, d))?;
-            let mut scores = (qg.matmul(&ks.t()?)? * scale)?;
-            if s.len > 1 {
-                let mask = causal_mask(s.len, s.start, scores.dtype(), x.device())?;
-                scores = scores.reshape((kvh, rep, s.len, total))?.broadcast_add(&mask)?.reshape((kvh, rep * s.len, total))?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(vs.dtype())?;
+            let scores = qg.matmul(&ks.t()?)?;
+            let probs = if x.device().is_cpu() && scores.dtype() == DType::F32 {
+                // Scale, mask and softmax in one pass over the scores.
+                causal_softmax_cpu(&scores, s.len, s.start, scale as f32)?
+            } else {
+                let mut scores = (scores * scale)?;
+                if s.len > 1 {
+                    let mask = causal_mask(s.len, s.start, scores.dtype(), x.device())?;
+                    scores = scores.reshape((kvh, rep, s.len, total))?.broadcast_add(&mask)?.reshape((kvh, rep * s.len, total))?;
+                }
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(vs.dtype())?
+            };
             let ctx = probs.matmul(&vs)?.reshape((h, s.len, d))?.transpose(0, 1)?.reshape((s.len, h * d))?;
             pieces.push(ctx);
         }
