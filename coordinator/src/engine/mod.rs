@@ -452,11 +452,6 @@ impl Shared {
         }
     }
 
-    /// Frees every worker reserved for `model`.
-    pub fn unpin(&self, model: &str) {
-        self.pins.lock().expect("pins lock").retain(|_, m| m != model);
-    }
-
     /// Frees every worker reserved for `model` or for any of its replicas.
     pub fn unpin_model(&self, model: &str) {
         self.pins.lock().expect("pins lock").retain(|_, m| base_name(m) != model);
