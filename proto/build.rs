@@ -7,15 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("PROTOC", protoc);
     }
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = [
-        "shardserve/v1/inference.proto",
-        "shardserve/v1/admin.proto",
-        "shardserve/v1/worker.proto",
-        "shardserve/v1/relay.proto",
-    ];
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("shardserve_descriptor.bin"))
-        .compile_protos(&protos, &["."])?;
+    let protos = ["shardserve/v1/inference.proto", "shardserve/v1/admin.proto", "shardserve/v1/worker.proto", "shardserve/v1/relay.proto"];
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("shardserve_descriptor.bin")).compile_protos(&protos, &["."])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

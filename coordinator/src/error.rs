@@ -23,7 +23,9 @@ pub enum ServeError {
     #[error("the queue of model {model} is full: {limit} requests are waiting (max_waiting = {limit})")]
     QueueFull { model: String, limit: usize },
     /// The client did not read its stream: it was cancelled rather than hold up the others.
-    #[error("the client did not read its stream: {buffered} tokens were waiting for it, so it was cancelled (max_buffered_tokens = {buffered})")]
+    #[error(
+        "the client did not read its stream: {buffered} tokens were waiting for it, so it was cancelled (max_buffered_tokens = {buffered})"
+    )]
     ClientTooSlow { buffered: usize },
     /// No healthy placement, or a stage died.
     #[error("{0}")]

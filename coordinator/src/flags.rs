@@ -210,10 +210,7 @@ impl BatchArgs {
         anyhow::ensure!(self.max_waiting >= 1, "--max-waiting must be at least 1");
         anyhow::ensure!(self.kv_block_size >= 1, "--kv-block-size must be at least 1");
         anyhow::ensure!(self.max_buffered_tokens >= 1, "--max-buffered-tokens must be at least 1");
-        self.kv_memory
-            .as_deref()
-            .map(|s| parse_size(s).map_err(|e| anyhow::anyhow!("--kv-memory {s}: {e}")))
-            .transpose()
+        self.kv_memory.as_deref().map(|s| parse_size(s).map_err(|e| anyhow::anyhow!("--kv-memory {s}: {e}"))).transpose()
     }
 
     /// The same flags as arguments, for a coordinator started by `shardctl up`.
@@ -400,14 +397,69 @@ mod tests {
     #[test]
     fn every_serve_flag_reaches_the_coordinator_up_starts() {
         let given = [
-            "x", "--model", "M", "--revision", "r1", "--name", "n", "--listen", "127.0.0.1:0", "--dtype", "bf16",
-            "--workers", "4", "--tp", "2", "--random-weights", "--max-total-tokens", "99", "--max-concurrent-requests", "7",
-            "--lease-ttl-s", "3", "--step-timeout-s", "9", "--strategy", "balanced", "--max-memory", "0=1GiB",
-            "--device-map", "/m.json", "--kv-reserve", "0.2", "--prefill-chunk", "64", "--etcd", "http://e:2379",
-            "--cluster", "c", "--migration-limit", "2", "--migration-wait-s", "5", "--replan-wait-s", "6",
-            "--max-batch-size", "8", "--http-listen", "127.0.0.1:0", "--max-n", "3", "--api-keys-file", "/k",
-            "--admin-keys-file", "/a", "--no-reflection", "--prefix-caching", "off", "--prefix-cache-scope", "per-key",
-            "--advertise", "coordinator-1:50051", "--peer-ca", "/ca.pem",
+            "x",
+            "--model",
+            "M",
+            "--revision",
+            "r1",
+            "--name",
+            "n",
+            "--listen",
+            "127.0.0.1:0",
+            "--dtype",
+            "bf16",
+            "--workers",
+            "4",
+            "--tp",
+            "2",
+            "--random-weights",
+            "--max-total-tokens",
+            "99",
+            "--max-concurrent-requests",
+            "7",
+            "--lease-ttl-s",
+            "3",
+            "--step-timeout-s",
+            "9",
+            "--strategy",
+            "balanced",
+            "--max-memory",
+            "0=1GiB",
+            "--device-map",
+            "/m.json",
+            "--kv-reserve",
+            "0.2",
+            "--prefill-chunk",
+            "64",
+            "--etcd",
+            "http://e:2379",
+            "--cluster",
+            "c",
+            "--migration-limit",
+            "2",
+            "--migration-wait-s",
+            "5",
+            "--replan-wait-s",
+            "6",
+            "--max-batch-size",
+            "8",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--max-n",
+            "3",
+            "--api-keys-file",
+            "/k",
+            "--admin-keys-file",
+            "/a",
+            "--no-reflection",
+            "--prefix-caching",
+            "off",
+            "--prefix-cache-scope",
+            "per-key",
+            "--advertise",
+            "coordinator-1:50051",
+            "--peer-ca",
+            "/ca.pem",
         ];
         let first = Serve::parse_from(given).serve;
         let again = Serve::parse_from(std::iter::once("x".to_string()).chain(first.to_args())).serve;

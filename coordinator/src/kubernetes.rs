@@ -33,9 +33,8 @@ impl StatefulSetScaler {
     /// Through the in-cluster configuration (the pod's ServiceAccount token and CA); the
     /// namespace defaults to the pod's own.
     pub fn in_cluster(name: String, namespace: Option<String>) -> anyhow::Result<Self> {
-        let config = kube::Config::incluster().map_err(|e| {
-            anyhow::anyhow!("--fleet kubernetes needs to run in a Kubernetes pod (in-cluster configuration): {e}")
-        })?;
+        let config = kube::Config::incluster()
+            .map_err(|e| anyhow::anyhow!("--fleet kubernetes needs to run in a Kubernetes pod (in-cluster configuration): {e}"))?;
         let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
         let client = kube::Client::try_from(config).map_err(|e| anyhow::anyhow!("Kubernetes client: {e}"))?;
         Ok(Self::new(client, &namespace, name))

@@ -107,11 +107,7 @@ pub async fn run(
     let health_task = tokio::spawn(async move {
         loop {
             let ready = matches!(*state.borrow_and_update(), engine::ServingState::Ready(_));
-            let status = if ready {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
+            let status = if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
             reporter.set_service_status("", status).await;
             if ready {
                 reporter.set_serving::<InferenceServer<service::InferenceService>>().await;
@@ -145,14 +141,17 @@ pub async fn run(
         .add_optional_service(config.reflection.then_some(reflection))
         .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(InferenceServer::with_interceptor(service::InferenceService(models.clone()), inference))
-        .add_service(AdminServer::with_interceptor(service::AdminService {
-            models: models.clone(),
-            local: config.local_workers.clone(),
-            kubernetes: config.kubernetes.clone(),
-            spawned: Arc::default(),
-            metrics_address: config.metrics_listen.clone().unwrap_or_default(),
-            http_address: config.http_address.clone().unwrap_or_default(),
-        }, admin))
+        .add_service(AdminServer::with_interceptor(
+            service::AdminService {
+                models: models.clone(),
+                local: config.local_workers.clone(),
+                kubernetes: config.kubernetes.clone(),
+                spawned: Arc::default(),
+                metrics_address: config.metrics_listen.clone().unwrap_or_default(),
+                http_address: config.http_address.clone().unwrap_or_default(),
+            },
+            admin,
+        ))
         .add_service(RelayServer::with_interceptor(relay::RelayService(models.clone()), config.auth.interceptor(auth::Role::Inference)))
         .add_service(MembershipServer::with_interceptor(
             membership::MembershipService(embedded),
@@ -215,12 +214,7 @@ pub fn url(addr: &str) -> String {
 pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.write_u32(std::process::id());
     h.finish().max(1)
 }
@@ -231,9 +225,7 @@ pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
 /// Shared across the crate's binaries.
 pub fn init_tracing() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -247,4 +239,3 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
-

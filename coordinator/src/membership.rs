@@ -38,14 +38,7 @@ impl Embedded {
     /// A fleet whose leases last `ttl` without renewal; expired ones are swept until `shutdown`.
     pub fn new(ttl: Duration, shutdown: CancellationToken) -> Arc<Self> {
         let (version, _) = watch::channel(0);
-        let m = Arc::new(Embedded {
-            ttl,
-            inner: Mutex::new(EmbeddedInner {
-                next_lease: 1,
-                ..Default::default()
-            }),
-            version,
-        });
+        let m = Arc::new(Embedded { ttl, inner: Mutex::new(EmbeddedInner { next_lease: 1, ..Default::default() }), version });
         let sweeper = m.clone();
         tokio::spawn(async move {
             loop {
@@ -93,23 +86,12 @@ impl Embedded {
             inner.next_lease += 1;
             inner.joins += 1;
             let joined = inner.joins;
-            inner.by_id.insert(
-                info.id.clone(),
-                Entry {
-                    info: info.clone(),
-                    lease,
-                    expires: Instant::now() + self.ttl,
-                    joined,
-                },
-            );
+            inner.by_id.insert(info.id.clone(), Entry { info: info.clone(), lease, expires: Instant::now() + self.ttl, joined });
             lease
         };
         info!(worker = %info.id, address = %info.address, lease, "worker joined");
         self.bump();
-        Ok(pb::RegisterResponse {
-            lease_id: lease,
-            ttl_seconds: self.ttl.as_secs().max(1) as u32,
-        })
+        Ok(pb::RegisterResponse { lease_id: lease, ttl_seconds: self.ttl.as_secs().max(1) as u32 })
     }
 
     fn keep_alive(&self, lease: u64) -> Result<(), Status> {
@@ -159,18 +141,13 @@ pub struct MembershipService(pub Arc<Embedded>);
 #[tonic::async_trait]
 impl pb::membership_server::Membership for MembershipService {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let info = request
-            .into_inner()
-            .worker
-            .ok_or_else(|| Status::invalid_argument("worker is required"))?;
+        let info = request.into_inner().worker.ok_or_else(|| Status::invalid_argument("worker is required"))?;
         self.0.register(info).map(Response::new)
     }
 
     async fn keep_alive(&self, request: Request<pb::KeepAliveRequest>) -> Result<Response<pb::KeepAliveResponse>, Status> {
         self.0.keep_alive(request.into_inner().lease_id)?;
-        Ok(Response::new(pb::KeepAliveResponse {
-            ttl_seconds: self.0.ttl.as_secs().max(1) as u32,
-        }))
+        Ok(Response::new(pb::KeepAliveResponse { ttl_seconds: self.0.ttl.as_secs().max(1) as u32 }))
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {

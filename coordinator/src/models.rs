@@ -61,14 +61,8 @@ impl Models {
         etcd: Option<(shardserve::membership::Etcd, String)>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let models = Arc::new(Models {
-            primary,
-            loaded: Mutex::new(Vec::new()),
-            membership,
-            etcd,
-            shutdown,
-            changing: tokio::sync::Mutex::new(()),
-        });
+        let models =
+            Arc::new(Models { primary, loaded: Mutex::new(Vec::new()), membership, etcd, shutdown, changing: tokio::sync::Mutex::new(()) });
         if models.etcd.is_some() {
             tokio::spawn(models.clone().sync());
         }
@@ -166,7 +160,9 @@ impl Models {
         // With replicas, the layout moves these to each replica's key; spares stay here.
         shared.pin(&r.pinned, &r.name);
         let stop = self.shutdown.child_token();
-        let started = Engine::start_in(config, self.membership.clone(), self.etcd.clone(), shared.clone(), Some(self.primary.clone()), stop.clone()).await;
+        let started =
+            Engine::start_in(config, self.membership.clone(), self.etcd.clone(), shared.clone(), Some(self.primary.clone()), stop.clone())
+                .await;
         let engine = match started {
             Ok(e) => e,
             Err(e) => {
@@ -196,11 +192,7 @@ impl Models {
     /// The engine serving `name` (empty: the coordinator's own model).
     pub fn find(&self, name: &str) -> Result<(Arc<Engine>, Arc<ModelEntry>), ServeError> {
         let all = self.engines();
-        let found = if name.is_empty() {
-            all.first()
-        } else {
-            all.iter().find(|e| e.entry().name == name)
-        };
+        let found = if name.is_empty() { all.first() } else { all.iter().find(|e| e.entry().name == name) };
         match found {
             Some(e) => Ok((e.clone(), e.entry().clone())),
             None => Err(ServeError::NotFound(format!(
@@ -250,11 +242,7 @@ impl Models {
             name: name.clone(),
             workers,
             tp,
-            dtype: req
-                .dtype
-                .parse::<shardserve::dtype::Dtype>()
-                .map_err(|e| ServeError::InvalidArgument(e.to_string()))?
-                .to_string(),
+            dtype: req.dtype.parse::<shardserve::dtype::Dtype>().map_err(|e| ServeError::InvalidArgument(e.to_string()))?.to_string(),
             pinned: Vec::new(),
             replicas: replicas.map(|r| r.to_string()),
         };
@@ -367,7 +355,10 @@ impl Models {
                     let mut c = shardserve::stage::connect(&address, self.primary.config().tls.as_deref()).await?;
                     c.unload(pb::UnloadRequest { epoch: p.epoch }).await
                 };
-                if let Err(e) = tokio::time::timeout(Duration::from_secs(5), call).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("timed out"))) {
+                if let Err(e) = tokio::time::timeout(Duration::from_secs(5), call)
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("timed out")))
+                {
                     tracing::debug!(worker = %id, error = %e, "unloading the shard failed");
                 }
             }

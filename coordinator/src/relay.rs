@@ -77,7 +77,8 @@ impl Peers {
                 return Ok(channel.clone());
             }
         }
-        let unreachable = |why: String| ServeError::Unavailable(format!("cannot reach the leader coordinator at {}: {why}", leader.address));
+        let unreachable =
+            |why: String| ServeError::Unavailable(format!("cannot reach the leader coordinator at {}: {why}", leader.address));
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", leader.address))
             .map_err(|e| unreachable(e.to_string()))?
             .tcp_nodelay(true)
@@ -135,11 +136,7 @@ pub(crate) fn to_event(ev: GenEvent) -> pb::RelayEvent {
             .iter()
             .map(|t| pb::TopLogprobs { token_ids: t.iter().map(|x| x.0).collect(), logprobs: t.iter().map(|x| x.1).collect() })
             .collect(),
-        embedding: ev
-            .embedding
-            .into_iter()
-            .map(|v| pb::Embedding { rows: 1, dims: v.len() as u32, values: v })
-            .collect(),
+        embedding: ev.embedding.into_iter().map(|v| pb::Embedding { rows: 1, dims: v.len() as u32, values: v }).collect(),
         cached_tokens: ev.cached_tokens.map(|c| c as u32),
     }
 }
@@ -202,7 +199,8 @@ pub(crate) async fn forward(
     let mut client = pb::relay_client::RelayClient::new(channel);
     let mut call = tonic::Request::new(to_relay(&model.name, &id, &req));
     if let Some(c) = &req.credential {
-        let value = format!("Bearer {}", c.0).parse().map_err(|_| ServeError::InvalidArgument("the API key is not a valid header value".into()))?;
+        let value =
+            format!("Bearer {}", c.0).parse().map_err(|_| ServeError::InvalidArgument("the API key is not a valid header value".into()))?;
         call.metadata_mut().insert("authorization", value);
     }
     if let Ok(v) = id.parse() {
@@ -214,7 +212,12 @@ pub(crate) async fn forward(
     let mut stream = match tokio::time::timeout(within, client.submit(call)).await {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(s)) => return Err(from_status(&leader.address, &s)),
-        Err(_) => return Err(ServeError::Unavailable(format!("the leader coordinator at {} did not take the request within {within:?}", leader.address))),
+        Err(_) => {
+            return Err(ServeError::Unavailable(format!(
+                "the leader coordinator at {} did not take the request within {within:?}",
+                leader.address
+            )))
+        }
     };
     let (out, events) = mpsc::channel(engine.config().max_buffered_tokens.max(1));
     let (done, done_rx) = oneshot::channel();

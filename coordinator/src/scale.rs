@@ -2,8 +2,8 @@
 //! and stops local ones, until the fleet has the size asked for. The Kubernetes deployment
 //! provides the same operation for in-cluster fleets.
 
-use crate::models::Models;
 use crate::error::ServeError;
+use crate::models::Models;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -1,8 +1,8 @@
 //! The coordinator's gRPC services: `Inference` for clients and `Admin` for operators.
 
 use crate::engine::{Engine, ModelEntry, RequestHandle, ServingState, ValidRequest};
-use crate::models::Models;
 use crate::error::ServeError;
+use crate::models::Models;
 use crate::validate::validate;
 use shardserve_proto::v1 as pb;
 use std::pin::Pin;
@@ -15,11 +15,7 @@ use tracing::Instrument;
 pub struct InferenceService(pub Arc<Models>);
 
 fn usage(prompt: usize, completion: usize, cached: usize) -> pb::Usage {
-    pb::Usage {
-        prompt_tokens: prompt as u32,
-        completion_tokens: completion as u32,
-        cached_tokens: cached as u32,
-    }
+    pb::Usage { prompt_tokens: prompt as u32, completion_tokens: completion as u32, cached_tokens: cached as u32 }
 }
 
 /// Who made a request, as far as prefix caching and the leader coordinator care: the API key
@@ -103,7 +99,11 @@ impl InferenceService {
     }
 
     /// Finds `req`'s model and validates `req` for it, as `caller`'s.
-    pub(crate) fn prepare(&self, req: &pb::GenerateRequest, caller: &Caller) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
+    pub(crate) fn prepare(
+        &self,
+        req: &pb::GenerateRequest,
+        caller: &Caller,
+    ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
         let mut valid = validate(&model, req)?;
         caller.apply(&mut valid, engine.config().prefix_cache_scope);
@@ -133,8 +133,14 @@ impl InferenceService {
             Some(serde_json::Value::Object(m)) => Some(m),
             Some(_) => return Err(ServeError::InvalidArgument("chat_template_kwargs_json: expected a JSON object".into())),
         };
-        let text = crate::http::chat::render_messages(&model, &messages, tools.as_ref(), req.add_generation_prompt.unwrap_or(true), kwargs.as_ref())
-            .map_err(|e| ServeError::InvalidArgument(e.message))?;
+        let text = crate::http::chat::render_messages(
+            &model,
+            &messages,
+            tools.as_ref(),
+            req.add_generation_prompt.unwrap_or(true),
+            kwargs.as_ref(),
+        )
+        .map_err(|e| ServeError::InvalidArgument(e.message))?;
         generate.prompt = text.clone();
         let (engine, model, mut valid) = self.prepare(&generate, caller)?;
         valid.prompt_ids = shardserve::chat::prompt_ids(&model.tokenizer, &text).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
@@ -191,7 +197,12 @@ impl InferenceService {
         Ok((handle, prompt_ids))
     }
 
-    async fn generate_all(&self, req: pb::GenerateRequest, id: String, caller: &Caller) -> (String, Result<pb::GenerateResponse, ServeError>) {
+    async fn generate_all(
+        &self,
+        req: pb::GenerateRequest,
+        id: String,
+        caller: &Caller,
+    ) -> (String, Result<pb::GenerateResponse, ServeError>) {
         let name = self.name_of(&req);
         let (mut handle, prompt_ids) = match self.start(&req, id, caller).await {
             Ok(v) => v,
@@ -294,14 +305,9 @@ impl pb::inference_server::Inference for InferenceService {
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
         let (_, model) = self.0.find(&req.model)?;
-        let token_ids = model
-            .tokenizer
-            .encode(&req.text)
-            .map_err(|e| Status::invalid_argument(format!("text cannot be tokenized: {e}")))?;
-        let tokens = model
-            .tokenizer
-            .tokens(&req.text)
-            .map_err(|e| Status::invalid_argument(format!("text cannot be tokenized: {e}")))?;
+        let token_ids =
+            model.tokenizer.encode(&req.text).map_err(|e| Status::invalid_argument(format!("text cannot be tokenized: {e}")))?;
+        let tokens = model.tokenizer.tokens(&req.text).map_err(|e| Status::invalid_argument(format!("text cannot be tokenized: {e}")))?;
         Ok(Response::new(pb::TokenizeResponse { token_ids, tokens }))
     }
 
@@ -326,8 +332,15 @@ fn serving(model: &ModelEntry) -> Result<(), ServeError> {
 
 /// Runs a validated request and streams its events (`GenerateStream`, `Chat`); the client going
 /// away cancels it.
-fn stream(id: String, name: String, span: tracing::Span, engine: Arc<Engine>, model: Arc<ModelEntry>, valid: ValidRequest) -> Response<GenStream> {
-        let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
+fn stream(
+    id: String,
+    name: String,
+    span: tracing::Span,
+    engine: Arc<Engine>,
+    model: Arc<ModelEntry>,
+    valid: ValidRequest,
+) -> Response<GenStream> {
+    let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
     let request_id = id.clone();
     tokio::spawn(
         async move {
@@ -592,11 +605,7 @@ impl pb::admin_server::Admin for AdminService {
             Some(set) => crate::scale::scale_statefulset(&self.models, set, target).await?,
             None => crate::scale::scale(&self.models, self.local.as_ref(), &self.spawned, target).await?,
         };
-        Ok(Response::new(pb::ScaleResponse {
-            workers: self.models.primary().membership().workers().len() as u32,
-            started,
-            stopped,
-        }))
+        Ok(Response::new(pb::ScaleResponse { workers: self.models.primary().membership().workers().len() as u32, started, stopped }))
     }
 
     async fn load_model(&self, request: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelResponse>, Status> {

@@ -48,15 +48,10 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
     }
     let repetition_penalty = s.repetition_penalty.or(g.repetition_penalty).unwrap_or(1.0);
     if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
-        return Err(invalid(format!(
-            "sampling.repetition_penalty must be finite and > 0, got {repetition_penalty}"
-        )));
+        return Err(invalid(format!("sampling.repetition_penalty must be finite and > 0, got {repetition_penalty}")));
     }
     if req.stop.len() > MAX_STOP_SEQUENCES {
-        return Err(invalid(format!(
-            "stop has {} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
-            req.stop.len()
-        )));
+        return Err(invalid(format!("stop has {} sequences; at most {MAX_STOP_SEQUENCES} are allowed", req.stop.len())));
     }
     if let Some(i) = req.stop.iter().position(String::is_empty) {
         return Err(invalid(format!("stop[{i}] is empty")));
@@ -69,10 +64,7 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
             return Err(invalid(format!("max_new_tokens must be >= 1, got {m}")));
         }
     }
-    let prompt_ids = model
-        .tokenizer
-        .encode(&req.prompt)
-        .map_err(|e| invalid(format!("prompt cannot be tokenized: {e}")))?;
+    let prompt_ids = model.tokenizer.encode(&req.prompt).map_err(|e| invalid(format!("prompt cannot be tokenized: {e}")))?;
     if prompt_ids.is_empty() {
         return Err(invalid("prompt tokenizes to nothing".into()));
     }
@@ -94,10 +86,7 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
             }
             m
         }
-        None => g
-            .max_new_tokens
-            .map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize)
-            .min(limit - prompt_ids.len()),
+        None => g.max_new_tokens.map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize).min(limit - prompt_ids.len()),
     };
     if req.top_logprobs > MAX_TOP_LOGPROBS {
         return Err(invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs)));
@@ -112,13 +101,7 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
         return Err(invalid(format!("min_tokens ({}) exceeds max_new_tokens ({max_new_tokens})", req.min_tokens)));
     }
     let seed = s.seed.unwrap_or_else(crate::random_u64);
-    let sampling = SamplingParams {
-        temperature,
-        top_k: top_k as usize,
-        top_p,
-        repetition_penalty,
-        seed,
-    };
+    let sampling = SamplingParams { temperature, top_k: top_k as usize, top_p, repetition_penalty, seed };
     Ok(ValidRequest {
         prompt_ids,
         max_new_tokens,
@@ -141,19 +124,13 @@ pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate
     if input.is_empty() {
         return Err(invalid(format!("inputs[{index}] must not be empty")));
     }
-    let prompt_ids = model
-        .tokenizer
-        .encode(input)
-        .map_err(|e| invalid(format!("inputs[{index}] cannot be tokenized: {e}")))?;
+    let prompt_ids = model.tokenizer.encode(input).map_err(|e| invalid(format!("inputs[{index}] cannot be tokenized: {e}")))?;
     if prompt_ids.is_empty() {
         return Err(invalid(format!("inputs[{index}] tokenizes to nothing")));
     }
     let limit = model.max_total_tokens;
     if prompt_ids.len() > limit {
-        return Err(invalid(format!(
-            "inputs[{index}] has {} tokens; the model's context is {limit} tokens",
-            prompt_ids.len()
-        )));
+        return Err(invalid(format!("inputs[{index}] has {} tokens; the model's context is {limit} tokens", prompt_ids.len())));
     }
     Ok(ValidRequest {
         prompt_ids,
@@ -247,7 +224,13 @@ mod tests {
         pb::RelayRequest {
             prompt_ids: vec![1, 2, 3],
             max_new_tokens: 8,
-            sampling: Some(pb::SamplingParams { temperature: Some(0.0), top_p: Some(1.0), top_k: Some(0), repetition_penalty: Some(1.0), seed: Some(3) }),
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(0.0),
+                top_p: Some(1.0),
+                top_k: Some(0),
+                repetition_penalty: Some(1.0),
+                seed: Some(3),
+            }),
             cache_salt: "s".into(),
             ..Default::default()
         }
@@ -263,7 +246,10 @@ mod tests {
             (pb::RelayRequest { prompt_ids: vec![1, 600], ..relayed() }, "token 600 is outside the vocabulary (512)"),
             (pb::RelayRequest { max_new_tokens: 0, ..relayed() }, "max_new_tokens must be >= 1"),
             (pb::RelayRequest { max_new_tokens: 62, ..relayed() }, "exceeds the model's context of 64"),
-            (pb::RelayRequest { sampling: Some(pb::SamplingParams { top_p: Some(2.0), ..relayed().sampling.unwrap() }), ..relayed() }, "top_p"),
+            (
+                pb::RelayRequest { sampling: Some(pb::SamplingParams { top_p: Some(2.0), ..relayed().sampling.unwrap() }), ..relayed() },
+                "top_p",
+            ),
             (pb::RelayRequest { stop: vec![String::new()], ..relayed() }, "stop"),
             (pb::RelayRequest { top_logprobs: 3, ..relayed() }, "needs logprobs"),
             (pb::RelayRequest { min_tokens: 9, ..relayed() }, "min_tokens (9) exceeds"),

@@ -91,13 +91,7 @@ pub(crate) fn model() -> &'static Model {
 /// One runtime for every async part; its threads live as long as the process.
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a tokio runtime")
-    })
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime"))
 }
 
 /// The coordinator's side: the model's entry (what validation reads) and the HTTP API.

@@ -174,7 +174,13 @@ fn check_results(ids: &[u64], results: &[pb::SequenceResult], forwarded: bool) {
             assert_ne!(r.code, 0, "sequence {} failed with code OK: {}", r.seq_id, r.error);
             // A step that fails is malformed (INVALID_ARGUMENT and kin), never this stage's
             // own failure: the tiny model runs any well-formed step.
-            assert_ne!(tonic::Code::from(r.code), tonic::Code::Internal, "sequence {}: INTERNAL for a client's step: {}", r.seq_id, r.error);
+            assert_ne!(
+                tonic::Code::from(r.code),
+                tonic::Code::Internal,
+                "sequence {}: INTERNAL for a client's step: {}",
+                r.seq_id,
+                r.error
+            );
         }
     }
     if !forwarded {

@@ -37,8 +37,7 @@ fn safetensors() {
     write("safetensors", "whole-tp-rank1-last", &with_mode(0b1_1110, &whole));
     // Only what the middle stage of three owns.
     let tensors = candle_core::safetensors::load(model.whole.join("model.safetensors"), &Device::Cpu).unwrap();
-    let middle: std::collections::HashMap<String, Tensor> =
-        tensors.into_iter().filter(|(n, _)| n.starts_with("model.layers.1.")).collect();
+    let middle: std::collections::HashMap<String, Tensor> = tensors.into_iter().filter(|(n, _)| n.starts_with("model.layers.1.")).collect();
     let path = fixture::scratch().join("middle.safetensors");
     candle_core::safetensors::save(&middle, &path).unwrap();
     write("safetensors", "middle", &with_mode(0b0_0100, &std::fs::read(&path).unwrap()));
@@ -169,18 +168,13 @@ fn steps(route: u8, steps: &[pb::StepRequest]) -> Vec<u8> {
 }
 
 fn seq(seq_id: u64, tokens: &[u32], start_pos: u32) -> pb::SequenceStep {
-    pb::SequenceStep {
-        seq_id,
-        token_ids: tokens.to_vec(),
-        start_pos,
-        epoch: fixture::EPOCH,
-        ..Default::default()
-    }
+    pb::SequenceStep { seq_id, token_ids: tokens.to_vec(), start_pos, epoch: fixture::EPOCH, ..Default::default() }
 }
 
 fn step() {
     let prompt = [1, 87, 85, 264, 201, 57, 74, 273, 223];
-    let sampling = pb::SamplingParams { temperature: Some(0.8), top_p: Some(0.9), top_k: Some(10), repetition_penalty: Some(1.2), seed: Some(3) };
+    let sampling =
+        pb::SamplingParams { temperature: Some(0.8), top_p: Some(0.9), top_k: Some(10), repetition_penalty: Some(1.2), seed: Some(3) };
     // A prefill then two decode steps through both stages, greedy.
     let prefill = pb::StepRequest { step_id: 1, sequences: vec![seq(11, &prompt, 0)], ..Default::default() };
     let decode = |id, pos, tok| pb::StepRequest { step_id: u64::from(pos), sequences: vec![seq(id, &[tok], pos)], ..Default::default() };
@@ -221,7 +215,8 @@ fn step() {
     let long: Vec<u32> = (0..300).map(|i| 3 + (i * 7) % 290).collect();
     write("step", "long-prompt", &steps(0, &[pb::StepRequest { step_id: 7, sequences: vec![seq(41, &long, 0)], ..Default::default() }]));
     // Steps a worker must refuse, one of each kind, so the fuzzer starts from every check.
-    let wire = |id, t: pb::Tensor| pb::StepRequest { step_id: 8, sequences: vec![seq(id, &[5, 6, 7], 0)], hidden: Some(t), ..Default::default() };
+    let wire =
+        |id, t: pb::Tensor| pb::StepRequest { step_id: 8, sequences: vec![seq(id, &[5, 6, 7], 0)], hidden: Some(t), ..Default::default() };
     let good = shardserve::wire::encode(&h).unwrap();
     let wrong_dtype = wire(51, pb::Tensor { dtype: "i64".into(), ..good.clone() });
     let wrong_shape = wire(52, pb::Tensor { shape: vec![3, 8, 2], ..good.clone() });

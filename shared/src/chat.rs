@@ -12,11 +12,11 @@
 
 mod python;
 
-pub(crate) use python::json_string;
-use python::{python_str, python_title, tojson, write_str_of};
 use crate::tokenizer::Tokenizer;
 use minijinja::value::{Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind, Output, State};
+pub(crate) use python::json_string;
+use python::{python_str, python_title, tojson, write_str_of};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -29,37 +29,19 @@ pub enum ChatError {
     NoTemplate { model: String },
     /// A template was asked for by a name the model does not have.
     #[error("model {model} has no chat template named {name:?} (its templates: {})", available.join(", "))]
-    UnknownTemplateName {
-        model: String,
-        name: String,
-        available: Vec<String>,
-    },
+    UnknownTemplateName { model: String, name: String, available: Vec<String> },
     /// The model has several named templates, none of them `default`, and none was named.
     #[error("model {model} has several chat templates and none named \"default\": name one of {}", available.join(", "))]
     NoDefaultTemplate { model: String, available: Vec<String> },
     /// The template does not compile.
     #[error("chat template {template:?} of model {model} does not compile: {message}")]
-    Syntax {
-        model: String,
-        template: String,
-        message: String,
-        line: Option<usize>,
-    },
+    Syntax { model: String, template: String, message: String, line: Option<usize> },
     /// The template called `raise_exception(message)`: it refuses this conversation.
     #[error("chat template {template:?} of model {model} refused the conversation: {message}")]
-    Raised {
-        model: String,
-        template: String,
-        message: String,
-    },
+    Raised { model: String, template: String, message: String },
     /// The template failed while rendering (an undefined value, a type error, ...).
     #[error("chat template {template:?} of model {model} failed to render: {message}")]
-    Render {
-        model: String,
-        template: String,
-        message: String,
-        line: Option<usize>,
-    },
+    Render { model: String, template: String, message: String, line: Option<usize> },
     /// `messages` is not a non-empty array of objects with a string `role`.
     #[error("messages: {0}")]
     BadMessages(String),
@@ -85,15 +67,7 @@ pub enum ChatError {
 }
 
 /// The special tokens transformers puts in a template's context (`special_tokens_map`).
-const SPECIAL_TOKENS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const SPECIAL_TOKENS: [&str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// Variables the renderer sets, which `chat_template_kwargs` may not (transformers passes them
 /// as keyword arguments beside the kwargs, so Python would fail on a duplicate).
@@ -117,13 +91,7 @@ pub struct ChatInput<'a> {
 impl<'a> ChatInput<'a> {
     /// A conversation with no tools, no generation prompt and no extra variables.
     pub fn new(messages: &'a serde_json::Value) -> Self {
-        ChatInput {
-            messages,
-            tools: None,
-            add_generation_prompt: false,
-            chat_template_kwargs: None,
-            template: None,
-        }
+        ChatInput { messages, tools: None, add_generation_prompt: false, chat_template_kwargs: None, template: None }
     }
 }
 
@@ -165,10 +133,9 @@ impl ChatTemplates {
                 let entries = std::fs::read_dir(&extra).map_err(|e| io(&extra, e))?;
                 for entry in entries {
                     let path = entry.map_err(|e| io(&extra, e))?.path();
-                    if let (Some(name), Some("jinja")) = (
-                        path.file_stem().and_then(|s| s.to_str()),
-                        path.extension().and_then(|s| s.to_str()),
-                    ) {
+                    if let (Some(name), Some("jinja")) =
+                        (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|s| s.to_str()))
+                    {
                         sources.push((name.to_string(), read_text(&path)?));
                     }
                 }
@@ -193,20 +160,14 @@ impl ChatTemplates {
                     }
                 }
                 Some(_) => {
-                    return Err(ChatError::Config {
-                        path,
-                        message: "chat_template must be a string or a list of {name, template}".into(),
-                    })
+                    return Err(ChatError::Config { path, message: "chat_template must be a string or a list of {name, template}".into() })
                 }
             }
         }
         let map = read_json(&dir.join("special_tokens_map.json"))?;
         let mut special_tokens = BTreeMap::new();
         for name in SPECIAL_TOKENS {
-            let token = [&config, &map]
-                .into_iter()
-                .flatten()
-                .find_map(|c| c.get(name).and_then(token_content));
+            let token = [&config, &map].into_iter().flatten().find_map(|c| c.get(name).and_then(token_content));
             if let Some(token) = token {
                 special_tokens.insert(name.to_string(), token);
             }
@@ -230,12 +191,7 @@ impl ChatTemplates {
                 .map(|e| (e.to_string(), e.line()));
             templates.insert(name, failure);
         }
-        ChatTemplates {
-            model: model.into(),
-            env,
-            templates,
-            special_tokens,
-        }
+        ChatTemplates { model: model.into(), env, templates, special_tokens }
     }
 
     /// Whether the model has any chat template.
@@ -271,10 +227,7 @@ impl ChatTemplates {
                 .then(|| found("tool_use"))
                 .flatten()
                 .or_else(|| found("default"))
-                .ok_or_else(|| ChatError::NoDefaultTemplate {
-                    model: self.model.clone(),
-                    available: available(),
-                }),
+                .ok_or_else(|| ChatError::NoDefaultTemplate { model: self.model.clone(), available: available() }),
         }
     }
 
@@ -288,12 +241,7 @@ impl ChatTemplates {
         };
         let name = self.select(input.template, tools.is_some())?;
         if let Some(Some((message, line))) = self.templates.get(name) {
-            return Err(ChatError::Syntax {
-                model: self.model.clone(),
-                template: name.to_string(),
-                message: message.clone(),
-                line: *line,
-            });
+            return Err(ChatError::Syntax { model: self.model.clone(), template: name.to_string(), message: message.clone(), line: *line });
         }
         // The context transformers builds: special tokens, then the caller's kwargs (which may
         // override them), then the variables it sets itself.
@@ -319,20 +267,11 @@ impl ChatTemplates {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(c) = cause {
             if let Some(Raised(message)) = c.downcast_ref::<Raised>() {
-                return ChatError::Raised {
-                    model: self.model.clone(),
-                    template: template.to_string(),
-                    message: message.clone(),
-                };
+                return ChatError::Raised { model: self.model.clone(), template: template.to_string(), message: message.clone() };
             }
             cause = c.source();
         }
-        ChatError::Render {
-            model: self.model.clone(),
-            template: template.to_string(),
-            message: e.to_string(),
-            line: e.line(),
-        }
+        ChatError::Render { model: self.model.clone(), template: template.to_string(), message: e.to_string(), line: e.line() }
     }
 }
 
@@ -352,16 +291,11 @@ impl ChatError {
 /// are added (transformers' `apply_chat_template(tokenize=True)` encodes with
 /// `add_special_tokens=False`).
 pub fn prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ChatError> {
-    tokenizer
-        .encode_with(text, false)
-        .map_err(|e| ChatError::Tokenize(e.to_string()))
+    tokenizer.encode_with(text, false).map_err(|e| ChatError::Tokenize(e.to_string()))
 }
 
 fn io(path: &Path, source: std::io::Error) -> ChatError {
-    ChatError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    ChatError::Io { path: path.to_path_buf(), source }
 }
 
 fn read_text(path: &Path) -> Result<String, ChatError> {
@@ -373,10 +307,7 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>, ChatError> {
     if !path.is_file() {
         return Ok(None);
     }
-    serde_json::from_str(&read_text(path)?).map(Some).map_err(|e| ChatError::Config {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_json::from_str(&read_text(path)?).map(Some).map_err(|e| ChatError::Config { path: path.to_path_buf(), message: e.to_string() })
 }
 
 /// A special token as tokenizer_config.json writes it: a string, or an AddedToken object.
@@ -389,16 +320,12 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
 }
 
 fn check_messages(messages: &serde_json::Value) -> Result<(), ChatError> {
-    let list = messages
-        .as_array()
-        .ok_or_else(|| ChatError::BadMessages("must be an array of messages".into()))?;
+    let list = messages.as_array().ok_or_else(|| ChatError::BadMessages("must be an array of messages".into()))?;
     if list.is_empty() {
         return Err(ChatError::BadMessages("must not be empty".into()));
     }
     for (i, m) in list.iter().enumerate() {
-        let m = m
-            .as_object()
-            .ok_or_else(|| ChatError::BadMessages(format!("messages[{i}] must be an object")))?;
+        let m = m.as_object().ok_or_else(|| ChatError::BadMessages(format!("messages[{i}] must be an object")))?;
         match m.get("role") {
             Some(serde_json::Value::String(_)) => {}
             Some(_) => return Err(ChatError::BadMessages(format!("messages[{i}].role must be a string"))),
@@ -470,9 +397,8 @@ fn environment() -> Environment<'static> {
         Err(minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(Raised(message)))
     });
     env.add_function("strftime_now", |format: &str| -> Result<String, minijinja::Error> {
-        jiff::fmt::strtime::format(format, &jiff::Zoned::now()).map_err(|e| {
-            minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now({format:?}): {e}"))
-        })
+        jiff::fmt::strtime::format(format, &jiff::Zoned::now())
+            .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now({format:?}): {e}")))
     });
     env
 }
@@ -513,7 +439,6 @@ fn rewrite_generation_tags(source: &str) -> String {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::python::*;
@@ -527,10 +452,7 @@ mod tests {
     /// Renders `source` with one user message and `kwargs` as template variables.
     fn render(source: &str, kwargs: serde_json::Value) -> Result<String, ChatError> {
         let messages = json!([{"role": "user", "content": "hi"}]);
-        one(source).render(&ChatInput {
-            chat_template_kwargs: kwargs.as_object(),
-            ..ChatInput::new(&messages)
-        })
+        one(source).render(&ChatInput { chat_template_kwargs: kwargs.as_object(), ..ChatInput::new(&messages) })
     }
 
     /// A string Python printed with `print(json.dumps(s))`.
@@ -545,11 +467,23 @@ mod tests {
         let y = json!({"e": [], "d": {}, "n": {"k": [1, {"z": 2}]}});
         let kw = json!({"x": x, "y": y, "z": {"b": 1, "a": {"d": 1, "c": 2}}, "w": {"b": [1, 2], "a": "x"}, "v": {"b": [1, 2]}});
         let cases = [
-            ("{{ x | tojson }}", r#""{\"b\": 1, \"a\": [1.0, 2.5, -0.0, 1e-05, 0.0001, 1e+16, 1.5e+300, 123456789012345678, true, null], \"\u00fc\": \"na\u00efve \u4e2d\u6587 \ud83d\ude00\", \"esc\": \"q\\\"b\\\\s/n\\nt\\tc\\u0001\u007f<>&'\u2028\"}""#),
-            ("{{ x | tojson(ensure_ascii=true) }}", r#""{\"b\": 1, \"a\": [1.0, 2.5, -0.0, 1e-05, 0.0001, 1e+16, 1.5e+300, 123456789012345678, true, null], \"\\u00fc\": \"na\\u00efve \\u4e2d\\u6587 \\ud83d\\ude00\", \"esc\": \"q\\\"b\\\\s/n\\nt\\tc\\u0001\\u007f<>&'\\u2028\"}""#),
+            (
+                "{{ x | tojson }}",
+                r#""{\"b\": 1, \"a\": [1.0, 2.5, -0.0, 1e-05, 0.0001, 1e+16, 1.5e+300, 123456789012345678, true, null], \"\u00fc\": \"na\u00efve \u4e2d\u6587 \ud83d\ude00\", \"esc\": \"q\\\"b\\\\s/n\\nt\\tc\\u0001\u007f<>&'\u2028\"}""#,
+            ),
+            (
+                "{{ x | tojson(ensure_ascii=true) }}",
+                r#""{\"b\": 1, \"a\": [1.0, 2.5, -0.0, 1e-05, 0.0001, 1e+16, 1.5e+300, 123456789012345678, true, null], \"\\u00fc\": \"na\\u00efve \\u4e2d\\u6587 \\ud83d\\ude00\", \"esc\": \"q\\\"b\\\\s/n\\nt\\tc\\u0001\\u007f<>&'\\u2028\"}""#,
+            ),
             // transformers' first parameter after the value is ensure_ascii, not indent.
-            ("{{ x | tojson(true) }}", r#""{\"b\": 1, \"a\": [1.0, 2.5, -0.0, 1e-05, 0.0001, 1e+16, 1.5e+300, 123456789012345678, true, null], \"\\u00fc\": \"na\\u00efve \\u4e2d\\u6587 \\ud83d\\ude00\", \"esc\": \"q\\\"b\\\\s/n\\nt\\tc\\u0001\\u007f<>&'\\u2028\"}""#),
-            ("{{ y | tojson(indent=2) }}", r#""{\n  \"e\": [],\n  \"d\": {},\n  \"n\": {\n    \"k\": [\n      1,\n      {\n        \"z\": 2\n      }\n    ]\n  }\n}""#),
+            (
+                "{{ x | tojson(true) }}",
+                r#""{\"b\": 1, \"a\": [1.0, 2.5, -0.0, 1e-05, 0.0001, 1e+16, 1.5e+300, 123456789012345678, true, null], \"\\u00fc\": \"na\\u00efve \\u4e2d\\u6587 \\ud83d\\ude00\", \"esc\": \"q\\\"b\\\\s/n\\nt\\tc\\u0001\\u007f<>&'\\u2028\"}""#,
+            ),
+            (
+                "{{ y | tojson(indent=2) }}",
+                r#""{\n  \"e\": [],\n  \"d\": {},\n  \"n\": {\n    \"k\": [\n      1,\n      {\n        \"z\": 2\n      }\n    ]\n  }\n}""#,
+            ),
             ("{{ z | tojson(indent='\t', sort_keys=true) }}", r#""{\n\t\"a\": {\n\t\t\"c\": 2,\n\t\t\"d\": 1\n\t},\n\t\"b\": 1\n}""#),
             ("{{ w | tojson(separators=(',', ':')) }}", r#""{\"b\":[1,2],\"a\":\"x\"}""#),
             ("{{ v | tojson(indent=0) }}", r#""{\n\"b\": [\n1,\n2\n]\n}""#),
@@ -587,7 +521,8 @@ mod tests {
 
     #[test]
     fn printed_values_are_pythons_str() {
-        let kw = json!({"d": {"a": [1, 2.5, null, true, "it's", "say \"hi\"", "both ' \""], "b": {}, "c": "tab\tnl\n\\ \u{0} \u{a0} ü 中 😀"}});
+        let kw =
+            json!({"d": {"a": [1, 2.5, null, true, "it's", "say \"hi\"", "both ' \""], "b": {}, "c": "tab\tnl\n\\ \u{0} \u{a0} ü 中 😀"}});
         let want = r#"{'a': [1, 2.5, None, True, "it's", 'say "hi"', 'both \' "'], 'b': {}, 'c': 'tab\tnl\n\\ \x00 \xa0 ü 中 😀'}"#;
         assert_eq!(render("{{ d }}", kw.clone()).unwrap(), want);
         assert_eq!(render("{{ d | string }}", kw).unwrap(), want);
@@ -609,7 +544,11 @@ mod tests {
         let t = "{% generation %}{{ messages[0].content }}{% endgeneration %}\n{%- generation -%}!{%- endgeneration %}";
         assert_eq!(render(t, json!({})).unwrap(), "hi!");
         // The caller's variables override the special tokens, as in transformers.
-        let t = ChatTemplates::from_sources("m", [("default".into(), "{{ bos_token }}".into())], [("bos_token".to_string(), "<s>".to_string())].into());
+        let t = ChatTemplates::from_sources(
+            "m",
+            [("default".into(), "{{ bos_token }}".into())],
+            [("bos_token".to_string(), "<s>".to_string())].into(),
+        );
         let messages = json!([{"role": "user", "content": "hi"}]);
         assert_eq!(t.render(&ChatInput::new(&messages)).unwrap(), "<s>");
         let kwargs = json!({"bos_token": "<bos>"});

@@ -6,12 +6,7 @@ use serde::Deserialize;
 use std::path::Path;
 
 /// The architectures shardserve runs, by their `architectures` names.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "Qwen3ForCausalLM",
-    "Qwen2ForCausalLM",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"];
 
 /// One token id or a list of them, as `eos_token_id` may be either.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -172,8 +167,7 @@ impl ModelConfig {
 
     /// Parses and validates the text of `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text)
-            .map_err(|e| Error::config("config.json", format!("malformed: {e}")))?;
+        let raw: HfConfig = serde_json::from_str(text).map_err(|e| Error::config("config.json", format!("malformed: {e}")))?;
         Self::from_hf(&raw)
     }
 
@@ -182,9 +176,7 @@ impl ModelConfig {
         let bad = |m: String| Error::config("config.json", m);
         let architecture = architecture_of(raw).map_err(bad)?;
         if raw.num_attention_heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 {
-            return Err(bad(
-                "hidden_size, num_attention_heads and num_hidden_layers must be positive".into(),
-            ));
+            return Err(bad("hidden_size, num_attention_heads and num_hidden_layers must be positive".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
@@ -213,10 +205,7 @@ impl ModelConfig {
             return Err(bad(format!("hidden_act {act:?} is not supported (only silu)")));
         }
         let params = raw.rope_parameters.as_ref();
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
-            .unwrap_or(10_000.0);
+        let rope_theta = raw.rope_theta.or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64())).unwrap_or(10_000.0);
         let scaling = raw.rope_scaling.as_ref().or(params).filter(|v| !v.is_null());
         let rope_llama3 = match scaling {
             None => None,
@@ -276,12 +265,8 @@ fn architecture_of(raw: &HfConfig) -> std::result::Result<Architecture, String> 
         _ => None,
     };
     if let Some(name) = raw.architectures.first() {
-        return by_name(name).ok_or_else(|| {
-            format!(
-                "architecture {name:?} is not supported; supported: {}",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )
-        });
+        return by_name(name)
+            .ok_or_else(|| format!("architecture {name:?} is not supported; supported: {}", SUPPORTED_ARCHITECTURES.join(", ")));
     }
     match raw.model_type.as_deref() {
         Some("qwen3") => Ok(Architecture::Qwen3),
@@ -296,23 +281,12 @@ fn architecture_of(raw: &HfConfig) -> std::result::Result<Architecture, String> 
     }
 }
 
-fn parse_rope_scaling(
-    s: &serde_json::Value,
-    max_pos: usize,
-) -> std::result::Result<Option<Llama3RopeScaling>, String> {
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
+fn parse_rope_scaling(s: &serde_json::Value, max_pos: usize) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     match kind {
         "default" => Ok(None),
         "llama3" => {
-            let f = |k: &str| {
-                s.get(k)
-                    .and_then(|v| v.as_f64())
-                    .ok_or_else(|| format!("rope_scaling.{k} is missing for rope_type llama3"))
-            };
+            let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).ok_or_else(|| format!("rope_scaling.{k} is missing for rope_type llama3"));
             Ok(Some(Llama3RopeScaling {
                 factor: f("factor")?,
                 low_freq_factor: f("low_freq_factor")?,
@@ -324,9 +298,7 @@ fn parse_rope_scaling(
                     .unwrap_or(max_pos),
             }))
         }
-        other => Err(format!(
-            "rope_scaling type {other:?} is not supported (supported: default, llama3)"
-        )),
+        other => Err(format!("rope_scaling type {other:?} is not supported (supported: default, llama3)")),
     }
 }
 
@@ -355,9 +327,7 @@ impl GenerationConfig {
     /// Reads `generation_config.json`; a missing file means no defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                Error::config(path.display().to_string(), format!("malformed: {e}"))
-            }),
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::config(path.display().to_string(), format!("malformed: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(Error::io(path, e)),
         }
@@ -399,9 +369,7 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_and_eos_list() {
-        let text = QWEN3
-            .replace("Qwen3ForCausalLM", "Qwen2ForCausalLM")
-            .replace("\"eos_token_id\":0", "\"eos_token_id\":[5,7]");
+        let text = QWEN3.replace("Qwen3ForCausalLM", "Qwen2ForCausalLM").replace("\"eos_token_id\":0", "\"eos_token_id\":[5,7]");
         let c = ModelConfig::from_json(&text).unwrap();
         assert!(c.qkv_bias && !c.o_bias && !c.qk_norm);
         assert_eq!(c.eos_token_ids, vec![5, 7]);

@@ -7,8 +7,7 @@ use crate::{Error, Result};
 use candle_core::Device;
 
 /// What a build without the `cuda` feature answers when asked for a GPU.
-pub const NO_CUDA: &str =
-    "this build has no CUDA support; build with --features cuda (scripts/build-cuda.sh)";
+pub const NO_CUDA: &str = "this build has no CUDA support; build with --features cuda (scripts/build-cuda.sh)";
 
 /// The device named by `spec`: `cpu`, `cuda` (GPU 0) or `cuda:N` (GPU N, as the driver numbers
 /// them, i.e. after `CUDA_VISIBLE_DEVICES`).
@@ -17,18 +16,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
         _ => match spec.strip_prefix("cuda:") {
-            Some(n) => n.parse::<usize>().map_err(|_| {
-                Error::config(
-                    "device",
-                    format!("`{spec}`: the GPU index must be a number, as in cuda:0"),
-                )
-            })?,
-            None => {
-                return Err(Error::config(
-                    "device",
-                    format!("`{spec}` is not a device: use cpu, cuda or cuda:N"),
-                ))
-            }
+            Some(n) => n
+                .parse::<usize>()
+                .map_err(|_| Error::config("device", format!("`{spec}`: the GPU index must be a number, as in cuda:0")))?,
+            None => return Err(Error::config("device", format!("`{spec}` is not a device: use cpu, cuda or cuda:N"))),
         },
     };
     cuda(ordinal)
@@ -36,8 +27,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::config("device", format!("cuda:{ordinal}: {}", crate::brief(&e))))
+    Device::new_cuda(ordinal).map_err(|e| Error::config("device", format!("cuda:{ordinal}: {}", crate::brief(&e))))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -262,10 +252,7 @@ mod tests {
         for spec in ["gpu", "", "CPU", "cuda0", "metal"] {
             let m = message(spec);
             assert!(m.starts_with("device: "), "{m}");
-            assert!(
-                m.contains(&format!("`{spec}`")) && m.contains("cpu, cuda or cuda:N"),
-                "{m}"
-            );
+            assert!(m.contains(&format!("`{spec}`")) && m.contains("cpu, cuda or cuda:N"), "{m}");
         }
     }
 
@@ -273,10 +260,7 @@ mod tests {
     fn a_gpu_index_must_be_a_number() {
         for spec in ["cuda:", "cuda:x", "cuda:-1", "cuda:1.5"] {
             let m = message(spec);
-            assert!(
-                m.contains(&format!("`{spec}`")) && m.contains("must be a number"),
-                "{m}"
-            );
+            assert!(m.contains(&format!("`{spec}`")) && m.contains("must be a number"), "{m}");
         }
     }
 

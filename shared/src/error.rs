@@ -21,11 +21,7 @@ pub enum Error {
     Config { file: String, message: String },
     /// Downloading from the Hub failed.
     #[error("downloading {file} of {repo}: {message}")]
-    Download {
-        repo: String,
-        file: String,
-        message: String,
-    },
+    Download { repo: String, file: String, message: String },
     /// The weights could not be loaded.
     #[error("loading weights: {0}")]
     LoadWeights(String),
@@ -57,17 +53,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub(crate) fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config {
-            file: file.into(),
-            message: message.into(),
-        }
+        Error::Config { file: file.into(), message: message.into() }
     }
 }
 

@@ -44,10 +44,7 @@ pub fn cache_dir() -> PathBuf {
 
 /// Whether `HF_HUB_OFFLINE` forbids every network access (huggingface_hub's truthy values).
 pub fn offline() -> bool {
-    matches!(
-        non_empty_env("HF_HUB_OFFLINE").map(|v| v.to_ascii_lowercase()).as_deref(),
-        Some("1" | "true" | "yes" | "on")
-    )
+    matches!(non_empty_env("HF_HUB_OFFLINE").map(|v| v.to_ascii_lowercase()).as_deref(), Some("1" | "true" | "yes" | "on"))
 }
 
 fn non_empty_env(key: &str) -> Option<String> {
@@ -65,10 +62,7 @@ pub fn is_repo_id(s: &str) -> bool {
     !s.is_empty()
         && parts.len() <= 2
         && parts.iter().all(|p| {
-            !p.is_empty()
-                && !p.starts_with('.')
-                && !p.contains("..")
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty() && !p.starts_with('.') && !p.contains("..") && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -89,33 +83,20 @@ fn source<'a>(spec: &'a str, revision: Option<&'a str>) -> Result<Source<'a>> {
     let path = Path::new(spec);
     if path.is_dir() {
         if !path.join("config.json").is_file() {
-            return Err(Error::ModelNotFound(format!(
-                "folder {spec} has no config.json (is it a Hugging Face model folder?)"
-            )));
+            return Err(Error::ModelNotFound(format!("folder {spec} has no config.json (is it a Hugging Face model folder?)")));
         }
         return Ok(Source::Folder(path));
     }
     if spec.starts_with('/') || spec.starts_with('.') || !is_repo_id(spec) {
-        return Err(Error::ModelNotFound(format!(
-            "model {spec:?} is neither a folder nor a Hugging Face model id (ORG/NAME)"
-        )));
+        return Err(Error::ModelNotFound(format!("model {spec:?} is neither a folder nor a Hugging Face model id (ORG/NAME)")));
     }
-    Ok(Source::Hub {
-        repo: spec,
-        revision: revision.filter(|r| !r.is_empty()).unwrap_or("main"),
-    })
+    Ok(Source::Hub { repo: spec, revision: revision.filter(|r| !r.is_empty()).unwrap_or("main") })
 }
 
 /// Resolves `spec` (a folder or a Hub id) at `revision` (default `main`) to its files.
 pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let (repo, revision) = match source(spec, revision)? {
-        Source::Folder(path) => {
-            return Ok(ModelFiles {
-                spec: spec.to_string(),
-                dir: path.to_path_buf(),
-                commit: None,
-            })
-        }
+        Source::Folder(path) => return Ok(ModelFiles { spec: spec.to_string(), dir: path.to_path_buf(), commit: None }),
         Source::Hub { repo, revision } => (repo, revision),
     };
     let cache = cache_dir();
@@ -195,10 +176,7 @@ fn snapshot(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<
         revision.to_string()
     } else {
         let r = folder.join("refs").join(revision);
-        std::fs::read_to_string(&r)
-            .map_err(|_| format!("no ref {revision} ({} is missing)", r.display()))?
-            .trim()
-            .to_string()
+        std::fs::read_to_string(&r).map_err(|_| format!("no ref {revision} ({} is missing)", r.display()))?.trim().to_string()
     };
     let dir = folder.join("snapshots").join(&commit);
     Ok((commit, dir))
@@ -223,19 +201,11 @@ fn complete(repo_id: &str, commit: String, dir: PathBuf) -> std::result::Result<
             return Err(format!("{f} is missing from snapshot {commit}"));
         }
     }
-    Ok(ModelFiles {
-        spec: repo_id.to_string(),
-        dir,
-        commit: Some(commit),
-    })
+    Ok(ModelFiles { spec: repo_id.to_string(), dir, commit: Some(commit) })
 }
 
 fn download_error(repo: &str, file: &str, e: &dyn std::fmt::Display) -> Error {
-    Error::Download {
-        repo: repo.to_string(),
-        file: file.to_string(),
-        message: e.to_string(),
-    }
+    Error::Download { repo: repo.to_string(), file: file.to_string(), message: e.to_string() }
 }
 
 fn is_commit_hash(s: &str) -> bool {
@@ -295,10 +265,7 @@ fn first_files(want: Want, listed: &[String]) -> std::result::Result<Vec<String>
 fn download(cache: &Path, repo_id: &str, revision: &str, want: Want) -> Result<(String, PathBuf)> {
     let remote = remote::Remote::from_env();
     let info = remote.repo_info(repo_id, revision).map_err(|e| match e.status {
-        Some(404) => Error::ModelNotFound(format!(
-            "model {repo_id} (revision {revision}) is not on the Hub at {}: {e}",
-            remote.endpoint()
-        )),
+        Some(404) => Error::ModelNotFound(format!("model {repo_id} (revision {revision}) is not on the Hub at {}: {e}", remote.endpoint())),
         _ => download_error(repo_id, "the file list", &e),
     })?;
     let has = |f: &str| info.files.iter().any(|x| x == f);
@@ -347,8 +314,7 @@ pub fn install_into_cache(src: &Path, cache: &Path, repo_id: &str, revision: &st
         }
         let link = snap.join(entry.file_name());
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob_name), &link)
-            .map_err(|e| Error::io(&link, e))?;
+        std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob_name), &link).map_err(|e| Error::io(&link, e))?;
     }
     let r = refs.join(revision);
     std::fs::write(&r, commit).map_err(|e| Error::io(&r, e))?;

@@ -84,11 +84,7 @@ impl From<&pb::WorkerInfo> for WorkerRecord {
             devices: w
                 .devices
                 .iter()
-                .map(|d| DeviceRecord {
-                    name: d.name.clone(),
-                    total_memory: d.total_memory,
-                    free_memory: d.free_memory,
-                })
+                .map(|d| DeviceRecord { name: d.name.clone(), total_memory: d.total_memory, free_memory: d.free_memory })
                 .collect(),
             version: w.version.clone(),
             state: w.state.clone(),
@@ -109,11 +105,7 @@ impl From<WorkerRecord> for pb::WorkerInfo {
             devices: r
                 .devices
                 .into_iter()
-                .map(|d| pb::Device {
-                    name: d.name,
-                    total_memory: d.total_memory,
-                    free_memory: d.free_memory,
-                })
+                .map(|d| pb::Device { name: d.name, total_memory: d.total_memory, free_memory: d.free_memory })
                 .collect(),
             version: r.version,
             state: r.state,
@@ -372,10 +364,7 @@ impl EtcdFleet {
     /// listing so the fleet is known from the start.
     pub async fn start(etcd: Etcd, cluster: String, shutdown: CancellationToken) -> Result<Arc<Self>, etcd_client::Error> {
         let (version, _) = watch::channel(0);
-        let fleet = Arc::new(EtcdFleet {
-            fleet: Mutex::new(Fleet { workers: BTreeMap::new() }),
-            version,
-        });
+        let fleet = Arc::new(EtcdFleet { fleet: Mutex::new(Fleet { workers: BTreeMap::new() }), version });
         let mut client = etcd.connect().await?;
         let prefix = format!("{}workers/", prefix(&cluster));
         let rev = fleet.list(&mut client, &prefix).await?;
@@ -527,9 +516,7 @@ impl Membership for EtcdFleet {
 /// else wrote first.
 pub async fn put_if_unchanged(client: &mut Client, key: &str, value: String, expected: i64) -> Result<Option<i64>, etcd_client::Error> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let txn = Txn::new()
-        .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-        .and_then([TxnOp::put(key, value, None)]);
+    let txn = Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, expected)]).and_then([TxnOp::put(key, value, None)]);
     let resp = client.txn(txn).await?;
     Ok(resp.succeeded().then(|| resp.header().map_or(0, |h| h.revision())))
 }

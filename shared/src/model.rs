@@ -40,22 +40,12 @@ pub struct StageSpec {
 impl StageSpec {
     /// The whole model as one stage.
     pub fn whole(cfg: &ModelConfig) -> Self {
-        StageSpec {
-            layers: 0..cfg.num_layers,
-            first: true,
-            last: true,
-            tp: TpRank::default(),
-        }
+        StageSpec { layers: 0..cfg.num_layers, first: true, last: true, tp: TpRank::default() }
     }
 
     /// Stage `stage` of `num_stages` holding `layers`.
     pub fn new(layers: Range<usize>, stage: usize, num_stages: usize) -> Self {
-        StageSpec {
-            layers,
-            first: stage == 0,
-            last: stage + 1 == num_stages,
-            tp: TpRank::default(),
-        }
+        StageSpec { layers, first: stage == 0, last: stage + 1 == num_stages, tp: TpRank::default() }
     }
 
     /// The same stage as rank `tp.rank` of a tensor-parallel group.
@@ -72,11 +62,7 @@ impl StageSpec {
     /// Whether the checkpoint tensor `name` belongs to this stage.
     pub fn owns(&self, cfg: &ModelConfig, name: &str) -> bool {
         if let Some(rest) = name.strip_prefix("model.layers.") {
-            return rest
-                .split('.')
-                .next()
-                .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| self.layers.contains(&i));
+            return rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| self.layers.contains(&i));
         }
         if name.starts_with("model.embed_tokens.") {
             // With tied embeddings the last stage's lm_head is the embedding matrix.
@@ -275,23 +261,11 @@ impl Shard {
     }
 
     fn build(cfg: &ModelConfig, spec: StageSpec, split: &TpSplit, loaded: LoadedTensors, dtype: DType, device: &Device) -> Result<Self> {
-        let report = LoadReport {
-            tensors: loaded.tensors.keys().cloned().collect(),
-            files: loaded.files.clone(),
-            bytes: loaded.bytes(),
-        };
+        let report = LoadReport { tensors: loaded.tensors.keys().cloned().collect(), files: loaded.files.clone(), bytes: loaded.bytes() };
         let vb = VarBuilder::from_tensors(loaded.tensors, dtype, device);
         let wrap = |e: candle_core::Error| Error::LoadWeights(e.to_string());
-        let embed_weight = |vb: &VarBuilder| {
-            vb.pp("model.embed_tokens")
-                .get((cfg.vocab_size, cfg.hidden_size), "weight")
-                .map_err(wrap)
-        };
-        let embed = if spec.first {
-            Some(Embedding::new(embed_weight(&vb)?, cfg.hidden_size))
-        } else {
-            None
-        };
+        let embed_weight = |vb: &VarBuilder| vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight").map_err(wrap);
+        let embed = if spec.first { Some(Embedding::new(embed_weight(&vb)?, cfg.hidden_size)) } else { None };
         let layers = spec
             .layers
             .clone()
@@ -403,7 +377,9 @@ impl Shard {
         let seq = SeqStep { id, tokens, logits: true, embed: false };
         match self.forward_batch(pool, &[seq], batch_input)? {
             BatchOutput::Hidden(h) => Ok(StageOutput::Hidden(h.unsqueeze(0).map_err(Error::Forward)?)),
-            BatchOutput::Logits(l) | BatchOutput::Embedded { logits: l, .. } => Ok(StageOutput::Logits(l.flatten_all().map_err(Error::Forward)?)),
+            BatchOutput::Logits(l) | BatchOutput::Embedded { logits: l, .. } => {
+                Ok(StageOutput::Logits(l.flatten_all().map_err(Error::Forward)?))
+            }
         }
     }
 
@@ -472,7 +448,14 @@ impl Shard {
         Ok(out)
     }
 
-    fn run_layers(&self, mut x: Tensor, positions: &[u32], batch: &Batch, seqs: &[SeqStep], pool: &KvPool) -> candle_core::Result<BatchOutput> {
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        positions: &[u32],
+        batch: &Batch,
+        seqs: &[SeqStep],
+        pool: &KvPool,
+    ) -> candle_core::Result<BatchOutput> {
         let pos = Tensor::new(positions, &self.device)?;
         let cos = self.rope.0.index_select(&pos, 0)?;
         let sin = self.rope.1.index_select(&pos, 0)?;
@@ -482,13 +465,8 @@ impl Shard {
         }
         match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
-                let rows: Vec<u32> = batch
-                    .seqs
-                    .iter()
-                    .zip(seqs)
-                    .filter(|(_, s)| s.logits)
-                    .map(|(b, _)| (b.offset + b.len - 1) as u32)
-                    .collect();
+                let rows: Vec<u32> =
+                    batch.seqs.iter().zip(seqs).filter(|(_, s)| s.logits).map(|(b, _)| (b.offset + b.len - 1) as u32).collect();
                 let logits = if rows.is_empty() {
                     Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?
                 } else {
@@ -531,9 +509,7 @@ pub fn top_k(values: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
 
 /// Softmax over `logits` then log, as f32 values.
 pub fn log_softmax(logits: &Tensor) -> Result<Vec<f32>> {
-    candle_nn::ops::log_softmax(logits, D::Minus1)
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(Error::Forward)
+    candle_nn::ops::log_softmax(logits, D::Minus1).and_then(|t| t.to_vec1::<f32>()).map_err(Error::Forward)
 }
 
 #[cfg(test)]

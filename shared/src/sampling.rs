@@ -20,13 +20,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -34,19 +28,13 @@ impl SamplingParams {
     /// Checks the ranges DESIGN.md fixes, naming the field at fault.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::Sampling(format!(
-                "temperature must be finite and >= 0, got {}",
-                self.temperature
-            )));
+            return Err(Error::Sampling(format!("temperature must be finite and >= 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::Sampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return Err(Error::Sampling(format!(
-                "repetition_penalty must be finite and > 0, got {}",
-                self.repetition_penalty
-            )));
+            return Err(Error::Sampling(format!("repetition_penalty must be finite and > 0, got {}", self.repetition_penalty)));
         }
         Ok(())
     }
@@ -186,10 +174,7 @@ mod tests {
 
     #[test]
     fn greedy_is_argmax_after_penalty() {
-        let mut s = Sampler::new(SamplingParams {
-            repetition_penalty: 4.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() });
         // Token 1 leads, but it was already produced: 3.0 / 4 < 2.0.
         assert_eq!(s.sample(&[0.0, 3.0, 2.0], &[1]), 2);
         assert_eq!(s.sample(&[0.0, 3.0, 2.0], &[]), 1);
@@ -225,11 +210,7 @@ mod tests {
     fn same_seed_same_tokens_different_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                temperature: 1.0,
-                seed,
-                ..Default::default()
-            });
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
             (0..40).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -238,11 +219,7 @@ mod tests {
 
     #[test]
     fn vanishing_temperature_is_greedy_not_nan() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1e-30,
-            seed: 3,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-30, seed: 3, ..Default::default() });
         assert_eq!(s.sample(&[0.5, 2.0, 1.0], &[]), 1);
     }
 

@@ -2,6 +2,7 @@
 //! many steps in flight on it, each answer matched to its step. A broken stream fails every
 //! step in flight at once, naming the stage, and the next step reconnects.
 
+use crate::tls::ClusterTls;
 use shardserve_proto::v1 as pb;
 use shardserve_proto::v1::worker_client::WorkerClient;
 use std::collections::HashMap;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
-use crate::tls::ClusterTls;
 
 /// The largest message a stage sends or accepts: hidden states of the longest prefill the
 /// biggest supported config allows fit well inside it.
@@ -85,9 +85,7 @@ fn cluster_client(tls: &ClusterTls) -> Result<Arc<rustls::ClientConfig>, Status>
 }
 
 fn client(channel: Channel) -> WorkerClient<Channel> {
-    WorkerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    WorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Opens a channel to a worker: mutual TLS with the cluster's certificates when `tls` is
@@ -116,13 +114,7 @@ impl StageClient {
     /// A client for the stage served at `address`, over mutual TLS when `tls` is given;
     /// `name` (e.g. the worker id) appears in errors.
     pub fn new(name: impl Into<String>, address: impl Into<String>, tls: Option<Arc<ClusterTls>>) -> Self {
-        StageClient {
-            name: name.into(),
-            address: address.into(),
-            tls,
-            conn: Mutex::new(None),
-            next_id: AtomicU64::new(1),
-        }
+        StageClient { name: name.into(), address: address.into(), tls, conn: Mutex::new(None), next_id: AtomicU64::new(1) }
     }
 
     /// The stage's address.
@@ -144,11 +136,8 @@ impl StageClient {
         let mut client = connect(&self.address, self.tls.as_deref()).await.map_err(|e| self.unavailable(e.message()))?;
         let (tx, rx) = mpsc::channel::<pb::StepRequest>(STEPS_QUEUED);
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let mut inbound = client
-            .step(stream)
-            .await
-            .map_err(|e| self.unavailable(&format!("opening the step stream: {}", e.message())))?
-            .into_inner();
+        let mut inbound =
+            client.step(stream).await.map_err(|e| self.unavailable(&format!("opening the step stream: {}", e.message())))?.into_inner();
         let pending: Pending = Arc::default();
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (p, b, who) = (pending.clone(), broken.clone(), self.describe());

@@ -7,9 +7,8 @@ use std::sync::OnceLock;
 use tokio_util::sync::CancellationToken;
 
 /// Buckets of the latency histograms, in seconds (1 ms to 2 min).
-const SECONDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
+const SECONDS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 /// Buckets of the batch histograms (sequences or tokens per step).
 const COUNTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
 
@@ -35,9 +34,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shutdown: CancellationToke
     let handle = handle();
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || async move {
-            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
-        }),
+        axum::routing::get(move || async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()) }),
     );
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
@@ -60,12 +57,17 @@ pub async fn start(address: &str, shutdown: CancellationToken) -> std::io::Resul
 /// plaintext, on a task of its own until `shutdown`; returns the bound address. For probes that
 /// cannot speak TLS — Kubernetes' gRPC probes — when the service port needs it (mutual TLS
 /// with `--cluster-ca`, or `--tls-cert`). It tells whether the process serves, nothing else.
-pub async fn start_health(address: &str, routes: tonic::service::Routes, shutdown: CancellationToken) -> std::io::Result<std::net::SocketAddr> {
+pub async fn start_health(
+    address: &str,
+    routes: tonic::service::Routes,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        let served = tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await;
+        let served =
+            tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await;
         if let Err(e) = served {
             tracing::warn!(error = %e, "the health port stopped");
         }

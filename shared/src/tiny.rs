@@ -68,14 +68,10 @@ impl TinySpec {
 
 fn special_tokens(arch: Architecture) -> (&'static [&'static str], Option<&'static str>, &'static str) {
     match arch {
-        Architecture::Llama | Architecture::Mistral => (
-            &["<|begin_of_text|>", "<|end_of_text|>"],
-            Some("<|begin_of_text|>"),
-            "<|end_of_text|>",
-        ),
-        Architecture::Qwen3 | Architecture::Qwen2 => {
-            (&["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>")
+        Architecture::Llama | Architecture::Mistral => {
+            (&["<|begin_of_text|>", "<|end_of_text|>"], Some("<|begin_of_text|>"), "<|end_of_text|>")
         }
+        Architecture::Qwen3 | Architecture::Qwen2 => (&["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>"),
     }
 }
 
@@ -108,8 +104,7 @@ pub fn train_tokenizer(arch: Architecture, vocab_size: usize) -> Result<tokenize
         .with_decoder(Some(ByteLevel::default().into()))
         .build()
         .map_err(|e| err(&e))?;
-    tk.train(&mut trainer, CORPUS.lines().map(|l| format!("{l}\n")))
-        .map_err(|e| err(&e))?;
+    tk.train(&mut trainer, CORPUS.lines().map(|l| format!("{l}\n"))).map_err(|e| err(&e))?;
     if let Some(bos) = bos {
         let id = tk.token_to_id(bos).ok_or_else(|| err(&"bos token missing after training"))?;
         let post = TemplateProcessing::builder()
@@ -181,23 +176,16 @@ fn dtype_str(d: DType) -> Result<&'static str> {
 /// Writes a complete checkpoint for `spec` into `dir` (created if missing).
 pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
     if spec.num_kv_heads == 0 || !spec.num_heads.is_multiple_of(spec.num_kv_heads) {
-        return Err(Error::WriteModel(format!(
-            "heads ({}) must be a multiple of kv heads ({})",
-            spec.num_heads, spec.num_kv_heads
-        )));
+        return Err(Error::WriteModel(format!("heads ({}) must be a multiple of kv heads ({})", spec.num_heads, spec.num_kv_heads)));
     }
     if spec.shards == 0 || spec.num_layers == 0 || !spec.head_dim.is_multiple_of(2) {
-        return Err(Error::WriteModel(
-            "shards and layers must be at least 1 and head_dim even".into(),
-        ));
+        return Err(Error::WriteModel("shards and layers must be at least 1 and head_dim even".into()));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tokenizer = train_tokenizer(spec.arch, spec.vocab_size)?;
     let vocab = tokenizer.get_vocab_size(true).max(spec.config_vocab.unwrap_or(0));
     let tok_path = dir.join("tokenizer.json");
-    tokenizer
-        .save(&tok_path, true)
-        .map_err(|e| Error::WriteModel(format!("{}: {e}", tok_path.display())))?;
+    tokenizer.save(&tok_path, true).map_err(|e| Error::WriteModel(format!("{}: {e}", tok_path.display())))?;
     let (_, bos, eos) = special_tokens(spec.arch);
     let id = |t: &str| tokenizer.token_to_id(t).expect("special tokens are in the vocabulary");
     let eos_id = id(eos);
@@ -260,11 +248,7 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
     for (name, shape) in &shapes {
         let n: usize = shape.iter().product();
         // Norm weights near 1 as trained models have them; everything else centred on 0.
-        let values = if name.ends_with("norm.weight") {
-            rng.sample(n, 1.0, 0.1)
-        } else {
-            rng.sample(n, 0.0, spec.init_std)
-        };
+        let values = if name.ends_with("norm.weight") { rng.sample(n, 1.0, 0.1) } else { rng.sample(n, 0.0, spec.init_std) };
         let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)
             .and_then(|t| t.to_dtype(spec.dtype))
             .map_err(|e| Error::WriteModel(e.to_string()))?;
@@ -292,16 +276,12 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
         }
         save(&dir.join(&fname), group)?;
     }
-    write_json(
-        &dir.join("model.safetensors.index.json"),
-        &serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
-    )
+    write_json(&dir.join("model.safetensors.index.json"), &serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map}))
 }
 
 fn save(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, path)
-        .map_err(|e| Error::WriteModel(format!("{}: {e}", path.display())))
+    candle_core::safetensors::save(&map, path).map_err(|e| Error::WriteModel(format!("{}: {e}", path.display())))
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {

@@ -73,7 +73,11 @@ struct Reloading<T> {
 }
 
 impl<T: Clone> Reloading<T> {
-    fn open(paths: Vec<PathBuf>, what: &'static str, load: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static) -> Result<Self, TlsError> {
+    fn open(
+        paths: Vec<PathBuf>,
+        what: &'static str,
+        load: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Self, TlsError> {
         let s = stamp(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
         let first = load()?;
         Ok(Reloading { paths, what, load: Box::new(load), current: RwLock::new((s, first)) })
@@ -130,9 +134,8 @@ impl CertFiles {
 }
 
 fn load_pair(cert: &Path, key: &Path, (cert_flag, key_flag): (&'static str, &'static str)) -> Result<CertifiedKey, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect())
-        .map_err(|e| file_error(cert_flag, cert, e))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).and_then(|i| i.collect()).map_err(|e| file_error(cert_flag, cert, e))?;
     if chain.is_empty() {
         return Err(file_error(cert_flag, cert, "no certificate in it"));
     }
@@ -224,15 +227,13 @@ impl std::fmt::Debug for ClusterTls {
 fn load_trust(ca: &Path, crl: Option<&Path>) -> Result<Trust, TlsError> {
     let roots = Arc::new(read_roots("--cluster-ca", ca)?);
     let crls: Vec<CertificateRevocationListDer<'static>> = match crl {
-        Some(p) => CertificateRevocationListDer::pem_file_iter(p)
-            .and_then(|i| i.collect())
-            .map_err(|e| file_error("--cluster-crl", p, e))?,
+        Some(p) => {
+            CertificateRevocationListDer::pem_file_iter(p).and_then(|i| i.collect()).map_err(|e| file_error("--cluster-crl", p, e))?
+        }
         None => Vec::new(),
     };
     let client = || {
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .with_crls(crls.clone())
-            .only_check_end_entity_revocation()
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).with_crls(crls.clone()).only_check_end_entity_revocation()
     };
     let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
         .with_crls(crls.clone())
@@ -269,11 +270,21 @@ impl ServerCertVerifier for AnyNameOfTheCluster {
         }
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_tls13_signature(message, cert, dss)
     }
 
@@ -296,7 +307,12 @@ impl ClusterTls {
 
     /// A server config for a cluster port: presents `cert` (this process's cluster
     /// certificate when `None`), checks client certificates against the cluster CA.
-    pub fn server_config(&self, cert: Option<Arc<CertFiles>>, alpn: &[&[u8]], auth: ClientAuth) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    pub fn server_config(
+        &self,
+        cert: Option<Arc<CertFiles>>,
+        alpn: &[&[u8]],
+        auth: ClientAuth,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let trust = self.trust.get();
         let verifier = match auth {
             ClientAuth::Required => trust.required,
@@ -328,7 +344,10 @@ impl ClusterTls {
 
     /// The server side of a blocking link (tensor-parallel): the handshake, bounded by the
     /// socket's timeouts, requiring a cluster certificate.
-    pub fn accept_blocking(&self, mut tcp: std::net::TcpStream) -> Result<rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>, std::io::Error> {
+    pub fn accept_blocking(
+        &self,
+        mut tcp: std::net::TcpStream,
+    ) -> Result<rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>, std::io::Error> {
         let cfg = self.server_config(None, &[], ClientAuth::Required).map_err(std::io::Error::other)?;
         let mut conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
         while conn.is_handshaking() {
@@ -338,7 +357,11 @@ impl ClusterTls {
     }
 
     /// The client side of a blocking link to `host`.
-    pub fn connect_blocking(&self, mut tcp: std::net::TcpStream, host: &str) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, std::io::Error> {
+    pub fn connect_blocking(
+        &self,
+        mut tcp: std::net::TcpStream,
+        host: &str,
+    ) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, std::io::Error> {
         let cfg = self.client_config(&[]).map_err(std::io::Error::other)?;
         let name = ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_string()).map_err(std::io::Error::other)?;
         let mut conn = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;

@@ -12,17 +12,14 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab", &self.inner.get_vocab_size(true))
-            .finish()
+        f.debug_struct("Tokenizer").field("vocab", &self.inner.get_vocab_size(true)).finish()
     }
 }
 
 impl Tokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Tokenizer { inner })
     }
 
@@ -34,35 +31,24 @@ impl Tokenizer {
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds
     /// (transformers' `add_special_tokens=True`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, true)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Token ids of `text`, with or without the post-processor's special tokens (a rendered
     /// chat template carries its own: transformers tokenizes it with
     /// `add_special_tokens=False`).
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, add_special_tokens)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Token strings of `text`.
     pub fn tokens(&self, text: &str) -> Result<Vec<String>> {
-        self.inner
-            .encode(text, true)
-            .map(|e| e.get_tokens().to_vec())
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner.encode(text, true).map(|e| e.get_tokens().to_vec()).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The id of a token string, if in the vocabulary.
@@ -91,11 +77,7 @@ impl IncrementalDecoder {
     pub fn new(prompt: &[u32]) -> Self {
         let keep = prompt.len().min(5);
         let ids = prompt[prompt.len() - keep..].to_vec();
-        IncrementalDecoder {
-            prefix_offset: 0,
-            read_offset: ids.len(),
-            ids,
-        }
+        IncrementalDecoder { prefix_offset: 0, read_offset: ids.len(), ids }
     }
 
     /// Adds a token; returns the text it completes, if any.
@@ -149,21 +131,14 @@ pub struct StopOutcome {
 impl StopMatcher {
     /// A matcher for `stops` (none empty).
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher {
-            stops,
-            ..Default::default()
-        }
+        StopMatcher { stops, ..Default::default() }
     }
 
     /// Appends generated text.
     pub fn push(&mut self, piece: &str) -> StopOutcome {
         let search_from = self.emitted;
         self.text.push_str(piece);
-        let found = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
-            .min();
+        let found = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i)).min();
         if let Some(at) = found {
             let out = self.text[self.emitted..at].to_string();
             self.text.truncate(at);

@@ -19,15 +19,10 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, String>> {
         weight_map: HashMap<String, String>,
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let index: Index = serde_json::from_str(&text).map_err(|e| {
-        Error::LoadWeights(format!("{}: malformed index: {e}", path.display()))
-    })?;
+    let index: Index = serde_json::from_str(&text).map_err(|e| Error::LoadWeights(format!("{}: malformed index: {e}", path.display())))?;
     for file in index.weight_map.values() {
         if file.contains('/') || file.starts_with('.') {
-            return Err(Error::LoadWeights(format!(
-                "{}: file name {file:?} leaves the model folder",
-                path.display()
-            )));
+            return Err(Error::LoadWeights(format!("{}: file name {file:?} leaves the model folder", path.display())));
         }
     }
     Ok(index.weight_map)
@@ -44,22 +39,13 @@ pub struct LoadedTensors {
 impl LoadedTensors {
     /// Bytes held, after conversion.
     pub fn bytes(&self) -> u64 {
-        self.tensors
-            .values()
-            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum()
+        self.tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
     }
 }
 
 /// Loads every tensor for which `wanted(name)` holds — only the part `slice` names — converted
 /// to `dtype` (or kept as on disk when `dtype` is `None`).
-pub fn load(
-    dir: &Path,
-    wanted: &dyn Fn(&str) -> bool,
-    slice: Slicer<'_>,
-    dtype: Option<DType>,
-    device: &Device,
-) -> Result<LoadedTensors> {
+pub fn load(dir: &Path, wanted: &dyn Fn(&str) -> bool, slice: Slicer<'_>, dtype: Option<DType>, device: &Device) -> Result<LoadedTensors> {
     let index = dir.join("model.safetensors.index.json");
     let plan: Vec<(String, Option<Vec<String>>)> = if index.is_file() {
         let map = read_index(&index)?;
@@ -97,26 +83,21 @@ fn read_file(
         return Err(Error::LoadWeights(format!("{} does not exist", path.display())));
     }
     let mmap = map_file(path)?;
-    let st = mmap.deserialize().map_err(|e| {
-        Error::LoadWeights(format!("{file}: corrupt or truncated safetensors file: {e}"))
-    })?;
+    let st = mmap.deserialize().map_err(|e| Error::LoadWeights(format!("{file}: corrupt or truncated safetensors file: {e}")))?;
     let names: Vec<String> = match names {
         Some(n) => n.to_vec(),
         None => st.names().into_iter().filter(|n| wanted(n)).map(str::to_string).collect(),
     };
     for name in names {
-        let view = st.tensor(&name).map_err(|e| {
-            Error::LoadWeights(format!("{file}: tensor {name} listed in the index is not there: {e}"))
-        })?;
+        let view =
+            st.tensor(&name).map_err(|e| Error::LoadWeights(format!("{file}: tensor {name} listed in the index is not there: {e}")))?;
         let t = match slice(&name, view.shape()) {
             None => view.load(device).map_err(|e| e.to_string()),
             Some((dim, range)) => load_slice(&view, dim, range, device),
         }
         .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
         let t = match dtype {
-            Some(d) if d != t.dtype() => t
-                .to_dtype(d)
-                .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?,
+            Some(d) if d != t.dtype() => t.to_dtype(d).map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?,
             _ => t,
         };
         out.tensors.insert(name, t);
@@ -125,7 +106,12 @@ fn read_file(
 }
 
 /// Reads `range` along `dim` of a tensor, touching only those bytes of the file.
-fn load_slice(view: &safetensors::tensor::TensorView<'_>, dim: usize, range: Range<usize>, device: &Device) -> std::result::Result<Tensor, String> {
+fn load_slice(
+    view: &safetensors::tensor::TensorView<'_>,
+    dim: usize,
+    range: Range<usize>,
+    device: &Device,
+) -> std::result::Result<Tensor, String> {
     use safetensors::Dtype as D;
     let dtype = match view.dtype() {
         D::F32 => DType::F32,
@@ -157,6 +143,5 @@ fn map_file(path: &Path) -> Result<candle_core::safetensors::MmapedFile> {
     // SAFETY: the mapping is read-only and checkpoint files (Hub blobs, or a model folder) are
     // never rewritten in place while served; the tensors are copied out before the map is
     // dropped.
-    unsafe { candle_core::safetensors::MmapedFile::new(path) }
-        .map_err(|e| Error::LoadWeights(format!("{}: {e}", path.display())))
+    unsafe { candle_core::safetensors::MmapedFile::new(path) }.map_err(|e| Error::LoadWeights(format!("{}: {e}", path.display())))
 }

@@ -21,31 +21,12 @@ pub fn encode(t: &Tensor) -> Result<pb::Tensor> {
     let dtype = dtype_name(t.dtype())?;
     let flat = t.flatten_all().map_err(Error::Forward)?;
     let data: Vec<u8> = match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()
-            .map_err(Error::Forward)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()
-            .map_err(Error::Forward)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()
-            .map_err(Error::Forward)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::F32 => flat.to_vec1::<f32>().map_err(Error::Forward)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => flat.to_vec1::<half::bf16>().map_err(Error::Forward)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => flat.to_vec1::<half::f16>().map_err(Error::Forward)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         _ => unreachable!("dtype_name rejected it"),
     };
-    Ok(pb::Tensor {
-        dtype: dtype.to_string(),
-        shape: t.dims().iter().map(|&d| d as u64).collect(),
-        data,
-    })
+    Ok(pb::Tensor { dtype: dtype.to_string(), shape: t.dims().iter().map(|&d| d as u64).collect(), data })
 }
 
 /// The number of elements of `shape`, `None` when it does not fit in memory's address space.
@@ -71,12 +52,7 @@ pub fn decode(t: &pb::Tensor, device: &Device) -> Result<Tensor> {
     let want = n.checked_mul(dtype.size_in_bytes()).ok_or_else(too_large)?;
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     if t.data.len() != want {
-        return Err(Error::Wire(format!(
-            "{} bytes for a {:?} {} tensor that needs {want}",
-            t.data.len(),
-            shape,
-            t.dtype
-        )));
+        return Err(Error::Wire(format!("{} bytes for a {:?} {} tensor that needs {want}", t.data.len(), shape, t.dtype)));
     }
     let b = &t.data;
     let tensor = match dtype {

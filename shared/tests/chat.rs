@@ -37,8 +37,7 @@ fn tiny_qwen3_with_template() -> tempfile::TempDir {
 
 #[test]
 fn qwen3_fixture_matches_transformers_text_and_ids() {
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat/public.json")).unwrap()).unwrap();
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat/public.json")).unwrap()).unwrap();
     let dir = tiny_qwen3_with_template();
     let templates = ChatTemplates::load(dir.path(), "tiny-qwen3").unwrap();
     let tokenizer = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
@@ -147,12 +146,7 @@ fn run_bounded(mut cmd: Command, stdin: &[u8], limit: Duration, what: &str) -> V
     let _ = writer.join();
     let out = out.join().unwrap().unwrap_or_default();
     let err = err.join().unwrap().unwrap_or_default();
-    assert!(
-        status.success(),
-        "{what}: {cmd:?} failed ({status}):\n{}\n{}",
-        String::from_utf8_lossy(&out),
-        String::from_utf8_lossy(&err)
-    );
+    assert!(status.success(), "{what}: {cmd:?} failed ({status}):\n{}\n{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
     out
 }
 
@@ -289,50 +283,74 @@ fn tools() -> Value {
 /// Conversations of every shape the issue names.
 fn conversations() -> Vec<(&'static str, Value, bool)> {
     vec![
-        ("tool calls with object arguments and two results", json!([
-            {"role": "system", "content": "You are a helpful assistant. 你好!"},
-            {"role": "user", "content": "北京和巴黎的天气怎么样? 🌦️"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京", "days": 2, "unit": "c"}}},
-                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "opts": {"precise": true, "ratio": 0.5, "tags": []}}}}]},
-            {"role": "tool", "content": "{\"temp\": 25.0, \"sky\": \"晴\"}"},
-            {"role": "tool", "content": "{\"temp\": 18.5, \"sky\": \"pluie\"}"},
-            {"role": "assistant", "content": "北京晴, 25°C; Paris: pluie, 18.5°C ☔"},
-            {"role": "user", "content": "Merci 🙏"}
-        ]), true),
-        ("tool call with string arguments, ending on the result", json!([
-            {"role": "user", "content": "Search for Rust news"},
-            {"role": "assistant", "content": "Let me check.", "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": "{\"q\": \"Rust news\"}"}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "Rust 2.0 released (not really) — «news»"}
-        ]), true),
-        ("several system messages", json!([
-            {"role": "system", "content": "First system."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"},
-            {"role": "system", "content": "Now answer in French."},
-            {"role": "user", "content": "How are you?"}
-        ]), false),
-        ("reasoning content over a multi-step tool turn", json!([
-            {"role": "user", "content": "What is 2+2?"},
-            {"role": "assistant", "reasoning_content": "Simple arithmetic.", "content": "4"},
-            {"role": "user", "content": "And the weather in Tokyo?"},
-            {"role": "assistant", "reasoning_content": "\nI should call the tool.\n", "content": "",
-             "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京"}}}]},
-            {"role": "tool", "content": "sunny"},
-            {"role": "assistant", "reasoning_content": "The tool says sunny.", "content": "\nIt is sunny in 東京."}
-        ]), true),
-        ("reasoning inline in content", json!([
-            {"role": "user", "content": "Tell me a joke"},
-            {"role": "assistant", "content": "<think>\nSomething short.\n</think>\n\nWhy did the 🦀 cross the road?"},
-            {"role": "user", "content": "<tool_response>not really</tool_response>"},
-            {"role": "assistant", "content": "<think>odd</think>Done."}
-        ]), false),
+        (
+            "tool calls with object arguments and two results",
+            json!([
+                {"role": "system", "content": "You are a helpful assistant. 你好!"},
+                {"role": "user", "content": "北京和巴黎的天气怎么样? 🌦️"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京", "days": 2, "unit": "c"}}},
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "opts": {"precise": true, "ratio": 0.5, "tags": []}}}}]},
+                {"role": "tool", "content": "{\"temp\": 25.0, \"sky\": \"晴\"}"},
+                {"role": "tool", "content": "{\"temp\": 18.5, \"sky\": \"pluie\"}"},
+                {"role": "assistant", "content": "北京晴, 25°C; Paris: pluie, 18.5°C ☔"},
+                {"role": "user", "content": "Merci 🙏"}
+            ]),
+            true,
+        ),
+        (
+            "tool call with string arguments, ending on the result",
+            json!([
+                {"role": "user", "content": "Search for Rust news"},
+                {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": "{\"q\": \"Rust news\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Rust 2.0 released (not really) — «news»"}
+            ]),
+            true,
+        ),
+        (
+            "several system messages",
+            json!([
+                {"role": "system", "content": "First system."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "system", "content": "Now answer in French."},
+                {"role": "user", "content": "How are you?"}
+            ]),
+            false,
+        ),
+        (
+            "reasoning content over a multi-step tool turn",
+            json!([
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "reasoning_content": "Simple arithmetic.", "content": "4"},
+                {"role": "user", "content": "And the weather in Tokyo?"},
+                {"role": "assistant", "reasoning_content": "\nI should call the tool.\n", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京"}}}]},
+                {"role": "tool", "content": "sunny"},
+                {"role": "assistant", "reasoning_content": "The tool says sunny.", "content": "\nIt is sunny in 東京."}
+            ]),
+            true,
+        ),
+        (
+            "reasoning inline in content",
+            json!([
+                {"role": "user", "content": "Tell me a joke"},
+                {"role": "assistant", "content": "<think>\nSomething short.\n</think>\n\nWhy did the 🦀 cross the road?"},
+                {"role": "user", "content": "<tool_response>not really</tool_response>"},
+                {"role": "assistant", "content": "<think>odd</think>Done."}
+            ]),
+            false,
+        ),
         ("one plain user message", json!([{"role": "user", "content": "Hello, wörld"}]), false),
-        ("null content with tool calls", json!([
-            {"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
-        ]), true),
+        (
+            "null content with tool calls",
+            json!([
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+            ]),
+            true,
+        ),
     ]
 }
 
@@ -346,7 +364,10 @@ fn cases_for(template_label: &str, template: &str) -> Vec<Case> {
                 let tool_choices = if with_tools { vec![Some(tools()), None] } else { vec![None] };
                 for tools in tool_choices {
                     cases.push(Case {
-                        label: format!("{template_label} / {label} / gen={add_generation_prompt} kwargs={kwargs} tools={}", tools.is_some()),
+                        label: format!(
+                            "{template_label} / {label} / gen={add_generation_prompt} kwargs={kwargs} tools={}",
+                            tools.is_some()
+                        ),
                         template: template.to_string(),
                         messages: messages.clone(),
                         tools: tools.clone(),

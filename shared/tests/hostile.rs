@@ -43,7 +43,10 @@ fn hostile_safetensors_headers_are_one_line_errors_naming_the_file() {
                 &[0u8; 24],
             ),
         ),
-        ("a shape that does not match its bytes", safetensors(br#"{"w":{"dtype":"F32","shape":[1000000,1000000],"data_offsets":[0,4]}}"#, &[0u8; 4])),
+        (
+            "a shape that does not match its bytes",
+            safetensors(br#"{"w":{"dtype":"F32","shape":[1000000,1000000],"data_offsets":[0,4]}}"#, &[0u8; 4]),
+        ),
         ("a name that is not UTF-8", safetensors(b"{\"\xff\xfe\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", &[0u8; 4])),
         ("a header that is not JSON", safetensors(b"not json at all", &[])),
         ("an empty file", Vec::new()),
@@ -81,7 +84,9 @@ fn an_index_naming_a_missing_or_escaping_file_is_refused() {
 #[test]
 fn a_config_that_is_not_a_model_config_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    for (text, what) in [("{", "truncated"), ("[1, 2]", "an array"), (r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": "big"}"#, "a wrong type")] {
+    for (text, what) in
+        [("{", "truncated"), ("[1, 2]", "an array"), (r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": "big"}"#, "a wrong type")]
+    {
         let path = dir.path().join("config.json");
         std::fs::write(&path, text).unwrap();
         let e = shardserve::config::ModelConfig::from_file(&path).unwrap_err().to_string();

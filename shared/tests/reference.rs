@@ -65,8 +65,7 @@ fn greedy(stages: &[Shard], prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
 fn tiny_qwen3_matches_transformers() {
     let dir = fixtures().join("hf-reference/tiny-qwen3");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf-reference/tiny-qwen3.reference.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf-reference/tiny-qwen3.reference.json")).unwrap()).unwrap();
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let model = load(&dir, None);
     let cases = reference["cases"].as_array().unwrap();
@@ -93,11 +92,7 @@ fn pipeline_stages_equal_one_stage() {
     let (want, _) = greedy(std::slice::from_ref(&whole), &prompt, 12);
     for split in [vec![0..3, 3..6], vec![0..1, 1..4, 4..6], vec![0..2, 2..3, 3..5, 5..6]] {
         let n = split.len();
-        let stages: Vec<Shard> = split
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| load(&dir, Some(StageSpec::new(r, i, n))))
-            .collect();
+        let stages: Vec<Shard> = split.into_iter().enumerate().map(|(i, r)| load(&dir, Some(StageSpec::new(r, i, n)))).collect();
         let (got, _) = greedy(&stages, &prompt, 12);
         assert_eq!(got, want, "{n} stages");
     }
@@ -125,11 +120,8 @@ fn greedy_batched(stages: &[Shard], prompts: &[Vec<u32>], n: usize, chunk: usize
             if step < i % 3 || out[i].len() == n {
                 continue;
             }
-            let feed: Vec<u32> = if fed[i] < p.len() {
-                p[fed[i]..p.len().min(fed[i] + chunk)].to_vec()
-            } else {
-                vec![*out[i].last().unwrap()]
-            };
+            let feed: Vec<u32> =
+                if fed[i] < p.len() { p[fed[i]..p.len().min(fed[i] + chunk)].to_vec() } else { vec![*out[i].last().unwrap()] };
             let logits = fed[i] + feed.len() >= p.len();
             seqs.push(SeqStep { id: ids[i], tokens: feed.len(), logits, embed: false });
             fed[i] += feed.len();
@@ -178,8 +170,7 @@ fn greedy_batched(stages: &[Shard], prompts: &[Vec<u32>], n: usize, chunk: usize
 fn the_reference_prompts_in_one_batch_give_transformers_tokens() {
     let dir = fixtures().join("hf-reference/tiny-qwen3");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf-reference/tiny-qwen3.reference.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf-reference/tiny-qwen3.reference.json")).unwrap()).unwrap();
     let cases = reference["cases"].as_array().unwrap();
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
     let want: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["new_ids"].clone()).unwrap()).collect();
@@ -306,12 +297,8 @@ fn a_stage_reads_only_its_own_tensors_and_files() {
     }
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.path().join("model.safetensors.index.json")).unwrap()).unwrap();
-    let all: Vec<(String, String)> = index["weight_map"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect();
+    let all: Vec<(String, String)> =
+        index["weight_map"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
     let expected: std::collections::BTreeSet<String> =
         all.iter().filter(|(k, _)| k.starts_with("model.layers.2.")).map(|(k, _)| k.clone()).collect();
     assert_eq!(r.tensors, expected);

@@ -9,7 +9,8 @@ use std::time::Duration;
 /// `shardctl dev certs --out DIR` for localhost and 127.0.0.1: ca.pem, ca.key, server.*,
 /// client.*, node.*.
 pub fn dev_certs(dir: &Path) {
-    let out = run_shardctl(&["dev", "certs", "--out", dir.to_str().unwrap(), "--hosts", "localhost,127.0.0.1"], &[], Duration::from_secs(60));
+    let out =
+        run_shardctl(&["dev", "certs", "--out", dir.to_str().unwrap(), "--hosts", "localhost,127.0.0.1"], &[], Duration::from_secs(60));
     assert!(out.status.success(), "shardctl dev certs: {}", out.stderr);
 }
 

@@ -54,13 +54,7 @@ impl Etcd {
     }
 
     fn start_with(tls: Option<EtcdSecurity>) -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: 0,
-            peer_port: 0,
-            tls,
-        };
+        let mut e = Etcd { child: None, dir: tempfile::tempdir().unwrap(), client_port: 0, peer_port: 0, tls };
         for attempt in 1..=3 {
             (e.client_port, e.peer_port) = (free_port(), free_port());
             match e.try_spawn() {
@@ -88,7 +82,10 @@ impl Etcd {
     }
 
     /// A client of this etcd (as root when `user` is given, for etcd's RBAC).
-    pub async fn client(&self, user: Option<(&str, &Path)>) -> Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error> {
+    pub async fn client(
+        &self,
+        user: Option<(&str, &Path)>,
+    ) -> Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error> {
         let mut a = shardserve::membership::EtcdArgs { etcd: Some(self.url()), ..Default::default() };
         if let Some(t) = &self.tls {
             a.etcd_ca = Some(t.dir.join("ca.pem"));
@@ -125,8 +122,11 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(t) = &self.tls {
-            cmd.args(["--cert-file", &t.file("server.pem"), "--key-file", &t.file("server.key")])
-                .args(["--trusted-ca-file", &t.file("ca.pem"), "--client-cert-auth"]);
+            cmd.args(["--cert-file", &t.file("server.pem"), "--key-file", &t.file("server.key")]).args([
+                "--trusted-ca-file",
+                &t.file("ca.pem"),
+                "--client-cert-auth",
+            ]);
         }
         let mut child = cmd.spawn().expect("spawn etcd");
         let deadline = Instant::now() + Duration::from_secs(20);

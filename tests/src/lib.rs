@@ -151,7 +151,9 @@ impl Cluster {
             let mut c = pb::worker_client::WorkerClient::connect(format!("http://{address}")).await.expect("connect worker");
             c.stats(pb::StatsRequest {}).await.expect("stats").into_inner()
         };
-        tokio::time::timeout(Duration::from_secs(10), call).await.unwrap_or_else(|_| panic!("worker at {address} did not answer Stats within 10 s"))
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap_or_else(|_| panic!("worker at {address} did not answer Stats within 10 s"))
     }
 
     /// Where the coordinator serves metrics (started with `--metrics-listen`).
@@ -360,10 +362,7 @@ pub fn greedy(prompt: &str, max_new_tokens: i32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: prompt.to_string(),
         max_new_tokens: Some(max_new_tokens),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
+        sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         ..Default::default()
     }
 }
@@ -380,10 +379,7 @@ pub fn copy_model(src: &Path, dst: &Path) {
 /// Kills `pid` (SIGKILL) while `stream` is running and returns the status the stream ends
 /// with and how long after the kill it came; panics if the stream finishes normally or no
 /// error comes within 10 s.
-pub async fn kill_during_stream(
-    stream: &mut tonic::Streaming<pb::GenerateStreamResponse>,
-    pid: u32,
-) -> (tonic::Status, Duration) {
+pub async fn kill_during_stream(stream: &mut tonic::Streaming<pb::GenerateStreamResponse>, pid: u32) -> (tonic::Status, Duration) {
     let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
         .await
         .expect("no first message within 30 s")
@@ -432,14 +428,7 @@ impl ClusterBuilder {
 /// Two workers of the reference model with membership in `etcd` under `name`, 2 s leases, and
 /// one migration allowed per request: a stage killed under a request moves it.
 pub fn migrating_cluster(etcd: &Etcd, name: &str) -> Cluster {
-    Cluster::new(reference_model())
-        .workers(2)
-        .etcd(etcd, name)
-        .arg("--lease-ttl-s")
-        .arg("2")
-        .arg("--migration-limit")
-        .arg("1")
-        .start()
+    Cluster::new(reference_model()).workers(2).etcd(etcd, name).arg("--lease-ttl-s").arg("2").arg("--migration-limit").arg("1").start()
 }
 
 /// Starts a `worker` with `args` and waits (bounded) until its log (warnings and up) says
@@ -456,7 +445,9 @@ pub fn worker_until_it_logs(args: &[String], logged: &str, within: Duration) -> 
             .spawn()
             .expect("spawn worker"),
     );
-    wait_until(&format!("the worker logging `{logged}`"), within, || std::fs::read_to_string(log.path()).unwrap_or_default().contains(logged));
+    wait_until(&format!("the worker logging `{logged}`"), within, || {
+        std::fs::read_to_string(log.path()).unwrap_or_default().contains(logged)
+    });
     worker
 }
 
@@ -551,12 +542,10 @@ pub fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
     }
 }
 
-
 /// The placement of the coordinator's (first) model.
 pub async fn placement(cluster: &Cluster) -> Vec<pb::StageInfo> {
     cluster_status(&cluster.url).await.models[0].stages.clone()
 }
-
 
 /// Waits (5 s at most) until every worker at `addresses` holds no sequence and no KV block.
 pub async fn wait_no_sequences(addresses: &[String]) {
@@ -586,7 +575,12 @@ pub fn http_post(address: &str, path: &str, key: Option<&str>, body: &str) -> (u
     let mut s = std::net::TcpStream::connect(address).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, rest) = raw.split_once("\r\n\r\n").unwrap();

@@ -21,12 +21,22 @@ async fn with_key(url: &str, key: Option<&str>) -> (tonic::transport::Channel, i
     (channel, interceptor)
 }
 
-async fn inference(url: &str, key: Option<&str>) -> pb::inference_client::InferenceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>> {
+async fn inference(
+    url: &str,
+    key: Option<&str>,
+) -> pb::inference_client::InferenceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+> {
     let (channel, i) = with_key(url, key).await;
     pb::inference_client::InferenceClient::with_interceptor(channel, i)
 }
 
-async fn admin(url: &str, key: Option<&str>) -> pb::admin_client::AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>> {
+async fn admin(
+    url: &str,
+    key: Option<&str>,
+) -> pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+> {
     let (channel, i) = with_key(url, key).await;
     pb::admin_client::AdminClient::with_interceptor(channel, i)
 }

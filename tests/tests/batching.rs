@@ -163,13 +163,7 @@ async fn a_cancelled_stream_leaves_the_others_unchanged_and_every_block_comes_ba
 async fn two_hundred_streams_against_a_small_pool_finish_or_are_refused() {
     // 480 KiB per stage holds 10 to 30 blocks of 16 tokens of this model, by its layers: a few
     // requests of case 0 at a time, the next 64 wait, the rest are refused at once.
-    let cluster = Cluster::new(reference_model())
-        .workers(2)
-        .arg("--kv-memory")
-        .arg("480KiB")
-        .arg("--max-waiting")
-        .arg("64")
-        .start();
+    let cluster = Cluster::new(reference_model()).workers(2).arg("--kv-memory").arg("480KiB").arg("--max-waiting").arg("64").start();
     let addrs = cluster.stage_addresses().await;
     // Each stage's pool is what 480 KiB holds of its layers; the smallest is the limit.
     let stages = placement(&cluster).await;

@@ -17,7 +17,11 @@ fn dev_certs_makes_a_ca_a_server_and_a_client_certificate_openssl_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
     let o = out.to_str().unwrap();
-    let run = run_shardctl(&["dev", "certs", "--out", o, "--hosts", "localhost,127.0.0.1,coordinator.shardserve.svc", "--days", "30"], &[], Duration::from_secs(60));
+    let run = run_shardctl(
+        &["dev", "certs", "--out", o, "--hosts", "localhost,127.0.0.1,coordinator.shardserve.svc", "--days", "30"],
+        &[],
+        Duration::from_secs(60),
+    );
     assert!(run.status.success(), "{}", run.stderr);
     let f = |name: &str| out.join(name).to_str().unwrap().to_string();
     let (ca, server, client) = (f("ca.pem"), f("server.pem"), f("client.pem"));

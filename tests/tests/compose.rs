@@ -27,12 +27,7 @@ fn compose_cmd() -> Vec<&'static str> {
 fn run(cmd: &mut Command, within: Duration) -> String {
     let shown = format!("{cmd:?}");
     let out = bounded(cmd, within);
-    assert!(
-        out.status.success(),
-        "{shown} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{shown} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -111,7 +106,11 @@ impl Compose {
 
     /// Container ids of a service.
     fn containers(&self, service: &str) -> Vec<String> {
-        self.compose(&["ps", "-q", service], Duration::from_secs(30)).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+        self.compose(&["ps", "-q", service], Duration::from_secs(30))
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     /// The private network the services share.
@@ -216,7 +215,8 @@ async fn the_compose_cluster_gives_transformers_tokens_and_rides_out_an_etcd_res
     let worker = compose.containers("worker")[0].clone();
     let ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &worker]).trim().to_string();
     let plaintext = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{ip}:50061")).unwrap().connect().await.map_err(|e| e.to_string())?;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{ip}:50061")).unwrap().connect().await.map_err(|e| e.to_string())?;
         tonic_health::pb::health_client::HealthClient::new(channel)
             .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
             .await

@@ -40,13 +40,8 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_equal_candle_transformers_base_model_and_leave_no_kv() {
     // Chunks of 4 tokens: every input is prefilled over several steps.
-    let cluster = Cluster::new(reference_model())
-        .workers(2)
-        .arg("--prefill-chunk")
-        .arg("4")
-        .arg("--http-listen")
-        .arg("127.0.0.1:0")
-        .start();
+    let cluster =
+        Cluster::new(reference_model()).workers(2).arg("--prefill-chunk").arg("4").arg("--http-listen").arg("127.0.0.1:0").start();
     let cases = reference_cases();
     let inputs: Vec<String> = cases[..3].iter().map(|c| c.prompt.clone()).collect();
     let want: Vec<Vec<Vec<f32>>> = cases[..3].iter().map(|c| reference_states(&c.input_ids)).collect();
@@ -57,7 +52,12 @@ async fn embeddings_equal_candle_transformers_base_model_and_leave_no_kv() {
     let undisturbed = generate(&mut c, long.clone()).await.unwrap().token_ids;
     let mut stream = c.generate_stream(long).await.unwrap().into_inner();
 
-    let embed = |pooling: &str, normalize: bool| pb::EmbedRequest { model: String::new(), inputs: inputs.clone(), pooling: pooling.into(), normalize };
+    let embed = |pooling: &str, normalize: bool| pb::EmbedRequest {
+        model: String::new(),
+        inputs: inputs.clone(),
+        pooling: pooling.into(),
+        normalize,
+    };
     // Every position: transformers' last_hidden_state.
     let all = c.embed(embed("none", false)).await.unwrap().into_inner();
     assert_eq!(all.embeddings.len(), 3);
@@ -108,7 +108,12 @@ async fn embeddings_equal_candle_transformers_base_model_and_leave_no_kv() {
 fn post(addr: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, rest) = raw.split_once("\r\n\r\n").unwrap();

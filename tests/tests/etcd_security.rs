@@ -20,7 +20,10 @@ fn s(p: &Path) -> String {
 fn refused_coordinator(args: &[String]) -> String {
     let model = reference_model();
     let out = bounded(
-        Command::new(bin("coordinator")).args(["--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0"]).args(args).env("RUST_LOG", "warn"),
+        Command::new(bin("coordinator"))
+            .args(["--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn"),
         Duration::from_secs(60),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -41,7 +44,8 @@ async fn etcd_over_tls_with_rbac_users_serves_members_and_refuses_the_rest_with_
         std::fs::write(&p, format!("{pw}\n")).unwrap();
         p
     };
-    let (root_pw, member_pw, other_pw, wrong_pw) = (password("root", "r00t"), password("shardserve", "s3cret"), password("other", "0ther"), password("wrong", "guess"));
+    let (root_pw, member_pw, other_pw, wrong_pw) =
+        (password("root", "r00t"), password("shardserve", "s3cret"), password("other", "0ther"), password("wrong", "guess"));
 
     // etcd's RBAC: root; a user who may read and write this cluster's prefix; one who may
     // only touch another prefix. Then auth is on.
@@ -81,7 +85,16 @@ async fn etcd_over_tls_with_rbac_users_serves_members_and_refuses_the_rest_with_
 
     // Each part missing or wrong: the coordinator does not start, and says why.
     let url = etcd.url();
-    let tls = |cert_dir: &Path| vec!["--etcd-ca".to_string(), s(&a.join("ca.pem")), "--etcd-cert".into(), s(&cert_dir.join("client.pem")), "--etcd-key".into(), s(&cert_dir.join("client.key"))];
+    let tls = |cert_dir: &Path| {
+        vec![
+            "--etcd-ca".to_string(),
+            s(&a.join("ca.pem")),
+            "--etcd-cert".into(),
+            s(&cert_dir.join("client.pem")),
+            "--etcd-key".into(),
+            s(&cert_dir.join("client.key")),
+        ]
+    };
     let with = |extra: Vec<String>, user: Option<(&str, &Path)>| {
         let mut args = vec!["--etcd".to_string(), url.clone(), "--cluster".into(), name.clone()];
         args.extend(extra);

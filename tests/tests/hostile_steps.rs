@@ -12,7 +12,11 @@ use std::time::Duration;
 const HIDDEN: usize = 64;
 
 /// One step on an open stream and its answer (10 s at most).
-async fn step(tx: &tokio::sync::mpsc::Sender<pb::StepRequest>, rx: &mut tonic::Streaming<pb::StepResponse>, req: pb::StepRequest) -> pb::StepResponse {
+async fn step(
+    tx: &tokio::sync::mpsc::Sender<pb::StepRequest>,
+    rx: &mut tonic::Streaming<pb::StepResponse>,
+    req: pb::StepRequest,
+) -> pb::StepResponse {
     tx.send(req).await.expect("the step stream closed");
     tokio::time::timeout(Duration::from_secs(10), rx.message())
         .await
@@ -53,12 +57,48 @@ async fn malformed_steps_are_refused_one_by_one_and_the_stream_serves_on() {
     let mut rx = client.step(tokio_stream::wrappers::ReceiverStream::new(out)).await.unwrap().into_inner();
     let f32s = |rows: usize| hidden("f32", vec![rows as u64, HIDDEN as u64], rows * HIDDEN * 4);
     let cases: Vec<(&str, pb::StepRequest, &str)> = vec![
-        ("a dtype no stage sends", pb::StepRequest { step_id: 1, sequences: vec![seq(10, vec![1, 2], 0)], hidden: hidden("q4", vec![2, HIDDEN as u64], 2 * HIDDEN), release: vec![], owner: 0 }, "unknown dtype"),
-        ("bytes that do not fill the shape", pb::StepRequest { step_id: 2, sequences: vec![seq(11, vec![1, 2], 0)], hidden: hidden("f32", vec![2, HIDDEN as u64], 7), release: vec![], owner: 0 }, "bytes"),
-        ("a shape of other rows", pb::StepRequest { step_id: 3, sequences: vec![seq(12, vec![1, 2], 0)], hidden: f32s(3), release: vec![], owner: 0 }, "rows"),
-        ("no hidden states", pb::StepRequest { step_id: 4, sequences: vec![seq(13, vec![1], 0)], hidden: None, release: vec![], owner: 0 }, "needs hidden states"),
-        ("positions past the context", pb::StepRequest { step_id: 5, sequences: vec![seq(14, vec![1], 5000)], hidden: f32s(1), release: vec![], owner: 0 }, "position"),
-        ("an empty step", pb::StepRequest { step_id: 6, sequences: vec![seq(15, vec![], 0)], hidden: f32s(0), release: vec![], owner: 0 }, "at least one token"),
+        (
+            "a dtype no stage sends",
+            pb::StepRequest {
+                step_id: 1,
+                sequences: vec![seq(10, vec![1, 2], 0)],
+                hidden: hidden("q4", vec![2, HIDDEN as u64], 2 * HIDDEN),
+                release: vec![],
+                owner: 0,
+            },
+            "unknown dtype",
+        ),
+        (
+            "bytes that do not fill the shape",
+            pb::StepRequest {
+                step_id: 2,
+                sequences: vec![seq(11, vec![1, 2], 0)],
+                hidden: hidden("f32", vec![2, HIDDEN as u64], 7),
+                release: vec![],
+                owner: 0,
+            },
+            "bytes",
+        ),
+        (
+            "a shape of other rows",
+            pb::StepRequest { step_id: 3, sequences: vec![seq(12, vec![1, 2], 0)], hidden: f32s(3), release: vec![], owner: 0 },
+            "rows",
+        ),
+        (
+            "no hidden states",
+            pb::StepRequest { step_id: 4, sequences: vec![seq(13, vec![1], 0)], hidden: None, release: vec![], owner: 0 },
+            "needs hidden states",
+        ),
+        (
+            "positions past the context",
+            pb::StepRequest { step_id: 5, sequences: vec![seq(14, vec![1], 5000)], hidden: f32s(1), release: vec![], owner: 0 },
+            "position",
+        ),
+        (
+            "an empty step",
+            pb::StepRequest { step_id: 6, sequences: vec![seq(15, vec![], 0)], hidden: f32s(0), release: vec![], owner: 0 },
+            "at least one token",
+        ),
     ];
     for (what, req, says) in cases {
         let (code, message) = refused(&step(&tx, &mut rx, req).await);
@@ -66,12 +106,33 @@ async fn malformed_steps_are_refused_one_by_one_and_the_stream_serves_on() {
         assert!(message.contains(says), "{what}: {message}");
     }
     // A sequence this worker never saw, mid-way: not served, and said so.
-    let r = step(&tx, &mut rx, pb::StepRequest { step_id: 7, sequences: vec![seq(16, vec![1], 9)], hidden: f32s(1), release: vec![], owner: 0 }).await;
+    let r = step(
+        &tx,
+        &mut rx,
+        pb::StepRequest { step_id: 7, sequences: vec![seq(16, vec![1], 9)], hidden: f32s(1), release: vec![], owner: 0 },
+    )
+    .await;
     assert_eq!(refused(&r).0, tonic::Code::Unavailable, "{r:?}");
     // The same stream serves a well-formed sequence, prefill then decode.
-    let r = step(&tx, &mut rx, pb::StepRequest { step_id: 8, sequences: vec![seq(17, vec![1, 2, 3], 0)], hidden: f32s(3), release: vec![], owner: 0 }).await;
+    let r = step(
+        &tx,
+        &mut rx,
+        pb::StepRequest { step_id: 8, sequences: vec![seq(17, vec![1, 2, 3], 0)], hidden: f32s(3), release: vec![], owner: 0 },
+    )
+    .await;
     assert!(r.results.len() == 1 && r.results[0].code == 0, "{r:?}");
-    let r = step(&tx, &mut rx, pb::StepRequest { step_id: 9, sequences: vec![seq(17, vec![r.results[0].token_id], 3)], hidden: f32s(1), release: vec![], owner: 0 }).await;
+    let r = step(
+        &tx,
+        &mut rx,
+        pb::StepRequest {
+            step_id: 9,
+            sequences: vec![seq(17, vec![r.results[0].token_id], 3)],
+            hidden: f32s(1),
+            release: vec![],
+            owner: 0,
+        },
+    )
+    .await;
     assert!(r.results.len() == 1 && r.results[0].code == 0, "{r:?}");
 
     // The first stage takes tokens: ids past the vocabulary, hidden states instead of tokens,
@@ -80,9 +141,18 @@ async fn malformed_steps_are_refused_one_by_one_and_the_stream_serves_on() {
     let (tx, out) = tokio::sync::mpsc::channel(4);
     let mut rx = client.step(tokio_stream::wrappers::ReceiverStream::new(out)).await.unwrap().into_inner();
     let cases: Vec<(&str, pb::StepRequest)> = vec![
-        ("a token past the vocabulary", pb::StepRequest { step_id: 1, sequences: vec![seq(20, vec![1, 100_000], 0)], hidden: None, release: vec![], owner: 0 }),
-        ("hidden states for the first stage", pb::StepRequest { step_id: 2, sequences: vec![seq(21, vec![1], 0)], hidden: f32s(1), release: vec![], owner: 0 }),
-        ("a huge token list", pb::StepRequest { step_id: 3, sequences: vec![seq(22, vec![1; 200_000], 0)], hidden: None, release: vec![], owner: 0 }),
+        (
+            "a token past the vocabulary",
+            pb::StepRequest { step_id: 1, sequences: vec![seq(20, vec![1, 100_000], 0)], hidden: None, release: vec![], owner: 0 },
+        ),
+        (
+            "hidden states for the first stage",
+            pb::StepRequest { step_id: 2, sequences: vec![seq(21, vec![1], 0)], hidden: f32s(1), release: vec![], owner: 0 },
+        ),
+        (
+            "a huge token list",
+            pb::StepRequest { step_id: 3, sequences: vec![seq(22, vec![1; 200_000], 0)], hidden: None, release: vec![], owner: 0 },
+        ),
     ];
     for (what, req) in cases {
         let (code, message) = refused(&step(&tx, &mut rx, req).await);

@@ -159,7 +159,8 @@ async fn sse_framing_errors_and_disconnects_over_raw_http() {
     let e = json_of(&b);
     assert_eq!(e["error"]["param"], "max_tokens", "{e}");
     assert!(e["error"]["message"].as_str().unwrap().starts_with("max_tokens: invalid type"), "{e}");
-    let (status, b) = request(&http, "POST", "/v1/chat/completions", r#"{"model": "chat", "messages": [{"role": "user", "content": "x"}], "n": 0}"#);
+    let (status, b) =
+        request(&http, "POST", "/v1/chat/completions", r#"{"model": "chat", "messages": [{"role": "user", "content": "x"}], "n": 0}"#);
     assert_eq!((status, json_of(&b)["error"]["param"].clone()), (400, serde_json::json!("n")));
     let (status, _) = request(&http, "GET", "/v1/nothing", "");
     assert_eq!(status, 404);
@@ -182,9 +183,14 @@ async fn sse_framing_errors_and_disconnects_over_raw_http() {
     let (status, e) = chat_error(serde_json::json!([{"role": "user", "content": "x"}]), serde_json::json!({"n": 5}));
     assert!(status == 400 && e["param"] == "n" && e["message"].as_str().unwrap().contains("--max-n"), "{e}");
     let long = "word ".repeat(1500);
-    let (status, b) = request(&http, "POST", "/v1/completions", &serde_json::json!({"model": plain, "prompt": long, "max_tokens": 4}).to_string());
+    let (status, b) =
+        request(&http, "POST", "/v1/completions", &serde_json::json!({"model": plain, "prompt": long, "max_tokens": 4}).to_string());
     assert_eq!(status, 400);
-    assert!(json_of(&b)["error"]["message"].as_str().unwrap().contains("the model's context is 1024 tokens"), "{}", String::from_utf8_lossy(&b));
+    assert!(
+        json_of(&b)["error"]["message"].as_str().unwrap().contains("the model's context is 1024 tokens"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     let huge = serde_json::json!({"model": plain, "prompt": "x".repeat(70_000), "max_tokens": 4}).to_string();
     let (status, b) = request(&http, "POST", "/v1/completions", &huge);
     assert_eq!(status, 413);
@@ -206,7 +212,8 @@ async fn sse_framing_errors_and_disconnects_over_raw_http() {
     assert_eq!(t["count"], case.input_ids.len());
     let (_, b) = request(&http, "POST", "/detokenize", &serde_json::json!({"model": plain, "tokens": case.input_ids}).to_string());
     assert_eq!(json_of(&b)["prompt"], case.prompt);
-    let chat_case = &serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(fixtures().join("chat/public.json")).unwrap()).unwrap()["cases"][1];
+    let chat_case = &serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(fixtures().join("chat/public.json")).unwrap())
+        .unwrap()["cases"][1];
     let req = serde_json::json!({"model": "chat", "messages": chat_case["messages"], "add_generation_prompt": true});
     let (status, b) = request(&http, "POST", "/tokenize", &req.to_string());
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
@@ -216,7 +223,8 @@ async fn sse_framing_errors_and_disconnects_over_raw_http() {
     let stages = cluster.stage_addresses().await;
     let mut s = std::net::TcpStream::connect(&http).unwrap();
     let body = serde_json::json!({"model": plain, "prompt": "a", "max_tokens": 1000, "temperature": 0, "stream": true}).to_string();
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     // Until the first token's event: the sequence runs on the stages.
     let mut seen = Vec::new();
@@ -241,8 +249,23 @@ async fn shardctl_generate_chat_uses_the_chat_rpc_and_transformers_prompt() {
     let case = &fixture["cases"][1];
     let (system, user) = (case["messages"][0]["content"].as_str().unwrap(), case["messages"][1]["content"].as_str().unwrap());
     let out = run_shardctl(
-        &["generate", "--coordinator", &cluster.url, "--model", "chat", "--chat", "--system", system, "--user", user,
-          "--max-new-tokens", "12", "--temperature", "0", "--json"],
+        &[
+            "generate",
+            "--coordinator",
+            &cluster.url,
+            "--model",
+            "chat",
+            "--chat",
+            "--system",
+            system,
+            "--user",
+            user,
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--json",
+        ],
         &[],
         Duration::from_secs(60),
     );
@@ -259,8 +282,21 @@ async fn shardctl_generate_chat_uses_the_chat_rpc_and_transformers_prompt() {
     let file = dir.path().join("messages.json");
     std::fs::write(&file, case["messages"].to_string()).unwrap();
     let out = run_shardctl(
-        &["generate", "--coordinator", &cluster.url, "--model", "chat", "--chat", "--messages", file.to_str().unwrap(),
-          "--max-new-tokens", "12", "--temperature", "0", "--json"],
+        &[
+            "generate",
+            "--coordinator",
+            &cluster.url,
+            "--model",
+            "chat",
+            "--chat",
+            "--messages",
+            file.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--json",
+        ],
         &[],
         Duration::from_secs(60),
     );

@@ -222,10 +222,8 @@ impl State {
                 return not_found(&mut out, "EntryNotFound");
             };
             let len = f.bytes.len() as u64;
-            let range = headers
-                .get("range")
-                .and_then(|r| r.strip_prefix("bytes="))
-                .and_then(|r| r.trim_end_matches('-').parse::<u64>().ok());
+            let range =
+                headers.get("range").and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.trim_end_matches('-').parse::<u64>().ok());
             let start = range.unwrap_or(0).min(len);
             let mut headers = vec![("Content-Length".to_string(), (len - start).to_string())];
             let status = if range.is_some() {
@@ -568,9 +566,7 @@ fn a_fill_killed_mid_download_leaves_no_partial_blob_and_the_next_finishes_it() 
     let status = fill.0.wait().unwrap();
     assert!(!status.success(), "the fill was killed");
     drop(fill);
-    wait_until("the server to see the killed download end", Duration::from_secs(10), || {
-        hub.fetches_of("model.safetensors").len() == 1
-    });
+    wait_until("the server to see the killed download end", Duration::from_secs(10), || hub.fetches_of("model.safetensors").len() == 1);
 
     // Nothing in blobs/ is a partial blob: every blob is whole, the rest is `.incomplete`.
     let (leftover, left_len) = partial(&folder.join("blobs")).expect("the killed fill's partial download");
@@ -588,10 +584,7 @@ fn a_fill_killed_mid_download_leaves_no_partial_blob_and_the_next_finishes_it() 
     // lacks.
     assert!(!folder.join("refs/main").exists(), "refs/main moves only once the snapshot is whole");
     let mut offline = Command::new(bin("shardctl"));
-    offline
-        .args(["cache", "fill", "--model", REPO, "--revision", COMMIT])
-        .env("HF_HUB_CACHE", cache.path())
-        .env("HF_HUB_OFFLINE", "1");
+    offline.args(["cache", "fill", "--model", REPO, "--revision", COMMIT]).env("HF_HUB_CACHE", cache.path()).env("HF_HUB_OFFLINE", "1");
     let out = run_bounded(offline, Duration::from_secs(30));
     assert!(!out.status.success(), "an incomplete snapshot resolved: {}", stdout(&out));
     assert!(stderr(&out).contains("model.safetensors"), "{}", stderr(&out));
@@ -603,9 +596,7 @@ fn a_fill_killed_mid_download_leaves_no_partial_blob_and_the_next_finishes_it() 
     assert!(out.status.success(), "{}", stderr(&out));
     let snapshot = folder.join("snapshots").join(COMMIT);
     assert_eq!(stdout(&out), snapshot.display().to_string());
-    wait_until("the server to record the resumed download", Duration::from_secs(10), || {
-        hub.fetches_of("model.safetensors").len() > before
-    });
+    wait_until("the server to record the resumed download", Duration::from_secs(10), || hub.fetches_of("model.safetensors").len() > before);
     let resumed = &hub.fetches_of("model.safetensors")[before..];
     assert_eq!(resumed.len(), 1, "{resumed:?}");
     let rest = weights.bytes.len() as u64 - left_len;
@@ -682,7 +673,12 @@ async fn status_shows_the_download_of_a_model_being_loaded() {
     while seen.is_none() {
         assert!(Instant::now() < deadline, "no download of model.safetensors in status within 60 s");
         let s = status_json(&cluster.url);
-        seen = s["downloads"].as_array().unwrap().iter().find(|d| d["file"] == "model.safetensors" && d["done_bytes"].as_u64().unwrap() > 0).cloned();
+        seen = s["downloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["file"] == "model.safetensors" && d["done_bytes"].as_u64().unwrap() > 0)
+            .cloned();
     }
     let d = seen.unwrap();
     assert_eq!(d["repo"], REPO);

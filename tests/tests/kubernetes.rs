@@ -36,10 +36,7 @@ fn deploy_python(root: &Path) -> PathBuf {
         if !python.is_file() {
             run(Command::new("python3").arg("-m").arg("venv").arg(&venv), Duration::from_secs(120));
         }
-        run(
-            Command::new(&python).args(["-m", "pip", "install", "--quiet", "kubernetes-validate", "pyyaml"]),
-            Duration::from_secs(300),
-        );
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "kubernetes-validate", "pyyaml"]), Duration::from_secs(300));
         assert!(ready(), "{} still cannot import kubernetes_validate and yaml after pip install", python.display());
     }
     python

@@ -228,12 +228,7 @@ async fn when_the_leader_coordinator_dies_the_other_takes_over_within_two_ttl() 
 }
 
 fn worker_state(cluster: &Cluster, id: &str) -> Option<String> {
-    cluster.workers_json()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == id)
-        .map(|w| w["state"].as_str().unwrap().to_string())
+    cluster.workers_json()["workers"].as_array().unwrap().iter().find(|w| w["id"] == id).map(|w| w["state"].as_str().unwrap().to_string())
 }
 
 fn shardctl_ok(args: &[&str]) -> serde_json::Value {
@@ -268,7 +263,9 @@ async fn cordon_drain_and_scale_change_the_fleet_and_the_placement() {
     let xd = x.clone();
     let drain = tokio::task::spawn_blocking(move || shardctl_ok(&["drain", &xd, "--json", "--coordinator", &drain_url]));
     let mut n = 1;
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(60), s.message()).await.unwrap().expect("the streaming request failed during the drain") {
+    while let Some(m) =
+        tokio::time::timeout(Duration::from_secs(60), s.message()).await.unwrap().expect("the streaming request failed during the drain")
+    {
         n += m.token_ids.len();
     }
     assert_eq!(n, 600);

@@ -14,11 +14,7 @@ fn on(model: &str, mut req: pb::GenerateRequest) -> pb::GenerateRequest {
 
 async fn stages(cluster: &Cluster, model: &str) -> Vec<pb::StageInfo> {
     let s = cluster_status(&cluster.url).await;
-    s.models
-        .iter()
-        .find(|m| m.model.as_ref().is_some_and(|i| i.name == model))
-        .map(|m| m.stages.clone())
-        .unwrap_or_default()
+    s.models.iter().find(|m| m.model.as_ref().is_some_and(|i| i.name == model)).map(|m| m.stages.clone()).unwrap_or_default()
 }
 
 fn shardctl_json(args: &[&str]) -> serde_json::Value {
@@ -27,13 +23,16 @@ fn shardctl_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout))
 }
 
-
 /// A 4-layer tiny llama checkpoint made with `seed`, and the 16 greedy tokens one worker
 /// serving it alone generates for `prompt`.
 async fn tiny_llama(seed: u32, prompt: &str) -> (tempfile::TempDir, Vec<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap().to_string();
-    let made = run_shardctl(&["dev", "tiny-model", "--arch", "llama", "--out", &out, "--layers", "4", "--seed", &seed.to_string()], &[], Duration::from_secs(60));
+    let made = run_shardctl(
+        &["dev", "tiny-model", "--arch", "llama", "--out", &out, "--layers", "4", "--seed", &seed.to_string()],
+        &[],
+        Duration::from_secs(60),
+    );
     assert!(made.status.success(), "{}", made.stderr);
     let one = Cluster::new(dir.path()).start();
     let mut c = one.client().await;
@@ -100,10 +99,7 @@ async fn a_second_model_is_loaded_on_reserved_workers_and_unloaded_again() {
     assert!(e.code() == Code::InvalidArgument && e.message().contains("already served"), "{e:?}");
     let e = admin.load_model(load("big", 5)).await.unwrap_err();
     assert!(e.code() == Code::ResourceExhausted && e.message().contains("add workers"), "{e:?}");
-    let e = admin
-        .load_model(pb::LoadModelRequest { model: "/nonexistent/model".into(), ..Default::default() })
-        .await
-        .unwrap_err();
+    let e = admin.load_model(pb::LoadModelRequest { model: "/nonexistent/model".into(), ..Default::default() }).await.unwrap_err();
     assert!(e.code() == Code::InvalidArgument && e.message().contains("/nonexistent/model"), "{e:?}");
     let e = admin.unload_model(pb::UnloadModelRequest { name: primary.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -195,7 +191,20 @@ async fn a_model_loaded_at_run_time_is_served_as_replicas_of_its_reserved_worker
     assert_eq!(stages(&cluster, &primary).await.len(), 3, "a refused load took workers");
 
     // Two workers as two replicas of one worker each.
-    let loaded = shardctl_json(&["models", "load", &llama, "--name", "llama", "--workers", "2", "--replicas", "2", "--json", "--coordinator", &cluster.url]);
+    let loaded = shardctl_json(&[
+        "models",
+        "load",
+        &llama,
+        "--name",
+        "llama",
+        "--workers",
+        "2",
+        "--replicas",
+        "2",
+        "--json",
+        "--coordinator",
+        &cluster.url,
+    ]);
     assert_eq!(loaded["model"]["state"], "ready", "{loaded}");
     let mut reserved: Vec<String> = serde_json::from_value(loaded["workers"].clone()).unwrap();
     reserved.sort();

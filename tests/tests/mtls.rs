@@ -27,7 +27,20 @@ fn curl(args: &[&str]) -> (bool, String) {
 /// HTTP status when the connection was served.
 fn health_over_curl(address: &str, ca: &Path, cert: Option<(&Path, &Path)>) -> (bool, String) {
     let url = format!("https://{address}/grpc.health.v1.Health/Check");
-    let mut args = vec!["--cacert", s(ca), "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "content-type: application/grpc", "--data-binary", ""];
+    let mut args = vec![
+        "--cacert",
+        s(ca),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "--data-binary",
+        "",
+    ];
     if let Some((c, k)) = cert {
         args.extend(["--cert", s(c), "--key", s(k)]);
     }
@@ -74,9 +87,24 @@ async fn a_cluster_over_mutual_tls_serves_its_members_and_refuses_everyone_else(
     let ca = a.join("ca.pem");
     let mut builder = Cluster::new(reference_model()).workers(4).arg("--tp").arg("2");
     for arg in [
-        "--tls-cert", s(&a.join("server.pem")), "--tls-key", s(&a.join("server.key")), "--tls-ca", s(&ca),
-        "--cluster-ca", s(&ca), "--cluster-cert", s(&a.join("node.pem")), "--cluster-key", s(&a.join("node.key")),
-        "--cluster-crl", s(&crl), "--api-keys-file", s(&api_keys), "--admin-keys-file", s(&admin_keys),
+        "--tls-cert",
+        s(&a.join("server.pem")),
+        "--tls-key",
+        s(&a.join("server.key")),
+        "--tls-ca",
+        s(&ca),
+        "--cluster-ca",
+        s(&ca),
+        "--cluster-cert",
+        s(&a.join("node.pem")),
+        "--cluster-key",
+        s(&a.join("node.key")),
+        "--cluster-crl",
+        s(&crl),
+        "--api-keys-file",
+        s(&api_keys),
+        "--admin-keys-file",
+        s(&admin_keys),
     ] {
         builder = builder.arg(arg);
     }
@@ -106,9 +134,14 @@ async fn a_cluster_over_mutual_tls_serves_its_members_and_refuses_everyone_else(
     assert!(!out.status.success() && out.stderr.contains("Unauthenticated"), "{}", out.stderr);
 
     // The workers' ports: only a certificate of the cluster CA, valid and not revoked, is served.
-    let workers = run_shardctl(&["workers", "--json", "--coordinator", &url], &[("SHARDSERVE_TLS_CA", s(&ca)), ("SHARDSERVE_ADMIN_KEY", "admin-key-1")], Duration::from_secs(30));
+    let workers = run_shardctl(
+        &["workers", "--json", "--coordinator", &url],
+        &[("SHARDSERVE_TLS_CA", s(&ca)), ("SHARDSERVE_ADMIN_KEY", "admin-key-1")],
+        Duration::from_secs(30),
+    );
     assert!(workers.status.success(), "{}", workers.stderr);
-    let workers: Vec<serde_json::Value> = serde_json::from_value(serde_json::from_str::<serde_json::Value>(&workers.stdout).unwrap()["workers"].clone()).unwrap();
+    let workers: Vec<serde_json::Value> =
+        serde_json::from_value(serde_json::from_str::<serde_json::Value>(&workers.stdout).unwrap()["workers"].clone()).unwrap();
     assert_eq!(workers.len(), 4, "{workers:?}");
     let address = workers[0]["address"].as_str().unwrap().to_string();
     let (ok, text) = health_over_curl(&address, &ca, Some((&a.join("node.pem"), &a.join("node.key"))));
@@ -150,7 +183,11 @@ async fn a_cluster_over_mutual_tls_serves_its_members_and_refuses_everyone_else(
     // A worker started without the cluster's certificate cannot join.
     let args = ["--coordinator", url.as_str(), "--id", "stranger"].map(String::from);
     let _stranger = worker_until_it_logs(&args, "registration failed", Duration::from_secs(20));
-    let listed = run_shardctl(&["workers", "--json", "--coordinator", &url], &[("SHARDSERVE_TLS_CA", s(&ca)), ("SHARDSERVE_ADMIN_KEY", "admin-key-1")], Duration::from_secs(30));
+    let listed = run_shardctl(
+        &["workers", "--json", "--coordinator", &url],
+        &[("SHARDSERVE_TLS_CA", s(&ca)), ("SHARDSERVE_ADMIN_KEY", "admin-key-1")],
+        Duration::from_secs(30),
+    );
     assert!(!listed.stdout.contains("stranger") && !listed.stdout.contains("intruder"), "{}", listed.stdout);
 
     // Everyone else is still served.
@@ -194,7 +231,8 @@ async fn the_health_port_answers_probes_in_plaintext_while_the_worker_port_needs
     }
     let check = |address: String| async move {
         let call = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.map_err(|e| e.to_string())?;
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.map_err(|e| e.to_string())?;
             tonic_health::pb::health_client::HealthClient::new(channel)
                 .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
                 .await

@@ -42,7 +42,22 @@ async fn reference_tokens_through_two_three_and_four_stages() {
 async fn sharded_bf16_llama_over_two_three_and_four_stages_reads_only_its_own_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_shardctl(
-        &["dev", "tiny-model", "--arch", "llama", "--out", dir.path().to_str().unwrap(), "--shards", "2", "--layers", "6", "--dtype", "bf16", "--seed", "11"],
+        &[
+            "dev",
+            "tiny-model",
+            "--arch",
+            "llama",
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--shards",
+            "2",
+            "--layers",
+            "6",
+            "--dtype",
+            "bf16",
+            "--seed",
+            "11",
+        ],
         &[],
         Duration::from_secs(60),
     );
@@ -97,11 +112,15 @@ async fn sharded_bf16_llama_over_two_three_and_four_stages_reads_only_its_own_fi
                     let l: u32 = rest.split('.').next().unwrap().parse().unwrap();
                     (st.layer_start..st.layer_end).contains(&l)
                 }
-                None => (t.starts_with("model.embed_tokens.") && st.embeddings) || ((t.starts_with("model.norm.") || t.starts_with("lm_head.")) && st.lm_head),
+                None => {
+                    (t.starts_with("model.embed_tokens.") && st.embeddings)
+                        || ((t.starts_with("model.norm.") || t.starts_with("lm_head.")) && st.lm_head)
+                }
             };
             assert!(own, "stage {} read {t}", st.stage);
         }
-        let expected: std::collections::BTreeSet<String> = stats.tensors.iter().map(|t| weight_map[t].as_str().unwrap().to_string()).collect();
+        let expected: std::collections::BTreeSet<String> =
+            stats.tensors.iter().map(|t| weight_map[t].as_str().unwrap().to_string()).collect();
         let opened: std::collections::BTreeSet<String> = stats.files.iter().cloned().collect();
         assert_eq!(opened, expected, "stage {} opened files holding none of its tensors", st.stage);
         files_per_stage.push(opened);
@@ -176,10 +195,7 @@ async fn killed_middle_stage_fails_requests_and_a_new_worker_restores_service() 
         match generate(&mut c, greedy(&case.prompt, 32)).await {
             Ok(r) => break r,
             Err(e) => {
-                assert!(
-                    matches!(e.code(), Code::Unavailable | Code::FailedPrecondition),
-                    "unexpected status while recovering: {e:?}"
-                );
+                assert!(matches!(e.code(), Code::Unavailable | Code::FailedPrecondition), "unexpected status while recovering: {e:?}");
                 assert!(Instant::now() < deadline, "no recovery within 30 s: {}", e.message());
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

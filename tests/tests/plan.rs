@@ -78,12 +78,8 @@ fn plan_json_equals_accelerate_on_every_fixture_case() {
     for (case, raw) in cases.iter().zip(raw_cases) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), case["config"].to_string()).unwrap();
-        let max_memory: Vec<String> = case["max_memory"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
-            .collect();
+        let max_memory: Vec<String> =
+            case["max_memory"].as_object().unwrap().iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap())).collect();
         for strategy in ["auto", "balanced_low_0", "sequential"] {
             let Some(want) = raw.get(strategy) else { continue };
             let out = run_shardctl(

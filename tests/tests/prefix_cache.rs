@@ -167,7 +167,8 @@ async fn a_cached_prefix_gives_the_tokens_of_a_full_prefill_on_every_layout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_prefill_publishes_nothing_half_written() {
     // Prefilled 8 tokens a step: a client that goes away stops it part-way.
-    let cluster = Cluster::new(reference_model()).workers(2).arg("--kv-block-size").arg(&BLOCK.to_string()).arg("--prefill-chunk").arg("8").start();
+    let cluster =
+        Cluster::new(reference_model()).workers(2).arg("--kv-block-size").arg(&BLOCK.to_string()).arg("--prefill-chunk").arg("8").start();
     let c = cluster.client().await;
     let (prompt, len) = base_prompt(&c, 5).await;
     let reference = run(&c, &prompt, 16, true).await;
@@ -187,7 +188,8 @@ async fn a_cancelled_prefill_publishes_nothing_half_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replan_or_an_unload_drops_the_cache_and_nothing_stale_is_served() {
-    let cluster = Cluster::new(reference_model()).workers(3).arg("--lease-ttl-s").arg("2").arg("--kv-block-size").arg(&BLOCK.to_string()).start();
+    let cluster =
+        Cluster::new(reference_model()).workers(3).arg("--lease-ttl-s").arg("2").arg("--kv-block-size").arg(&BLOCK.to_string()).start();
     let c = cluster.client().await;
     let (prompt, len) = base_prompt(&c, 2).await;
     let reference = run(&c, &prompt, 16, true).await;
@@ -214,11 +216,14 @@ async fn a_replan_or_an_unload_drops_the_cache_and_nothing_stale_is_served() {
 
     // A model loaded at run time, unloaded and loaded again starts with nothing cached. (Once
     // the dead worker has left the fleet: a load would pick it while its lease lasts.)
-    wait_until("the killed worker leaving the fleet", Duration::from_secs(10), || cluster.workers_json()["workers"].as_array().unwrap().len() == 2);
+    wait_until("the killed worker leaving the fleet", Duration::from_secs(10), || {
+        cluster.workers_json()["workers"].as_array().unwrap().len() == 2
+    });
     let dir = tempfile::tempdir().unwrap();
     copy_model(&reference_model(), dir.path());
     let load = || {
-        let args = ["models", "load", dir.path().to_str().unwrap(), "--name", "again", "--wait-s", "60", "--json", "--coordinator", &cluster.url];
+        let args =
+            ["models", "load", dir.path().to_str().unwrap(), "--name", "again", "--wait-s", "60", "--json", "--coordinator", &cluster.url];
         run_shardctl(&args, &[], Duration::from_secs(90))
     };
     let out = load();
@@ -271,7 +276,10 @@ async fn with_per_key_scope_one_tenant_never_hits_another_and_salts_separate_req
         }
         let (code, v) = post_json(&http, "/v1/completions", key, body);
         assert_eq!(code, 200, "{v}");
-        (v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("usage.prompt_tokens_details.cached_tokens"), v["choices"][0]["text"].clone())
+        (
+            v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("usage.prompt_tokens_details.cached_tokens"),
+            v["choices"][0]["text"].clone(),
+        )
     };
     let (cached, text_a) = complete("tenant-a-key", None);
     assert_eq!(cached, 0);
@@ -293,7 +301,8 @@ async fn with_per_key_scope_one_tenant_never_hits_another_and_salts_separate_req
     let queries = metric(&m, "shardserve_prefix_cache_queries_total", &[]).expect("shardserve_prefix_cache_queries_total");
     let hits = metric(&m, "shardserve_prefix_cache_hits_total", &[]).expect("shardserve_prefix_cache_hits_total");
     assert!(hits > 0.0 && queries > hits, "{queries} queried, {hits} hit");
-    let out = run_shardctl(&["status", "--coordinator", &cluster.url], &[("SHARDSERVE_ADMIN_KEY", "tenant-a-key")], Duration::from_secs(20));
+    let out =
+        run_shardctl(&["status", "--coordinator", &cluster.url], &[("SHARDSERVE_ADMIN_KEY", "tenant-a-key")], Duration::from_secs(20));
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("prefix cache") && out.stdout.contains("% hit"), "{}", out.stdout);
 }
@@ -305,8 +314,20 @@ async fn two_coordinators_never_over_commit_a_pool() {
     let model = reference_model();
     let args = |url: &str| -> Vec<String> {
         [
-            "--model", model.to_str().unwrap(), "--etcd", url, "--cluster", &name, "--workers", "2", "--lease-ttl-s", "2",
-            "--kv-memory", "512KiB", "--max-waiting", "64",
+            "--model",
+            model.to_str().unwrap(),
+            "--etcd",
+            url,
+            "--cluster",
+            &name,
+            "--workers",
+            "2",
+            "--lease-ttl-s",
+            "2",
+            "--kv-memory",
+            "512KiB",
+            "--max-waiting",
+            "64",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -369,7 +390,14 @@ async fn two_coordinators_never_over_commit_a_pool() {
     let case = &cases[3];
     assert_eq!(generate(&mut follower.clone(), greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
     // No worker holds a block afterwards.
-    let workers = pb::admin_client::AdminClient::connect(url_a.clone()).await.unwrap().list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers = pb::admin_client::AdminClient::connect(url_a.clone())
+        .await
+        .unwrap()
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
     let addresses: Vec<String> = workers.iter().map(|w| w.address.clone()).collect();
     assert_eq!(addresses.len(), 2);
     wait_no_sequences(&addresses).await;

@@ -66,7 +66,9 @@ async fn two_replicas_of_two_stages_give_transformers_tokens_and_route_by_prefix
     let mut tasks = Vec::new();
     for case in cases.clone() {
         let mut c = cluster.client().await;
-        tasks.push(tokio::spawn(async move { (case.prompt.clone(), case.new_ids.clone(), generate(&mut c, greedy(&case.prompt, 32)).await) }));
+        tasks.push(tokio::spawn(
+            async move { (case.prompt.clone(), case.new_ids.clone(), generate(&mut c, greedy(&case.prompt, 32)).await) },
+        ));
     }
     let mut same = 0;
     for t in tasks {
@@ -180,7 +182,8 @@ async fn a_killed_worker_costs_only_its_replica() {
 
 /// `shardctl scale --workers N` on `cluster`, with its JSON answer.
 fn scale(cluster: &Cluster, workers: usize) -> serde_json::Value {
-    let out = run_shardctl(&["scale", "--workers", &workers.to_string(), "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(180));
+    let out =
+        run_shardctl(&["scale", "--workers", &workers.to_string(), "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(180));
     assert!(out.status.success(), "scale --workers {workers} failed: {}", out.stderr);
     serde_json::from_str(out.stdout.trim()).unwrap()
 }
@@ -203,7 +206,8 @@ async fn scaling_adds_and_removes_whole_replicas_without_failing_a_request() {
                 let case = &cases[i % cases.len()];
                 let started = Instant::now();
                 let got = tokio::time::timeout(Duration::from_secs(120), generate(&mut c, greedy(&case.prompt, 32))).await;
-                let got = got.expect("a request took over 120 s").unwrap_or_else(|e| panic!("{:?} failed during a scale: {e:?}", case.prompt));
+                let got =
+                    got.expect("a request took over 120 s").unwrap_or_else(|e| panic!("{:?} failed during a scale: {e:?}", case.prompt));
                 assert_eq!(got.token_ids, case.new_ids, "{:?}", case.prompt);
                 spans.push((started, Instant::now()));
                 i += 1;

@@ -34,12 +34,7 @@ async fn stream_all(
 }
 
 fn worker_pids(cluster: &Cluster) -> Vec<u32> {
-    cluster.workers_json()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect()
+    cluster.workers_json()["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,11 +42,7 @@ async fn greedy_tokens_equal_transformers_through_up() {
     let cluster = Cluster::new(reference_model()).start();
     let mut c = cluster.client().await;
     for case in reference_cases() {
-        let t = c
-            .tokenize(pb::TokenizeRequest { text: case.prompt.clone(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
+        let t = c.tokenize(pb::TokenizeRequest { text: case.prompt.clone(), ..Default::default() }).await.unwrap().into_inner();
         assert_eq!(t.token_ids, case.input_ids, "tokenization of {:?}", case.prompt);
         let r = generate(&mut c, greedy(&case.prompt, 32)).await.unwrap();
         assert_eq!(r.prompt_token_ids, case.input_ids);
@@ -126,11 +117,8 @@ async fn hub_id_from_an_offline_cache_with_symlinked_blobs() {
     let sha = "4d1c8f6e2b7a9c0d3e5f1a2b3c4d5e6f7a8b9c0d";
     let snap = shardserve::hub::install_into_cache(&reference_model(), cache.path(), "shardserve-test/tiny-qwen3", "main", sha).unwrap();
     assert!(std::fs::symlink_metadata(snap.join("model.safetensors")).unwrap().file_type().is_symlink());
-    let cluster = Cluster::new("shardserve-test/tiny-qwen3")
-        .workers(2)
-        .env("HF_HUB_CACHE", cache.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .start();
+    let cluster =
+        Cluster::new("shardserve-test/tiny-qwen3").workers(2).env("HF_HUB_CACHE", cache.path()).env("HF_HUB_OFFLINE", "1").start();
     let mut c = cluster.client().await;
     for case in reference_cases() {
         let r = generate(&mut c, greedy(&case.prompt, 32)).await.unwrap();
@@ -146,11 +134,7 @@ async fn hub_id_from_an_offline_cache_with_symlinked_blobs() {
         Duration::from_secs(60),
     );
     assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("shardserve-test/not-there") && out.stderr.contains("HF_HUB_OFFLINE"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("shardserve-test/not-there") && out.stderr.contains("HF_HUB_OFFLINE"), "{}", out.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,9 +230,7 @@ async fn every_invalid_field_gets_its_status() {
         f(&mut r);
         r
     };
-    let s = |f: &dyn Fn(&mut pb::SamplingParams)| {
-        with(&|r| f(r.sampling.as_mut().unwrap()))
-    };
+    let s = |f: &dyn Fn(&mut pb::SamplingParams)| with(&|r| f(r.sampling.as_mut().unwrap()));
     let cases: Vec<(pb::GenerateRequest, Code, &str)> = vec![
         (with(&|r| r.prompt.clear()), Code::InvalidArgument, "prompt"),
         (with(&|r| r.max_new_tokens = Some(0)), Code::InvalidArgument, "max_new_tokens"),
@@ -275,8 +257,13 @@ async fn every_invalid_field_gets_its_status() {
         expect_status(s, code, needle);
     }
     // The edge of the context is allowed: prompt + max_new_tokens == 1024 exactly.
-    let n = c.tokenize(pb::TokenizeRequest { text: "Hello".into(), ..Default::default() }).await.unwrap().into_inner().token_ids.len() as i32;
-    expect_status(generate(&mut c, with(&|r| r.max_new_tokens = Some(1024 - n + 1))).await, Code::InvalidArgument, "exceeds the model's context of 1024");
+    let n =
+        c.tokenize(pb::TokenizeRequest { text: "Hello".into(), ..Default::default() }).await.unwrap().into_inner().token_ids.len() as i32;
+    expect_status(
+        generate(&mut c, with(&|r| r.max_new_tokens = Some(1024 - n + 1))).await,
+        Code::InvalidArgument,
+        "exceeds the model's context of 1024",
+    );
     let r = generate(&mut c, with(&|r| r.max_new_tokens = Some(1024 - n))).await.unwrap();
     assert_eq!((r.token_ids.len() as i32, r.finish_reason.as_str()), (1024 - n, "length"));
 

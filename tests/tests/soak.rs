@@ -33,9 +33,24 @@ async fn soak_two_replicas_under_kills() {
     let name = unique_cluster("soak");
     let model = reference_model();
     let (_coordinator, url) = spawn_coordinator(&[
-        "--model", model.to_str().unwrap(), "--etcd", &etcd.url(), "--cluster", &name,
-        "--workers", "4", "--replicas", "2", "--lease-ttl-s", "2", "--migration-limit", "3",
-        "--replan-wait-s", "20", "--max-waiting", "1024",
+        "--model",
+        model.to_str().unwrap(),
+        "--etcd",
+        &etcd.url(),
+        "--cluster",
+        &name,
+        "--workers",
+        "4",
+        "--replicas",
+        "2",
+        "--lease-ttl-s",
+        "2",
+        "--migration-limit",
+        "3",
+        "--replan-wait-s",
+        "20",
+        "--max-waiting",
+        "1024",
     ]);
     let ids: Vec<String> = (0..4).map(|i| format!("soak-w{i}")).collect();
     let workers: Arc<Mutex<Vec<Proc>>> = Arc::new(Mutex::new(ids.iter().map(|id| worker_at(&etcd, &name, id, 2, "127.0.0.1:0")).collect()));
@@ -57,7 +72,8 @@ async fn soak_two_replicas_under_kills() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for k in 0..streams {
-        let (url, cases, want, counts, kills, stop) = (url.clone(), cases.clone(), want.clone(), counts.clone(), kills.clone(), stop.clone());
+        let (url, cases, want, counts, kills, stop) =
+            (url.clone(), cases.clone(), want.clone(), counts.clone(), kills.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let mut c = pb::inference_client::InferenceClient::connect(url).await.unwrap();
             let mut i = k;
@@ -122,7 +138,13 @@ async fn soak_two_replicas_under_kills() {
 
     // Afterwards: both replicas serve again, and nothing is left on any worker.
     wait_replicas_ready(&url, Duration::from_secs(60)).await;
-    let listed = pb::admin_client::AdminClient::connect(url.clone()).await.unwrap().list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner();
+    let listed = pb::admin_client::AdminClient::connect(url.clone())
+        .await
+        .unwrap()
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let addresses: Vec<String> = listed.workers.iter().map(|w| w.address.clone()).collect();
     assert_eq!(addresses.len(), 4, "{listed:?}");
     wait_no_sequences(&addresses).await;

@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 fn certs(dir: &std::path::Path) {
-    let out = run_shardctl(&["dev", "certs", "--out", dir.to_str().unwrap(), "--hosts", "localhost,127.0.0.1"], &[], Duration::from_secs(60));
+    let out =
+        run_shardctl(&["dev", "certs", "--out", dir.to_str().unwrap(), "--hosts", "localhost,127.0.0.1"], &[], Duration::from_secs(60));
     assert!(out.status.success(), "{}", out.stderr);
 }
 
@@ -72,12 +73,18 @@ async fn tls_refuses_plaintext_and_strangers_and_rotates_its_certificate() {
     let plain = url.replace("https://", "http://");
     let out = generate_with(&plain, None, &case.prompt);
     assert!(!out.status.success(), "plaintext was served: {}", out.stdout);
-    wait_until("the refused handshake in the coordinator's log", Duration::from_secs(10), || cluster.stderr().contains("TLS handshake refused"));
+    wait_until("the refused handshake in the coordinator's log", Duration::from_secs(10), || {
+        cluster.stderr().contains("TLS handshake refused")
+    });
     // ... and the server goes on serving everyone else.
     assert_eq!(tokens(&generate_with(&url, Some(&a.join("ca.pem")), &case.prompt)), case.new_ids[..8]);
 
     // HTTPS on the HTTP API port too.
-    let status = run_shardctl(&["status", "--json", "--coordinator", &url], &[("SHARDSERVE_TLS_CA", a.join("ca.pem").to_str().unwrap())], Duration::from_secs(30));
+    let status = run_shardctl(
+        &["status", "--json", "--coordinator", &url],
+        &[("SHARDSERVE_TLS_CA", a.join("ca.pem").to_str().unwrap())],
+        Duration::from_secs(30),
+    );
     assert!(status.status.success(), "{}", status.stderr);
     let http = serde_json::from_str::<serde_json::Value>(&status.stdout).unwrap()["http_address"].as_str().unwrap().to_string();
     let (ok, body) = curl(&["--cacert", a.join("ca.pem").to_str().unwrap(), &format!("https://{http}/health")]);

@@ -15,10 +15,7 @@ fn ranks(cluster: &Cluster, stages: &[pb::StageInfo]) -> Vec<Vec<(String, String
         let w = workers["workers"].as_array().unwrap().iter().find(|w| w["id"] == id).unwrap_or_else(|| panic!("{id} not in {workers}"));
         (id.to_string(), w["address"].as_str().unwrap().to_string(), w["pid"].as_u64().unwrap() as u32)
     };
-    stages
-        .iter()
-        .map(|s| std::iter::once(&s.worker_id).chain(&s.ranks).map(|id| find(id)).collect())
-        .collect()
+    stages.iter().map(|s| std::iter::once(&s.worker_id).chain(&s.ranks).map(|id| find(id)).collect()).collect()
 }
 
 /// Checks the placement is `stages` groups of `tp` ranks whose shards say so, no final norm
@@ -184,10 +181,7 @@ fn tp_sizes_are_checked_before_anything_loads() {
     assert_eq!(v["groups"], serde_json::json!([[0, 1], [2, 3]]));
     assert_eq!(v["device_map"]["model.layers.0"], 0);
     assert_eq!(v["device_map"]["model.norm"], 1);
-    let plan = run_shardctl(
-        &["plan", "--model", m.to_str().unwrap(), "--max-memory", "0=1MiB,1=1MiB", "--tp", "3"],
-        &[],
-        Duration::from_secs(20),
-    );
+    let plan =
+        run_shardctl(&["plan", "--model", m.to_str().unwrap(), "--max-memory", "0=1MiB,1=1MiB", "--tp", "3"], &[], Duration::from_secs(20));
     assert!(!plan.status.success() && plan.stderr.contains("num_attention_heads (4)"), "{}", plan.stderr);
 }

@@ -14,10 +14,10 @@
 //! same state and join the all-reduces; only the leader answers.
 
 use prost::Message;
-use shardserve_proto::v1 as pb;
-use std::collections::HashMap;
 use shardserve::collective::tcp::Link;
 use shardserve::tls::ClusterTls;
+use shardserve_proto::v1 as pb;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -43,11 +43,7 @@ impl Rendezvous {
     pub fn start(host: &str, tls: Option<Arc<ClusterTls>>) -> std::io::Result<Arc<Self>> {
         let listener = TcpListener::bind((host, 0)).or_else(|_| TcpListener::bind(("0.0.0.0", 0)))?;
         let port = listener.local_addr()?.port();
-        let r = Arc::new(Rendezvous {
-            address: format!("{host}:{port}"),
-            arrived: Mutex::new(HashMap::new()),
-            changed: Condvar::new(),
-        });
+        let r = Arc::new(Rendezvous { address: format!("{host}:{port}"), arrived: Mutex::new(HashMap::new()), changed: Condvar::new() });
         let weak = Arc::downgrade(&r);
         std::thread::Builder::new().name("tp-accept".into()).spawn(move || {
             for conn in listener.incoming() {
@@ -106,10 +102,7 @@ impl Rendezvous {
                     .filter(|r| !have.contains(r))
                     .map(|r| format!("rank {r} (worker {})", names.get(r).map_or("?", String::as_str)))
                     .collect();
-                return Err(format!(
-                    "tensor-parallel group {group}: {} did not connect within {within:?}",
-                    missing.join(", ")
-                ));
+                return Err(format!("tensor-parallel group {group}: {} did not connect within {within:?}", missing.join(", ")));
             }
             arrived = self.changed.wait_timeout(arrived, deadline - now).expect("arrived lock").0;
         }
@@ -145,9 +138,7 @@ impl Control {
     pub fn decode(b: &[u8]) -> Result<Self, String> {
         match b.split_first() {
             Some((1, rest)) => pb::StepRequest::decode(rest).map(Control::Step).map_err(|e| e.to_string()),
-            Some((2, rest)) => pb::ReleaseRequest::decode(rest)
-                .map(|r| Control::Release(r.seq_ids))
-                .map_err(|e| e.to_string()),
+            Some((2, rest)) => pb::ReleaseRequest::decode(rest).map(|r| Control::Release(r.seq_ids)).map_err(|e| e.to_string()),
             Some((t, _)) => Err(format!("unknown control message {t}")),
             None => Err("an empty control message".into()),
         }

@@ -66,9 +66,7 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
         shutdown.clone(),
     ));
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<shardserve_proto::v1::worker_server::WorkerServer<service::WorkerService>>()
-        .await;
+    reporter.set_serving::<shardserve_proto::v1::worker_server::WorkerServer<service::WorkerService>>().await;
     if let Some(a) = &config.health_listen {
         let at = shardserve::telemetry::start_health(a, tonic::service::Routes::new(health.clone()), shutdown.clone())
             .await
@@ -92,7 +90,12 @@ pub async fn run(mut config: WorkerConfig, listener: TcpListener, shutdown: Canc
         match config.tls.clone() {
             Some(tls) => {
                 use shardserve::tls::ClientAuth;
-                let conns = shardserve::tls::accept(listener, move || tls.server_config(None, &[b"h2"], ClientAuth::Required), "worker", shutdown.clone());
+                let conns = shardserve::tls::accept(
+                    listener,
+                    move || tls.server_config(None, &[b"h2"], ClientAuth::Required),
+                    "worker",
+                    shutdown.clone(),
+                );
                 let incoming = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(conns), Ok::<_, std::io::Error>);
                 router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()).await
             }

@@ -60,29 +60,21 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let bound = listener.local_addr()?;
     let advertise = args.advertise.unwrap_or_else(|| shardserve::membership::default_advertise(bound, &shardserve::membership::hostname()));
-    let coordinator = if args.coordinator.starts_with("http") {
-        args.coordinator
-    } else {
-        format!("http://{}", args.coordinator)
-    };
+    let coordinator = if args.coordinator.starts_with("http") { args.coordinator } else { format!("http://{}", args.coordinator) };
     let device = shardserve::device::parse_device(&args.device).map_err(|e| anyhow::anyhow!("{e}"))?;
     let shutdown = CancellationToken::new();
     let metrics_address = match &args.metrics_listen {
         Some(a) => {
-            let bound = shardserve::telemetry::start(a, shutdown.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {a}: {e}"))?;
+            let bound =
+                shardserve::telemetry::start(a, shutdown.clone()).await.map_err(|e| anyhow::anyhow!("cannot serve metrics on {a}: {e}"))?;
             println!("metrics {bound}");
             bound.to_string()
         }

@@ -19,11 +19,7 @@ pub fn worker_info(config: &WorkerConfig) -> pb::WorkerInfo {
     pb::WorkerInfo {
         id: config.id.clone(),
         address: config.advertise.clone(),
-        devices: vec![pb::Device {
-            name,
-            total_memory: total,
-            free_memory: free,
-        }],
+        devices: vec![pb::Device { name, total_memory: total, free_memory: free }],
         version: env!("CARGO_PKG_VERSION").to_string(),
         state: "ready".into(),
         pid: std::process::id(),
@@ -61,7 +57,8 @@ fn device_name(device: &candle_core::Device) -> String {
 /// A channel to the coordinator's embedded membership: mutual TLS with the cluster's
 /// certificates when the worker has them (the membership refuses workers without one then).
 async fn coordinator_channel(config: &WorkerConfig) -> anyhow::Result<tonic::transport::Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(shardserve::tls::plain_url(&config.coordinator))?.connect_timeout(Duration::from_secs(3));
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(shardserve::tls::plain_url(&config.coordinator))?.connect_timeout(Duration::from_secs(3));
     match &config.tls {
         Some(t) => endpoint.connect_with_connector(shardserve::tls::connector(t.client_config(&[b"h2"])?)).await,
         None => endpoint.connect().await,
@@ -75,12 +72,7 @@ pub async fn keep_registered(config: WorkerConfig, state: Arc<WorkerState>, shut
     'register: loop {
         let attempt = async {
             let mut client = MembershipClient::new(coordinator_channel(&config).await?);
-            let lease = client
-                .register(pb::RegisterRequest {
-                    worker: Some(worker_info(&config)),
-                })
-                .await?
-                .into_inner();
+            let lease = client.register(pb::RegisterRequest { worker: Some(worker_info(&config)) }).await?.into_inner();
             anyhow::Ok((client, lease))
         };
         let (mut client, lease) = tokio::select! {

@@ -6,9 +6,8 @@ mod compute;
 mod tp;
 
 use crate::group::{Control, Rendezvous};
-use compute::{compute, ComputeThread};
-use tp::{all_reduce, follow};
 use candle_core::Device;
+use compute::{compute, ComputeThread};
 use shardserve::collective::tcp::TcpGroup;
 use shardserve::collective::TpRank;
 use shardserve::config::ModelConfig;
@@ -24,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use tp::{all_reduce, follow};
 use tracing::{debug, info, warn};
 
 /// A sequence's state on this stage beside its KV blocks.
@@ -275,14 +275,7 @@ fn to_status(e: shardserve::Error) -> Status {
 
 /// The same failure for each of the sequences `ids`.
 fn failed(ids: &[u64], code: tonic::Code, message: &str) -> Vec<pb::SequenceResult> {
-    ids.iter()
-        .map(|&seq_id| pb::SequenceResult {
-            seq_id,
-            error: message.to_string(),
-            code: code as i32,
-            ..Default::default()
-        })
-        .collect()
+    ids.iter().map(|&seq_id| pb::SequenceResult { seq_id, error: message.to_string(), code: code as i32, ..Default::default() }).collect()
 }
 
 type StepStream = Pin<Box<dyn futures::Stream<Item = Result<pb::StepResponse, Status>> + Send>>;
@@ -292,16 +285,10 @@ impl pb::worker_server::Worker for WorkerService {
     async fn load_shard(&self, request: Request<pb::LoadShardRequest>) -> Result<Response<pb::LoadShardResponse>, Status> {
         let req = request.into_inner();
         if req.layer_end <= req.layer_start && req.num_stages > 1 {
-            return Err(Status::invalid_argument(format!(
-                "layer range {}..{} is empty",
-                req.layer_start, req.layer_end
-            )));
+            return Err(Status::invalid_argument(format!("layer range {}..{} is empty", req.layer_start, req.layer_end)));
         }
         if req.stage >= req.num_stages.max(1) {
-            return Err(Status::invalid_argument(format!(
-                "stage {} of {} does not exist",
-                req.stage, req.num_stages
-            )));
+            return Err(Status::invalid_argument(format!("stage {} of {} does not exist", req.stage, req.num_stages)));
         }
         let tp = TpRank { rank: req.tp_rank as usize, size: req.tp_size.max(1) as usize };
         if tp.rank >= tp.size {
@@ -325,12 +312,8 @@ impl pb::worker_server::Worker for WorkerService {
                 let files = shardserve::hub::resolve(&r.model, Some(&r.revision))?;
                 let cfg = ModelConfig::from_file(&files.file("config.json"))?;
                 let dtype = model::resolve_dtype(r.dtype.parse()?, &cfg, &device);
-                let spec = StageSpec::new(
-                    r.layer_start as usize..r.layer_end as usize,
-                    r.stage as usize,
-                    r.num_stages.max(1) as usize,
-                )
-                .with_tp(tp);
+                let spec = StageSpec::new(r.layer_start as usize..r.layer_end as usize, r.stage as usize, r.num_stages.max(1) as usize)
+                    .with_tp(tp);
                 if r.random_weights {
                     return Shard::random(&cfg, spec, dtype, &device, 0);
                 }
@@ -368,7 +351,8 @@ impl pb::worker_server::Worker for WorkerService {
         let report = shard.report().clone();
         let dtype = format!("{:?}", shard.dtype()).to_lowercase();
         let next_name = if req.next_worker_id.is_empty() { format!("stage {}", req.stage + 1) } else { req.next_worker_id.clone() };
-        let next = (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone(), state.tls.clone())));
+        let next =
+            (!req.next_address.is_empty()).then(|| Arc::new(StageClient::new(next_name, req.next_address.clone(), state.tls.clone())));
         let (blocks_total, block_size, block_bytes) = (pool.blocks_total(), pool.block_size(), pool.bytes_per_block());
         info!(
             worker = %state.id, model = %req.model, stage = req.stage, layers = ?(req.layer_start..req.layer_end),
@@ -467,9 +451,16 @@ impl pb::worker_server::Worker for WorkerService {
                         let out = compute(&st, &l, req);
                         if sequences > 0 {
                             let stage = l.stage.to_string();
-                            metrics::histogram!("shardserve_step_duration_seconds", "stage" => stage.clone()).record(started.elapsed().as_secs_f64());
+                            metrics::histogram!("shardserve_step_duration_seconds", "stage" => stage.clone())
+                                .record(started.elapsed().as_secs_f64());
                             metrics::histogram!("shardserve_stage_batch_tokens", "stage" => stage).record(rows as f64);
-                            tracing::trace!(step = step_id, sequences, rows, compute_us = started.elapsed().as_micros() as u64, "step computed");
+                            tracing::trace!(
+                                step = step_id,
+                                sequences,
+                                rows,
+                                compute_us = started.elapsed().as_micros() as u64,
+                                "step computed"
+                            );
                         }
                         out
                     })
@@ -607,9 +598,9 @@ fn release_downstream(next: Arc<StageClient>, ids: Vec<u64>) {
             let mut c = shardserve::stage::lazy_client(next.address(), next.tls())?;
             c.release(pb::ReleaseRequest { seq_ids: ids }).await
         };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(3), call).await.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded("release timed out"))
-        }) {
+        if let Err(e) =
+            tokio::time::timeout(Duration::from_secs(3), call).await.unwrap_or_else(|_| Err(Status::deadline_exceeded("release timed out")))
+        {
             debug!(next = %next.address(), error = %e, "release on the next stage failed");
         }
     });

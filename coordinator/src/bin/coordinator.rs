@@ -92,7 +92,8 @@ impl TryFrom<Args> for CoordinatorConfig {
                 model: a.serve.model,
                 revision: a.serve.revision,
                 dtype: a.serve.dtype,
-                workers: shardserve_coordinator::engine::workers_per_replica(a.serve.workers, a.serve.tp, a.serve.replicas).map_err(|e| anyhow::anyhow!(e))?,
+                workers: shardserve_coordinator::engine::workers_per_replica(a.serve.workers, a.serve.tp, a.serve.replicas)
+                    .map_err(|e| anyhow::anyhow!(e))?,
                 tp: a.serve.tp,
                 replicas: a.serve.replicas,
                 router: a.serve.router,
@@ -162,9 +163,7 @@ async fn main() {
         let mut config = CoordinatorConfig::try_from(args)?;
         let c = config.engine.clone();
         tokio::task::spawn_blocking(move || shardserve_coordinator::engine::preflight(&c)).await??;
-        let listener = tokio::net::TcpListener::bind(&listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let bound = listener.local_addr()?;
         let advertise = advertise.unwrap_or_else(|| shardserve::membership::default_advertise(bound, &shardserve::membership::hostname()));
         let peer_tls = match (&peer_ca, &config.engine.tls) {

@@ -188,9 +188,7 @@ fn num(x: f64) -> serde_json::Value {
 }
 
 pub(super) async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    tokio::time::timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| anyhow!("{what} took longer than {} s", REQUEST_TIMEOUT.as_secs()))?
+    tokio::time::timeout(REQUEST_TIMEOUT, fut).await.map_err(|_| anyhow!("{what} took longer than {} s", REQUEST_TIMEOUT.as_secs()))?
 }
 
 pub(super) async fn tokenize(client: &mut super::InferenceClient, model: &str, text: &str) -> anyhow::Result<Vec<u32>> {
@@ -200,8 +198,8 @@ pub(super) async fn tokenize(client: &mut super::InferenceClient, model: &str, t
 
 /// Plain words that most BPE vocabularies keep whole, so the count grows about one per word.
 pub(super) const WORDS: &[&str] = &[
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "runs", "into",
-    "forest", "where", "it", "finds", "small", "river", "near", "old", "stone", "bridge", "under", "blue", "sky",
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "runs", "into", "forest", "where", "it", "finds",
+    "small", "river", "near", "old", "stone", "bridge", "under", "blue", "sky",
 ];
 /// Short tails to close the last few-token gap when one more word would overshoot.
 const FILLERS: &[&str] = &[" a", ".", ",", " I", "!", "?", " x", "-", " 1", ";", ":", " o"];
@@ -224,7 +222,11 @@ pub(super) async fn build_prompt(client: &mut super::InferenceClient, model: &st
         if ids.len() == n {
             return Ok((words(k), ids));
         }
-        if ids.len() < n { lo = lo.max(k) } else { hi = Some(hi.map_or(k, |h| h.min(k))) }
+        if ids.len() < n {
+            lo = lo.max(k)
+        } else {
+            hi = Some(hi.map_or(k, |h| h.min(k)))
+        }
         k = match hi {
             None => k + (n - ids.len()),
             Some(h) if h > lo + 1 => (lo + h) / 2,
@@ -286,7 +288,12 @@ pub(super) async fn one_request(mut client: super::InferenceClient, req: pb::Gen
 }
 
 /// Sends `total` requests with `concurrency` in flight; returns the samples and the wall time.
-async fn run_phase(client: &super::InferenceClient, req: &pb::GenerateRequest, total: usize, concurrency: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
+async fn run_phase(
+    client: &super::InferenceClient,
+    req: &pb::GenerateRequest,
+    total: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<Sample>, f64)> {
     let next = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let start = Instant::now();
@@ -336,11 +343,8 @@ fn load_baseline(setup: &BaselineSetup) -> anyhow::Result<Baseline> {
         let shapes = shardserve::model::checkpoint_shapes(&cfg);
         candle_nn::VarBuilder::from_tensors(shardserve::model::random_tensors(&shapes, dtype, device, 0)?, dtype, device)
     } else {
-        let weights: Vec<_> = shardserve::hub::weight_files(&files.dir)
-            .map_err(|e| anyhow!("{e}"))?
-            .into_iter()
-            .map(|f| files.dir.join(f))
-            .collect();
+        let weights: Vec<_> =
+            shardserve::hub::weight_files(&files.dir).map_err(|e| anyhow!("{e}"))?.into_iter().map(|f| files.dir.join(f)).collect();
         #[allow(unsafe_code)]
         // SAFETY: the checkpoint is only read; nothing in this process writes these files while mapped.
         unsafe {
@@ -402,10 +406,8 @@ fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n:
     let start = Instant::now();
     let mut tokens = forward(prompt.repeat(batch), prompt.len(), 0)?;
     let mut last = Instant::now();
-    let mut samples: Vec<Sample> = tokens
-        .iter()
-        .map(|&t| Sample { ttft: (last - start).as_secs_f64(), token_ids: vec![t], ..Default::default() })
-        .collect();
+    let mut samples: Vec<Sample> =
+        tokens.iter().map(|&t| Sample { ttft: (last - start).as_secs_f64(), token_ids: vec![t], ..Default::default() }).collect();
     for i in 1..n {
         tokens = forward(tokens, 1, prompt.len() + i - 1)?;
         let now = Instant::now();
@@ -424,7 +426,13 @@ fn baseline_once(model: &mut Baseline, setup: &BaselineSetup, prompt: &[u32], n:
 
 /// Sends `total` requests arriving as a Poisson process of `rate` per second (seeded), each as
 /// soon as it arrives; returns the samples and the wall time.
-async fn run_open_loop(client: &super::InferenceClient, req: &pb::GenerateRequest, total: usize, rate: f64, seed: u64) -> anyhow::Result<(Vec<Sample>, f64)> {
+async fn run_open_loop(
+    client: &super::InferenceClient,
+    req: &pb::GenerateRequest,
+    total: usize,
+    rate: f64,
+    seed: u64,
+) -> anyhow::Result<(Vec<Sample>, f64)> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = tokio::time::Instant::now();
@@ -692,6 +700,8 @@ fn print_run(run: &Run, header: bool, model: &str, a: &BenchArgs) {
         b.print("  baseline");
     }
     if let Some((agg, dec_all, dec, ttft)) = run.ratio() {
-        println!("  ratio     ours/baseline: aggregate tok/s {agg:.2} | decode tok/s in all {dec_all:.2}, per request {dec:.2} | ttft {ttft:.2}");
+        println!(
+            "  ratio     ours/baseline: aggregate tok/s {agg:.2} | decode tok/s in all {dec_all:.2}, per request {dec:.2} | ttft {ttft:.2}"
+        );
     }
 }

@@ -10,7 +10,7 @@
 //!   earlier prompts and answers) plus a new user message of about `--prompt-tokens` tokens; the
 //!   figure that matters is how TTFT grows from the first turn to the last.
 
-use super::bench::{build_prompt, bounded, one_request, p50_p99, tokenize, BenchArgs, Report, Sample, WORDS};
+use super::bench::{bounded, build_prompt, one_request, p50_p99, tokenize, BenchArgs, Report, Sample, WORDS};
 use super::InferenceClient;
 use anyhow::{bail, Context};
 use shardserve_proto::v1 as pb;
@@ -38,7 +38,14 @@ fn template(a: &BenchArgs, model: &str) -> anyhow::Result<pb::GenerateRequest> {
 /// Text of about `n` tokens that no other call gives (`seed` picks its words), to follow
 /// `prefix` (whose tokens are `prefix_len`): words are appended until the whole is at least
 /// `prefix_len + n` tokens.
-async fn unique_text(client: &mut InferenceClient, model: &str, prefix: &str, prefix_len: usize, n: usize, seed: u64) -> anyhow::Result<String> {
+async fn unique_text(
+    client: &mut InferenceClient,
+    model: &str,
+    prefix: &str,
+    prefix_len: usize,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<String> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // A number first: requests differ from their first token on.
@@ -112,7 +119,8 @@ async fn shared_prefix(a: &BenchArgs, client: &mut InferenceClient, model: &str,
     let make = |texts: Vec<String>| texts.into_iter().map(|t| pb::GenerateRequest { prompt: t, ..base.clone() }).collect::<Vec<_>>();
     let mut prompts = Vec::new();
     for i in 0..2 * (a.warmup + requests) {
-        let suffix = unique_text(client, model, &prefix, prefix_len, a.prompt_tokens, a.seed.wrapping_mul(1_000_003).wrapping_add(i as u64)).await?;
+        let suffix =
+            unique_text(client, model, &prefix, prefix_len, a.prompt_tokens, a.seed.wrapping_mul(1_000_003).wrapping_add(i as u64)).await?;
         prompts.push(format!("{prefix}{suffix}"));
     }
     let prompt_tokens = tokenize(client, model, &prompts[0]).await?.len();
@@ -210,7 +218,11 @@ async fn multi_turn(a: &BenchArgs, client: &mut InferenceClient, model: &str, tu
     if !a.json {
         println!("bench [{}]: {conversations} conversations of {turns} turns ({} new prompt tokens a turn, output {} tokens), {concurrency} at once", a.label, a.prompt_tokens, a.output_tokens);
         let fmt = |t: &[f64]| t.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
-        println!("  cache on   ttft p50 by turn (ms): {} | last/first {:.2} | cached tokens by turn: {on_cached:?}", fmt(&on_ttft), growth(&on_ttft));
+        println!(
+            "  cache on   ttft p50 by turn (ms): {} | last/first {:.2} | cached tokens by turn: {on_cached:?}",
+            fmt(&on_ttft),
+            growth(&on_ttft)
+        );
         println!("  cache off  ttft p50 by turn (ms): {} | last/first {:.2}", fmt(&off_ttft), growth(&off_ttft));
         println!("  aggregate tok/s: on {:.1}, off {:.1}", on.aggregate_tok_s, off.aggregate_tok_s);
     }

@@ -48,10 +48,7 @@ pub struct LocalCluster {
 pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("SHARDSERVE_BIN_DIR") {
         Some(d) => PathBuf::from(d),
-        None => std::env::current_exe()?
-            .parent()
-            .context("shardctl has no parent folder")?
-            .to_path_buf(),
+        None => std::env::current_exe()?.parent().context("shardctl has no parent folder")?.to_path_buf(),
     };
     let p = dir.join(name);
     if !p.is_file() {
@@ -115,17 +112,9 @@ impl LocalCluster {
             cmd.env("RUST_LOG", "warn");
         }
         let mut coordinator = cmd.spawn().context("starting the coordinator")?;
-        let addr = wait_line(&mut coordinator, "listening ", Duration::from_secs(60))
-            .await
-            .context("the coordinator did not start")?;
+        let addr = wait_line(&mut coordinator, "listening ", Duration::from_secs(60)).await.context("the coordinator did not start")?;
         let url = if tls { format!("https://{addr}") } else { crate::url(&addr) };
-        let mut cluster = LocalCluster {
-            url: url.clone(),
-            key: a.serve.auth.own_key()?,
-            tls_ca,
-            coordinator,
-            workers: Vec::new(),
-        };
+        let mut cluster = LocalCluster { url: url.clone(), key: a.serve.auth.own_key()?, tls_ca, coordinator, workers: Vec::new() };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = a.worker_threads.unwrap_or((cores / a.serve.workers).max(1));
         for i in 0..a.serve.workers {
@@ -137,8 +126,7 @@ impl LocalCluster {
             if quiet {
                 cmd.env("RUST_LOG", "warn");
             }
-            cmd.args(["--cluster", &a.serve.cluster, "--lease-ttl-s", &a.serve.lease_ttl_s.to_string()])
-                .args(["--device", &a.device]);
+            cmd.args(["--cluster", &a.serve.cluster, "--lease-ttl-s", &a.serve.lease_ttl_s.to_string()]).args(["--device", &a.device]);
             if let Some(m) = &a.serve.batch.metrics_listen {
                 // Each worker on a free port of the same host.
                 let host = m.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);

@@ -53,17 +53,24 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         up: UpArgs,
     }
     let workers = a.workers.to_string();
-    let mut up = <Up as clap::Parser>::try_parse_from(["up", "--model", &model, "--workers", &workers, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])?.up;
+    let mut up = <Up as clap::Parser>::try_parse_from([
+        "up",
+        "--model",
+        &model,
+        "--workers",
+        &workers,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])?
+    .up;
     up.quiet = true;
     eprintln!("starting a coordinator and {} worker(s)", a.workers);
     let cluster = LocalCluster::start(&up).await?;
     let result = async {
         let mut client = pb::inference_client::InferenceClient::connect(cluster.url.clone()).await?;
-        let req = pb::GenerateRequest {
-            prompt: a.prompt.clone(),
-            max_new_tokens: Some(a.max_new_tokens),
-            ..Default::default()
-        };
+        let req = pb::GenerateRequest { prompt: a.prompt.clone(), max_new_tokens: Some(a.max_new_tokens), ..Default::default() };
         let start = Instant::now();
         let mut stream = client.generate_stream(req).await.map_err(status_error)?.into_inner();
         let mut first = None;

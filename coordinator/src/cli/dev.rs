@@ -1,8 +1,8 @@
 //! `shardctl dev`: developer tools — tiny random checkpoints in the exact HF layout.
 
-use shardserve::dtype::Dtype;
 use anyhow::bail;
 use shardserve::config::Architecture;
+use shardserve::dtype::Dtype;
 use shardserve::tiny::{self, TinySpec};
 use std::path::PathBuf;
 
@@ -180,7 +180,15 @@ impl TryFrom<&TinyModelArgs> for TinySpec {
         if let Some(v) = a.tie_embeddings {
             s.tie_word_embeddings = v;
         }
-        for (name, v) in [("layers", s.num_layers), ("hidden", s.hidden_size), ("intermediate", s.intermediate_size), ("heads", s.num_heads), ("kv-heads", s.num_kv_heads), ("head-dim", s.head_dim), ("max-position-embeddings", s.max_position_embeddings)] {
+        for (name, v) in [
+            ("layers", s.num_layers),
+            ("hidden", s.hidden_size),
+            ("intermediate", s.intermediate_size),
+            ("heads", s.num_heads),
+            ("kv-heads", s.num_kv_heads),
+            ("head-dim", s.head_dim),
+            ("max-position-embeddings", s.max_position_embeddings),
+        ] {
             if v == 0 {
                 bail!("--{name} must be at least 1");
             }

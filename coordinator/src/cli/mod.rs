@@ -60,9 +60,7 @@ pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>
 
 impl Bearer {
     pub fn new(key: Option<&str>) -> anyhow::Result<Self> {
-        key.map(|k| format!("Bearer {k}").parse().map_err(|_| anyhow::anyhow!("the key is not printable ASCII")))
-            .transpose()
-            .map(Bearer)
+        key.map(|k| format!("Bearer {k}").parse().map_err(|_| anyhow::anyhow!("the key is not printable ASCII"))).transpose().map(Bearer)
     }
 }
 
@@ -76,15 +74,18 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 /// An Admin client that presents the operator's key.
-pub type AdminClient = shardserve_proto::v1::admin_client::AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+pub type AdminClient =
+    shardserve_proto::v1::admin_client::AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 /// An Inference client that presents the user's key.
-pub type InferenceClient =
-    shardserve_proto::v1::inference_client::InferenceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+pub type InferenceClient = shardserve_proto::v1::inference_client::InferenceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
 
 /// A channel to `url`: TLS (trusting `tls_ca`) for `https://`, plain HTTP/2 otherwise.
 pub async fn channel(url: &str, tls_ca: Option<&std::path::Path>) -> anyhow::Result<tonic::transport::Channel> {
     if url.starts_with("https://") {
-        let ca = tls_ca.ok_or_else(|| anyhow::anyhow!("{url} is served over TLS: give the CA to trust with --tls-ca (or SHARDSERVE_TLS_CA)"))?;
+        let ca =
+            tls_ca.ok_or_else(|| anyhow::anyhow!("{url} is served over TLS: give the CA to trust with --tls-ca (or SHARDSERVE_TLS_CA)"))?;
         let cfg = shardserve::tls::client_config(ca)?;
         return tonic::transport::Endpoint::from_shared(shardserve::tls::plain_url(url))?
             .connect_with_connector(shardserve::tls::connector(cfg))

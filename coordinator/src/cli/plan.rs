@@ -1,8 +1,8 @@
 //! `shardctl plan`: the device map transformers' `from_pretrained(..., device_map=...)` would
 //! produce for a model, from its config.json alone.
 
-use shardserve::dtype::Dtype;
 use anyhow::Context;
+use shardserve::dtype::Dtype;
 use shardserve::placement::{self, ModelShape, Strategy};
 
 /// Arguments of `shardctl plan`.
@@ -85,8 +85,7 @@ pub fn dtype_bytes_for(dtype: Dtype, config: &serde_json::Value) -> u64 {
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let path = shardserve::hub::resolve_config(&a.model, a.revision.as_deref())?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let shape = ModelShape::from_config_json(&config)?;
     let strategy: Strategy = a.strategy.parse()?;
     let max_memory = placement::parse_max_memory(&a.max_memory)?;
@@ -114,12 +113,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let (budgets, groups) = tp_groups(&max_memory, a.tp)?;
     let map = placement::infer_device_map(&shape, bytes, &budgets, strategy)?;
     if a.json {
-        println!(
-            "{{\"device_map\": {}, \"tp\": {}, \"groups\": {}}}",
-            map.to_json_string(),
-            a.tp,
-            serde_json::to_string(&groups)?
-        );
+        println!("{{\"device_map\": {}, \"tp\": {}, \"groups\": {}}}", map.to_json_string(), a.tp, serde_json::to_string(&groups)?);
         return Ok(());
     }
     print_map(&shape, bytes, &map)?;
@@ -164,8 +158,13 @@ fn plan_replicas(
         .collect::<anyhow::Result<_>>()?;
     if a.tp > 1 {
         let tp = shardserve::collective::TpRank { rank: 0, size: a.tp };
-        shardserve::collective::tp_split(shape.num_attention_heads as usize, shape.num_key_value_heads as usize, shape.intermediate_size as usize, tp)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", a.model))?;
+        shardserve::collective::tp_split(
+            shape.num_attention_heads as usize,
+            shape.num_key_value_heads as usize,
+            shape.intermediate_size as usize,
+            tp,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.model))?;
     }
     let devices: Vec<u32> = gpus.iter().map(|(d, _)| *d).collect();
     let nodes = parse_nodes(a.nodes.as_deref(), &devices)?;
@@ -174,7 +173,11 @@ fn plan_replicas(
             let total = placement::module_sizes(shape, bytes)?.total();
             let budgets: Vec<u64> = gpus.iter().map(|(_, b)| *b).collect();
             layout::fewest_workers(total, &budgets, a.tp).with_context(|| {
-                format!("the model's {:.2} GiB do not fit all {} devices of --max-memory together", total as f64 / (1u64 << 30) as f64, gpus.len())
+                format!(
+                    "the model's {:.2} GiB do not fit all {} devices of --max-memory together",
+                    total as f64 / (1u64 << 30) as f64,
+                    gpus.len()
+                )
             })?
         }
         crate::engine::ReplicaCount::Count(n) => {
@@ -190,20 +193,27 @@ fn plan_replicas(
     };
     let slots: Vec<Slot> = devices.iter().map(|d| Slot { id: d.to_string(), node: nodes[d].clone() }).collect();
     let laid = layout::layout(&slots, &[], Shape { stages: per / a.tp, tp: a.tp }, wanted);
-    let formed: Vec<Vec<u32>> =
-        laid.replicas.iter().filter(|r| !r.is_empty()).map(|r| r.iter().map(|d| d.parse().expect("device ids are numbers")).collect()).collect();
-    anyhow::ensure!(!formed.is_empty(), "no replica of {per} devices can be formed: {} devices on {} node(s)", devices.len(), nodes.values().collect::<std::collections::BTreeSet<_>>().len());
+    let formed: Vec<Vec<u32>> = laid
+        .replicas
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| r.iter().map(|d| d.parse().expect("device ids are numbers")).collect())
+        .collect();
+    anyhow::ensure!(
+        !formed.is_empty(),
+        "no replica of {per} devices can be formed: {} devices on {} node(s)",
+        devices.len(),
+        nodes.values().collect::<std::collections::BTreeSet<_>>().len()
+    );
     let mut out = Vec::new();
     for (i, devs) in formed.iter().enumerate() {
-        let own: MaxMemory = devs.iter().map(|d| (placement::Device::Index(*d), gpus.iter().find(|(g, _)| g == d).map_or(0, |(_, b)| *b))).collect();
+        let own: MaxMemory =
+            devs.iter().map(|d| (placement::Device::Index(*d), gpus.iter().find(|(g, _)| g == d).map_or(0, |(_, b)| *b))).collect();
         // Each replica is planned as the coordinator plans it: over its own devices, in rank
         // order, consecutive ones forming a tensor-parallel group.
-        let (budgets, groups) = if a.tp > 1 {
-            tp_groups(&own, a.tp)?
-        } else {
-            (own.clone(), devs.iter().map(|d| vec![*d]).collect())
-        };
-        let map = placement::infer_device_map(shape, bytes, &budgets, strategy).with_context(|| format!("replica {i} over devices {devs:?}"))?;
+        let (budgets, groups) = if a.tp > 1 { tp_groups(&own, a.tp)? } else { (own.clone(), devs.iter().map(|d| vec![*d]).collect()) };
+        let map =
+            placement::infer_device_map(shape, bytes, &budgets, strategy).with_context(|| format!("replica {i} over devices {devs:?}"))?;
         out.push((devs.clone(), map, groups));
     }
     let spares: Vec<u32> = laid.spares.iter().map(|d| d.parse().expect("device ids are numbers")).collect();

@@ -186,7 +186,8 @@ impl CostModel {
         let Some(ttft) = ttft.filter(|t| *t > 0.0 && doc.prompt_tokens > 0) else {
             bail!("no concurrency-1 run with the cluster's TTFT p50 (ours.ttft_ms.p50) to take the prefill cost from");
         };
-        let decode_ms = levels.iter().filter_map(|(c, s)| Some(DecodePoint { batch: *c, ms: s.itl_ms.p50.filter(|m| *m > 0.0)? })).collect();
+        let decode_ms =
+            levels.iter().filter_map(|(c, s)| Some(DecodePoint { batch: *c, ms: s.itl_ms.p50.filter(|m| *m > 0.0)? })).collect();
         CostModel::new(ttft / doc.prompt_tokens as f64, decode_ms)
     }
 
@@ -291,7 +292,12 @@ pub(crate) fn parse_trace(reader: impl BufRead, name: &str, block_size: usize, l
                 l.input_length
             );
         }
-        out.push(TraceRequest { arrival_ms: l.timestamp, input: l.input_length, output: l.output_length.max(1), blocks: BlockIds::Listed(l.hash_ids) });
+        out.push(TraceRequest {
+            arrival_ms: l.timestamp,
+            input: l.input_length,
+            output: l.output_length.max(1),
+            blocks: BlockIds::Listed(l.hash_ids),
+        });
     }
     out.sort_by(|a, b| a.arrival_ms.total_cmp(&b.arrival_ms));
     Ok(out)
@@ -312,7 +318,8 @@ fn synthetic(a: &SimulateArgs, requests: usize, rate: f64, block_size: usize) ->
             let shared = rng.random::<f64>() < a.shared_fraction;
             let p = rng.random_range(0..a.prefixes.max(1));
             unique += blocks as u64;
-            let blocks = BlockIds::Synthetic { prefix: shared.then_some((p * prefix_blocks) as u64), prefix_blocks, unique: unique - blocks as u64 };
+            let blocks =
+                BlockIds::Synthetic { prefix: shared.then_some((p * prefix_blocks) as u64), prefix_blocks, unique: unique - blocks as u64 };
             TraceRequest { arrival_ms: t, input: a.prefix_tokens + a.suffix_tokens, output: a.output_tokens, blocks }
         })
         .collect()
@@ -488,7 +495,13 @@ impl Sim<'_> {
             .iter()
             .map(|r| {
                 let active = r.private + r.referenced + r.waiting_blocks;
-                ReplicaLoad { waiting: r.queue.len(), running: r.running.len(), active_blocks: active, free_blocks: kv.saturating_sub(active), available: true }
+                ReplicaLoad {
+                    waiting: r.queue.len(),
+                    running: r.running.len(),
+                    active_blocks: active,
+                    free_blocks: kv.saturating_sub(active),
+                    available: true,
+                }
             })
             .collect();
         let r = self.router.pick(blocks, &overlaps, &loads).expect("every replica is available");
@@ -537,7 +550,16 @@ impl Sim<'_> {
             self.out.prompt_tokens += req.input;
             self.out.cached_tokens += reused * bs;
             let refs = w.chain[..reused].to_vec();
-            rep.running.push(Seq { req: w.req, chain: w.chain, written: reused * bs, published: reused, left: req.output, private: need, refs, rows: 0 });
+            rep.running.push(Seq {
+                req: w.req,
+                chain: w.chain,
+                written: reused * bs,
+                published: reused,
+                left: req.output,
+                private: need,
+                refs,
+                rows: 0,
+            });
         }
         if rep.running.is_empty() {
             return;
@@ -693,7 +715,14 @@ struct Document<'a> {
 /// The checked configuration and the trace the arguments ask for, and the synthetic rate.
 fn prepare(a: &SimulateArgs) -> anyhow::Result<(SimConfig, Vec<TraceRequest>, Option<f64>)> {
     let block_size = a.block_size.unwrap_or(if a.trace.is_some() { 512 } else { 16 });
-    if a.replicas == 0 || a.max_batch == 0 || block_size == 0 || a.kv_blocks == Some(0) || a.requests == Some(0) || a.prefill_chunk == 0 || a.max_batch_tokens == 0 {
+    if a.replicas == 0
+        || a.max_batch == 0
+        || block_size == 0
+        || a.kv_blocks == Some(0)
+        || a.requests == Some(0)
+        || a.prefill_chunk == 0
+        || a.max_batch_tokens == 0
+    {
         bail!("--replicas, --max-batch, --block-size, --kv-blocks, --requests, --prefill-chunk and --max-batch-tokens must be at least 1");
     }
     if a.routers.is_empty() {
@@ -747,7 +776,8 @@ fn prepare(a: &SimulateArgs) -> anyhow::Result<(SimConfig, Vec<TraceRequest>, Op
 /// `shardctl dev simulate-router`.
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let (cfg, trace, rate) = prepare(&a)?;
-    let policies: Vec<PolicyReport> = a.routers.iter().map(|&p| PolicyReport::new(p, simulate(&cfg, &trace, p), trace.len(), cfg.replicas)).collect();
+    let policies: Vec<PolicyReport> =
+        a.routers.iter().map(|&p| PolicyReport::new(p, simulate(&cfg, &trace, p), trace.len(), cfg.replicas)).collect();
     if a.json {
         let doc = Document {
             replicas: cfg.replicas,
@@ -791,7 +821,10 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         cfg.cost.prefill_ms_per_token,
         decode.join(",")
     );
-    println!("{:<13} {:>12} {:>12} {:>13} {:>10} {:>8} {:>9}", "router", "ttft p50 ms", "ttft p99 ms", "output tok/s", "hit rate", "busy", "finished");
+    println!(
+        "{:<13} {:>12} {:>12} {:>13} {:>10} {:>8} {:>9}",
+        "router", "ttft p50 ms", "ttft p99 ms", "output tok/s", "hit rate", "busy", "finished"
+    );
     for p in &policies {
         println!(
             "{:<13} {:>12.0} {:>12.0} {:>13.1} {:>9.1}% {:>7.1}% {:>9}",

@@ -121,7 +121,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 r.index, r.state, r.running, r.waiting, r.kv_blocks_free, r.kv_blocks_total
             );
             for (i, st) in r.stages.iter().enumerate() {
-                let group = std::iter::once(st.worker_id.as_str()).chain(st.ranks.iter().map(String::as_str)).collect::<Vec<_>>().join(", ");
+                let group =
+                    std::iter::once(st.worker_id.as_str()).chain(st.ranks.iter().map(String::as_str)).collect::<Vec<_>>().join(", ");
                 println!("    stage {i} layers {}..{} on {group}", st.layer_start, st.layer_end);
             }
         }
@@ -179,7 +180,17 @@ pub async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
         let free: u64 = w.devices.iter().map(|d| d.free_memory).sum();
         let stage = w.stage.map_or("-".to_string(), |s| s.to_string());
         let replica = w.replica.map_or("-".to_string(), |s| s.to_string());
-        println!("{:<28} {:<22} {:<10} {:>7} {:>6} {:>10} {:>8}  {}", w.id, w.address, w.state, replica, stage, human_bytes(free), w.pid, w.node);
+        println!(
+            "{:<28} {:<22} {:<10} {:>7} {:>6} {:>10} {:>8}  {}",
+            w.id,
+            w.address,
+            w.state,
+            replica,
+            stage,
+            human_bytes(free),
+            w.pid,
+            w.node
+        );
     }
     Ok(())
 }

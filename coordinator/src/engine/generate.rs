@@ -27,9 +27,7 @@ impl RequestHandle {
 
     /// How the request ended.
     pub async fn outcome(self) -> Result<(), ServeError> {
-        self.done
-            .await
-            .unwrap_or_else(|_| Err(ServeError::Unavailable("the coordinator stopped serving the model".into())))
+        self.done.await.unwrap_or_else(|_| Err(ServeError::Unavailable("the coordinator stopped serving the model".into())))
     }
 }
 
@@ -44,7 +42,12 @@ impl Engine {
 
     /// Hands `req` to this coordinator's own scheduler (what the leader does with the requests
     /// the others hand it).
-    pub(crate) async fn submit_here(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, id: String) -> Result<RequestHandle, ServeError> {
+    pub(crate) async fn submit_here(
+        self: &Arc<Self>,
+        model: &Arc<ModelEntry>,
+        req: ValidRequest,
+        id: String,
+    ) -> Result<RequestHandle, ServeError> {
         self.submit_to(model, req, id, false).await
     }
 
@@ -72,7 +75,13 @@ impl Engine {
         }
     }
 
-    async fn submit_to(self: &Arc<Self>, model: &Arc<ModelEntry>, req: ValidRequest, id: String, relay: bool) -> Result<RequestHandle, ServeError> {
+    async fn submit_to(
+        self: &Arc<Self>,
+        model: &Arc<ModelEntry>,
+        req: ValidRequest,
+        id: String,
+        relay: bool,
+    ) -> Result<RequestHandle, ServeError> {
         if self.replicas.is_none() || self.config.replica != Some(0) {
             return self.enqueue(model, req, id, relay, None).await;
         }
@@ -133,9 +142,7 @@ impl Engine {
                     return Err(ServeError::TooLargeForKv { tokens, capacity: blocks * block_size });
                 }
             }
-            ServingState::Loading(why) => {
-                return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name)))
-            }
+            ServingState::Loading(why) => return Err(ServeError::Loading(format!("model {} is still loading: {why}", model.name))),
             ServingState::Unavailable(why) => {
                 return Err(ServeError::Unavailable(format!("model {} has no healthy placement: {why}", model.name)))
             }
@@ -152,10 +159,11 @@ impl Engine {
                 return crate::relay::forward(self, model, req, id, leader, _request_slot).await;
             }
         }
-        let waiting_slot = self.waiting.clone().try_acquire_owned().map_err(|_| ServeError::QueueFull {
-            model: model.name.clone(),
-            limit: self.config.max_waiting,
-        })?;
+        let waiting_slot = self
+            .waiting
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ServeError::QueueFull { model: model.name.clone(), limit: self.config.max_waiting })?;
         let (out, events) = mpsc::channel(self.config.max_buffered_tokens.max(1));
         let (done, done_rx) = oneshot::channel();
         debug!(model = %model.name, request_id = %id, prompt = req.prompt_ids.len(), max_new_tokens = req.max_new_tokens, "request queued");
@@ -169,9 +177,7 @@ impl Engine {
             waiting_slot: Some(waiting_slot),
             _routed: routed,
         };
-        self.inbox
-            .send(sub)
-            .map_err(|_| ServeError::Unavailable(format!("the coordinator stopped serving model {}", model.name)))?;
+        self.inbox.send(sub).map_err(|_| ServeError::Unavailable(format!("the coordinator stopped serving model {}", model.name)))?;
         Ok(RequestHandle { id, events, done: done_rx })
     }
 }

@@ -155,7 +155,9 @@ impl Engine {
     }
 
     /// The engine's etcd client (connecting on first use); `None` without etcd.
-    pub(super) async fn etcd_client(&self) -> Option<Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error>> {
+    pub(super) async fn etcd_client(
+        &self,
+    ) -> Option<Result<shardserve::membership::etcd_client::Client, shardserve::membership::etcd_client::Error>> {
         let (etcd, _) = self.etcd.as_ref()?;
         let mut cached = self.etcd_client.lock().await;
         if let Some(c) = cached.as_ref() {

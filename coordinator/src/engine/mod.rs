@@ -6,19 +6,19 @@
 
 use crate::error::ServeError;
 use crate::membership::Membership;
+use replicas::base_name;
 use shardserve::config::{GenerationConfig, ModelConfig};
+use shardserve::dtype::Dtype;
 use shardserve::stage::StageClient;
 use shardserve::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
 use shardserve_proto::v1 as pb;
 use std::ops::Range;
-use shardserve::dtype::Dtype;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use replicas::base_name;
 
 mod blocks;
 mod embed;
@@ -201,9 +201,7 @@ impl Placement {
     /// Whether `w` is the process that holds the rank `(id, address)` of this placement: the
     /// same id and address, and the same instance where it is known.
     fn held_by(&self, w: &pb::WorkerInfo, id: &str, address: &str) -> bool {
-        w.id == id
-            && w.address == address
-            && self.instances.get(id).is_none_or(|i| w.instance.is_empty() || *i == w.instance)
+        w.id == id && w.address == address && self.instances.get(id).is_none_or(|i| w.instance.is_empty() || *i == w.instance)
     }
 }
 
@@ -398,14 +396,7 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
         // Checked against worker indices only here; ids are checked once workers join.
         anyhow::ensure!(map.is_object(), "--device-map must hold a JSON object of module → worker");
     }
-    Ok(Prepared {
-        files,
-        config: cfg,
-        shape,
-        generation,
-        tokenizer,
-        chat,
-    })
+    Ok(Prepared { files, config: cfg, shape, generation, tokenizer, chat })
 }
 
 /// What [`preflight`] read.
@@ -736,10 +727,7 @@ impl Engine {
         if name.is_empty() || name == self.model.name {
             Ok(self.model.clone())
         } else {
-            Err(ServeError::NotFound(format!(
-                "model {name:?} is not served here (served: {:?})",
-                self.model.name
-            )))
+            Err(ServeError::NotFound(format!("model {name:?} is not served here (served: {:?})", self.model.name)))
         }
     }
 

@@ -13,11 +13,8 @@ impl Engine {
                 c.get(prefix.as_str(), Some(shardserve::membership::etcd_client::GetOptions::new().with_prefix())).await
             };
             if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(3), read).await {
-                let set: std::collections::BTreeSet<String> = resp
-                    .kvs()
-                    .iter()
-                    .filter_map(|kv| String::from_utf8_lossy(kv.key()).strip_prefix(&prefix).map(String::from))
-                    .collect();
+                let set: std::collections::BTreeSet<String> =
+                    resp.kvs().iter().filter_map(|kv| String::from_utf8_lossy(kv.key()).strip_prefix(&prefix).map(String::from)).collect();
                 *local.lock().expect("mark lock") = set.clone();
                 return set;
             }
@@ -27,7 +24,13 @@ impl Engine {
 
     /// Marks (`on`) or unmarks worker `id` under `sub/`: in etcd when membership is there, and
     /// in `local`.
-    async fn mark(&self, sub: &str, local: &std::sync::Mutex<std::collections::BTreeSet<String>>, id: &str, on: bool) -> Result<(), ServeError> {
+    async fn mark(
+        &self,
+        sub: &str,
+        local: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+        id: &str,
+        on: bool,
+    ) -> Result<(), ServeError> {
         if let Some((_, cluster)) = &self.etcd {
             let key = format!("{}{sub}/{id}", shardserve::membership::prefix(cluster));
             self.etcd_call(|mut c| async move {

@@ -62,10 +62,7 @@ impl Engine {
             }
             let state = self.model.state();
             let mut healthy = match &state {
-                ServingState::Ready(p) => p
-                    .stages
-                    .iter()
-                    .all(|s| s.ranks().all(|(id, addr)| alive.iter().any(|w| p.held_by(w, id, addr)))),
+                ServingState::Ready(p) => p.stages.iter().all(|s| s.ranks().all(|(id, addr)| alive.iter().any(|w| p.held_by(w, id, addr)))),
                 _ => false,
             };
             // A worker joined: re-plan when the plan over the larger fleet differs, once no
@@ -319,22 +316,24 @@ impl Engine {
                         .await
                         .map_err(|_| failed(format!("loading stage {i} on worker {} took longer than {LOAD_TIMEOUT:?}", w.id), false))?
                         .map_err(|e| {
-                            let permanent = matches!(
-                                e.code(),
-                                tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
-                            );
+                            let permanent =
+                                matches!(e.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument);
                             failed(format!("loading stage {i} on worker {}: {}", w.id, e.message()), permanent)
                         })?
                         .into_inner();
-                    Ok::<_, LoadFailure>((i, rank, StageAssignment {
-                        worker_id: w.id.clone(),
-                        address: w.address.clone(),
-                        layers: range.clone(),
-                        bytes: resp.bytes,
-                        followers: Vec::new(),
-                        kv_blocks: resp.kv_blocks as usize,
-                        kv_block_size: resp.kv_block_size as usize,
-                    }))
+                    Ok::<_, LoadFailure>((
+                        i,
+                        rank,
+                        StageAssignment {
+                            worker_id: w.id.clone(),
+                            address: w.address.clone(),
+                            layers: range.clone(),
+                            bytes: resp.bytes,
+                            followers: Vec::new(),
+                            kv_blocks: resp.kv_blocks as usize,
+                            kv_block_size: resp.kv_block_size as usize,
+                        },
+                    ))
                 });
             }
         }

@@ -223,13 +223,8 @@ impl Engine {
             let pins = self.shared.pins.lock().expect("pins lock");
             pins.iter().filter(|(_, m)| base_name(m) != name).map(|(w, _)| w.clone()).collect()
         };
-        let used: std::collections::HashSet<String> = self
-            .shared
-            .used_elsewhere("")
-            .into_iter()
-            .filter(|(_, key)| base_name(key) != name)
-            .map(|(w, _)| w)
-            .collect();
+        let used: std::collections::HashSet<String> =
+            self.shared.used_elsewhere("").into_iter().filter(|(_, key)| base_name(key) != name).map(|(w, _)| w).collect();
         // A model loaded at run time is laid out over the workers reserved for it only.
         let mine: std::collections::HashSet<String> = match set.reserved {
             true => self.shared.reserved_for_model(&name).into_iter().collect(),
@@ -282,7 +277,16 @@ impl Engine {
         };
         for i in missing {
             let config = EngineConfig { replica: Some(i), ..self.config.clone() };
-            match Engine::start_in(config, self.membership.clone(), self.etcd.clone(), self.shared.clone(), Some(self.clone()), set.stop.clone()).await {
+            match Engine::start_in(
+                config,
+                self.membership.clone(),
+                self.etcd.clone(),
+                self.shared.clone(),
+                Some(self.clone()),
+                set.stop.clone(),
+            )
+            .await
+            {
                 Ok(e) => {
                     let mut engines = set.engines.write().expect("replicas lock");
                     if engines.len() <= i {

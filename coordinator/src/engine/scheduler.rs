@@ -225,12 +225,8 @@ impl Scheduler {
     /// the current one; those in flight follow when their step returns.
     fn displace_all(&mut self, old: Option<Arc<Placement>>, why: &str) {
         let current = self.placement.as_ref().map(|p| p.id);
-        let stale: Vec<u64> = self
-            .running
-            .iter()
-            .filter(|r| r.sending == 0 && r.placement.is_some() && r.placement != current)
-            .map(|r| r.seq_id)
-            .collect();
+        let stale: Vec<u64> =
+            self.running.iter().filter(|r| r.sending == 0 && r.placement.is_some() && r.placement != current).map(|r| r.seq_id).collect();
         for seq_id in stale {
             self.displace(seq_id, old.as_ref(), why, true);
         }
@@ -370,10 +366,8 @@ impl Scheduler {
         let Some(p) = self.placement.clone() else { return };
         let depth = p.stages.len();
         // Clients that went away leave now.
-        let gone: Vec<usize> = (0..self.running.len())
-            .rev()
-            .filter(|&i| self.running[i].sending == 0 && self.running[i].sub.out.is_closed())
-            .collect();
+        let gone: Vec<usize> =
+            (0..self.running.len()).rev().filter(|&i| self.running[i].sending == 0 && self.running[i].sub.out.is_closed()).collect();
         for i in gone {
             self.fail(i, ServeError::Cancelled("the client went away".into()));
         }
@@ -440,7 +434,8 @@ impl Scheduler {
                 metrics::histogram!("shardserve_batch_size", &labels).record(sent.len() as f64);
                 metrics::histogram!("shardserve_batch_tokens", &labels).record(sent.iter().map(|(_, n)| *n).sum::<usize>() as f64);
             }
-            let step = pb::StepRequest { step_id: 0, sequences, hidden: None, release: std::mem::take(&mut self.releases), owner: self.term };
+            let step =
+                pb::StepRequest { step_id: 0, sequences, hidden: None, release: std::mem::take(&mut self.releases), owner: self.term };
             let timeout = self.config().step_timeout;
             // Queued here, in order: a step's releases reach every stage before the steps sent
             // after it.
@@ -464,7 +459,12 @@ impl Scheduler {
             Err(status) => sent
                 .iter()
                 .map(|&(seq_id, _)| {
-                    let r = pb::SequenceResult { seq_id, error: status.message().to_string(), code: status.code() as i32, ..Default::default() };
+                    let r = pb::SequenceResult {
+                        seq_id,
+                        error: status.message().to_string(),
+                        code: status.code() as i32,
+                        ..Default::default()
+                    };
                     (seq_id, r)
                 })
                 .collect(),
@@ -575,7 +575,10 @@ impl Scheduler {
             .and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string()));
         let values = match got {
             Ok(v) if v.len() == rows * dims => v,
-            Ok(v) => return self.fail(i, ServeError::Internal(format!("the last stage gave {} hidden values for {rows} rows of {dims}", v.len()))),
+            Ok(v) => {
+                return self
+                    .fail(i, ServeError::Internal(format!("the last stage gave {} hidden values for {rows} rows of {dims}", v.len())))
+            }
             Err(e) => return self.fail(i, ServeError::Internal(format!("the last stage's hidden states: {e}"))),
         };
         let r = &mut self.running[i];
@@ -584,7 +587,12 @@ impl Scheduler {
             return;
         }
         let spec = r.sub.req.embed.expect("an embedding request");
-        let event = GenEvent { embedding: spec.pool(&r.hidden, dims), finish_reason: Some("stop"), cached_tokens: r.cached_tokens.take(), ..Default::default() };
+        let event = GenEvent {
+            embedding: spec.pool(&r.hidden, dims),
+            finish_reason: Some("stop"),
+            cached_tokens: r.cached_tokens.take(),
+            ..Default::default()
+        };
         match r.sub.out.try_send(event) {
             Ok(()) => self.finish(i, Ok(())),
             Err(_) => self.fail(i, ServeError::Cancelled("the client went away".into())),
@@ -607,7 +615,9 @@ impl Scheduler {
         let labels = self.engine.metric_labels();
         metrics::histogram!("shardserve_request_duration_seconds", &labels).record(r.sub.arrived.elapsed().as_secs_f64());
         match &outcome {
-            Ok(()) => debug!(model = %self.engine.model.name, request_id = %r.sub.id, generated = r.generated, migrations = r.migrations, "request finished"),
+            Ok(()) => {
+                debug!(model = %self.engine.model.name, request_id = %r.sub.id, generated = r.generated, migrations = r.migrations, "request finished")
+            }
             Err(e) => debug!(model = %self.engine.model.name, request_id = %r.sub.id, error = %e, "request ended"),
         }
         let _ = r.sub.done.send(outcome);

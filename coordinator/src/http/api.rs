@@ -1,15 +1,15 @@
 //! The handlers: OpenAI's request bodies mapped onto the engine's requests, and its response
 //! and chunk shapes built from the engine's events.
 
-use super::{parse, sse, App, ApiError};
+use super::{parse, sse, ApiError, App};
 use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
 use crate::error::ServeError;
 use crate::service::{record, Caller, InferenceService};
 use axum::body::Body;
 use axum::extract::State;
-use axum::Extension;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use shardserve_proto::v1 as pb;
@@ -81,10 +81,9 @@ impl Sampling {
     /// max_completion_tokens, else max_tokens; both only when they agree.
     fn max_tokens(&self) -> Result<Option<u32>, ApiError> {
         match (self.max_tokens, self.max_completion_tokens) {
-            (Some(a), Some(b)) if a != b => Err(ApiError::invalid(
-                "max_tokens and max_completion_tokens disagree: give one",
-                Some("max_completion_tokens".into()),
-            )),
+            (Some(a), Some(b)) if a != b => {
+                Err(ApiError::invalid("max_tokens and max_completion_tokens disagree: give one", Some("max_completion_tokens".into())))
+            }
             (a, b) => Ok(b.or(a)),
         }
     }
@@ -178,7 +177,9 @@ fn engine_request(
         Some(Stop::Many(v)) => v.clone(),
     };
     let max_new_tokens = match s.max_tokens()? {
-        Some(m) => Some(i32::try_from(m).map_err(|_| ApiError::invalid(format!("max_tokens: {m} is too large"), Some("max_tokens".into())))?),
+        Some(m) => {
+            Some(i32::try_from(m).map_err(|_| ApiError::invalid(format!("max_tokens: {m} is too large"), Some("max_tokens".into())))?)
+        }
         None => None,
     };
     if s.cache_salt.as_deref() == Some("") {
@@ -330,7 +331,10 @@ async fn generate(
     let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::random_u64());
     let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
     let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
-    let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n, &caller), span);
+    let submitted = tracing::Instrument::instrument(
+        submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n, &caller),
+        span,
+    );
     let (entry, prompt_ids, handles) = match submitted.await {
         Ok(v) => v,
         Err(e) => {

@@ -2,7 +2,7 @@
 //! transformers' `apply_chat_template` renders it), then generated like a completion.
 
 use super::api::StreamOptions;
-use super::{App, ApiError};
+use super::{ApiError, App};
 use crate::engine::ModelEntry;
 use serde::Deserialize;
 
@@ -131,12 +131,6 @@ pub fn render_messages(
     let chat_error = |e: &shardserve::chat::ChatError| ApiError::invalid(e.to_string(), Some(e.param().to_string()));
     let templates = model.chat.as_ref().map_err(chat_error)?;
     let messages = &openai_messages(messages)?;
-    let input = shardserve::chat::ChatInput {
-        messages,
-        tools,
-        add_generation_prompt,
-        chat_template_kwargs: kwargs,
-        template: None,
-    };
+    let input = shardserve::chat::ChatInput { messages, tools, add_generation_prompt, chat_template_kwargs: kwargs, template: None };
     templates.render(&input).map_err(|e| chat_error(&e))
 }

@@ -2,13 +2,13 @@
 //! OpenAI's API shapes them (float lists or base64).
 
 use super::api::{field_error, kind_of};
-use super::{App, ApiError};
+use super::{ApiError, App};
 use crate::service::{record, Caller, InferenceService};
 use axum::body::Body;
 use axum::extract::State;
-use axum::Extension;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde::Deserialize;
 
 /// `POST /v1/embeddings`.
@@ -41,18 +41,27 @@ pub async fn embeddings(State(app): State<App>, Extension(caller): Extension<Cal
         serde_json::Value::Array(a) if !a.is_empty() && a.iter().all(|v| v.is_string()) => {
             a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect()
         }
-        serde_json::Value::Array(a) if a.is_empty() => return ApiError::invalid("input must not be empty", Some("input".into())).into_response(),
+        serde_json::Value::Array(a) if a.is_empty() => {
+            return ApiError::invalid("input must not be empty", Some("input".into())).into_response()
+        }
         serde_json::Value::Array(_) => return ApiError::unsupported("input", " as token ids: send text").into_response(),
         other => {
-            return ApiError::invalid(format!("input: expected a string or a list of strings, got {}", kind_of(other)), Some("input".into())).into_response()
+            return ApiError::invalid(
+                format!("input: expected a string or a list of strings, got {}", kind_of(other)),
+                Some("input".into()),
+            )
+            .into_response()
         }
     };
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
-            return ApiError::invalid(format!("encoding_format: {other:?} is neither \"float\" nor \"base64\""), Some("encoding_format".into()))
-                .into_response()
+            return ApiError::invalid(
+                format!("encoding_format: {other:?} is neither \"float\" nor \"base64\""),
+                Some("encoding_format".into()),
+            )
+            .into_response()
         }
     };
     if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
@@ -63,8 +72,11 @@ pub async fn embeddings(State(app): State<App>, Extension(caller): Extension<Cal
         Err(e) => return ApiError::invalid(e, Some("pooling".into())).into_response(),
     };
     if base64 && pooling == crate::engine::Pooling::None {
-        return ApiError::invalid("encoding_format \"base64\" gives one vector per input: use \"float\" with pooling \"none\"", Some("encoding_format".into()))
-            .into_response();
+        return ApiError::invalid(
+            "encoding_format \"base64\" gives one vector per input: use \"float\" with pooling \"none\"",
+            Some("encoding_format".into()),
+        )
+        .into_response();
     }
     if let Some(user) = &req.user {
         tracing::debug!(user = %user, "embeddings request");

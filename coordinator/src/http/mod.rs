@@ -5,10 +5,10 @@
 //! their gRPC code.
 
 mod api;
-mod embeddings;
-mod tokens;
 pub(crate) mod chat;
+mod embeddings;
 mod error;
+mod tokens;
 
 pub use error::ApiError;
 
@@ -109,10 +109,8 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 /// 200 while every model is placed and ready, else 503 with each model's state.
 async fn health(State(app): State<App>) -> Response {
     let engines = app.models.engines();
-    let states: Vec<serde_json::Value> = engines
-        .iter()
-        .map(|e| serde_json::json!({ "model": e.entry().name, "state": e.entry().state().name() }))
-        .collect();
+    let states: Vec<serde_json::Value> =
+        engines.iter().map(|e| serde_json::json!({ "model": e.entry().name, "state": e.entry().state().name() })).collect();
     let ready = engines.iter().all(|e| matches!(e.entry().state(), crate::engine::ServingState::Ready(_)));
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json(status, &serde_json::json!({ "status": if ready { "ok" } else { "unavailable" }, "models": states }))

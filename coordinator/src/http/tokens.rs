@@ -1,6 +1,6 @@
 //! vLLM's `/tokenize` and `/detokenize`.
 
-use super::{App, ApiError};
+use super::{ApiError, App};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -50,10 +50,9 @@ pub async fn tokenize(State(app): State<App>, body: Body) -> Response {
         (None, None) => Err(ApiError::invalid("prompt or messages is required", Some("prompt".into()))),
     };
     match ids {
-        Ok(ids) => super::json(
-            StatusCode::OK,
-            &serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": model.max_total_tokens}),
-        ),
+        Ok(ids) => {
+            super::json(StatusCode::OK, &serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": model.max_total_tokens}))
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -79,8 +78,11 @@ pub async fn detokenize(State(app): State<App>, body: Body) -> Response {
     };
     let vocab = model.tokenizer.vocab_size();
     if let Some(i) = req.tokens.iter().position(|t| *t as usize >= vocab) {
-        return ApiError::invalid(format!("tokens[{i}]: {} is not in the vocabulary of {vocab} tokens", req.tokens[i]), Some("tokens".into()))
-            .into_response();
+        return ApiError::invalid(
+            format!("tokens[{i}]: {} is not in the vocabulary of {vocab} tokens", req.tokens[i]),
+            Some("tokens".into()),
+        )
+        .into_response();
     }
     match model.tokenizer.decode(&req.tokens) {
         Ok(text) => super::json(StatusCode::OK, &serde_json::json!({"prompt": text})),

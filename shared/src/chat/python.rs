@@ -264,9 +264,7 @@ pub(super) fn json_dumps(value: &Value, style: &JsonStyle, level: usize, out: &m
         ValueKind::String => json_string(value.as_str().unwrap_or_default(), style.ensure_ascii, out),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
-            json_container(out, style, level, '[', ']', items.len(), |i, level, out| {
-                json_dumps(&items[i], style, level, out)
-            })?;
+            json_container(out, style, level, '[', ']', items.len(), |i, level, out| json_dumps(&items[i], style, level, out))?;
         }
         ValueKind::Map => {
             let mut pairs: Vec<(String, Value)> = Vec::new();

@@ -81,16 +81,10 @@ pub fn tp_split(heads: usize, kv_heads: usize, intermediate: usize, tp: TpRank) 
         let k = tp.rank / (n / kv_heads);
         k..k + 1
     } else {
-        return Err(format!(
-            "--tp {n} and num_key_value_heads ({kv_heads}) do not divide one another"
-        ));
+        return Err(format!("--tp {n} and num_key_value_heads ({kv_heads}) do not divide one another"));
     };
     let (h, i) = (heads / n, intermediate / n);
-    Ok(TpSplit {
-        heads: tp.rank * h..(tp.rank + 1) * h,
-        kv_heads: kv,
-        intermediate: tp.rank * i..(tp.rank + 1) * i,
-    })
+    Ok(TpSplit { heads: tp.rank * h..(tp.rank + 1) * h, kv_heads: kv, intermediate: tp.rank * i..(tp.rank + 1) * i })
 }
 
 #[cfg(test)]

@@ -14,9 +14,7 @@
 
 use super::Collective;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::cudarc::nccl::result::{self, NcclStatus};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Id, NcclType};
 use candle_core::cuda_backend::cudarc::nccl::sys;
@@ -80,10 +78,7 @@ impl std::fmt::Debug for NcclCollective {
             .field("size", &self.size)
             .field("timeout", &self.timeout)
             // try_lock: formatting must not deadlock inside an all-reduce of this group.
-            .field(
-                "broken",
-                &self.state.try_lock().ok().map(|s| s.broken.clone()),
-            )
+            .field("broken", &self.state.try_lock().ok().map(|s| s.broken.clone()))
             .finish_non_exhaustive()
     }
 }
@@ -92,13 +87,7 @@ impl NcclCollective {
     /// Joins the group `id` as `rank` of `size`, on `device` (any CUDA device: the rank is not
     /// the GPU's index). Returns once every rank has joined; fails if that takes longer than
     /// `timeout`, which also bounds every later all-reduce.
-    pub fn init(
-        device: &Device,
-        rank: usize,
-        size: usize,
-        id: &[u8],
-        timeout: Duration,
-    ) -> crate::Result<Self> {
+    pub fn init(device: &Device, rank: usize, size: usize, id: &[u8], timeout: Duration) -> crate::Result<Self> {
         let fail = |m: String| error(format!("rank {rank} of {size}: {m}"));
         let Device::Cuda(dev) = device else {
             return Err(fail(format!("NCCL needs a CUDA device, not {device:?}")));
@@ -114,29 +103,16 @@ impl NcclCollective {
             .map_err(|_| fail(format!("a group id has {ID_BYTES} bytes, not {}", id.len())))?;
         let stream = dev.cuda_stream();
         // NCCL takes the GPU of the calling thread's current context.
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| fail(format!("selecting the GPU: {e}")))?;
-        let done = stream
-            .context()
-            .new_event(None)
-            .map_err(|e| fail(format!("creating an event: {e}")))?;
+        stream.context().bind_to_thread().map_err(|e| fail(format!("selecting the GPU: {e}")))?;
+        let done = stream.context().new_event(None).map_err(|e| fail(format!("creating an event: {e}")))?;
 
         let mut config = nonblocking_config();
         let mut raw: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `raw` and `config` outlive the call; NCCL copies the config and writes the
         // handle. The size and rank fit an i32 (checked above).
         #[allow(unsafe_code)]
-        let started = unsafe {
-            result::comm_init_rank_config(
-                &mut raw,
-                size as i32,
-                sys::ncclUniqueId { internal },
-                rank as i32,
-                &mut config,
-            )
-        };
+        let started =
+            unsafe { result::comm_init_rank_config(&mut raw, size as i32, sys::ncclUniqueId { internal }, rank as i32, &mut config) };
         // From here on, any return aborts (and frees) the communicator through `Comm`'s drop.
         let comm = (!raw.is_null()).then_some(Comm(raw));
         if let Err(e) = started {
@@ -145,9 +121,7 @@ impl NcclCollective {
         let comm = comm.ok_or_else(|| fail("NCCL returned no communicator".into()))?;
         wait_until(Instant::now() + timeout, || comm.settled()).map_err(|e| match e {
             Wait::Failed(m) => fail(format!("joining the group: {m}")),
-            Wait::TimedOut => fail(format!(
-                "the group did not form within {timeout:?}: is every rank up, with the same id?"
-            )),
+            Wait::TimedOut => fail(format!("the group did not form within {timeout:?}: is every rank up, with the same id?")),
         })?;
         Ok(NcclCollective {
             rank,
@@ -155,11 +129,7 @@ impl NcclCollective {
             timeout,
             stop: Stop::default(),
             device: dev.clone(),
-            state: Mutex::new(State {
-                comm: Some(comm),
-                done,
-                broken: None,
-            }),
+            state: Mutex::new(State { comm: Some(comm), done, broken: None }),
         })
     }
 
@@ -170,11 +140,7 @@ impl NcclCollective {
 
     /// Why the group is broken, if it is.
     pub fn broken(&self) -> Option<String> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .broken
-            .clone()
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).broken.clone()
     }
 }
 
@@ -196,14 +162,9 @@ impl Collective for NcclCollective {
         // place, after the communicator is aborted, so it is consistent either way.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &state.broken {
-            return Err(candle_core::Error::Msg(format!(
-                "the NCCL group is broken: {why}"
-            )));
+            return Err(candle_core::Error::Msg(format!("the NCCL group is broken: {why}")));
         }
-        let op = AllReduce {
-            group: self,
-            state: RefCell::new(&mut state),
-        };
+        let op = AllReduce { group: self, state: RefCell::new(&mut state) };
         t.contiguous()?.apply_op1_no_bwd(&op)
     }
 }
@@ -220,30 +181,22 @@ impl CustomOp1 for AllReduce<'_, '_> {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(candle_core::Error::Msg(
-            "the NCCL all-reduce needs a CUDA tensor".into(),
-        ))
+        Err(candle_core::Error::Msg("the NCCL all-reduce needs a CUDA tensor".into()))
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let Some((start, end)) = l.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg(
-                "the all-reduce input is not contiguous".into(),
-            ));
+            return Err(candle_core::Error::Msg("the all-reduce input is not contiguous".into()));
         };
         if s.device.id() != self.group.device.id() {
-            return Err(candle_core::Error::Msg(
-                "the tensor is on another GPU than the NCCL group".into(),
-            ));
+            return Err(candle_core::Error::Msg("the tensor is on another GPU than the NCCL group".into()));
         }
         let out = match s.dtype() {
             DType::F32 => self.reduce::<f32>(s, start, end)?,
             DType::BF16 => self.reduce::<bf16>(s, start, end)?,
             DType::F16 => self.reduce::<f16>(s, start, end)?,
             other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "the NCCL all-reduce does not take {other:?}"
-                )));
+                return Err(candle_core::Error::Msg(format!("the NCCL all-reduce does not take {other:?}")));
             }
         };
         Ok((out, l.shape().clone()))
@@ -251,20 +204,13 @@ impl CustomOp1 for AllReduce<'_, '_> {
 }
 
 impl AllReduce<'_, '_> {
-    fn reduce<T>(
-        &self,
-        s: &CudaStorage,
-        start: usize,
-        end: usize,
-    ) -> candle_core::Result<CudaStorage>
+    fn reduce<T>(&self, s: &CudaStorage, start: usize, end: usize) -> candle_core::Result<CudaStorage>
     where
         T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
     {
         let src = s.as_cuda_slice::<T>()?;
         let Some(src) = src.try_slice(start..end) else {
-            return Err(candle_core::Error::Msg(
-                "the all-reduce input is outside its storage".into(),
-            ));
+            return Err(candle_core::Error::Msg("the all-reduce input is outside its storage".into()));
         };
         let mut dst = s.device.alloc_zeros::<T>(end - start)?;
         let stream = s.device.cuda_stream();
@@ -277,9 +223,7 @@ impl AllReduce<'_, '_> {
             state.broken = Some(why.clone());
             let (rank, size) = (self.group.rank, self.group.size);
             tracing::error!(rank, size, error = %why, "NCCL all-reduce failed; the group is broken");
-            return Err(candle_core::Error::Msg(format!(
-                "NCCL all-reduce, rank {rank} of {size}: {why}"
-            )));
+            return Err(candle_core::Error::Msg(format!("NCCL all-reduce, rank {rank} of {size}: {why}")));
         }
         Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
     }
@@ -299,10 +243,7 @@ impl AllReduce<'_, '_> {
         }
         let deadline = Instant::now() + group.timeout;
         let stopped = || group.stop.reason().map_or(Ok(()), Err);
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| format!("selecting the GPU: {e}"))?;
+        stream.context().bind_to_thread().map_err(|e| format!("selecting the GPU: {e}"))?;
         let len = src.len();
         {
             let (src_ptr, _src_use) = src.device_ptr(stream);
@@ -325,12 +266,7 @@ impl AllReduce<'_, '_> {
             };
             enqueued.map_err(|e| describe(e.0))?;
         }
-        let timed_out = |what: &str| {
-            format!(
-                "{what} within {:?}: a peer is gone or stalled",
-                group.timeout
-            )
-        };
+        let timed_out = |what: &str| format!("{what} within {:?}: a peer is gone or stalled", group.timeout);
         // A non-blocking communicator may still be enqueuing (connecting, on a first call); the
         // kernel is on the stream only once it settles, so only then does the event mean anything.
         wait_until(deadline, || {
@@ -341,17 +277,11 @@ impl AllReduce<'_, '_> {
             Wait::Failed(m) => m,
             Wait::TimedOut => timed_out("the all-reduce was not launched"),
         })?;
-        state
-            .done
-            .record(stream)
-            .map_err(|e| format!("recording an event: {e}"))?;
+        state.done.record(stream).map_err(|e| format!("recording an event: {e}"))?;
         let done = &state.done;
         wait_until(deadline, || {
             stopped()?;
-            if done
-                .try_is_complete()
-                .map_err(|e| format!("waiting for the all-reduce: {e}"))?
-            {
+            if done.try_is_complete().map_err(|e| format!("waiting for the all-reduce: {e}"))? {
                 return Ok(true);
             }
             comm.settled().map(|_| false)
@@ -438,10 +368,7 @@ enum Wait {
 }
 
 /// Polls `ready` until it says yes, fails, or `deadline` passes.
-fn wait_until(
-    deadline: Instant,
-    mut ready: impl FnMut() -> Result<bool, String>,
-) -> Result<(), Wait> {
+fn wait_until(deadline: Instant, mut ready: impl FnMut() -> Result<bool, String>) -> Result<(), Wait> {
     let mut polls = 0u32;
     loop {
         if ready().map_err(Wait::Failed)? {
@@ -487,8 +414,7 @@ mod tests {
 
     #[test]
     fn a_cpu_device_is_refused() {
-        let e = NcclCollective::init(&Device::Cpu, 0, 1, &[0; ID_BYTES], Duration::from_secs(1))
-            .unwrap_err();
+        let e = NcclCollective::init(&Device::Cpu, 0, 1, &[0; ID_BYTES], Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("needs a CUDA device"), "{e}");
     }
 
@@ -514,12 +440,8 @@ mod tests {
     #[ignore = "needs a GPU"]
     fn one_rank_sums_to_itself_in_every_dtype() {
         let dev = gpu();
-        let g = NcclCollective::init(&dev, 0, 1, &unique_id().unwrap(), Duration::from_secs(30))
-            .unwrap();
-        let x = Tensor::arange(0f32, 24.0, &dev)
-            .unwrap()
-            .reshape((4, 6))
-            .unwrap();
+        let g = NcclCollective::init(&dev, 0, 1, &unique_id().unwrap(), Duration::from_secs(30)).unwrap();
+        let x = Tensor::arange(0f32, 24.0, &dev).unwrap().reshape((4, 6)).unwrap();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let x = x.to_dtype(dtype).unwrap();
             let y = g.all_reduce_sum(&x).unwrap();
@@ -531,15 +453,9 @@ mod tests {
         }
         // A view at an offset, and a transposed (non-contiguous) one.
         let rows = x.narrow(0, 1, 2).unwrap();
-        assert_eq!(
-            g.all_reduce_sum(&rows).unwrap().to_vec2::<f32>().unwrap(),
-            rows.to_vec2::<f32>().unwrap()
-        );
+        assert_eq!(g.all_reduce_sum(&rows).unwrap().to_vec2::<f32>().unwrap(), rows.to_vec2::<f32>().unwrap());
         let t = x.t().unwrap();
-        assert_eq!(
-            g.all_reduce_sum(&t).unwrap().to_vec2::<f32>().unwrap(),
-            t.to_vec2::<f32>().unwrap()
-        );
+        assert_eq!(g.all_reduce_sum(&t).unwrap().to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
         assert!(g.broken().is_none());
     }
 
@@ -547,13 +463,8 @@ mod tests {
     #[ignore = "needs a GPU"]
     fn a_rank_that_never_joins_times_out_instead_of_hanging() {
         let start = Instant::now();
-        let e = NcclCollective::init(&gpu(), 0, 2, &unique_id().unwrap(), Duration::from_secs(3))
-            .unwrap_err();
+        let e = NcclCollective::init(&gpu(), 0, 2, &unique_id().unwrap(), Duration::from_secs(3)).unwrap_err();
         assert!(e.to_string().contains("did not form within 3s"), "{e}");
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
     }
 }

@@ -111,10 +111,7 @@ fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     s.read_exact(&mut head)?;
     let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a frame of {len} bytes is larger than the limit"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a frame of {len} bytes is larger than the limit")));
     }
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload)?;
@@ -163,11 +160,7 @@ pub struct TcpGroup {
 
 impl std::fmt::Debug for TcpGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpGroup")
-            .field("rank", &self.rank)
-            .field("size", &self.size)
-            .field("names", &self.names)
-            .finish_non_exhaustive()
+        f.debug_struct("TcpGroup").field("rank", &self.rank).field("size", &self.size).field("names", &self.names).finish_non_exhaustive()
     }
 }
 
@@ -185,15 +178,7 @@ impl TcpGroup {
             shutters.push(s.socket.try_clone()?);
             links.push(Mutex::new(s));
         }
-        Ok(TcpGroup {
-            rank: 0,
-            size,
-            links,
-            names: padded(names, size),
-            shutters,
-            timeout,
-            broken: Mutex::new(None),
-        })
+        Ok(TcpGroup { rank: 0, size, links, names: padded(names, size), shutters, timeout, broken: Mutex::new(None) })
     }
 
     /// A follower's side: connects to the leader at `leader` (over mutual TLS when `tls` is
@@ -344,11 +329,8 @@ impl TcpGroup {
     fn reduce(&self, t: &Tensor) -> Result<Tensor, String> {
         self.check()?;
         let (dtype, shape, device) = (t.dtype(), t.dims().to_vec(), t.device().clone());
-        let mine: Vec<f32> = t
-            .to_dtype(DType::F32)
-            .and_then(|x| x.flatten_all())
-            .and_then(|x| x.to_vec1::<f32>())
-            .map_err(|e| e.to_string())?;
+        let mine: Vec<f32> =
+            t.to_dtype(DType::F32).and_then(|x| x.flatten_all()).and_then(|x| x.to_vec1::<f32>()).map_err(|e| e.to_string())?;
         let n = mine.len();
         let sum: Vec<f32> = if self.rank == 0 {
             let mut acc = mine;
@@ -576,7 +558,11 @@ mod tests {
         let followers: Vec<TcpGroup> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         let handles: Vec<_> = followers
             .into_iter()
-            .map(|g| std::thread::spawn(move || g.all_reduce_sum(&Tensor::new(&[g.rank as f32], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap()))
+            .map(|g| {
+                std::thread::spawn(move || {
+                    g.all_reduce_sum(&Tensor::new(&[g.rank as f32], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap()
+                })
+            })
             .collect();
         let mine = leader.all_reduce_sum(&Tensor::new(&[0.5f32], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(mine, vec![3.5]);

@@ -57,10 +57,7 @@ pub(crate) struct HttpError {
 
 impl HttpError {
     fn new(status: Option<u16>, message: impl Into<String>) -> Self {
-        HttpError {
-            status,
-            message: message.into(),
-        }
+        HttpError { status, message: message.into() }
     }
 
     /// Whether trying again may help: no response, a timeout, a server error, rate limiting.
@@ -100,12 +97,7 @@ impl Remote {
                 .timeout_read(Duration::from_secs(60))
                 .timeout_write(Duration::from_secs(60))
         };
-        Remote {
-            endpoint: endpoint.to_string(),
-            token,
-            agent: builder().build(),
-            head_agent: builder().redirects(0).build(),
-        }
+        Remote { endpoint: endpoint.to_string(), token, agent: builder().build(), head_agent: builder().redirects(0).build() }
     }
 
     pub fn endpoint(&self) -> &str {
@@ -126,19 +118,11 @@ impl Remote {
         }
         let url = format!("{}/api/models/{repo_id}/revision/{}", self.endpoint, encode(revision, false));
         let resp = self.call_retrying(self.authorized(self.agent.get(&url)))?;
-        let text = resp
-            .into_string()
-            .map_err(|e| HttpError::new(None, format!("reading {url}: {e}")))?;
+        let text = resp.into_string().map_err(|e| HttpError::new(None, format!("reading {url}: {e}")))?;
         let info: Info =
             serde_json::from_str(&text).map_err(|e| HttpError::new(Some(200), format!("{url} answered with unexpected JSON: {e}")))?;
-        let sha = info
-            .sha
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| HttpError::new(Some(200), format!("{url} names no commit (`sha`)")))?;
-        Ok(RepoInfo {
-            sha,
-            files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
-        })
+        let sha = info.sha.filter(|s| !s.is_empty()).ok_or_else(|| HttpError::new(Some(200), format!("{url} names no commit (`sha`)")))?;
+        Ok(RepoInfo { sha, files: info.siblings.into_iter().map(|s| s.rfilename).collect() })
     }
 
     /// `HEAD /{repo}/resolve/{revision}/{file}`, following only relative redirects as
@@ -165,26 +149,20 @@ impl Remote {
         };
         let header = |name: &str| resp.header(name).map(str::trim).filter(|v| !v.is_empty());
         let commit = header("X-Repo-Commit")
-            .ok_or_else(|| HttpError::new(Some(resp.status()), format!("{url} sent no X-Repo-Commit (is {} a Hugging Face Hub?)", self.endpoint)))?
+            .ok_or_else(|| {
+                HttpError::new(Some(resp.status()), format!("{url} sent no X-Repo-Commit (is {} a Hugging Face Hub?)", self.endpoint))
+            })?
             .to_string();
         let etag = header("X-Linked-Etag")
             .or_else(|| header("ETag"))
             .map(normalize_etag)
             .ok_or_else(|| HttpError::new(Some(resp.status()), format!("{url} sent no ETag")))?;
-        let size = header("X-Linked-Size")
-            .or_else(|| header("Content-Length"))
-            .and_then(|s| s.parse().ok());
+        let size = header("X-Linked-Size").or_else(|| header("Content-Length")).and_then(|s| s.parse().ok());
         let location = match header("Location") {
             Some(l) if (300..400).contains(&resp.status()) => l.to_string(),
             _ => url,
         };
-        Ok(FileMeta {
-            file: file.to_string(),
-            etag,
-            commit,
-            size,
-            location,
-        })
+        Ok(FileMeta { file: file.to_string(), etag, commit, size, location })
     }
 
     /// `GET location` from byte `offset` on (a `Range` request when above 0).
@@ -203,10 +181,7 @@ impl Remote {
                 .ok_or_else(|| HttpError::new(Some(206), format!("{location} answered a range request without a valid Content-Range")))?,
             _ => 0,
         };
-        Ok(Body {
-            start,
-            reader: resp.into_reader(),
-        })
+        Ok(Body { start, reader: resp.into_reader() })
     }
 
     fn authorized(&self, req: ureq::Request) -> ureq::Request {
@@ -264,8 +239,9 @@ fn token_from_env() -> Option<String> {
     let path = match (super::non_empty_env("HF_TOKEN_PATH"), super::non_empty_env("HF_HOME")) {
         (Some(p), _) => std::path::PathBuf::from(p),
         (None, Some(home)) => std::path::Path::new(&home).join("token"),
-        (None, None) => std::path::Path::new(&super::non_empty_env("HOME").unwrap_or_else(|| "/root".into()))
-            .join(".cache/huggingface/token"),
+        (None, None) => {
+            std::path::Path::new(&super::non_empty_env("HOME").unwrap_or_else(|| "/root".into())).join(".cache/huggingface/token")
+        }
     };
     std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }

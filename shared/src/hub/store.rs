@@ -44,11 +44,7 @@ impl RepoCache {
     pub fn new(cache: &Path, repo_id: &str) -> RepoCache {
         let folder = super::repo_folder(cache, repo_id);
         let name = folder.file_name().expect("a repo folder has a name").to_owned();
-        RepoCache {
-            repo_id: repo_id.to_string(),
-            locks: cache.join(".locks").join(name),
-            folder,
-        }
+        RepoCache { repo_id: repo_id.to_string(), locks: cache.join(".locks").join(name), folder }
     }
 
     pub fn blob(&self, etag: &str) -> PathBuf {
@@ -72,9 +68,7 @@ impl RepoCache {
     /// This process's partial download of `blobs/<etag>`: its own name, so no other process
     /// ever writes into it while it runs.
     fn incomplete(&self, etag: &str) -> PathBuf {
-        self.folder
-            .join("blobs")
-            .join(format!("{etag}.incomplete.{}-{:08x}", std::process::id(), rand::random::<u32>()))
+        self.folder.join("blobs").join(format!("{etag}.incomplete.{}-{:08x}", std::process::id(), rand::random::<u32>()))
     }
 
     /// Points `refs/<revision>` at `commit`, replacing the file atomically (the content is the
@@ -214,9 +208,7 @@ fn fetch_one(remote: &Remote, repo: &RepoCache, commit: &str, item: &mut Item) -
     let meta = match &item.meta {
         Some(m) => m.clone(),
         None => {
-            let m = remote
-                .file_meta(&repo.repo_id, commit, &item.file)
-                .map_err(|e| download_error(repo, &item.file, e.to_string()))?;
+            let m = remote.file_meta(&repo.repo_id, commit, &item.file).map_err(|e| download_error(repo, &item.file, e.to_string()))?;
             // Asked at a commit, the Hub answers for that commit; anything else is not the
             // snapshot being filled.
             if m.commit != commit {
@@ -254,13 +246,7 @@ fn try_lock(path: &Path) -> Result<Option<BlobLock>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     loop {
         // Group-writable, as huggingface_hub makes it, so users sharing a cache can wait on it.
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o664)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o664).open(path).map_err(|e| Error::io(path, e))?;
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
@@ -360,7 +346,13 @@ enum CopyError {
 }
 
 /// Appends the body from `*offset` on to `file`, advancing `*offset` as bytes land.
-fn copy_body(remote: &Remote, meta: &FileMeta, file: &mut File, offset: &mut u64, progress: &mut Progress) -> std::result::Result<(), CopyError> {
+fn copy_body(
+    remote: &Remote,
+    meta: &FileMeta,
+    file: &mut File,
+    offset: &mut u64,
+    progress: &mut Progress,
+) -> std::result::Result<(), CopyError> {
     let body = match remote.open(&meta.location, *offset) {
         Ok(b) => b,
         // The range starts past the end: the partial file is not a prefix of this blob.
@@ -446,15 +438,7 @@ impl<'a> Progress<'a> {
         let id = NEXT_DOWNLOAD.fetch_add(1, Ordering::Relaxed);
         let entry = Download { repo: repo.repo_id.clone(), file: meta.file.clone(), done: from, total: meta.size };
         DOWNLOADS.lock().unwrap_or_else(|e| e.into_inner()).push((id, entry));
-        Progress {
-            repo: &repo.repo_id,
-            file: &meta.file,
-            total: meta.size,
-            from,
-            started: now,
-            last: now,
-            id,
-        }
+        Progress { repo: &repo.repo_id, file: &meta.file, total: meta.size, from, started: now, last: now, id }
     }
 
     fn update(&mut self, done: u64) {
@@ -486,11 +470,7 @@ fn sync_dir(dir: &Path) {
 }
 
 fn download_error(repo: &RepoCache, file: &str, message: String) -> Error {
-    Error::Download {
-        repo: repo.repo_id.clone(),
-        file: file.to_string(),
-        message,
-    }
+    Error::Download { repo: repo.repo_id.clone(), file: file.to_string(), message }
 }
 
 #[cfg(test)]

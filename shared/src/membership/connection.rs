@@ -121,9 +121,8 @@ impl Etcd {
 
     /// Options with the security the flags ask for and a bounded connect time.
     fn options(&self, connect_timeout: Duration) -> Result<ConnectOptions, etcd_client::Error> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(connect_timeout)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let mut options =
+            ConnectOptions::new().with_connect_timeout(connect_timeout).with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         let a = &self.args;
         if let Some(ca) = &a.etcd_ca {
             let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-ca", ca)?));
@@ -182,7 +181,20 @@ mod tests {
             p.display().to_string()
         };
         let (ca, cert, key, pw) = (f("ca"), f("cert"), f("key"), f("pw"));
-        let given = ["--etcd", "https://a:2379,b:2379", "--etcd-user", "root", "--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key, "--etcd-password-file", &pw];
+        let given = [
+            "--etcd",
+            "https://a:2379,b:2379",
+            "--etcd-user",
+            "root",
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+            "--etcd-password-file",
+            &pw,
+        ];
         let a = parse(&given).unwrap();
         assert_eq!(a.to_args(), given.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let etcd = a.open().unwrap().unwrap();
@@ -205,7 +217,11 @@ mod tests {
         assert!(err.contains("--etcd-ca /nonexistent/ca.pem"), "{err}");
         let empty = dir.path().join("pw");
         std::fs::write(&empty, "\n").unwrap();
-        let err = parse(&["--etcd", "a:1", "--etcd-user", "u", "--etcd-password-file", &empty.display().to_string()]).unwrap().open().unwrap_err().to_string();
+        let err = parse(&["--etcd", "a:1", "--etcd-user", "u", "--etcd-password-file", &empty.display().to_string()])
+            .unwrap()
+            .open()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("empty"), "{err}");
     }
 }

@@ -195,12 +195,7 @@ impl KvPool {
             return bad(format!("sequence {id} is held already"));
         }
         if tokens.len() != blocks.len() * self.block_size {
-            return bad(format!(
-                "{} cached tokens do not fill {} blocks of {} tokens",
-                tokens.len(),
-                blocks.len(),
-                self.block_size
-            ));
+            return bad(format!("{} cached tokens do not fill {} blocks of {} tokens", tokens.len(), blocks.len(), self.block_size));
         }
         let Some(root) = root else {
             if blocks.is_empty() {
@@ -476,13 +471,7 @@ fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
 /// `keys`/`values` a layer of the pool; returns `(decode rows, heads × head_dim)` in the order
 /// of `rows`. Grouped KV heads: query head `h` reads KV head `h / (heads / kv_heads)`, as
 /// transformers' `repeat_kv` arranges them.
-pub(crate) fn paged_decode_cpu(
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    rows: &[DecodeRow],
-    scale: f32,
-) -> candle_core::Result<Tensor> {
+pub(crate) fn paged_decode_cpu(q: &Tensor, keys: &Tensor, values: &Tensor, rows: &[DecodeRow], scale: f32) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let (_, heads, d) = q.dims3()?;
     let (kvh, slots, _) = keys.dims3()?;
@@ -748,7 +737,9 @@ mod tests {
         p.insert(7);
         p.insert(8);
         // Interleave two sequences so their blocks are not contiguous.
-        let rows = |n: usize, base: f32| Tensor::arange(0f32, (n * 8) as f32, &Device::Cpu).unwrap().affine(1.0, base as f64).unwrap().reshape((n, 2, 4)).unwrap();
+        let rows = |n: usize, base: f32| {
+            Tensor::arange(0f32, (n * 8) as f32, &Device::Cpu).unwrap().affine(1.0, base as f64).unwrap().reshape((n, 2, 4)).unwrap()
+        };
         p.grow(7, 3).unwrap();
         p.write(0, 7, 0, &rows(3, 0.0), &rows(3, 100.0)).unwrap();
         p.advance(7, 3);
@@ -807,9 +798,7 @@ mod tests {
         let total = start + len;
         let scores = Tensor::randn(0f32, 3.0, (groups, rep * len, total), &dev).unwrap();
         let got = causal_softmax_cpu(&scores, len, start, 0.25).unwrap().to_vec3::<f32>().unwrap();
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| (0..total).map(move |j| if j > i + start { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
+        let mask: Vec<f32> = (0..len).flat_map(|i| (0..total).map(move |j| if j > i + start { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (len, total), &dev).unwrap();
         let masked = (scores * 0.25).unwrap().reshape((groups, rep, len, total)).unwrap().broadcast_add(&mask).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&masked.reshape((groups, rep * len, total)).unwrap()).unwrap();

@@ -18,10 +18,7 @@ pub(super) struct Rope {
 impl Rope {
     pub(super) fn new(cfg: &ModelConfig) -> Self {
         let d = cfg.head_dim;
-        let mut inv_freq: Vec<f32> = (0..d)
-            .step_by(2)
-            .map(|i| (1.0 / cfg.rope_theta.powf(i as f64 / d as f64)) as f32)
-            .collect();
+        let mut inv_freq: Vec<f32> = (0..d).step_by(2).map(|i| (1.0 / cfg.rope_theta.powf(i as f64 / d as f64)) as f32).collect();
         if let Some(s) = cfg.rope_llama3 {
             // transformers' `_compute_llama3_parameters`: long wavelengths are divided by the
             // factor, short ones kept, the band between interpolated.
@@ -34,8 +31,7 @@ impl Rope {
                 let scaled = if wavelen > low_wavelen { freq / s.factor } else { freq };
                 let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 *f = if medium {
-                    let smooth =
-                        (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32
                 } else {
                     scaled as f32
@@ -200,12 +196,8 @@ impl Attention {
         // reading their context in place from the pool's blocks; elsewhere (GPUs) gathered into
         // one padded batch, a few kernels whatever the batch. Prefill chunks go through plain
         // matmul attention, sequence by sequence, which is faster for many query rows.
-        let decode: Vec<DecodeRow> = batch
-            .seqs
-            .iter()
-            .filter(|s| s.len == 1)
-            .map(|s| DecodeRow { row: s.offset, slots: s.slots.clone() })
-            .collect();
+        let decode: Vec<DecodeRow> =
+            batch.seqs.iter().filter(|s| s.len == 1).map(|s| DecodeRow { row: s.offset, slots: s.slots.clone() }).collect();
         let decoded = match decode.is_empty() {
             true => None,
             false if x.device().is_cpu() && x.dtype() == DType::F32 => Some(paged_decode_cpu(&q, pk, pv, &decode, scale as f32)?),
@@ -272,9 +264,7 @@ fn row_parallel_out(x: Tensor, bias: Option<&Tensor>, group: Option<&dyn Collect
 
 fn causal_mask(l: usize, offset: usize, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
     let total = l + offset;
-    let mask: Vec<f32> = (0..l)
-        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> = (0..l).flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (l, total), dev)?.to_dtype(dtype)
 }
 
@@ -316,11 +306,7 @@ impl DecoderLayer {
             self_attn: Attention::new(cfg, split, vb.pp("self_attn"))?,
             mlp: Mlp::new(cfg, split, vb.pp("mlp"))?,
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            post_attention_layernorm: candle_nn::rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })
     }
 
@@ -335,9 +321,7 @@ impl DecoderLayer {
         layer: usize,
         group: Option<&dyn Collective>,
     ) -> candle_core::Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, batch, pool, layer, group)?;
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, batch, pool, layer, group)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, group)?;
         x + h

@@ -7,9 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 /// Validates budgets and orders them as accelerate's `get_max_memory` does: GPUs by index,
 /// then CPU, then disk.
-pub(super) fn normalize_max_memory(
-    max_memory: &[(Device, u64)],
-) -> Result<Vec<(Device, u64)>, PlacementError> {
+pub(super) fn normalize_max_memory(max_memory: &[(Device, u64)]) -> Result<Vec<(Device, u64)>, PlacementError> {
     if max_memory.is_empty() {
         return Err(PlacementError::EmptyMaxMemory);
     }
@@ -70,39 +68,22 @@ pub(super) fn balanced_from_sizes(
     // A single GPU cannot be kept light, so accelerate silently drops low_zero there.
     let low_zero = low_zero && num_devices > 1;
     let total = sizes.total();
-    let mut per_gpu = total
-        / if low_zero {
-            num_devices - 1
-        } else {
-            num_devices
-        };
+    let mut per_gpu = total / if low_zero { num_devices - 1 } else { num_devices };
 
     let mut no_split = HashSet::new();
     collect_no_split(&tree.root, "", &mut no_split);
-    let layer_size = sizes
-        .entries()
-        .iter()
-        .find(|(name, _)| !name.is_empty() && no_split.contains(name.as_str()))
-        .map_or(0, |(_, s)| *s);
+    let layer_size = sizes.entries().iter().find(|(name, _)| !name.is_empty() && no_split.contains(name.as_str())).map_or(0, |(_, s)| *s);
     let leaves = sizes.leaves();
-    let leaf_sum = leaves
-        .iter()
-        .fold(0u64, |acc, (_, s)| acc.saturating_add(*s));
+    let leaf_sum = leaves.iter().fold(0u64, |acc, (_, s)| acc.saturating_add(*s));
     // Python computes `int(sum / count)` and `int(1.25 * x)` in floating point; do the same so
     // the truncation lands on the identical byte.
     let mean_leaves = (leaf_sum as f64 / leaves.len().max(1) as f64) as u64;
     let slack = (1.25 * layer_size.max(mean_leaves) as f64) as u64;
-    per_gpu = per_gpu
-        .checked_add(slack)
-        .ok_or_else(|| PlacementError::Overflow("per-GPU budget".into()))?;
+    per_gpu = per_gpu.checked_add(slack).ok_or_else(|| PlacementError::Overflow("per-GPU budget".into()))?;
 
     let gpu0 = budget(&mem, Device::Index(0));
     for &idx in &gpus[..gpus.len() - 1] {
-        let cap = if low_zero && idx == 0 {
-            gpu0.ok_or(PlacementError::MissingGpu { index: 0 })?
-        } else {
-            per_gpu
-        };
+        let cap = if low_zero && idx == 0 { gpu0.ok_or(PlacementError::MissingGpu { index: 0 })? } else { per_gpu };
         if let Some(m) = budget_mut(&mut mem, Device::Index(idx)) {
             *m = cap.min(*m);
         }
@@ -111,15 +92,12 @@ pub(super) fn balanced_from_sizes(
         let mut others: u64 = 0;
         // accelerate sums GPUs 1..num_devices by index, which assumes contiguous numbering.
         for i in 1..num_devices {
-            let index =
-                u32::try_from(i).map_err(|_| PlacementError::Internal("too many GPUs".into()))?;
-            let m =
-                budget(&mem, Device::Index(index)).ok_or(PlacementError::MissingGpu { index })?;
+            let index = u32::try_from(i).map_err(|_| PlacementError::Internal("too many GPUs".into()))?;
+            let m = budget(&mem, Device::Index(index)).ok_or(PlacementError::MissingGpu { index })?;
             others = others.saturating_add(m);
         }
         let min_zero = total.saturating_sub(others);
-        let zero = budget_mut(&mut mem, Device::Index(0))
-            .ok_or(PlacementError::MissingGpu { index: 0 })?;
+        let zero = budget_mut(&mut mem, Device::Index(0)).ok_or(PlacementError::MissingGpu { index: 0 })?;
         *zero = min_zero.min(*zero);
     }
     Ok(mem)
@@ -145,20 +123,14 @@ pub fn infer_device_map(
     let sizes = sizes_of_tree(&tree, dtype_bytes)?;
     let budgets = match strategy {
         Strategy::Sequential => normalize_max_memory(max_memory)?,
-        Strategy::Auto | Strategy::Balanced => {
-            balanced_from_sizes(&tree, &sizes, max_memory, false)?
-        }
+        Strategy::Auto | Strategy::Balanced => balanced_from_sizes(&tree, &sizes, max_memory, false)?,
         Strategy::BalancedLow0 => balanced_from_sizes(&tree, &sizes, max_memory, true)?,
     };
     place(&tree, &sizes, &budgets)
 }
 
 /// accelerate's `infer_auto_device_map` with explicit budgets and no balancing step.
-pub fn infer_auto_device_map(
-    shape: &ModelShape,
-    dtype_bytes: u64,
-    max_memory: &[(Device, u64)],
-) -> Result<DeviceMap, PlacementError> {
+pub fn infer_auto_device_map(shape: &ModelShape, dtype_bytes: u64, max_memory: &[(Device, u64)]) -> Result<DeviceMap, PlacementError> {
     let tree = build_tree(shape)?;
     let sizes = sizes_of_tree(&tree, dtype_bytes)?;
     place(&tree, &sizes, &normalize_max_memory(max_memory)?)
@@ -186,13 +158,7 @@ impl<'a> Entry<'a> {
 
     fn named_children(&self) -> Vec<Entry<'a>> {
         self.module().map_or_else(Vec::new, |m| {
-            m.children
-                .iter()
-                .map(|c| Entry {
-                    name: join_name(&self.name, &c.name),
-                    item: Item::Module(c),
-                })
-                .collect()
+            m.children.iter().map(|c| Entry { name: join_name(&self.name, &c.name), item: Item::Module(c) }).collect()
         })
     }
 
@@ -201,19 +167,11 @@ impl<'a> Entry<'a> {
         let Some(m) = self.module() else {
             return Vec::new();
         };
-        m.params
-            .iter()
-            .map(|p| Entry {
-                name: join_name(&self.name, p.name),
-                item: Item::Tensor,
-            })
-            .chain(self.named_children())
-            .collect()
+        m.params.iter().map(|p| Entry { name: join_name(&self.name, p.name), item: Item::Tensor }).chain(self.named_children()).collect()
     }
 
     fn indivisible(&self) -> bool {
-        self.module()
-            .is_none_or(|m| m.children.is_empty() || m.is_no_split())
+        self.module().is_none_or(|m| m.children.is_empty() || m.is_no_split())
     }
 }
 
@@ -244,11 +202,7 @@ pub(super) fn max_layer_size(items: &[Entry<'_>], sizes: &ModuleSizes) -> (i128,
 }
 
 pub(super) fn modules_only<'a>(items: &[Entry<'a>]) -> Vec<Entry<'a>> {
-    items
-        .iter()
-        .filter(|e| e.module().is_some())
-        .cloned()
-        .collect()
+    items.iter().filter(|e| e.module().is_some()).cloned().collect()
 }
 
 pub(super) fn set_device(map: &mut Vec<(String, Device)>, name: &str, device: Device) {
@@ -260,19 +214,12 @@ pub(super) fn set_device(map: &mut Vec<(String, Device)>, name: &str, device: De
 
 /// Port of `infer_auto_device_map`'s greedy walk (without fallback allocation, which
 /// transformers does not enable).
-pub(super) fn place(
-    tree: &ModelTree,
-    sizes: &ModuleSizes,
-    max_memory: &[(Device, u64)],
-) -> Result<DeviceMap, PlacementError> {
+pub(super) fn place(tree: &ModelTree, sizes: &ModuleSizes, max_memory: &[(Device, u64)]) -> Result<DeviceMap, PlacementError> {
     let mut devices: Vec<Device> = max_memory.iter().map(|(d, _)| *d).collect();
     if !devices.contains(&Device::Disk) {
         devices.push(Device::Disk);
     }
-    let first_gpu = devices
-        .iter()
-        .copied()
-        .find(|d| matches!(d, Device::Index(_)));
+    let first_gpu = devices.iter().copied().find(|d| matches!(d, Device::Index(_)));
     // These devices keep room to page the largest offloaded layer back in.
     let main_devices: Vec<Device> = match first_gpu {
         Some(g) => vec![g, Device::Cpu],
@@ -288,15 +235,9 @@ pub(super) fn place(
         })
         .collect();
 
-    let root_entry = Entry {
-        name: String::new(),
-        item: Item::Module(&tree.root),
-    };
+    let root_entry = Entry { name: String::new(), item: Item::Module(&tree.root) };
     let mut todo: Vec<Entry<'_>> = root_entry.split();
-    todo.extend(tree.root.buffers.iter().map(|b| Entry {
-        name: b.name.to_string(),
-        item: Item::Tensor,
-    }));
+    todo.extend(tree.root.buffers.iter().map(|b| Entry { name: b.name.to_string(), item: Item::Tensor }));
 
     let mut map: Vec<(String, Device)> = Vec::new();
     let mut used: HashMap<Device, i128> = devices.iter().map(|d| (*d, 0)).collect();
@@ -321,9 +262,7 @@ pub(super) fn place(
             .flat_map(|g| g.iter().filter(|k| !inside(k)).cloned())
             .collect();
 
-        let device = *devices.get(current).ok_or_else(|| {
-            PlacementError::Internal(format!("ran out of devices while placing {name:?}"))
-        })?;
+        let device = *devices.get(current).ok_or_else(|| PlacementError::Internal(format!("ran out of devices while placing {name:?}")))?;
         let mut reserved = 0i128;
         let limit = if device == Device::Disk {
             None
@@ -342,11 +281,7 @@ pub(super) fn place(
             let holder = todo
                 .iter()
                 .find(|e| p.starts_with(&format!("{}.", e.name)))
-                .ok_or_else(|| {
-                    PlacementError::Internal(format!(
-                        "tied parameter {p:?} of {name:?} has no pending module"
-                    ))
-                })?;
+                .ok_or_else(|| PlacementError::Internal(format!("tied parameter {p:?} of {name:?} has no pending module")))?;
             size_with_ties += size_of(sizes, &holder.name) - size_of(sizes, p);
             tied_entries.push(holder.clone());
         }
@@ -371,9 +306,10 @@ pub(super) fn place(
             // The module alone fits: try to make its tied partners smaller instead.
             let splittable = tied_entries.iter().find(|t| !t.indivisible());
             if let Some(t) = splittable {
-                let pos = todo.iter().position(|e| e.name == t.name).ok_or_else(|| {
-                    PlacementError::Internal(format!("tied module {:?} vanished", t.name))
-                })?;
+                let pos = todo
+                    .iter()
+                    .position(|e| e.name == t.name)
+                    .ok_or_else(|| PlacementError::Internal(format!("tied module {:?} vanished", t.name)))?;
                 let pieces = t.split();
                 let mut next = vec![entry.clone()];
                 next.extend(todo[..pos].iter().cloned());
@@ -406,27 +342,15 @@ pub(super) fn place(
 /// accelerate's `clean_device_map`: a subtree whose keys all share one device collapses into a
 /// single key, re-inserted at the end of the map.
 pub(super) fn clean_device_map(map: &mut Vec<(String, Device)>, module_name: &str) {
-    let prefix = if module_name.is_empty() {
-        String::new()
-    } else {
-        format!("{module_name}.")
-    };
-    let values: Vec<Device> = map
-        .iter()
-        .filter(|(k, _)| k.starts_with(&prefix))
-        .map(|(_, d)| *d)
-        .collect();
+    let prefix = if module_name.is_empty() { String::new() } else { format!("{module_name}.") };
+    let values: Vec<Device> = map.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(_, d)| *d).collect();
     if let Some(&first) = values.first() {
         if values.len() > 1 && values.iter().all(|d| *d == first) {
             map.retain(|(k, _)| !k.starts_with(&prefix));
             set_device(map, module_name, first);
         }
     }
-    let depth = if module_name.is_empty() {
-        1
-    } else {
-        module_name.split('.').count() + 1
-    };
+    let depth = if module_name.is_empty() { 1 } else { module_name.split('.').count() + 1 };
     // Python iterates a set here; the order only matters if two siblings collapse at once,
     // which cannot happen for these trees (at most one sibling per level has several keys).
     let mut children: Vec<String> = Vec::new();
@@ -442,4 +366,3 @@ pub(super) fn clean_device_map(map: &mut Vec<(String, Device)>, module_name: &st
         clean_device_map(map, &child);
     }
 }
-

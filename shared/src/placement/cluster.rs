@@ -153,7 +153,11 @@ pub fn from_explicit_map(
                 Some(l) if l < n && k == format!("model.layers.{l}") => {
                     assign[l] = Some(w);
                 }
-                _ => return Err(bad(format!("unknown key {k:?} (expected model.embed_tokens, model.layers.N with N < {n}, model.norm, lm_head)"))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {k:?} (expected model.embed_tokens, model.layers.N with N < {n}, model.norm, lm_head)"
+                    )))
+                }
             },
         }
     }
@@ -234,7 +238,8 @@ mod tests {
         assert!(err(serde_json::json!({"model.layers.0": "zed"})).contains("zed"));
         assert!(err(serde_json::json!({"model.layers.0": 5})).contains("worker 5"));
         assert!(err(serde_json::json!({"model.layers.9": 0})).contains("model.layers.9"));
-        assert!(err(serde_json::json!({"model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 0, "model.layers.3": 1})).contains("contiguous"));
+        assert!(err(serde_json::json!({"model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 0, "model.layers.3": 1}))
+            .contains("contiguous"));
         let whole = from_explicit_map(&s, 2, &serde_json::json!({"": "b"}), &ids).unwrap();
         assert_eq!((whole.len(), whole[0].worker, whole[0].layers.clone()), (1, 1, 0..4));
     }

@@ -8,9 +8,9 @@
 
 pub mod accelerate;
 pub mod cluster;
+mod parse;
 pub mod replicas;
 pub mod sizes;
-mod parse;
 
 pub use parse::{dtype_bytes, parse_max_memory, parse_size};
 #[cfg(test)]
@@ -85,9 +85,7 @@ pub enum PlacementError {
         reason: String,
     },
     /// A `device_map` strategy name transformers would not accept.
-    #[error(
-        "unknown device_map strategy {0:?}: expected auto, balanced, balanced_low_0 or sequential"
-    )]
+    #[error("unknown device_map strategy {0:?}: expected auto, balanced, balanced_low_0 or sequential")]
     UnknownStrategy(String),
     /// A size computation does not fit in 64 bits.
     #[error("size overflow while computing {0}")]
@@ -140,10 +138,7 @@ pub struct ModelShape {
 impl ModelShape {
     /// Reads a Hugging Face `config.json` value, filling in the defaults transformers applies.
     pub fn from_config_json(v: &serde_json::Value) -> Result<Self, PlacementError> {
-        let obj = v.as_object().ok_or(PlacementError::InvalidConfig {
-            field: "<root>",
-            reason: "config must be a JSON object".into(),
-        })?;
+        let obj = v.as_object().ok_or(PlacementError::InvalidConfig { field: "<root>", reason: "config must be a JSON object".into() })?;
         let architecture = detect_architecture(obj)?;
 
         let hidden_size = required_u64(obj, "hidden_size")?;
@@ -151,30 +146,16 @@ impl ModelShape {
         let num_hidden_layers = required_u64(obj, "num_hidden_layers")?;
         let num_attention_heads = required_u64(obj, "num_attention_heads")?;
         let vocab_size = required_u64(obj, "vocab_size")?;
-        for (field, value) in [
-            ("hidden_size", hidden_size),
-            ("num_attention_heads", num_attention_heads),
-            ("vocab_size", vocab_size),
-        ] {
+        for (field, value) in [("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads), ("vocab_size", vocab_size)] {
             if value == 0 {
-                return Err(PlacementError::InvalidConfig {
-                    field,
-                    reason: "must be greater than zero".into(),
-                });
+                return Err(PlacementError::InvalidConfig { field, reason: "must be greater than zero".into() });
             }
         }
-        let num_key_value_heads =
-            optional_u64(obj, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = optional_u64(obj, "num_key_value_heads")?.unwrap_or(num_attention_heads);
         let head_dim = optional_u64(obj, "head_dim")?.unwrap_or(hidden_size / num_attention_heads);
-        for (field, value) in [
-            ("num_key_value_heads", num_key_value_heads),
-            ("head_dim", head_dim),
-        ] {
+        for (field, value) in [("num_key_value_heads", num_key_value_heads), ("head_dim", head_dim)] {
             if value == 0 {
-                return Err(PlacementError::InvalidConfig {
-                    field,
-                    reason: "must be greater than zero".into(),
-                });
+                return Err(PlacementError::InvalidConfig { field, reason: "must be greater than zero".into() });
             }
         }
         let tie_word_embeddings = optional_bool(obj, "tie_word_embeddings")?.unwrap_or(false);
@@ -182,14 +163,10 @@ impl ModelShape {
         let (attention_bias, mlp_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
             Architecture::Mistral => (false, false),
-            Architecture::Qwen3 => (
-                optional_bool(obj, "attention_bias")?.unwrap_or(false),
-                false,
-            ),
-            Architecture::Llama => (
-                optional_bool(obj, "attention_bias")?.unwrap_or(false),
-                optional_bool(obj, "mlp_bias")?.unwrap_or(false),
-            ),
+            Architecture::Qwen3 => (optional_bool(obj, "attention_bias")?.unwrap_or(false), false),
+            Architecture::Llama => {
+                (optional_bool(obj, "attention_bias")?.unwrap_or(false), optional_bool(obj, "mlp_bias")?.unwrap_or(false))
+            }
         };
         Ok(ModelShape {
             architecture,
@@ -207,30 +184,19 @@ impl ModelShape {
     }
 }
 
-fn detect_architecture(
-    obj: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Architecture, PlacementError> {
+fn detect_architecture(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Architecture, PlacementError> {
     match obj.get("model_type") {
         Some(serde_json::Value::String(mt)) => {
-            return arch_from_model_type(mt)
-                .ok_or_else(|| PlacementError::UnsupportedArchitecture(mt.clone()));
+            return arch_from_model_type(mt).ok_or_else(|| PlacementError::UnsupportedArchitecture(mt.clone()));
         }
         None | Some(serde_json::Value::Null) => {}
         Some(other) => {
-            return Err(PlacementError::InvalidConfig {
-                field: "model_type",
-                reason: format!("expected a string, found {other}"),
-            })
+            return Err(PlacementError::InvalidConfig { field: "model_type", reason: format!("expected a string, found {other}") })
         }
     }
-    let first = obj
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .and_then(|a| a.first())
-        .and_then(|a| a.as_str());
+    let first = obj.get("architectures").and_then(|a| a.as_array()).and_then(|a| a.first()).and_then(|a| a.as_str());
     match first {
-        Some(name) => arch_from_class_name(name)
-            .ok_or_else(|| PlacementError::UnsupportedArchitecture(name.to_string())),
+        Some(name) => arch_from_class_name(name).ok_or_else(|| PlacementError::UnsupportedArchitecture(name.to_string())),
         None => Err(PlacementError::InvalidConfig {
             field: "model_type",
             reason: "missing, and no `architectures` entry to fall back on".into(),
@@ -238,45 +204,27 @@ fn detect_architecture(
     }
 }
 
-fn optional_u64(
-    obj: &serde_json::Map<String, serde_json::Value>,
-    field: &'static str,
-) -> Result<Option<u64>, PlacementError> {
+fn optional_u64(obj: &serde_json::Map<String, serde_json::Value>, field: &'static str) -> Result<Option<u64>, PlacementError> {
     match obj.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => v
             .as_u64()
             .map(Some)
-            .ok_or_else(|| PlacementError::InvalidConfig {
-                field,
-                reason: format!("expected a non-negative integer, found {v}"),
-            }),
+            .ok_or_else(|| PlacementError::InvalidConfig { field, reason: format!("expected a non-negative integer, found {v}") }),
     }
 }
 
-fn required_u64(
-    obj: &serde_json::Map<String, serde_json::Value>,
-    field: &'static str,
-) -> Result<u64, PlacementError> {
-    optional_u64(obj, field)?.ok_or(PlacementError::InvalidConfig {
-        field,
-        reason: "missing".into(),
-    })
+fn required_u64(obj: &serde_json::Map<String, serde_json::Value>, field: &'static str) -> Result<u64, PlacementError> {
+    optional_u64(obj, field)?.ok_or(PlacementError::InvalidConfig { field, reason: "missing".into() })
 }
 
-fn optional_bool(
-    obj: &serde_json::Map<String, serde_json::Value>,
-    field: &'static str,
-) -> Result<Option<bool>, PlacementError> {
+fn optional_bool(obj: &serde_json::Map<String, serde_json::Value>, field: &'static str) -> Result<Option<bool>, PlacementError> {
     match obj.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => v
             .as_bool()
             .map(Some)
-            .ok_or_else(|| PlacementError::InvalidConfig {
-                field,
-                reason: format!("expected true or false, found {v}"),
-            }),
+            .ok_or_else(|| PlacementError::InvalidConfig { field, reason: format!("expected true or false, found {v}") }),
     }
 }
 
@@ -310,15 +258,10 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "disk" => Ok(Device::Disk),
-            _ if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
-                .parse::<u32>()
-                .map(Device::Index)
-                .map_err(|_| PlacementError::InvalidDevice {
-                    value: s.to_string(),
-                }),
-            _ => Err(PlacementError::InvalidDevice {
-                value: s.to_string(),
-            }),
+            _ if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                s.parse::<u32>().map(Device::Index).map_err(|_| PlacementError::InvalidDevice { value: s.to_string() })
+            }
+            _ => Err(PlacementError::InvalidDevice { value: s.to_string() }),
         }
     }
 }
@@ -342,14 +285,10 @@ impl<'de> Deserialize<'de> for Device {
                 f.write_str("a GPU index or \"cpu\"/\"disk\"")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Device, E> {
-                u32::try_from(v)
-                    .map(Device::Index)
-                    .map_err(|_| E::custom(format!("GPU index {v} out of range")))
+                u32::try_from(v).map(Device::Index).map_err(|_| E::custom(format!("GPU index {v} out of range")))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Device, E> {
-                u32::try_from(v)
-                    .map(Device::Index)
-                    .map_err(|_| E::custom(format!("invalid GPU index {v}")))
+                u32::try_from(v).map(Device::Index).map_err(|_| E::custom(format!("invalid GPU index {v}")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Device, E> {
                 v.parse().map_err(E::custom)
@@ -480,7 +419,6 @@ impl<'de> Deserialize<'de> for DeviceMap {
         deserializer.deserialize_map(MapVisitor)
     }
 }
-
 
 fn arch_from_model_type(s: &str) -> Option<Architecture> {
     match s {

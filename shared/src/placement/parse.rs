@@ -10,18 +10,13 @@ use super::*;
 /// by eight. The number may be fractional and is truncated after scaling. A bare integer is a
 /// byte count (accelerate's `int` input).
 pub fn parse_size(s: &str) -> Result<u64, PlacementError> {
-    let invalid = || PlacementError::InvalidSize {
-        value: s.to_string(),
-    };
+    let invalid = || PlacementError::InvalidSize { value: s.to_string() };
     let trimmed = s.trim();
     if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
         return trimmed.parse::<u64>().map_err(|_| invalid());
     }
-    let ends_with = |suffix: &str| {
-        s.len() >= suffix.len()
-            && s.get(s.len() - suffix.len()..)
-                .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
-    };
+    let ends_with =
+        |suffix: &str| s.len() >= suffix.len() && s.get(s.len() - suffix.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(suffix));
     // Same precedence as accelerate, so "GiB" is never read as "...B" with a stray "i".
     let (unit_len, scale, bits_allowed) = if ends_with("GIB") {
         (3, (1u64 << 30) as f64, false)
@@ -65,9 +60,7 @@ fn parse_python_float(text: &str) -> Option<f64> {
             if *b == b'_' {
                 let before = i.checked_sub(1).and_then(|j| bytes.get(j));
                 let after = bytes.get(i + 1);
-                if !(before.is_some_and(u8::is_ascii_digit)
-                    && after.is_some_and(u8::is_ascii_digit))
-                {
+                if !(before.is_some_and(u8::is_ascii_digit) && after.is_some_and(u8::is_ascii_digit)) {
                     return None;
                 }
             }
@@ -86,17 +79,9 @@ pub fn parse_max_memory(s: &str) -> Result<Vec<(Device, u64)>, PlacementError> {
     let mut out: Vec<(Device, u64)> = Vec::new();
     for raw in s.split(',') {
         let item = raw.trim();
-        let bad = |reason: String| PlacementError::InvalidMaxMemoryItem {
-            item: item.to_string(),
-            reason,
-        };
-        let (dev, size) = item
-            .split_once('=')
-            .ok_or_else(|| bad("expected DEVICE=SIZE, e.g. 0=40GiB or cpu=64GiB".into()))?;
-        let device = dev
-            .trim()
-            .parse::<Device>()
-            .map_err(|e| bad(e.to_string()))?;
+        let bad = |reason: String| PlacementError::InvalidMaxMemoryItem { item: item.to_string(), reason };
+        let (dev, size) = item.split_once('=').ok_or_else(|| bad("expected DEVICE=SIZE, e.g. 0=40GiB or cpu=64GiB".into()))?;
+        let device = dev.trim().parse::<Device>().map_err(|e| bad(e.to_string()))?;
         let bytes = parse_size(size.trim()).map_err(|e| bad(e.to_string()))?;
         if out.iter().any(|(d, _)| *d == device) {
             return Err(PlacementError::DuplicateDevice { device });

@@ -41,9 +41,7 @@ impl ModuleSizes {
         match self.index.get(&name) {
             Some(&i) => {
                 let slot = &mut self.entries[i].1;
-                *slot = slot
-                    .checked_add(size)
-                    .ok_or_else(|| PlacementError::Overflow(format!("size of {name:?}")))?;
+                *slot = slot.checked_add(size).ok_or_else(|| PlacementError::Overflow(format!("size of {name:?}")))?;
             }
             None => {
                 self.index.insert(name.clone(), self.entries.len());
@@ -88,13 +86,7 @@ pub(super) struct ModuleNode {
 
 impl ModuleNode {
     fn new(name: impl Into<String>, class: ModuleClass) -> Self {
-        ModuleNode {
-            name: name.into(),
-            class,
-            params: Vec::new(),
-            buffers: Vec::new(),
-            children: Vec::new(),
-        }
+        ModuleNode { name: name.into(), class, params: Vec::new(), buffers: Vec::new(), children: Vec::new() }
     }
 
     pub(super) fn is_no_split(&self) -> bool {
@@ -109,36 +101,21 @@ pub(super) struct ModelTree {
 }
 
 pub(super) fn mul(a: u64, b: u64, what: &str) -> Result<u64, PlacementError> {
-    a.checked_mul(b)
-        .ok_or_else(|| PlacementError::Overflow(what.to_string()))
+    a.checked_mul(b).ok_or_else(|| PlacementError::Overflow(what.to_string()))
 }
 
-pub(super) fn linear(
-    name: &str,
-    in_features: u64,
-    out_features: u64,
-    bias: bool,
-) -> Result<ModuleNode, PlacementError> {
+pub(super) fn linear(name: &str, in_features: u64, out_features: u64, bias: bool) -> Result<ModuleNode, PlacementError> {
     let mut node = ModuleNode::new(name, ModuleClass::Linear);
-    node.params.push(TensorSpec {
-        name: "weight",
-        numel: mul(in_features, out_features, name)?,
-    });
+    node.params.push(TensorSpec { name: "weight", numel: mul(in_features, out_features, name)? });
     if bias {
-        node.params.push(TensorSpec {
-            name: "bias",
-            numel: out_features,
-        });
+        node.params.push(TensorSpec { name: "bias", numel: out_features });
     }
     Ok(node)
 }
 
 pub(super) fn rms_norm(name: &str, dim: u64) -> ModuleNode {
     let mut node = ModuleNode::new(name, ModuleClass::RmsNorm);
-    node.params.push(TensorSpec {
-        name: "weight",
-        numel: dim,
-    });
+    node.params.push(TensorSpec { name: "weight", numel: dim });
     node
 }
 
@@ -162,27 +139,11 @@ pub(super) fn build_tree(shape: &ModelShape) -> Result<ModelTree, PlacementError
             attn.children.push(rms_norm("k_norm", shape.head_dim));
         }
         let mut mlp = ModuleNode::new("mlp", ModuleClass::Mlp);
-        mlp.children.push(linear(
-            "gate_proj",
-            h,
-            shape.intermediate_size,
-            shape.mlp_bias,
-        )?);
-        mlp.children.push(linear(
-            "up_proj",
-            h,
-            shape.intermediate_size,
-            shape.mlp_bias,
-        )?);
-        mlp.children.push(linear(
-            "down_proj",
-            shape.intermediate_size,
-            h,
-            shape.mlp_bias,
-        )?);
+        mlp.children.push(linear("gate_proj", h, shape.intermediate_size, shape.mlp_bias)?);
+        mlp.children.push(linear("up_proj", h, shape.intermediate_size, shape.mlp_bias)?);
+        mlp.children.push(linear("down_proj", shape.intermediate_size, h, shape.mlp_bias)?);
         // Parameter-free, but still a child module, so it is part of the tree accelerate walks.
-        mlp.children
-            .push(ModuleNode::new("act_fn", ModuleClass::Activation));
+        mlp.children.push(ModuleNode::new("act_fn", ModuleClass::Activation));
 
         let mut layer = ModuleNode::new(i.to_string(), ModuleClass::DecoderLayer);
         layer.children.push(attn);
@@ -193,22 +154,13 @@ pub(super) fn build_tree(shape: &ModelShape) -> Result<ModelTree, PlacementError
     }
 
     let mut embed = ModuleNode::new("embed_tokens", ModuleClass::Embedding);
-    embed.params.push(TensorSpec {
-        name: "weight",
-        numel: mul(shape.vocab_size, h, "embed_tokens")?,
-    });
+    embed.params.push(TensorSpec { name: "weight", numel: mul(shape.vocab_size, h, "embed_tokens")? });
     // transformers 5 registers the default RoPE frequencies twice (`inv_freq` and
     // `original_inv_freq`), both float32 with ceil(head_dim / 2) entries.
     let freqs = shape.head_dim.div_ceil(2);
     let mut rotary = ModuleNode::new("rotary_emb", ModuleClass::Rotary);
-    rotary.buffers.push(TensorSpec {
-        name: "inv_freq",
-        numel: freqs,
-    });
-    rotary.buffers.push(TensorSpec {
-        name: "original_inv_freq",
-        numel: freqs,
-    });
+    rotary.buffers.push(TensorSpec { name: "inv_freq", numel: freqs });
+    rotary.buffers.push(TensorSpec { name: "original_inv_freq", numel: freqs });
 
     let mut backbone = ModuleNode::new("model", ModuleClass::Backbone);
     backbone.children.push(embed);
@@ -218,17 +170,10 @@ pub(super) fn build_tree(shape: &ModelShape) -> Result<ModelTree, PlacementError
 
     let mut root = ModuleNode::new("", ModuleClass::CausalLm);
     root.children.push(backbone);
-    root.children
-        .push(linear("lm_head", h, shape.vocab_size, false)?);
+    root.children.push(linear("lm_head", h, shape.vocab_size, false)?);
 
-    let tied = if shape.tie_word_embeddings {
-        vec![(
-            "lm_head.weight".to_string(),
-            "model.embed_tokens.weight".to_string(),
-        )]
-    } else {
-        Vec::new()
-    };
+    let tied =
+        if shape.tie_word_embeddings { vec![("lm_head.weight".to_string(), "model.embed_tokens.weight".to_string())] } else { Vec::new() };
     Ok(ModelTree { root, tied })
 }
 
@@ -241,12 +186,7 @@ pub(super) fn join_name(prefix: &str, name: &str) -> String {
 }
 
 /// Visits tensors in `named_parameters()` then `named_buffers()` order.
-pub(super) fn collect_tensors<'a>(
-    node: &'a ModuleNode,
-    prefix: &str,
-    buffers: bool,
-    out: &mut Vec<(String, &'a TensorSpec)>,
-) {
+pub(super) fn collect_tensors<'a>(node: &'a ModuleNode, prefix: &str, buffers: bool, out: &mut Vec<(String, &'a TensorSpec)>) {
     let list = if buffers { &node.buffers } else { &node.params };
     for t in list {
         out.push((join_name(prefix, t.name), t));
@@ -260,11 +200,7 @@ pub(super) fn sizes_of_tree(tree: &ModelTree, dtype_bytes: u64) -> Result<Module
     if dtype_bytes == 0 {
         return Err(PlacementError::ZeroDtypeWidth);
     }
-    let mut sizes = ModuleSizes {
-        entries: Vec::new(),
-        index: HashMap::new(),
-        leaves: Vec::new(),
-    };
+    let mut sizes = ModuleSizes { entries: Vec::new(), index: HashMap::new(), leaves: Vec::new() };
     let mut leaf_index: HashMap<String, usize> = HashMap::new();
     let aliases: HashSet<&str> = tree.tied.iter().map(|(alias, _)| alias.as_str()).collect();
     // accelerate loads weights as `dtype`, but never widens a tensor: float32 buffers
@@ -294,9 +230,7 @@ pub(super) fn sizes_of_tree(tree: &ModelTree, dtype_bytes: u64) -> Result<Module
                 match leaf_index.get(parent) {
                     Some(&i) => {
                         let slot = &mut sizes.leaves[i].1;
-                        *slot = slot.checked_add(size).ok_or_else(|| {
-                            PlacementError::Overflow(format!("size of {parent:?}"))
-                        })?;
+                        *slot = slot.checked_add(size).ok_or_else(|| PlacementError::Overflow(format!("size of {parent:?}")))?;
                     }
                     None => {
                         leaf_index.insert(parent.to_string(), sizes.leaves.len());

@@ -15,8 +15,7 @@ fn fixture_text() -> String {
         Ok(dir) => std::path::Path::new(&dir).join("device-maps/public.json"),
         Err(_) => std::path::PathBuf::from(FIXTURE_PATH),
     };
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
 /// An object read in document order (serde_json's `Value` would sort the keys).
@@ -105,41 +104,17 @@ fn fixtures_match_accelerate_for_every_case_and_strategy() {
         let model = &case.model;
         let shape = ModelShape::from_config_json(&case.config).expect("fixture config parses");
         let dtype = dtype_bytes(&case.dtype).expect("fixture dtype");
-        assert_eq!(
-            case.no_split_module_classes,
-            vec![shape.architecture.decoder_layer_class().to_string()],
-            "{model}"
-        );
+        assert_eq!(case.no_split_module_classes, vec![shape.architecture.decoder_layer_class().to_string()], "{model}");
         // Go through the textual form a CLI would take, exercising parse_max_memory.
-        let spec = case
-            .max_memory
-            .0
-            .iter()
-            .map(|(d, s)| format!("{d}={s}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let spec = case.max_memory.0.iter().map(|(d, s)| format!("{d}={s}")).collect::<Vec<_>>().join(",");
         let max_memory = parse_max_memory(&spec).expect("fixture max_memory parses");
 
-        assert!(
-            case.auto.is_some() && case.balanced_low_0.is_some() && case.sequential.is_some(),
-            "{model}"
-        );
-        assert!(
-            case.sequential_balanced_memory.is_none(),
-            "{model}: sequential is never balanced"
-        );
+        assert!(case.auto.is_some() && case.balanced_low_0.is_some() && case.sequential.is_some(), "{model}");
+        assert!(case.sequential_balanced_memory.is_none(), "{model}: sequential is never balanced");
         let expectations = [
             (Strategy::Auto, case.auto, case.auto_balanced_memory),
-            (
-                Strategy::Balanced,
-                case.balanced,
-                case.balanced_balanced_memory,
-            ),
-            (
-                Strategy::BalancedLow0,
-                case.balanced_low_0,
-                case.balanced_low_0_balanced_memory,
-            ),
+            (Strategy::Balanced, case.balanced, case.balanced_balanced_memory),
+            (Strategy::BalancedLow0, case.balanced_low_0, case.balanced_low_0_balanced_memory),
             (Strategy::Sequential, case.sequential, None),
         ];
         for (strategy, expected_map, expected_budgets) in expectations {
@@ -147,12 +122,8 @@ fn fixtures_match_accelerate_for_every_case_and_strategy() {
                 checked += 1;
                 match infer_device_map(&shape, dtype, &max_memory, strategy) {
                     Ok(got) if got == expected => {
-                        let reparsed: DeviceMap = serde_json::from_str(&got.to_json_string())
-                            .expect("own JSON parses");
-                        assert_eq!(
-                            reparsed, expected,
-                            "{model} {strategy}: to_json_string round trip"
-                        );
+                        let reparsed: DeviceMap = serde_json::from_str(&got.to_json_string()).expect("own JSON parses");
+                        assert_eq!(reparsed, expected, "{model} {strategy}: to_json_string round trip");
                     }
                     Ok(got) => failures.push(format!(
                         "{model} {strategy}: map differs\n  got      {}\n  expected {}",
@@ -164,16 +135,11 @@ fn fixtures_match_accelerate_for_every_case_and_strategy() {
             }
             if let Some(Ordered(expected)) = expected_budgets {
                 checked += 1;
-                let expected: Vec<(Device, u64)> = expected
-                    .into_iter()
-                    .map(|(d, m)| (d.parse().expect("device"), m))
-                    .collect();
+                let expected: Vec<(Device, u64)> = expected.into_iter().map(|(d, m)| (d.parse().expect("device"), m)).collect();
                 let low_zero = strategy == Strategy::BalancedLow0;
                 match balanced_memory(&shape, dtype, &max_memory, low_zero) {
                     Ok(got) if got == expected => {}
-                    other => failures.push(format!(
-                        "{model} {strategy} budgets: got {other:?}, expected {expected:?}"
-                    )),
+                    other => failures.push(format!("{model} {strategy} budgets: got {other:?}, expected {expected:?}")),
                 }
             }
         }
@@ -184,12 +150,7 @@ fn fixtures_match_accelerate_for_every_case_and_strategy() {
             "{model}"
         );
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {checked} fixture checks wrong:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {checked} fixture checks wrong:\n{}", failures.len(), failures.join("\n"));
     eprintln!("{checked} fixture checks (device maps and balanced budgets) matched");
 }
 
@@ -227,15 +188,9 @@ fn parse_size_matches_convert_file_size_to_int() {
     for (text, want) in cases {
         assert_eq!(parse_size(text).unwrap(), *want, "{text}");
     }
-    for bad in [
-        "", "GiB", "abc", "5TB", "5B", "-1GiB", "-0.5MB", "nanGB", "infGiB", "1__0MB", "_1MB",
-        "1e30GiB", "1.5",
-    ] {
+    for bad in ["", "GiB", "abc", "5TB", "5B", "-1GiB", "-0.5MB", "nanGB", "infGiB", "1__0MB", "_1MB", "1e30GiB", "1.5"] {
         let err = parse_size(bad).unwrap_err();
-        assert!(
-            err.to_string().contains(&format!("{bad:?}")),
-            "{bad}: {err}"
-        );
+        assert!(err.to_string().contains(&format!("{bad:?}")), "{bad}: {err}");
     }
 }
 
@@ -243,11 +198,7 @@ fn parse_size_matches_convert_file_size_to_int() {
 fn parse_max_memory_reports_the_bad_item() {
     assert_eq!(
         parse_max_memory("1=8GiB, 0 = 8GiB,cpu=64GiB").unwrap(),
-        vec![
-            (Device::Index(1), 8 << 30),
-            (Device::Index(0), 8 << 30),
-            (Device::Cpu, 64 << 30)
-        ]
+        vec![(Device::Index(1), 8 << 30), (Device::Index(0), 8 << 30), (Device::Cpu, 64 << 30)]
     );
     let err = parse_max_memory("0=8GiB,gpu1=8GiB").unwrap_err();
     assert!(err.to_string().contains("\"gpu1=8GiB\""), "{err}");
@@ -255,24 +206,10 @@ fn parse_max_memory_reports_the_bad_item() {
     assert!(err.to_string().contains("\"1:8GiB\""), "{err}");
     let err = parse_max_memory("0=lots").unwrap_err();
     assert!(err.to_string().contains("\"0=lots\""), "{err}");
-    assert!(matches!(
-        parse_max_memory("0=1GiB,0=2GiB"),
-        Err(PlacementError::DuplicateDevice {
-            device: Device::Index(0)
-        })
-    ));
-    assert!(matches!(
-        parse_max_memory("  "),
-        Err(PlacementError::EmptyMaxMemory)
-    ));
-    assert!(matches!(
-        parse_max_memory("0=1GiB,"),
-        Err(PlacementError::InvalidMaxMemoryItem { .. })
-    ));
-    assert!(matches!(
-        parse_max_memory("-1=1GiB"),
-        Err(PlacementError::InvalidMaxMemoryItem { .. })
-    ));
+    assert!(matches!(parse_max_memory("0=1GiB,0=2GiB"), Err(PlacementError::DuplicateDevice { device: Device::Index(0) })));
+    assert!(matches!(parse_max_memory("  "), Err(PlacementError::EmptyMaxMemory)));
+    assert!(matches!(parse_max_memory("0=1GiB,"), Err(PlacementError::InvalidMaxMemoryItem { .. })));
+    assert!(matches!(parse_max_memory("-1=1GiB"), Err(PlacementError::InvalidMaxMemoryItem { .. })));
 }
 
 #[test]
@@ -292,10 +229,7 @@ fn strategy_and_device_parsing() {
     for s in ["auto", "balanced", "balanced_low_0", "sequential"] {
         assert_eq!(s.parse::<Strategy>().unwrap().to_string(), s);
     }
-    assert!(matches!(
-        "Auto".parse::<Strategy>(),
-        Err(PlacementError::UnknownStrategy(_))
-    ));
+    assert!(matches!("Auto".parse::<Strategy>(), Err(PlacementError::UnknownStrategy(_))));
     assert_eq!("3".parse::<Device>().unwrap(), Device::Index(3));
     assert_eq!("cpu".parse::<Device>().unwrap().to_string(), "cpu");
     assert!("cuda:0".parse::<Device>().is_err());
@@ -303,10 +237,7 @@ fn strategy_and_device_parsing() {
     assert!("99999999999".parse::<Device>().is_err());
     let map: DeviceMap = serde_json::from_str(r#"{"b": 1, "a": "cpu", "c": "disk"}"#).unwrap();
     assert_eq!(map.to_json_string(), r#"{"b": 1, "a": "cpu", "c": "disk"}"#);
-    assert_eq!(
-        serde_json::to_string(&map).unwrap(),
-        r#"{"b":1,"a":"cpu","c":"disk"}"#
-    );
+    assert_eq!(serde_json::to_string(&map).unwrap(), r#"{"b":1,"a":"cpu","c":"disk"}"#);
     assert!(serde_json::from_str::<DeviceMap>(r#"{"a": "gpu"}"#).is_err());
     assert!(serde_json::from_str::<DeviceMap>(r#"{"a": -1}"#).is_err());
     assert_eq!(map.device_of("a.weight"), Some(Device::Cpu));
@@ -333,18 +264,13 @@ fn config_defaults_and_errors() {
     .unwrap();
     assert!(qwen2.attention_bias);
     let sizes = module_sizes(&qwen2, 2).unwrap();
-    assert_eq!(
-        sizes.get("model.layers.0.self_attn.q_proj"),
-        (896 * 896 + 896) * 2
-    );
+    assert_eq!(sizes.get("model.layers.0.self_attn.q_proj"), (896 * 896 + 896) * 2);
     assert_eq!(sizes.get("model.layers.0.self_attn.k_proj.bias"), 128 * 2);
     assert_eq!(sizes.get("model.layers.0.self_attn.o_proj"), 896 * 896 * 2);
 
-    let err =
-        ModelShape::from_config_json(&serde_json::json!({"model_type": "gpt2"})).unwrap_err();
+    let err = ModelShape::from_config_json(&serde_json::json!({"model_type": "gpt2"})).unwrap_err();
     assert!(err.to_string().contains("gpt2"));
-    let err =
-        ModelShape::from_config_json(&serde_json::json!({"model_type": "llama"})).unwrap_err();
+    let err = ModelShape::from_config_json(&serde_json::json!({"model_type": "llama"})).unwrap_err();
     assert!(err.to_string().contains("hidden_size"), "{err}");
     let err = ModelShape::from_config_json(&serde_json::json!({
         "model_type": "llama", "hidden_size": "big", "intermediate_size": 1,
@@ -372,32 +298,14 @@ fn sizes_count_ties_once_and_buffers_in_float32() {
     assert_eq!(sizes.get("model.rotary_emb"), 2 * 64 * 2);
     assert_eq!(sizes.get("model.layers.0.self_attn.q_norm.weight"), 256);
     assert_eq!(sizes.entries()[0].0, "");
-    assert_eq!(
-        sizes.entries().last().unwrap().0,
-        "model.rotary_emb.original_inv_freq"
-    );
+    assert_eq!(sizes.entries().last().unwrap().0, "model.rotary_emb.original_inv_freq");
     let f32_sizes = module_sizes(&shape, 4).unwrap();
     assert_eq!(f32_sizes.get("model.rotary_emb"), 2 * 64 * 4);
-    let untied = ModelShape {
-        tie_word_embeddings: false,
-        ..shape
-    };
-    assert_eq!(
-        module_sizes(&untied, 2).unwrap().get("lm_head"),
-        151_936 * 1024 * 2
-    );
-    assert!(matches!(
-        module_sizes(&untied, 0),
-        Err(PlacementError::ZeroDtypeWidth)
-    ));
-    let huge = ModelShape {
-        vocab_size: u64::MAX,
-        ..untied
-    };
-    assert!(matches!(
-        module_sizes(&huge, 2),
-        Err(PlacementError::Overflow(_))
-    ));
+    let untied = ModelShape { tie_word_embeddings: false, ..shape };
+    assert_eq!(module_sizes(&untied, 2).unwrap().get("lm_head"), 151_936 * 1024 * 2);
+    assert!(matches!(module_sizes(&untied, 0), Err(PlacementError::ZeroDtypeWidth)));
+    let huge = ModelShape { vocab_size: u64::MAX, ..untied };
+    assert!(matches!(module_sizes(&huge, 2), Err(PlacementError::Overflow(_))));
 }
 
 #[test]
@@ -411,10 +319,7 @@ fn small_models_collapse_to_the_root() {
     let cpu = parse_max_memory("cpu=64GiB").unwrap();
     let map = infer_device_map(&shape, 2, &cpu, Strategy::Auto).unwrap();
     assert_eq!(map.to_json_string(), r#"{"": "cpu"}"#);
-    assert!(matches!(
-        infer_device_map(&shape, 2, &[], Strategy::Auto),
-        Err(PlacementError::EmptyMaxMemory)
-    ));
+    assert!(matches!(infer_device_map(&shape, 2, &[], Strategy::Auto), Err(PlacementError::EmptyMaxMemory)));
     assert!(matches!(
         balanced_memory(&shape, 2, &[(Device::Cpu, 1), (Device::Cpu, 2)], false),
         Err(PlacementError::DuplicateDevice { .. })
@@ -428,21 +333,12 @@ fn small_models_collapse_to_the_root() {
 fn balanced_low_0_requires_contiguous_gpus() {
     let shape = qwen3_0_6b();
     let gappy = parse_max_memory("0=1GiB,2=1GiB").unwrap();
-    assert!(matches!(
-        balanced_memory(&shape, 2, &gappy, true),
-        Err(PlacementError::MissingGpu { index: 1 })
-    ));
+    assert!(matches!(balanced_memory(&shape, 2, &gappy, true), Err(PlacementError::MissingGpu { index: 1 })));
     // Without GPU 0, low_zero is meaningless and accelerate would fail on `max_memory[0]`.
     let no_zero = parse_max_memory("1=1GiB,2=1GiB").unwrap();
     assert!(balanced_memory(&shape, 2, &no_zero, true).is_err());
     // Balancing only trims GPUs before the last; the budgets come back sorted.
-    let b = balanced_memory(
-        &shape,
-        2,
-        &parse_max_memory("cpu=1GiB,1=1GiB,0=1GiB").unwrap(),
-        false,
-    )
-    .unwrap();
+    let b = balanced_memory(&shape, 2, &parse_max_memory("cpu=1GiB,1=1GiB,0=1GiB").unwrap(), false).unwrap();
     assert_eq!(b[0].0, Device::Index(0));
     assert_eq!(b[1], (Device::Index(1), 1 << 30));
     assert_eq!(b[2], (Device::Cpu, 1 << 30));
@@ -459,13 +355,5 @@ fn clean_moves_collapsed_subtrees_to_the_end() {
     ];
     clean_device_map(&mut map, "");
     let keys: Vec<&str> = map.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(
-        keys,
-        [
-            "model.embed_tokens",
-            "model.norm",
-            "lm_head",
-            "model.layers"
-        ]
-    );
+    assert_eq!(keys, ["model.embed_tokens", "model.norm", "lm_head", "model.layers"]);
 }

@@ -2,7 +2,10 @@
 //! half-written.
 
 use super::*;
-use rcgen::{BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod,
+    KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+};
 
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -41,7 +44,12 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         let revoked = serials
             .iter()
-            .map(|&s| RevokedCertParams { serial_number: SerialNumber::from(s), revocation_time: now, reason_code: None, invalidity_date: None })
+            .map(|&s| RevokedCertParams {
+                serial_number: SerialNumber::from(s),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            })
             .collect();
         let p = CertificateRevocationListParams {
             this_update: now - time::Duration::minutes(1),
@@ -55,7 +63,13 @@ impl Ca {
     }
 
     fn identity(&self, name: &str) -> Arc<ClusterTls> {
-        ClusterTls::open(&self.path("ca.pem"), &self.path(&format!("{name}.pem")), &self.path(&format!("{name}.key")), Some(&self.path("crl.pem"))).unwrap()
+        ClusterTls::open(
+            &self.path("ca.pem"),
+            &self.path(&format!("{name}.pem")),
+            &self.path(&format!("{name}.key")),
+            Some(&self.path("crl.pem")),
+        )
+        .unwrap()
     }
 }
 

@@ -120,12 +120,7 @@ impl StepError {
 
     /// The result a caller gets for sequence `seq_id` failing with it.
     pub(super) fn result(&self, seq_id: u64) -> pb::SequenceResult {
-        pb::SequenceResult {
-            seq_id,
-            error: shardserve::brief(self),
-            code: self.code() as i32,
-            ..Default::default()
-        }
+        pb::SequenceResult { seq_id, error: shardserve::brief(self), code: self.code() as i32, ..Default::default() }
     }
 }
 
@@ -292,7 +287,12 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     }
     let seqs: Vec<SeqStep> = ok
         .iter()
-        .map(|(_, s, n)| SeqStep { id: s.seq_id, tokens: *n, logits: spec.last && !s.prefill_only && !s.embed, embed: spec.last && s.embed })
+        .map(|(_, s, n)| SeqStep {
+            id: s.seq_id,
+            tokens: *n,
+            logits: spec.last && !s.prefill_only && !s.embed,
+            embed: spec.last && s.embed,
+        })
         .collect();
     let tokens: Vec<u32>;
     let input = match hidden {
@@ -347,7 +347,10 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
                 seq.history.extend_from_slice(&s.token_ids);
                 if spec.last && s.embed {
                     // An embedding: this step's rows of final-norm hidden states, no sample.
-                    let rows = hidden.as_ref().map(|h| h.narrow(0, hidden_row, *n).and_then(|r| shardserve::wire::encode(&r).map_err(|e| candle_core::Error::Msg(e.to_string()))));
+                    let rows = hidden.as_ref().map(|h| {
+                        h.narrow(0, hidden_row, *n)
+                            .and_then(|r| shardserve::wire::encode(&r).map_err(|e| candle_core::Error::Msg(e.to_string())))
+                    });
                     hidden_row += n;
                     match rows {
                         Some(Ok(w)) => out.results.push(pb::SequenceResult { seq_id: s.seq_id, hidden: Some(w), ..Default::default() }),
@@ -409,7 +412,13 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
 /// here. A sequence new here starts empty, or from the cached blocks its step names (each
 /// checked against the prefix it is said to hold).
 /// Sequences dropped to make room go to `gone`.
-fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::SequenceStep, gone: &mut Vec<u64>) -> Result<bool, StepError> {
+fn check(
+    state: &WorkerState,
+    loaded: &Loaded,
+    kv: &mut super::StageKv,
+    s: &pb::SequenceStep,
+    gone: &mut Vec<u64>,
+) -> Result<bool, StepError> {
     let shard = &loaded.shard;
     let n = s.token_ids.len();
     let invalid = |why: String| StepError::Invalid { seq: s.seq_id, why };
@@ -435,13 +444,13 @@ fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::
     if fresh {
         let root = match s.prefix_root.as_slice() {
             [] => None,
-            b => Some(shardserve::prefix::from_bytes(b).ok_or_else(|| invalid(format!("prefix_root has {} bytes, not {}", b.len(), shardserve::prefix::HASH_LEN)))?),
+            b => Some(
+                shardserve::prefix::from_bytes(b)
+                    .ok_or_else(|| invalid(format!("prefix_root has {} bytes, not {}", b.len(), shardserve::prefix::HASH_LEN)))?,
+            ),
         };
-        let sampler = if shard.spec().has_head() {
-            Some(Sampler::new(sampling_params(s.sampling.as_ref()).map_err(invalid)?))
-        } else {
-            None
-        };
+        let sampler =
+            if shard.spec().has_head() { Some(Sampler::new(sampling_params(s.sampling.as_ref()).map_err(invalid)?)) } else { None };
         kv.pool.insert_cached(s.seq_id, root, &s.cached_blocks, &s.cached_ids).map_err(|e| invalid(format!("worker {}: {e}", state.id)))?;
         let history = if sampler.is_some() { s.cached_ids.clone() } else { Vec::new() };
         kv.seqs.insert(s.seq_id, SeqState { sampler, history, request_id: s.request_id.clone() });
@@ -463,7 +472,14 @@ fn check(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, s: &pb::
 }
 
 /// Fails every sequence of `step` with `e`, frees them, and forwards the releases.
-fn abandon(state: &WorkerState, loaded: &Loaded, kv: &mut super::StageKv, step: pb::StepRequest, e: StepError, mut out: Computed) -> Computed {
+fn abandon(
+    state: &WorkerState,
+    loaded: &Loaded,
+    kv: &mut super::StageKv,
+    step: pb::StepRequest,
+    e: StepError,
+    mut out: Computed,
+) -> Computed {
     tracing::warn!(worker = %state.id, error = %e, sequences = step.sequences.len(), "step failed");
     let mut release = step.release;
     for s in &step.sequences {
