@@ -340,6 +340,15 @@ pub struct HttpArgs {
     /// Largest HTTP request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "SHARDSERVE_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
     pub max_request_bytes: usize,
+    /// How tool calls are read out of a chat response that was offered tools: auto (the format
+    /// the model's chat template asks for: Hermes/Qwen `<tool_call>`, Llama 3 JSON or Mistral
+    /// `[TOOL_CALLS]`), none (calls stay in the text), or one of those formats for every model.
+    #[arg(long, env = "SHARDSERVE_TOOL_CALL_PARSER", value_enum, default_value_t = crate::frontend::output::ToolCallParser::Auto)]
+    pub tool_call_parser: crate::frontend::output::ToolCallParser,
+    /// Whether a chat response's `<think>...</think>` goes to `reasoning_content`: auto (for
+    /// models whose chat template closes such a block, as Qwen3's), none, or think (every model).
+    #[arg(long, env = "SHARDSERVE_REASONING_PARSER", value_enum, default_value_t = crate::frontend::output::ReasoningParser::Auto)]
+    pub reasoning_parser: crate::frontend::output::ReasoningParser,
 }
 
 impl HttpArgs {
@@ -348,6 +357,12 @@ impl HttpArgs {
         let mut a: Vec<String> = self.http_listen.iter().flat_map(|a| ["--http-listen".to_string(), a.clone()]).collect();
         a.extend(["--max-n".to_string(), self.max_n.to_string()]);
         a.extend(["--max-request-bytes".to_string(), self.max_request_bytes.to_string()]);
+        for (flag, v) in [
+            ("--tool-call-parser", clap::ValueEnum::to_possible_value(&self.tool_call_parser)),
+            ("--reasoning-parser", clap::ValueEnum::to_possible_value(&self.reasoning_parser)),
+        ] {
+            a.extend([flag.to_string(), v.expect("a named choice").get_name().to_string()]);
+        }
         a
     }
 
@@ -355,7 +370,12 @@ impl HttpArgs {
     pub fn validate(&self) -> anyhow::Result<crate::http::Limits> {
         anyhow::ensure!(self.max_n >= 1, "--max-n must be at least 1");
         anyhow::ensure!(self.max_request_bytes >= 1024, "--max-request-bytes must be at least 1024");
-        Ok(crate::http::Limits { max_n: self.max_n, max_request_bytes: self.max_request_bytes })
+        Ok(crate::http::Limits {
+            max_n: self.max_n,
+            max_request_bytes: self.max_request_bytes,
+            tool_call_parser: self.tool_call_parser,
+            reasoning_parser: self.reasoning_parser,
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`engine`]: a model's placement over the fleet and its scheduler (continuous batching).
 //! - [`validate`]: client requests parsed into validated ones.
+//! - [`frontend`]: what a model's output means to a client (reasoning, tool calls).
 //! - [`service`]: the `Inference` and `Admin` gRPC services.
 //! - [`relay`]: followers handing requests to the leader coordinator, which alone schedules
 //!   each model.
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod flags;
+pub mod frontend;
 pub mod http;
 pub mod kubernetes;
 pub mod membership;

@@ -103,6 +103,8 @@ pub struct ChatTemplates {
     /// Every template by name; `Some` holds why it does not compile (reported when it is used,
     /// so one broken named template does not keep a model from serving the others).
     templates: BTreeMap<String, Option<(String, Option<usize>)>>,
+    /// Every template's text, by name.
+    sources: BTreeMap<String, String>,
     special_tokens: BTreeMap<String, String>,
 }
 
@@ -184,14 +186,16 @@ impl ChatTemplates {
     ) -> Self {
         let mut env = environment();
         let mut templates = BTreeMap::new();
+        let mut texts = BTreeMap::new();
         for (name, source) in sources {
             let failure = env
                 .add_template_owned(name.clone(), rewrite_generation_tags(&normalize_newlines(&source)))
                 .err()
                 .map(|e| (e.to_string(), e.line()));
-            templates.insert(name, failure);
+            templates.insert(name.clone(), failure);
+            texts.insert(name, source);
         }
-        ChatTemplates { model: model.into(), env, templates, special_tokens }
+        ChatTemplates { model: model.into(), env, templates, sources: texts, special_tokens }
     }
 
     /// Whether the model has any chat template.
@@ -202,6 +206,13 @@ impl ChatTemplates {
     /// The names of the model's templates.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.templates.keys().map(String::as_str)
+    }
+
+    /// The text of the template a request without a named template uses (see [`Self::select`]),
+    /// as written: what it tells the model about tool calls and reasoning.
+    pub fn source(&self, has_tools: bool) -> Option<&str> {
+        let name = self.select(None, has_tools).ok()?;
+        self.sources.get(name).map(String::as_str)
     }
 
     /// The special tokens the templates see, by variable name.

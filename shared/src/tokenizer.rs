@@ -56,6 +56,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The id of `token` if it is a special token (one decoding skips).
+    pub fn special_token_id(&self, token: &str) -> Option<u32> {
+        self.inner.get_added_tokens_decoder().into_iter().find(|(_, t)| t.special && t.content == token).map(|(id, _)| id)
+    }
+
     /// Vocabulary size with added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,6 +1,7 @@
 //! The handlers: OpenAI's request bodies mapped onto the engine's requests, and its response
 //! and chunk shapes built from the engine's events.
 
+use super::chat::{ChatOutput, OutputSpec};
 use super::{parse, sse, ApiError, App};
 use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
 use crate::error::ServeError;
@@ -249,7 +250,7 @@ pub(super) fn field_error(mut e: ApiError) -> ApiError {
 /// One choice's events, then how it ended.
 enum Item {
     Event(usize, GenEvent),
-    End(Result<(), ServeError>),
+    End(usize, Result<(), ServeError>),
 }
 
 /// A choice's request as a stream of [`Item`]s; dropping it cancels the request.
@@ -258,7 +259,7 @@ fn choice_stream(index: usize, handle: RequestHandle) -> impl Stream<Item = Item
         let mut handle = state?;
         match handle.next().await {
             Some(ev) => Some((Item::Event(index, ev), Some(handle))),
-            None => Some((Item::End(handle.outcome().await), None)),
+            None => Some((Item::End(index, handle.outcome().await), None)),
         }
     })
 }
@@ -315,7 +316,9 @@ async fn submit_all(
     Ok((entry.expect("n >= 1"), prompt_ids, handles))
 }
 
-/// Serves a generation request: one JSON response, or SSE chunks with `stream`.
+/// Serves a generation request: one JSON response, or SSE chunks with `stream`. A chat
+/// request's text is read as `output` says.
+#[allow(clippy::too_many_arguments)]
 async fn generate(
     app: App,
     kind: Kind,
@@ -325,6 +328,7 @@ async fn generate(
     logprobs: Logprobs,
     stream: bool,
     include_usage: bool,
+    output: Option<OutputSpec>,
     caller: Caller,
 ) -> Response {
     let svc = InferenceService(app.models.clone());
@@ -347,8 +351,10 @@ async fn generate(
     let items = futures::stream::select_all(handles.into_iter().enumerate().map(|(i, h)| choice_stream(i, h).boxed()));
     let created = created();
     let model_name = entry.name.clone();
+    let mut outputs: Vec<ChatOutput> = output.iter().flat_map(|o| (0..n).map(|_| ChatOutput::new(o))).collect();
     if !stream {
-        return collect(items, n, kind, &id, created, &model_name, prompt_ids.len(), &tokenizer_model, logprobs, &name).await;
+        let whole = Whole { n, id: &id, created, model_name: &model_name, prompt_tokens: prompt_ids.len(), name: &name };
+        return collect(items, kind, &whole, &tokenizer_model, logprobs, outputs).await;
     }
     // Streaming: a chunk per event; errors as an `error` event; usage last when asked.
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -369,49 +375,64 @@ async fn generate(
     let mut cached = 0usize;
     let mut failed = false;
     let mut ended = 0usize;
-    let body = items.filter_map(move |item| {
-        let out = match item {
-            Item::Event(i, ev) => {
-                completion += ev.token_ids.len();
-                if let (0, Some(c)) = (i, ev.cached_tokens) {
-                    cached = c;
-                }
-                let lp = logprobs.on.then(|| logprobs_json(kind, &tokenizer_model, &ev));
-                let choice = if kind == Kind::Chat {
-                    serde_json::json!({"index": i, "delta": {"content": ev.text}, "logprobs": lp,
-                        "finish_reason": ev.finish_reason.map(finish_reason)})
-                } else {
-                    serde_json::json!({"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason.map(finish_reason)})
-                };
-                Some(serde_json::json!({"id": id2, "object": object, "created": created, "model": model2, "choices": [choice]}).to_string())
+    let chunk = move |choices: serde_json::Value, usage: Option<serde_json::Value>| {
+        let mut chunk = serde_json::json!({"id": id2, "object": object, "created": created, "model": model2, "choices": choices});
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        chunk.to_string()
+    };
+    let body = items.map(move |item| match item {
+        Item::Event(i, ev) => {
+            completion += ev.token_ids.len();
+            if let (0, Some(c)) = (i, ev.cached_tokens) {
+                cached = c;
             }
-            Item::End(Ok(())) => {
-                ended += 1;
-                if ended == n && !failed {
-                    record(&name, tonic::Code::Ok);
-                    include_usage.then(|| {
-                        serde_json::json!({"id": id2, "object": object, "created": created, "model": model2, "choices": [],
-                            "usage": usage(prompt_tokens, completion, cached)})
-                        .to_string()
-                    })
-                } else {
-                    None
+            let lp = logprobs.on.then(|| logprobs_json(kind, &tokenizer_model, &ev));
+            match outputs.get_mut(i) {
+                Some(output) => {
+                    let delta = output.delta(&ev);
+                    let finish = ev.finish_reason.map(|r| output.finish_reason(r));
+                    // A piece that settles nothing (held as a possible tag) makes no chunk.
+                    if delta.as_object().is_some_and(|d| d.is_empty()) && finish.is_none() && lp.is_none() {
+                        return Vec::new();
+                    }
+                    vec![chunk(serde_json::json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]), None)]
+                }
+                None => vec![chunk(
+                    serde_json::json!([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason.map(finish_reason)}]),
+                    None,
+                )],
+            }
+        }
+        Item::End(i, Ok(())) => {
+            ended += 1;
+            let mut out: Vec<String> = outputs
+                .get_mut(i)
+                .and_then(ChatOutput::end)
+                .map(|delta| chunk(serde_json::json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]), None))
+                .into_iter()
+                .collect();
+            if ended == n && !failed {
+                record(&name, tonic::Code::Ok);
+                if include_usage {
+                    out.push(chunk(serde_json::json!([]), Some(usage(prompt_tokens, completion, cached))));
                 }
             }
-            Item::End(Err(e)) => {
-                ended += 1;
-                if failed {
-                    None
-                } else {
-                    failed = true;
-                    record(&name, e.code());
-                    Some(ApiError::from(e).body().to_string())
-                }
+            out
+        }
+        Item::End(_, Err(e)) => {
+            ended += 1;
+            if failed {
+                Vec::new()
+            } else {
+                failed = true;
+                record(&name, e.code());
+                vec![ApiError::from(e).body().to_string()]
             }
-        };
-        futures::future::ready(out)
+        }
     });
-    sse(futures::stream::iter(head).chain(body))
+    sse(futures::stream::iter(head).chain(body.flat_map(futures::stream::iter)))
 }
 
 fn grpc_code(s: StatusCode) -> tonic::Code {
@@ -454,20 +475,29 @@ fn logprobs_json(kind: Kind, model: &ModelEntry, ev: &GenEvent) -> serde_json::V
     }
 }
 
-/// Reads every choice to its end and answers with one JSON response.
-#[allow(clippy::too_many_arguments)]
+/// What a whole response says of itself.
+struct Whole<'a> {
+    /// Choices.
+    n: usize,
+    id: &'a str,
+    created: u64,
+    model_name: &'a str,
+    prompt_tokens: usize,
+    /// The model's name in metrics.
+    name: &'a str,
+}
+
+/// Reads every choice to its end and answers with one JSON response; a chat choice's text is
+/// read by its `outputs`.
 async fn collect(
     mut items: impl Stream<Item = Item> + Unpin,
-    n: usize,
     kind: Kind,
-    id: &str,
-    created: u64,
-    model_name: &str,
-    prompt_tokens: usize,
+    whole: &Whole<'_>,
     model: &ModelEntry,
     logprobs: Logprobs,
-    name: &str,
+    mut outputs: Vec<ChatOutput>,
 ) -> Response {
+    let Whole { n, id, created, model_name, prompt_tokens, name } = *whole;
     let mut texts = vec![String::new(); n];
     let mut finish = vec![None; n];
     let mut events: Vec<Vec<GenEvent>> = vec![Vec::new(); n];
@@ -480,16 +510,19 @@ async fn collect(
                 if let (0, Some(c)) = (i, ev.cached_tokens) {
                     cached = c;
                 }
-                texts[i].push_str(&ev.text);
+                match outputs.get_mut(i) {
+                    Some(output) => output.push(&ev),
+                    None => texts[i].push_str(&ev.text),
+                }
                 if let Some(r) = ev.finish_reason {
-                    finish[i] = Some(finish_reason(r));
+                    finish[i] = Some(r);
                 }
                 if logprobs.on {
                     events[i].push(ev);
                 }
             }
-            Item::End(Ok(())) => {}
-            Item::End(Err(e)) => {
+            Item::End(_, Ok(())) => {}
+            Item::End(_, Err(e)) => {
                 record(name, e.code());
                 return ApiError::from(e).into_response();
             }
@@ -505,10 +538,13 @@ async fn collect(
     let choices: Vec<serde_json::Value> = (0..n)
         .map(|i| {
             let lp = logprobs.on.then(|| logprobs_json(kind, model, &merged(&events[i])));
-            match kind {
-                Kind::Completion => serde_json::json!({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finish[i]}),
-                Kind::Chat => serde_json::json!({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": lp, "finish_reason": finish[i]}),
+            match outputs.get_mut(i) {
+                None => serde_json::json!({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finish[i].map(finish_reason)}),
+                Some(output) => {
+                    let message = output.message();
+                    serde_json::json!({"index": i, "message": message, "logprobs": lp,
+                        "finish_reason": finish[i].map(|r| output.finish_reason(r))})
+                }
             }
         })
         .collect();
@@ -538,7 +574,7 @@ pub async fn completions(State(app): State<App>, Extension(caller): Extension<Ca
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
     let logprobs = Logprobs { on: req.logprobs.is_some(), top: req.logprobs.unwrap_or(0) };
-    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, caller).await
+    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, None, caller).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -547,7 +583,7 @@ pub async fn chat_completions(State(app): State<App>, Extension(caller): Extensi
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let prompt = match super::chat::render(&app, &req) {
+    let (prompt, output) = match super::chat::render(&app, &req) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -556,7 +592,7 @@ pub async fn chat_completions(State(app): State<App>, Extension(caller): Extensi
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
     let logprobs = Logprobs { on: req.logprobs.unwrap_or(false), top: req.top_logprobs.unwrap_or(0) };
-    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, caller).await
+    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, Some(output), caller).await
 }
 
 #[cfg(test)]

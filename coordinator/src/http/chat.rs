@@ -3,8 +3,10 @@
 
 use super::api::StreamOptions;
 use super::{ApiError, App};
-use crate::engine::ModelEntry;
+use crate::engine::{GenEvent, ModelEntry};
+use crate::frontend::output::{Delta, OutputParser, Reasoning, ToolFormat};
 use serde::Deserialize;
+use serde_json::json;
 
 /// `POST /v1/chat/completions`, less the [`super::api::Sampling`] fields.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,8 +59,9 @@ impl ChatRequest {
     }
 }
 
-/// The prompt text of `req`: its messages through its model's chat template.
-pub(super) fn render(app: &App, req: &ChatRequest) -> Result<String, ApiError> {
+/// The prompt text of `req` (its messages through its model's chat template), and how the
+/// response's text is to be read.
+pub(super) fn render(app: &App, req: &ChatRequest) -> Result<(String, OutputSpec), ApiError> {
     req.check_unsupported()?;
     if let Some(user) = &req.user {
         tracing::debug!(user = %user, "chat request");
@@ -66,9 +69,146 @@ pub(super) fn render(app: &App, req: &ChatRequest) -> Result<String, ApiError> {
     let (_, model) = app.models.find(&req.model).map_err(ApiError::from)?;
     let tools = match &req.tool_choice {
         Some(c) if c.as_str() == Some("none") => None,
-        _ => req.tools.as_ref(),
+        _ => req.tools.as_ref().filter(|t| t.as_array().is_some_and(|a| !a.is_empty())),
     };
-    render_messages(&model, &req.messages, tools, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())
+    let prompt =
+        render_messages(&model, &req.messages, tools, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())?;
+    let template = model.chat.as_ref().ok().and_then(|t| t.source(tools.is_some()));
+    let format = tools.and_then(|_| app.limits.tool_call_parser.format(template));
+    let reasoning = Reasoning::for_prompt(app.limits.reasoning_parser.thinks(template), &prompt);
+    let markers = format
+        .map(|f| f.markers().iter().filter_map(|m| model.tokenizer.special_token_id(m).map(|id| (id, *m))).collect())
+        .unwrap_or_default();
+    Ok((prompt, OutputSpec { format, reasoning, markers }))
+}
+
+/// How a chat response's text is read: for calls in the model's format (when the request
+/// offered tools) and for reasoning.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    format: Option<ToolFormat>,
+    reasoning: Reasoning,
+    /// The format's markers that are special tokens (detokenizing skips them), by id.
+    markers: Vec<(u32, &'static str)>,
+}
+
+/// One choice's text read as it comes, into OpenAI's chat deltas or its whole message.
+#[derive(Debug)]
+pub struct ChatOutput {
+    spec: OutputSpec,
+    parser: OutputParser,
+    /// The ids of the calls given out so far.
+    ids: Vec<String>,
+    finished: bool,
+}
+
+impl ChatOutput {
+    pub fn new(spec: &OutputSpec) -> Self {
+        ChatOutput { spec: spec.clone(), parser: OutputParser::new(spec.format, spec.reasoning), ids: Vec::new(), finished: false }
+    }
+
+    /// An event's text with the format's markers put back (after the text: a marker is a token
+    /// of its own, and ends the text before it).
+    fn text(&self, ev: &GenEvent) -> String {
+        let mut text = ev.text.clone();
+        for id in &ev.token_ids {
+            if let Some((_, marker)) = self.spec.markers.iter().find(|(m, _)| m == id) {
+                text.push_str(marker);
+            }
+        }
+        text
+    }
+
+    /// The `delta` of the chunk streamed for `ev` (`{}` when it settles nothing).
+    pub fn delta(&mut self, ev: &GenEvent) -> serde_json::Value {
+        if self.parser.passthrough() {
+            return json!({"content": ev.text});
+        }
+        let mut delta = self.parser.push(&self.text(ev));
+        if ev.finish_reason.is_some() {
+            delta.extend(self.parser.finish());
+            self.finished = true;
+        }
+        self.delta_json(delta)
+    }
+
+    /// The `delta` of what is still held when the choice ended without a last event.
+    pub fn end(&mut self) -> Option<serde_json::Value> {
+        if self.finished || self.parser.passthrough() {
+            return None;
+        }
+        self.finished = true;
+        let delta = self.parser.finish();
+        (!delta.is_empty()).then(|| self.delta_json(delta))
+    }
+
+    fn delta_json(&mut self, delta: Delta) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        if !delta.reasoning.is_empty() {
+            out.insert("reasoning_content".into(), delta.reasoning.into());
+        }
+        if !delta.content.is_empty() {
+            out.insert("content".into(), delta.content.into());
+        }
+        if !delta.calls.is_empty() {
+            let calls = delta
+                .calls
+                .into_iter()
+                .map(|c| match c.name {
+                    Some(name) => {
+                        let id = self.new_id();
+                        json!({"index": c.index, "id": id, "type": "function", "function": {"name": name, "arguments": c.arguments}})
+                    }
+                    None => json!({"index": c.index, "function": {"arguments": c.arguments}}),
+                })
+                .collect::<Vec<_>>();
+            out.insert("tool_calls".into(), calls.into());
+        }
+        serde_json::Value::Object(out)
+    }
+
+    fn new_id(&mut self) -> String {
+        let id = self.spec.format.unwrap_or(ToolFormat::Hermes).call_id();
+        self.ids.push(id.clone());
+        id
+    }
+
+    /// Adds an event's text to a response given whole.
+    pub fn push(&mut self, ev: &GenEvent) {
+        let text = self.text(ev);
+        self.parser.push(&text);
+    }
+
+    /// The whole `message`: its content (null when it is only calls), reasoning and calls.
+    pub fn message(&mut self) -> serde_json::Value {
+        let parsed = self.parser.parsed();
+        let content = if parsed.content.is_empty() && !parsed.calls.is_empty() { serde_json::Value::Null } else { parsed.content.into() };
+        let mut message = json!({"role": "assistant", "content": content});
+        if self.spec.reasoning != Reasoning::Off {
+            message["reasoning_content"] = if parsed.reasoning.is_empty() { serde_json::Value::Null } else { parsed.reasoning.into() };
+        }
+        if !parsed.calls.is_empty() {
+            let calls: Vec<serde_json::Value> = parsed
+                .calls
+                .into_iter()
+                .map(|c| {
+                    let id = self.new_id();
+                    json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+                })
+                .collect();
+            message["tool_calls"] = calls.into();
+        }
+        message
+    }
+
+    /// OpenAI's finish_reason: `tool_calls` when the model stopped after calling tools.
+    pub fn finish_reason(&self, engine: &str) -> &'static str {
+        match engine {
+            "length" => "length",
+            _ if !self.ids.is_empty() => "tool_calls",
+            _ => "stop",
+        }
+    }
 }
 
 /// The roles OpenAI's chat API has.
@@ -133,4 +273,114 @@ pub fn render_messages(
     let messages = &openai_messages(messages)?;
     let input = shardserve::chat::ChatInput { messages, tools, add_generation_prompt, chat_template_kwargs: kwargs, template: None };
     templates.render(&input).map_err(|e| chat_error(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(text: &str, token_ids: Vec<u32>, finish_reason: Option<&'static str>) -> GenEvent {
+        GenEvent { text: text.into(), token_ids, finish_reason, ..Default::default() }
+    }
+
+    /// `text` as the engine gives it: a few characters an event, the last one finishing.
+    fn events(text: &str, finish: &'static str) -> Vec<GenEvent> {
+        let chars: Vec<char> = text.chars().collect();
+        let pieces: Vec<String> = chars.chunks(3).map(|c| c.iter().collect()).collect();
+        let last = pieces.len() - 1;
+        pieces.iter().enumerate().map(|(i, p)| event(p, vec![1], (i == last).then_some(finish))).collect()
+    }
+
+    fn spec(format: Option<ToolFormat>, reasoning: Reasoning) -> OutputSpec {
+        OutputSpec { format, reasoning, markers: Vec::new() }
+    }
+
+    /// The chunks' deltas put back together as OpenAI's client does, and the last finish_reason.
+    fn stream(spec: &OutputSpec, events: &[GenEvent]) -> (serde_json::Value, &'static str) {
+        let mut out = ChatOutput::new(spec);
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        let mut calls: Vec<serde_json::Value> = Vec::new();
+        let mut finish = "";
+        for ev in events {
+            let delta = out.delta(ev);
+            reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or_default());
+            content.push_str(delta["content"].as_str().unwrap_or_default());
+            for c in delta["tool_calls"].as_array().into_iter().flatten() {
+                let index = c["index"].as_u64().unwrap() as usize;
+                if index == calls.len() {
+                    assert!(c["id"].is_string() && c["type"] == "function" && c["function"]["name"].is_string(), "{c}");
+                    calls.push(json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}));
+                } else {
+                    assert!(c.get("id").is_none() && c["function"].get("name").is_none(), "id and name come once: {c}");
+                    let args = format!("{}{}", calls[index]["arguments"].as_str().unwrap(), c["function"]["arguments"].as_str().unwrap());
+                    calls[index]["arguments"] = args.into();
+                }
+            }
+            if let Some(r) = ev.finish_reason {
+                finish = out.finish_reason(r);
+            }
+        }
+        assert!(out.end().is_none(), "the last event settles everything");
+        (json!({"reasoning": reasoning, "content": content, "calls": calls}), finish)
+    }
+
+    /// The message given whole, in the shape of [`stream`]'s.
+    fn whole(spec: &OutputSpec, events: &[GenEvent]) -> (serde_json::Value, serde_json::Value, &'static str) {
+        let mut out = ChatOutput::new(spec);
+        for ev in events {
+            out.push(ev);
+        }
+        let message = out.message();
+        let calls: Vec<serde_json::Value> = message["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}))
+            .collect();
+        let shape = json!({"reasoning": message["reasoning_content"].as_str().unwrap_or_default(),
+            "content": message["content"].as_str().unwrap_or_default(), "calls": calls});
+        let finish = out.finish_reason(events.last().unwrap().finish_reason.unwrap());
+        (message, shape, finish)
+    }
+
+    #[test]
+    fn a_call_after_reasoning_streams_as_openai_deltas_equal_to_the_whole_message() {
+        let text = "<think>\nWeather, so a call.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let spec = spec(Some(ToolFormat::Hermes), Reasoning::Tagged);
+        let evs = events(text, "stop");
+        let (streamed, finish) = stream(&spec, &evs);
+        let (message, shape, whole_finish) = whole(&spec, &evs);
+        assert_eq!(streamed, shape);
+        assert_eq!((finish, whole_finish), ("tool_calls", "tool_calls"));
+        assert_eq!(message["content"], serde_json::Value::Null);
+        assert_eq!(message["reasoning_content"], "Weather, so a call.");
+        let call = &message["tool_calls"][0];
+        assert_eq!((&call["type"], &call["function"]["name"]), (&json!("function"), &json!("get_weather")));
+        assert_eq!(call["function"]["arguments"], r#"{"city": "Paris"}"#);
+        assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    }
+
+    #[test]
+    fn a_plain_answer_keeps_its_text_and_finish_reason() {
+        let spec = spec(Some(ToolFormat::Hermes), Reasoning::Off);
+        let evs = events("Hello there, friend.", "length");
+        let (streamed, finish) = stream(&spec, &evs);
+        let (message, shape, _) = whole(&spec, &evs);
+        assert_eq!(streamed, shape);
+        assert_eq!(finish, "length");
+        assert_eq!(message, json!({"role": "assistant", "content": "Hello there, friend."}));
+    }
+
+    #[test]
+    fn markers_skipped_by_detokenizing_are_put_back() {
+        // Mistral's [TOOL_CALLS] is a special token: its event's text is empty.
+        let spec = OutputSpec { format: Some(ToolFormat::Mistral), reasoning: Reasoning::Off, markers: vec![(9, "[TOOL_CALLS]")] };
+        let mut evs = vec![event("", vec![9], None)];
+        evs.extend(events(r#"[{"name": "get_time", "arguments": {}}]"#, "stop"));
+        let (message, _, finish) = whole(&spec, &evs);
+        assert_eq!(finish, "tool_calls");
+        assert_eq!(message["tool_calls"][0]["function"], json!({"name": "get_time", "arguments": "{}"}));
+        assert_eq!(message["tool_calls"][0]["id"].as_str().unwrap().len(), 9);
+        assert_eq!(stream(&spec, &evs).0["calls"], json!([{"name": "get_time", "arguments": "{}"}]));
+    }
 }

@@ -23,13 +23,17 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Bounds on what one HTTP request may ask.
+/// Bounds on what one HTTP request may ask, and how model output is read for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Most sequences per request (`n`).
     pub max_n: u32,
     /// Largest request body, in bytes (413 beyond).
     pub max_request_bytes: usize,
+    /// How chat responses' tool calls are read.
+    pub tool_call_parser: crate::frontend::output::ToolCallParser,
+    /// How chat responses' reasoning is read.
+    pub reasoning_parser: crate::frontend::output::ReasoningParser,
 }
 
 /// What the handlers share.
