@@ -56,9 +56,12 @@ impl From<AuthError> for tonic::Status {
 #[derive(Debug)]
 pub struct KeyFile {
     path: PathBuf,
-    /// (modification time, length) of the file read, and the digests of its keys.
-    cache: RwLock<Option<((Option<SystemTime>, u64), Vec<[u8; 32]>)>>,
+    /// The file as last read, and the digests of its keys.
+    cache: RwLock<Option<(FileStamp, Vec<[u8; 32]>)>>,
 }
+
+/// (modification time, length) of a key file as read.
+type FileStamp = (Option<SystemTime>, u64);
 
 impl KeyFile {
     /// Reads `path` once to check it holds at least one key.

@@ -144,7 +144,12 @@ pub(crate) fn coordinator() -> &'static Coordinator {
             let engine = Engine::start(config, fleet.clone(), None, stop.clone()).await.expect("starting the engine");
             let entry = engine.entry().clone();
             let models = shardserve_coordinator::models::Models::new(engine, fleet, None, stop);
-            let limits = shardserve_coordinator::http::Limits { max_n: 4, max_request_bytes: 1 << 20 };
+            let limits = shardserve_coordinator::http::Limits {
+                max_n: 4,
+                max_request_bytes: 1 << 20,
+                tool_call_parser: Default::default(),
+                reasoning_parser: Default::default(),
+            };
             let router = shardserve_coordinator::http::router(models, limits, Default::default());
             Coordinator { entry, router }
         })

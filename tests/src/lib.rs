@@ -609,7 +609,7 @@ pub fn http_get(address: &str, path: &str) -> (u16, String) {
                 break;
             }
             out.push_str(&after[..n]);
-            rest = &after[n..].trim_start_matches("\r\n");
+            rest = after[n..].trim_start_matches("\r\n");
         }
         out
     } else {

@@ -124,6 +124,8 @@ pub async fn inference(target: &Target) -> anyhow::Result<InferenceClient> {
     inference_at(&target.url(), target.key(crate::auth::Role::Inference)?.as_deref(), target.tls_ca.as_deref()).await
 }
 
+// Parsed once per run: the size of its largest variant (`up`'s flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a whole local cluster (coordinator + workers) in the foreground.

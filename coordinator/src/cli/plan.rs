@@ -181,9 +181,13 @@ fn plan_replicas(
             })?
         }
         crate::engine::ReplicaCount::Count(n) => {
-            anyhow::ensure!(gpus.len() % n == 0, "--max-memory names {} devices, which --replicas {n} cannot split evenly", gpus.len());
+            anyhow::ensure!(
+                gpus.len().is_multiple_of(n),
+                "--max-memory names {} devices, which --replicas {n} cannot split evenly",
+                gpus.len()
+            );
             let per = gpus.len() / n;
-            anyhow::ensure!(per % a.tp == 0, "each of the {n} replicas gets {per} devices, not a multiple of --tp {}", a.tp);
+            anyhow::ensure!(per.is_multiple_of(a.tp), "each of the {n} replicas gets {per} devices, not a multiple of --tp {}", a.tp);
             per
         }
     };

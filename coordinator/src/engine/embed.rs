@@ -46,7 +46,7 @@ pub struct EmbedSpec {
 impl EmbedSpec {
     /// Reduces `rows` (positions × `dims`, row-major) as asked.
     pub fn pool(&self, rows: &[f32], dims: usize) -> Vec<Vec<f32>> {
-        let n = if dims == 0 { 0 } else { rows.len() / dims };
+        let n = rows.len().checked_div(dims).unwrap_or(0);
         let mut out: Vec<Vec<f32>> = match self.pooling {
             Pooling::None => rows.chunks(dims).map(<[f32]>::to_vec).collect(),
             Pooling::Last => rows.chunks(dims).last().map(<[f32]>::to_vec).into_iter().collect(),

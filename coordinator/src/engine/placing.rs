@@ -426,6 +426,9 @@ impl Quarantine {
     }
 }
 
+/// Longest a worker may take to load its shard.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
+
 #[cfg(test)]
 mod quarantine_tests {
     use super::*;
@@ -451,6 +454,3 @@ mod quarantine_tests {
         assert!(q.holds(&worker("w3", "c"), now));
     }
 }
-
-/// Longest a worker may take to load its shard.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(900);

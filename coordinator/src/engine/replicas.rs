@@ -70,11 +70,11 @@ pub fn workers_per_replica(workers: usize, tp: usize, replicas: Option<ReplicaCo
         None => Ok(workers),
         Some(ReplicaCount::Auto) => Ok(tp),
         Some(ReplicaCount::Count(n)) => {
-            if workers % n != 0 || workers / n == 0 {
+            if !workers.is_multiple_of(n) || workers / n == 0 {
                 return Err(format!("--workers {workers} cannot be split into --replicas {n} of equal size: give --workers as replicas × workers per replica"));
             }
             let per = workers / n;
-            if per % tp != 0 {
+            if !per.is_multiple_of(tp) {
                 return Err(format!("each of the {n} replicas gets {per} workers, not a multiple of --tp {tp}"));
             }
             Ok(per)
@@ -92,41 +92,6 @@ pub(crate) fn base_name(key: &str) -> &str {
     match key.rsplit_once('#') {
         Some((model, i)) if i.parse::<usize>().is_ok() => model,
         _ => key,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workers_split_evenly_into_replicas_of_whole_groups() {
-        assert_eq!(workers_per_replica(4, 1, None), Ok(4));
-        assert_eq!(workers_per_replica(4, 1, Some(ReplicaCount::Count(2))), Ok(2));
-        assert_eq!(workers_per_replica(8, 2, Some(ReplicaCount::Count(2))), Ok(4));
-        assert_eq!(workers_per_replica(8, 2, Some(ReplicaCount::Auto)), Ok(2));
-        let e = workers_per_replica(5, 1, Some(ReplicaCount::Count(2))).unwrap_err();
-        assert!(e.contains("--workers 5") && e.contains("--replicas 2"), "{e}");
-        assert!(workers_per_replica(1, 1, Some(ReplicaCount::Count(2))).is_err());
-        let e = workers_per_replica(6, 2, Some(ReplicaCount::Count(2))).unwrap_err();
-        assert!(e.contains("3 workers") && e.contains("--tp 2"), "{e}");
-    }
-
-    #[test]
-    fn reservation_keys_name_their_model() {
-        assert_eq!(base_name(&replica_key("qwen", 3)), "qwen");
-        assert_eq!(base_name("qwen"), "qwen");
-        assert_eq!(base_name("a#b"), "a#b");
-        assert_eq!(base_name(&replica_key("a#b", 0)), "a#b");
-    }
-
-    #[test]
-    fn replicas_parse_from_a_number_or_auto() {
-        assert_eq!("3".parse::<ReplicaCount>(), Ok(ReplicaCount::Count(3)));
-        assert_eq!("auto".parse::<ReplicaCount>(), Ok(ReplicaCount::Auto));
-        for bad in ["0", "-1", "two", ""] {
-            assert!(bad.parse::<ReplicaCount>().unwrap_err().contains("--replicas"), "{bad}");
-        }
     }
 }
 
@@ -386,5 +351,40 @@ impl Drop for Routed {
     fn drop(&mut self) {
         self.model.routed_requests.fetch_sub(1, Ordering::SeqCst);
         self.model.routed_blocks.fetch_sub(self.blocks, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_split_evenly_into_replicas_of_whole_groups() {
+        assert_eq!(workers_per_replica(4, 1, None), Ok(4));
+        assert_eq!(workers_per_replica(4, 1, Some(ReplicaCount::Count(2))), Ok(2));
+        assert_eq!(workers_per_replica(8, 2, Some(ReplicaCount::Count(2))), Ok(4));
+        assert_eq!(workers_per_replica(8, 2, Some(ReplicaCount::Auto)), Ok(2));
+        let e = workers_per_replica(5, 1, Some(ReplicaCount::Count(2))).unwrap_err();
+        assert!(e.contains("--workers 5") && e.contains("--replicas 2"), "{e}");
+        assert!(workers_per_replica(1, 1, Some(ReplicaCount::Count(2))).is_err());
+        let e = workers_per_replica(6, 2, Some(ReplicaCount::Count(2))).unwrap_err();
+        assert!(e.contains("3 workers") && e.contains("--tp 2"), "{e}");
+    }
+
+    #[test]
+    fn reservation_keys_name_their_model() {
+        assert_eq!(base_name(&replica_key("qwen", 3)), "qwen");
+        assert_eq!(base_name("qwen"), "qwen");
+        assert_eq!(base_name("a#b"), "a#b");
+        assert_eq!(base_name(&replica_key("a#b", 0)), "a#b");
+    }
+
+    #[test]
+    fn replicas_parse_from_a_number_or_auto() {
+        assert_eq!("3".parse::<ReplicaCount>(), Ok(ReplicaCount::Count(3)));
+        assert_eq!("auto".parse::<ReplicaCount>(), Ok(ReplicaCount::Auto));
+        for bad in ["0", "-1", "two", ""] {
+            assert!(bad.parse::<ReplicaCount>().unwrap_err().contains("--replicas"), "{bad}");
+        }
     }
 }

@@ -428,8 +428,7 @@ fn llama3_json(body: &str, at_end: bool) -> Vec<Segment<'_>> {
         return vec![Segment::Text(if rest.len() == start.len() { body } else { rest })];
     }
     let mut segments = Vec::new();
-    loop {
-        let Some(after) = call_at(rest, at_end, &mut segments) else { break };
+    while let Some(after) = call_at(rest, at_end, &mut segments) {
         let next = after.trim_start();
         if let Some(more) = next.strip_prefix(';') {
             if !at_end && more.trim().is_empty() {

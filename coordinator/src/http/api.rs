@@ -157,6 +157,7 @@ pub(super) fn kind_of(v: &serde_json::Value) -> &'static str {
 
 /// The engine's request for choice `index` of `n`: the gRPC request's validation, then the
 /// extras. With a seed, choice i samples with seed + i, so the n choices differ yet repeat.
+#[allow(clippy::too_many_arguments)]
 fn engine_request(
     svc: &InferenceService,
     model: &str,
@@ -288,6 +289,7 @@ enum Kind {
 
 /// Submits the `n` choices of a request; the first failure fails them all (the others are
 /// cancelled when their handles drop).
+#[allow(clippy::too_many_arguments)]
 async fn submit_all(
     svc: &InferenceService,
     model: &str,

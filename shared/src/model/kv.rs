@@ -432,7 +432,7 @@ pub(crate) fn cpu_f32(t: &Tensor) -> candle_core::Result<(candle_core::StorageRe
     Ok((storage, layout.start_offset()))
 }
 
-pub(crate) fn slice_of<'a>(s: &'a Storage, offset: usize) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn slice_of(s: &Storage, offset: usize) -> candle_core::Result<&[f32]> {
     match s {
         Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[offset..]),
         _ => candle_core::bail!("paged attention on CPU needs CPU tensors"),
