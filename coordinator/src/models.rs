@@ -256,7 +256,7 @@ impl Models {
             self.primary.etcd_call(|mut c| async move { c.put(key, value, None).await }).await?;
         }
         let engine = self.start_engine(&record, config).await?;
-        Ok(pb::LoadModelResponse { model: Some(crate::service::model_info(engine.entry())), workers: record.pinned })
+        Ok(pb::LoadModelResponse { model: Some(engine.entry().info()), workers: record.pinned })
     }
 
     /// Picks `n` workers for a new model: free ones first, then from the coordinator's own

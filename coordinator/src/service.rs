@@ -22,7 +22,7 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> pb::Usage {
 /// it presented (already checked by the port's interceptor).
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
-    key: Option<crate::relay::Credential>,
+    key: Option<crate::engine::Credential>,
 }
 
 impl Caller {
@@ -34,7 +34,7 @@ impl Caller {
 
     /// A caller presenting `key` (`Authorization: Bearer KEY`; `None`: no key).
     pub fn with_key(key: Option<&str>) -> Self {
-        Caller { key: key.filter(|k| !k.is_empty()).map(|k| crate::relay::Credential(k.to_string())) }
+        Caller { key: key.filter(|k| !k.is_empty()).map(|k| crate::engine::Credential(k.to_string())) }
     }
 
     /// Marks `valid` as this caller's: with `per-key` scope its prefix-cache tenant is its
@@ -52,9 +52,7 @@ impl Caller {
     }
 }
 
-/// The metadata key a request's id travels under (from the client, if it sends one; back to it
-/// on the response; to the workers with its sequence).
-pub const REQUEST_ID: &str = "x-request-id";
+pub use crate::engine::REQUEST_ID;
 
 /// The client's request id, or a new one.
 fn request_id<T>(req: &Request<T>) -> String {
@@ -63,7 +61,7 @@ fn request_id<T>(req: &Request<T>) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty() && s.len() <= 128)
         .map(String::from)
-        .unwrap_or_else(|| format!("{:016x}", crate::random_u64()))
+        .unwrap_or_else(|| format!("{:016x}", crate::util::random_u64()))
 }
 
 fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
@@ -133,7 +131,7 @@ impl InferenceService {
             Some(serde_json::Value::Object(m)) => Some(m),
             Some(_) => return Err(ServeError::InvalidArgument("chat_template_kwargs_json: expected a JSON object".into())),
         };
-        let text = crate::http::chat::render_messages(
+        let text = crate::frontend::chat::render_messages(
             &model,
             &messages,
             tools.as_ref(),
@@ -312,7 +310,7 @@ impl pb::inference_server::Inference for InferenceService {
     }
 
     async fn list_models(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.0.engines().iter().map(|e| model_info(e.entry())).collect();
+        let models = self.0.engines().iter().map(|e| e.entry().info()).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }
@@ -408,17 +406,6 @@ fn top_logprobs(t: &[(u32, f32)]) -> pb::TopLogprobs {
     pb::TopLogprobs { token_ids: t.iter().map(|(i, _)| *i).collect(), logprobs: t.iter().map(|(_, l)| *l).collect() }
 }
 
-pub(crate) fn model_info(m: &crate::engine::ModelEntry) -> pb::ModelInfo {
-    pb::ModelInfo {
-        name: m.name.clone(),
-        state: m.state().name().to_string(),
-        architecture: m.config.architecture.hf_name().to_string(),
-        max_position_embeddings: m.max_total_tokens as u32,
-        dtype: m.dtype.to_string(),
-        num_layers: m.config.num_layers as u32,
-    }
-}
-
 /// `Admin` over the [`Models`] served, with the means to start local workers when it has them.
 pub struct AdminService {
     pub models: Arc<Models>,
@@ -502,7 +489,7 @@ impl pb::admin_server::Admin for AdminService {
                 }
                 let layout = e.replica_layout();
                 pb::ModelStatus {
-                    model: Some(model_info(m)),
+                    model: Some(m.info()),
                     stages,
                     detail,
                     prefix_caching: e.config().prefix_caching,

@@ -100,7 +100,7 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
     if req.min_tokens as usize > max_new_tokens {
         return Err(invalid(format!("min_tokens ({}) exceeds max_new_tokens ({max_new_tokens})", req.min_tokens)));
     }
-    let seed = s.seed.unwrap_or_else(crate::random_u64);
+    let seed = s.seed.unwrap_or_else(crate::util::random_u64);
     let sampling = SamplingParams { temperature, top_k: top_k as usize, top_p, repetition_penalty, seed };
     Ok(ValidRequest {
         prompt_ids,

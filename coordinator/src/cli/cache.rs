@@ -36,7 +36,7 @@ pub fn run(c: CacheCommand) -> anyhow::Result<()> {
 
 fn fill(a: FillArgs) -> anyhow::Result<()> {
     // Download progress goes to stderr; stdout carries only the answer.
-    crate::init_tracing();
+    crate::util::init_tracing();
     let files = shardserve::hub::fill(&a.model, a.revision.as_deref()).with_context(|| format!("filling the cache with {}", a.model))?;
     if a.json {
         let doc = serde_json::json!({

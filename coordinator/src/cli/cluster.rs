@@ -113,7 +113,7 @@ impl LocalCluster {
         }
         let mut coordinator = cmd.spawn().context("starting the coordinator")?;
         let addr = wait_line(&mut coordinator, "listening ", Duration::from_secs(60)).await.context("the coordinator did not start")?;
-        let url = if tls { format!("https://{addr}") } else { crate::url(&addr) };
+        let url = if tls { format!("https://{addr}") } else { crate::util::url(&addr) };
         let mut cluster = LocalCluster { url: url.clone(), key: a.serve.auth.own_key()?, tls_ca, coordinator, workers: Vec::new() };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = a.worker_threads.unwrap_or((cores / a.serve.workers).max(1));
@@ -214,11 +214,11 @@ impl LocalCluster {
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let mut cluster = tokio::select! {
         c = LocalCluster::start(&a) => c?,
-        _ = crate::shutdown_signal() => bail!("interrupted before the cluster was ready"),
+        _ = crate::util::shutdown_signal() => bail!("interrupted before the cluster was ready"),
     };
     println!("ready {}", cluster.url);
     let result = tokio::select! {
-        _ = crate::shutdown_signal() => Ok(()),
+        _ = crate::util::shutdown_signal() => Ok(()),
         r = cluster.coordinator_exit() => r,
     };
     cluster.stop().await;

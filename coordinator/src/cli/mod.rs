@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
     /// Coordinator URL.
-    #[arg(long, env = "SHARDSERVE_COORDINATOR", default_value = crate::DEFAULT_COORDINATOR)]
+    #[arg(long, env = "SHARDSERVE_COORDINATOR", default_value = crate::util::DEFAULT_COORDINATOR)]
     pub coordinator: String,
     /// A file holding the key to present (its first line). Without it: SHARDSERVE_ADMIN_KEY for
     /// operator commands, SHARDSERVE_API_KEY (else SHARDSERVE_ADMIN_KEY) for the others.
@@ -114,7 +114,7 @@ impl Target {
         if self.tls_ca.is_some() && !self.coordinator.contains("://") {
             format!("https://{}", self.coordinator)
         } else {
-            crate::url(&self.coordinator)
+            crate::util::url(&self.coordinator)
         }
     }
 }

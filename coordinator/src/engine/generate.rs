@@ -53,7 +53,7 @@ impl Engine {
 
     /// Where requests go when this coordinator does not schedule its models: the leader, once
     /// one is known (waiting for one as long as for a re-plan). `None`: scheduled here.
-    async fn leader_elsewhere(&self) -> Result<Option<crate::relay::LeaderRecord>, ServeError> {
+    async fn leader_elsewhere(&self) -> Result<Option<super::LeaderRecord>, ServeError> {
         let Some(peers) = &self.config.peers else { return Ok(None) };
         if self.etcd.is_none() || self.is_leader() {
             return Ok(None);
@@ -95,7 +95,7 @@ impl Engine {
                     ))
                 })?;
                 debug!(model = %model.name, request_id = %id, leader = %leader.address, "request handed to the leader");
-                return crate::relay::forward(self, model, req, id, leader, slot).await;
+                return super::forward::forward(self, model, req, id, leader, slot).await;
             }
         }
         let (target, routed) = self.route(&req);
@@ -156,7 +156,7 @@ impl Engine {
         if relay {
             if let Some(leader) = self.leader_elsewhere().await? {
                 debug!(model = %model.name, request_id = %id, leader = %leader.address, "request handed to the leader");
-                return crate::relay::forward(self, model, req, id, leader, _request_slot).await;
+                return super::forward::forward(self, model, req, id, leader, _request_slot).await;
             }
         }
         let waiting_slot = self

@@ -22,7 +22,7 @@ impl Engine {
                 let mut client = self.etcd_client().await.expect("etcd is configured")?;
                 // Who leads: where requests go (see crate::relay).
                 let leader = shardserve::membership::leader_value(&mut client, &cluster).await?;
-                let record = leader.and_then(|v| serde_json::from_slice::<crate::relay::LeaderRecord>(&v).ok());
+                let record = leader.and_then(|v| serde_json::from_slice::<super::LeaderRecord>(&v).ok());
                 self.shared.leader.send_if_modified(|l| {
                     let changed = *l != record;
                     *l = record;

@@ -23,6 +23,9 @@ use tracing::{debug, info, warn};
 mod blocks;
 mod embed;
 pub use embed::{EmbedSpec, Pooling};
+mod forward;
+pub(crate) use forward::to_event;
+pub use forward::{Credential, LeaderRecord, Peers, REQUEST_ID};
 mod generate;
 mod ha;
 mod ops;
@@ -97,7 +100,7 @@ pub struct EngineConfig {
     pub prefix_cache_scope: PrefixCacheScope,
     /// How the other coordinators of the cluster reach this one and it reaches them (with etcd:
     /// followers hand their requests to the leader).
-    pub peers: Option<Arc<crate::relay::Peers>>,
+    pub peers: Option<Arc<Peers>>,
     /// Copies of the model to serve, each its own placement, scheduler and KV pools over
     /// `workers` workers (`--replicas`); `None`: one placement over the whole fleet.
     pub replicas: Option<ReplicaCount>,
@@ -260,6 +263,18 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
+    /// What `ListModels` and `LoadModel` say of the model.
+    pub fn info(&self) -> pb::ModelInfo {
+        pb::ModelInfo {
+            name: self.name.clone(),
+            state: self.state().name().to_string(),
+            architecture: self.config.architecture.hf_name().to_string(),
+            max_position_embeddings: self.max_total_tokens as u32,
+            dtype: self.dtype.to_string(),
+            num_layers: self.config.num_layers as u32,
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> ServingState {
         self.state.borrow().clone()
@@ -354,7 +369,7 @@ pub struct ValidRequest {
     /// Computes its whole prompt and publishes nothing, as with prefix caching off.
     pub skip_prefix_cache: bool,
     /// The caller's API key, passed on when the request is handed to the leader coordinator.
-    pub credential: Option<crate::relay::Credential>,
+    pub credential: Option<Credential>,
 }
 
 /// Something the request loop produced.
@@ -419,7 +434,7 @@ pub struct Shared {
     /// Every engine, so each sees the workers the others use.
     engines: RwLock<Vec<std::sync::Weak<Engine>>>,
     /// The coordinator that leads the cluster (as its election value names it), while known.
-    leader: watch::Sender<Option<crate::relay::LeaderRecord>>,
+    leader: watch::Sender<Option<LeaderRecord>>,
 }
 
 impl Shared {
@@ -613,7 +628,7 @@ impl Engine {
             routed_requests: AtomicUsize::new(0),
             routed_blocks: AtomicUsize::new(0),
         });
-        let seed = crate::random_u64();
+        let seed = crate::util::random_u64();
         let etcd_is_none = etcd.is_none();
         let (inbox, submissions) = mpsc::unbounded_channel();
         let (waiting, requests) = (config.max_waiting, config.max_concurrent_requests);

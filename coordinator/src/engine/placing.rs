@@ -265,7 +265,7 @@ impl Engine {
     async fn load(&self, workers: &[pb::WorkerInfo]) -> Result<Placement, LoadFailure> {
         // A plan that cannot be made will not improve by retrying with the same fleet.
         let plan = self.plan(workers).map_err(|why| LoadFailure { why, permanent: true, worker: None })?;
-        let epoch = crate::random_u64();
+        let epoch = crate::util::random_u64();
         let n = plan.len();
         let tp = self.config.tp.max(1);
         let group_of = |g: usize| &workers[g * tp..(g + 1) * tp];

@@ -115,7 +115,7 @@ impl ToolFormat {
         let mut bits = 0u64;
         for i in 0..len {
             if i % 10 == 0 {
-                bits = crate::random_u64();
+                bits = crate::util::random_u64();
             }
             id.push(ALPHABET[(bits % 62) as usize] as char);
             bits /= 62;

@@ -334,7 +334,7 @@ async fn generate(
     caller: Caller,
 ) -> Response {
     let svc = InferenceService(app.models.clone());
-    let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::random_u64());
+    let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::util::random_u64());
     let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
     let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
     let submitted = tracing::Instrument::instrument(

@@ -3,7 +3,8 @@
 
 use super::api::StreamOptions;
 use super::{ApiError, App};
-use crate::engine::{GenEvent, ModelEntry};
+use crate::engine::GenEvent;
+use crate::frontend::chat::render_messages;
 use crate::frontend::output::{Delta, OutputParser, Reasoning, ToolFormat};
 use serde::Deserialize;
 use serde_json::json;
@@ -209,70 +210,6 @@ impl ChatOutput {
             _ => "stop",
         }
     }
-}
-
-/// The roles OpenAI's chat API has.
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-
-/// Checks `messages` as OpenAI's API defines them — a non-empty list of objects with a known
-/// role, and text content — and gives them as a text model's template reads them: a list of
-/// text parts becomes one string (the parts joined by newlines, as vLLM does).
-pub fn openai_messages(messages: &serde_json::Value) -> Result<serde_json::Value, ApiError> {
-    let bad = |m: String| ApiError::invalid(m, Some("messages".into()));
-    let list = messages.as_array().ok_or_else(|| bad("messages: expected an array of messages".into()))?;
-    if list.is_empty() {
-        return Err(bad("messages must not be empty".into()));
-    }
-    let mut out = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let mut m = m.as_object().cloned().ok_or_else(|| bad(format!("messages[{i}]: expected an object")))?;
-        match m.get("role").and_then(|r| r.as_str()) {
-            Some(r) if ROLES.contains(&r) => {}
-            Some(r) => return Err(bad(format!("messages[{i}].role: unknown role {r:?} (one of {})", ROLES.join(", ")))),
-            None => return Err(bad(format!("messages[{i}].role: missing, or not a string"))),
-        }
-        if let Some(serde_json::Value::Array(parts)) = m.get("content") {
-            let mut texts = Vec::with_capacity(parts.len());
-            for (j, p) in parts.iter().enumerate() {
-                match p.get("type").and_then(|t| t.as_str()) {
-                    Some("text") => texts.push(
-                        p.get("text")
-                            .and_then(|t| t.as_str())
-                            .ok_or_else(|| bad(format!("messages[{i}].content[{j}].text: missing, or not a string")))?
-                            .to_string(),
-                    ),
-                    Some(t) => {
-                        return Err(bad(format!(
-                            "messages[{i}].content[{j}].type: {t} parts are not supported (this model reads text only)"
-                        )))
-                    }
-                    None => return Err(bad(format!("messages[{i}].content[{j}].type: missing, or not a string"))),
-                }
-            }
-            m.insert("content".into(), serde_json::Value::String(texts.join("\n")));
-        } else if let Some(c) = m.get("content") {
-            if !c.is_string() && !c.is_null() {
-                return Err(bad(format!("messages[{i}].content: expected a string or a list of text parts")));
-            }
-        }
-        out.push(serde_json::Value::Object(m));
-    }
-    Ok(serde_json::Value::Array(out))
-}
-
-/// `messages` (and `tools`) through `model`'s chat template.
-pub fn render_messages(
-    model: &ModelEntry,
-    messages: &serde_json::Value,
-    tools: Option<&serde_json::Value>,
-    add_generation_prompt: bool,
-    kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Result<String, ApiError> {
-    let chat_error = |e: &shardserve::chat::ChatError| ApiError::invalid(e.to_string(), Some(e.param().to_string()));
-    let templates = model.chat.as_ref().map_err(chat_error)?;
-    let messages = &openai_messages(messages)?;
-    let input = shardserve::chat::ChatInput { messages, tools, add_generation_prompt, chat_template_kwargs: kwargs, template: None };
-    templates.render(&input).map_err(|e| chat_error(&e))
 }
 
 #[cfg(test)]

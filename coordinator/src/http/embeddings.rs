@@ -83,7 +83,7 @@ pub async fn embeddings(State(app): State<App>, Extension(caller): Extension<Cal
     }
     let spec = crate::engine::EmbedSpec { pooling, normalize: req.normalize.unwrap_or(true) };
     let svc = InferenceService(app.models.clone());
-    let id = format!("embd-{:016x}", crate::random_u64());
+    let id = format!("embd-{:016x}", crate::util::random_u64());
     let name = svc.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone());
     let span = tracing::info_span!("request", request_id = %id, model = %req.model, replica = tracing::field::Empty);
     let result = tracing::Instrument::instrument(svc.embed_all(&req.model, &inputs, spec, &id, &caller), span).await;

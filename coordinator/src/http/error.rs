@@ -57,6 +57,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::frontend::chat::InvalidChat> for ApiError {
+    fn from(e: crate::frontend::chat::InvalidChat) -> Self {
+        ApiError::invalid(e.message, Some(e.param.to_string()))
+    }
+}
+
 /// The HTTP status of a gRPC code.
 pub fn http_status(code: Code) -> StatusCode {
     match code {

@@ -36,13 +36,14 @@ pub async fn tokenize(State(app): State<App>, body: Body) -> Response {
             let special = req.add_special_tokens.unwrap_or(true);
             model.tokenizer.encode_with(p, special).map_err(|e| ApiError::invalid(format!("prompt: {e}"), Some("prompt".into())))
         }
-        (None, Some(messages)) => super::chat::render_messages(
+        (None, Some(messages)) => crate::frontend::chat::render_messages(
             &model,
             messages,
             req.tools.as_ref(),
             req.add_generation_prompt.unwrap_or(true),
             req.chat_template_kwargs.as_ref(),
         )
+        .map_err(ApiError::from)
         .and_then(|text| {
             model.tokenizer.encode_with(&text, req.add_special_tokens.unwrap_or(false)).map_err(|e| ApiError::invalid(e.to_string(), None))
         }),
