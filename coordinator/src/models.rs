@@ -101,8 +101,8 @@ impl Models {
             for r in &records {
                 if !running.contains(&r.name) && !failed.contains(r) {
                     let started = match self.config_of(r) {
-                        Ok(config) => match Self::check(&config).await {
-                            Ok(()) => self.start_engine(r, config).await,
+                        Ok(config) => match Self::check(config).await {
+                            Ok(config) => self.start_engine(r, config).await,
                             Err(e) => Err(e),
                         },
                         Err(e) => Err(e),
@@ -128,6 +128,7 @@ impl Models {
         Ok(EngineConfig {
             model: r.model.clone(),
             revision: (!r.revision.is_empty()).then(|| r.revision.clone()),
+            prepared: None,
             name: r.name.clone(),
             // Checked when the record was made.
             dtype: r.dtype.parse().unwrap_or_default(),
@@ -143,14 +144,16 @@ impl Models {
         })
     }
 
-    /// Reads the model's configs and tokenizer, so a bad model fails before anything starts.
-    async fn check(config: &EngineConfig) -> Result<(), ServeError> {
+    /// Reads the model's configs and tokenizer, so a bad model fails before anything starts;
+    /// the engine takes what was read.
+    async fn check(mut config: EngineConfig) -> Result<EngineConfig, ServeError> {
         let c = config.clone();
-        tokio::task::spawn_blocking(move || crate::engine::preflight(&c))
+        let prepared = tokio::task::spawn_blocking(move || crate::engine::preflight(&c))
             .await
             .map_err(|e| ServeError::Internal(format!("checking the model: {e}")))?
             .map_err(|e| ServeError::InvalidArgument(format!("{}: {e:#}", config.model)))?;
-        Ok(())
+        config.prepared = Some(std::sync::Arc::new(prepared));
+        Ok(config)
     }
 
     /// Starts the engine of a model loaded at run time (`config`, already checked), on the
@@ -247,8 +250,7 @@ impl Models {
             replicas: replicas.map(|r| r.to_string()),
         };
         // Checked before any worker is reserved, so a bad model takes nothing.
-        let config = self.config_of(&record)?;
-        Self::check(&config).await?;
+        let config = Self::check(self.config_of(&record)?).await?;
         record.pinned = self.choose_workers(workers).await?;
         if let Some(key) = self.record_key(&name) {
             // Kept in etcd first: every coordinator (and a future leader) serves it from there.

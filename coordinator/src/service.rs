@@ -3,7 +3,7 @@
 use crate::engine::{Engine, ModelEntry, RequestHandle, ServingState, ValidRequest};
 use crate::error::ServeError;
 use crate::models::Models;
-use crate::validate::validate;
+use crate::validate::{validate_as, PromptKind};
 use shardserve_proto::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -100,10 +100,11 @@ impl InferenceService {
     pub(crate) fn prepare(
         &self,
         req: &pb::GenerateRequest,
+        kind: PromptKind,
         caller: &Caller,
     ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
-        let mut valid = validate(&model, req)?;
+        let mut valid = validate_as(&model, req, kind)?;
         caller.apply(&mut valid, engine.config().prefix_cache_scope);
         Ok((engine, model, valid))
     }
@@ -139,9 +140,8 @@ impl InferenceService {
             kwargs.as_ref(),
         )
         .map_err(|e| ServeError::InvalidArgument(e.message))?;
-        generate.prompt = text.clone();
-        let (engine, model, mut valid) = self.prepare(&generate, caller)?;
-        valid.prompt_ids = shardserve::chat::prompt_ids(&model.tokenizer, &text).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
+        generate.prompt = text;
+        let (engine, model, valid) = self.prepare(&generate, PromptKind::Chat, caller)?;
         serving(&model)?;
         Ok((engine, model, valid))
     }
@@ -189,7 +189,7 @@ impl InferenceService {
 
     /// Validates `req` and hands it to its model's scheduler.
     async fn start(&self, req: &pb::GenerateRequest, id: String, caller: &Caller) -> Result<(RequestHandle, Vec<u32>), ServeError> {
-        let (engine, model, valid) = self.prepare(req, caller)?;
+        let (engine, model, valid) = self.prepare(req, PromptKind::Text, caller)?;
         let prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, id).await?;
         Ok((handle, prompt_ids))
@@ -248,7 +248,9 @@ impl pb::inference_server::Inference for InferenceService {
         // Refused before the stream opens when the model cannot serve or the request is bad,
         // so the client sees the status itself rather than an empty stream. (A model that
         // served before and is being re-planned is waited for.)
-        let precheck = self.prepare(&req, &caller).and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
+        let precheck = self
+            .prepare(&req, PromptKind::Text, &caller)
+            .and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
         let name = self.name_of(&req);
         let (engine, model, valid) = match precheck {
             Ok(v) => v,

@@ -21,8 +21,24 @@ fn invalid(m: String) -> ServeError {
     ServeError::InvalidArgument(m)
 }
 
-/// Validates `req` for `model`.
+/// How a request's prompt text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptKind {
+    /// A completion's prompt: with the special tokens the tokenizer's post-processor adds.
+    Text,
+    /// A rendered chat template, which wrote its special tokens itself: none added (as
+    /// transformers' `apply_chat_template(tokenize=True)`).
+    Chat,
+}
+
+/// Validates `req` for `model`, its prompt a completion's.
 pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRequest, ServeError> {
+    validate_as(model, req, PromptKind::Text)
+}
+
+/// Validates `req` for `model`, its prompt tokenized once as `kind` says: the context-length
+/// checks run on the very ids the engine gets.
+pub fn validate_as(model: &ModelEntry, req: &pb::GenerateRequest, kind: PromptKind) -> Result<ValidRequest, ServeError> {
     if req.prompt.is_empty() {
         return Err(invalid("prompt must not be empty".into()));
     }
@@ -64,9 +80,16 @@ pub fn validate(model: &ModelEntry, req: &pb::GenerateRequest) -> Result<ValidRe
             return Err(invalid(format!("max_new_tokens must be >= 1, got {m}")));
         }
     }
-    let prompt_ids = model.tokenizer.encode(&req.prompt).map_err(|e| invalid(format!("prompt cannot be tokenized: {e}")))?;
+    let prompt_ids = match kind {
+        PromptKind::Text => model.tokenizer.encode(&req.prompt).map_err(|e| invalid(format!("prompt cannot be tokenized: {e}")))?,
+        PromptKind::Chat => shardserve::chat::prompt_ids(&model.tokenizer, &req.prompt)
+            .map_err(|e| invalid(format!("the rendered prompt cannot be tokenized: {e}")))?,
+    };
     if prompt_ids.is_empty() {
-        return Err(invalid("prompt tokenizes to nothing".into()));
+        return Err(invalid(match kind {
+            PromptKind::Text => "prompt tokenizes to nothing".into(),
+            PromptKind::Chat => "the rendered prompt tokenizes to nothing".into(),
+        }));
     }
     let limit = model.max_total_tokens;
     if prompt_ids.len() >= limit {

@@ -110,6 +110,7 @@ pub(crate) fn coordinator() -> &'static Coordinator {
             let config = EngineConfig {
                 model: dir.clone(),
                 revision: None,
+                prepared: None,
                 name: "tiny".into(),
                 dtype: Default::default(),
                 workers: 2,

@@ -83,6 +83,17 @@ fn default_hidden_act() -> String {
     "silu".to_string()
 }
 
+/// Why a config's architecture cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArchitectureError {
+    #[error("architecture {0:?} is not supported; supported: {list}", list = SUPPORTED_ARCHITECTURES.join(", "))]
+    Unsupported(String),
+    #[error("model_type {model_type:?} and architectures {class:?} name different models")]
+    Disagree { model_type: String, class: String },
+    #[error("the config names no model_type and no architectures; supported: {list}", list = SUPPORTED_ARCHITECTURES.join(", "))]
+    Missing,
+}
+
 /// The decoder families shardserve implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -93,6 +104,46 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    const ALL: [Architecture; 4] = [Architecture::Qwen3, Architecture::Qwen2, Architecture::Llama, Architecture::Mistral];
+
+    /// The architecture of a config's `model_type`.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.model_type() == model_type)
+    }
+
+    /// The architecture of a model class's name (a config's `architectures` entry).
+    pub fn from_class_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.hf_name() == name)
+    }
+
+    /// The architecture a config describes, by its `model_type` and the first of its
+    /// `architectures`: each names a supported family, and they name the same one (transformers'
+    /// Auto classes go by `model_type`; a config whose class says otherwise is refused rather
+    /// than read as either). One of them alone decides. The model and its placement both read
+    /// a config through this.
+    pub fn detect(model_type: Option<&str>, class: Option<&str>) -> std::result::Result<Self, ArchitectureError> {
+        let by_type =
+            model_type.map(|t| Self::from_model_type(t).ok_or_else(|| ArchitectureError::Unsupported(t.to_string()))).transpose()?;
+        let by_class = class.map(|c| Self::from_class_name(c).ok_or_else(|| ArchitectureError::Unsupported(c.to_string()))).transpose()?;
+        match (by_type, by_class) {
+            (Some(t), Some(c)) if t != c => {
+                Err(ArchitectureError::Disagree { model_type: t.model_type().to_string(), class: c.hf_name().to_string() })
+            }
+            (Some(a), _) | (None, Some(a)) => Ok(a),
+            (None, None) => Err(ArchitectureError::Missing),
+        }
+    }
+
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+        }
+    }
+
     /// The `architectures` name transformers uses.
     pub fn hf_name(self) -> &'static str {
         match self {
@@ -256,29 +307,9 @@ impl ModelConfig {
     }
 }
 
+/// The architecture of a config ([`Architecture::detect`]).
 fn architecture_of(raw: &HfConfig) -> std::result::Result<Architecture, String> {
-    let by_name = |n: &str| match n {
-        "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
-        "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
-        "LlamaForCausalLM" => Some(Architecture::Llama),
-        "MistralForCausalLM" => Some(Architecture::Mistral),
-        _ => None,
-    };
-    if let Some(name) = raw.architectures.first() {
-        return by_name(name)
-            .ok_or_else(|| format!("architecture {name:?} is not supported; supported: {}", SUPPORTED_ARCHITECTURES.join(", ")));
-    }
-    match raw.model_type.as_deref() {
-        Some("qwen3") => Ok(Architecture::Qwen3),
-        Some("qwen2") => Ok(Architecture::Qwen2),
-        Some("llama") => Ok(Architecture::Llama),
-        Some("mistral") => Ok(Architecture::Mistral),
-        other => Err(format!(
-            "model_type {:?} is not supported and no architectures are listed; supported: {}",
-            other.unwrap_or("<none>"),
-            SUPPORTED_ARCHITECTURES.join(", ")
-        )),
-    }
+    Architecture::detect(raw.model_type.as_deref(), raw.architectures.first().map(String::as_str)).map_err(|e| e.to_string())
 }
 
 fn parse_rope_scaling(s: &serde_json::Value, max_pos: usize) -> std::result::Result<Option<Llama3RopeScaling>, String> {
@@ -365,6 +396,25 @@ mod tests {
         let text = QWEN3.replace("Qwen3ForCausalLM", "GPT2LMHeadModel");
         let err = ModelConfig::from_json(&text).unwrap_err().to_string();
         assert!(err.contains("GPT2LMHeadModel") && err.contains("LlamaForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn model_type_decides_the_architecture_for_the_model_and_its_placement_alike() {
+        // model_type alone decides; with architectures too, both must name the same model.
+        let text = QWEN3.replace("{\"architectures\":[\"Qwen3ForCausalLM\"]", "{\"model_type\":\"llama\"");
+        let c = ModelConfig::from_json(&text).unwrap();
+        let shape = crate::placement::ModelShape::from_config_json(&serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!((c.architecture, shape.architecture), (Architecture::Llama, Architecture::Llama));
+        let both = QWEN3.replace("{\"architectures\"", "{\"model_type\":\"llama\",\"architectures\"");
+        let err = ModelConfig::from_json(&both).unwrap_err().to_string();
+        assert!(err.contains("\"llama\"") && err.contains("Qwen3ForCausalLM") && err.contains("different"), "{err}");
+        let err = crate::placement::ModelShape::from_config_json(&serde_json::from_str(&both).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("different"), "{err}");
+        for a in Architecture::ALL {
+            assert_eq!((Architecture::from_model_type(a.model_type()), Architecture::from_class_name(a.hf_name())), (Some(a), Some(a)));
+        }
+        let err = ModelConfig::from_json(&QWEN3.replace("{\"architectures\"", "{\"model_type\":\"gpt2\",\"architectures\"")).unwrap_err();
+        assert!(err.to_string().contains("\"gpt2\""), "{err}");
     }
 
     #[test]

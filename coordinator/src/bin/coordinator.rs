@@ -91,6 +91,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 name: a.serve.name.unwrap_or_else(|| a.serve.model.clone()),
                 model: a.serve.model,
                 revision: a.serve.revision,
+                prepared: None,
                 dtype: a.serve.dtype,
                 workers: shardserve_coordinator::engine::workers_per_replica(a.serve.workers, a.serve.tp, a.serve.replicas)
                     .map_err(|e| anyhow::anyhow!(e))?,
@@ -162,7 +163,8 @@ async fn main() {
     let result = async {
         let mut config = CoordinatorConfig::try_from(args)?;
         let c = config.engine.clone();
-        tokio::task::spawn_blocking(move || shardserve_coordinator::engine::preflight(&c)).await??;
+        let prepared = tokio::task::spawn_blocking(move || shardserve_coordinator::engine::preflight(&c)).await??;
+        config.engine.prepared = Some(std::sync::Arc::new(prepared));
         let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let bound = listener.local_addr()?;
         let advertise = advertise.unwrap_or_else(|| shardserve::membership::default_advertise(bound, &shardserve::membership::hostname()));

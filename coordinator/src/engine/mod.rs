@@ -43,6 +43,9 @@ pub struct EngineConfig {
     /// The model as given: a folder or a Hub id.
     pub model: String,
     pub revision: Option<String>,
+    /// What [`preflight`] read of the model, when it ran before the engine started: a load
+    /// reads the model once, and its engine and every replica's take this.
+    pub prepared: Option<Arc<Prepared>>,
     /// The name clients use; defaults to `model`.
     pub name: String,
     /// The compute dtype the workers load.
@@ -235,7 +238,7 @@ pub struct ModelEntry {
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
     /// The model's chat templates (or why it has none usable).
-    pub chat: Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>,
+    pub chat: Arc<Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>>,
     pub eos: Vec<u32>,
     pub max_total_tokens: usize,
     pub dtype: Dtype,
@@ -411,17 +414,18 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
         // Checked against worker indices only here; ids are checked once workers join.
         anyhow::ensure!(map.is_object(), "--device-map must hold a JSON object of module → worker");
     }
-    Ok(Prepared { files, config: cfg, shape, generation, tokenizer, chat })
+    Ok(Prepared { files, config: cfg, shape, generation, tokenizer, chat: Arc::new(chat) })
 }
 
 /// What [`preflight`] read.
+#[derive(Debug, Clone)]
 pub struct Prepared {
     pub files: shardserve::hub::ModelFiles,
     pub config: ModelConfig,
     pub shape: shardserve::placement::ModelShape,
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
-    pub chat: Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>,
+    pub chat: Arc<Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>>,
 }
 
 /// What the engines of one coordinator (one per model) share.
@@ -600,9 +604,16 @@ impl Engine {
         }
         // A replica plans only over the workers the layout reserved for it.
         let pinned = primary.is_some() || config.replica.is_some();
-        let c = config.clone();
-        let Prepared { files, config: cfg, shape, generation, tokenizer, chat } =
-            tokio::task::spawn_blocking(move || preflight(&c)).await??;
+        let prepared = match config.prepared.clone() {
+            Some(p) => p,
+            None => {
+                let c = config.clone();
+                let p = Arc::new(tokio::task::spawn_blocking(move || preflight(&c)).await??);
+                config.prepared = Some(p.clone());
+                p
+            }
+        };
+        let Prepared { files, config: cfg, shape, generation, tokenizer, chat } = (*prepared).clone();
         let eos = generation.eos_ids(&cfg);
         let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
         info!(model = %config.name, dir = %files.dir.display(), architecture = cfg.architecture.hf_name(), layers = cfg.num_layers, "model configured");

@@ -70,7 +70,7 @@ pub fn render_messages(
     kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
 ) -> Result<String, InvalidChat> {
     let chat_error = |e: &shardserve::chat::ChatError| InvalidChat { message: e.to_string(), param: e.param() };
-    let templates = model.chat.as_ref().map_err(chat_error)?;
+    let templates = model.chat.as_ref().as_ref().map_err(chat_error)?;
     let messages = &openai_messages(messages)?;
     let input = shardserve::chat::ChatInput { messages, tools, add_generation_prompt, chat_template_kwargs: kwargs, template: None };
     templates.render(&input).map_err(|e| chat_error(&e))

@@ -6,6 +6,7 @@ use super::{parse, sse, ApiError, App};
 use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
 use crate::error::ServeError;
 use crate::service::{record, Caller, InferenceService};
+use crate::validate::PromptKind;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -155,17 +156,15 @@ pub(super) fn kind_of(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// The engine's request for choice `index` of `n`: the gRPC request's validation, then the
-/// extras. With a seed, choice i samples with seed + i, so the n choices differ yet repeat.
-#[allow(clippy::too_many_arguments)]
+/// The engine's request: the gRPC request's validation (the prompt tokenized once, as `kind`
+/// says), then the extras.
 fn engine_request(
     svc: &InferenceService,
     model: &str,
     prompt: String,
     s: &Sampling,
     logprobs: Logprobs,
-    index: u32,
-    add_special_tokens: bool,
+    kind: PromptKind,
     caller: &Caller,
 ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ApiError> {
     for (field, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
@@ -198,7 +197,7 @@ fn engine_request(
             top_p: s.top_p,
             top_k: s.top_k,
             repetition_penalty: s.repetition_penalty,
-            seed: s.seed.map(|seed| seed.wrapping_add(u64::from(index))),
+            seed: s.seed,
         }),
         stop,
         logprobs: logprobs.on,
@@ -206,18 +205,7 @@ fn engine_request(
         top_logprobs: logprobs.top,
         min_tokens: s.min_tokens.unwrap_or(0),
     };
-    let (engine, model, mut valid) = svc.prepare(&req, caller).map_err(|e| field_error(e.into()))?;
-    if !add_special_tokens {
-        // A rendered chat template carries its special tokens itself.
-        valid.prompt_ids = model
-            .tokenizer
-            .encode_with(&req.prompt, false)
-            .map_err(|e| ApiError::invalid(format!("the rendered prompt cannot be tokenized: {e}"), Some("messages".into())))?;
-        if valid.prompt_ids.is_empty() {
-            return Err(ApiError::invalid("the rendered prompt tokenizes to nothing", Some("messages".into())));
-        }
-    }
-    Ok((engine, model, valid))
+    svc.prepare(&req, kind, caller).map_err(|e| field_error(e.into()))
 }
 
 /// Names the OpenAI field behind a validation message that names the gRPC one.
@@ -244,6 +232,9 @@ pub(super) fn field_error(mut e: ApiError) -> ApiError {
         if e.message.starts_with(field) {
             e.param = Some(field.into());
         }
+    }
+    if e.message.starts_with("the rendered prompt") {
+        e.param = Some("messages".into());
     }
     e
 }
@@ -287,8 +278,9 @@ enum Kind {
     Chat,
 }
 
-/// Submits the `n` choices of a request; the first failure fails them all (the others are
-/// cancelled when their handles drop).
+/// Submits the `n` choices of a request, validated and tokenized once; the first failure fails
+/// them all (the others are cancelled when their handles drop). With a seed, choice i samples
+/// with seed + i, so the n choices differ yet repeat; without, each draws its own.
 #[allow(clippy::too_many_arguments)]
 async fn submit_all(
     svc: &InferenceService,
@@ -297,7 +289,7 @@ async fn submit_all(
     s: &Sampling,
     logprobs: Logprobs,
     id: &str,
-    add_special_tokens: bool,
+    kind: PromptKind,
     max_n: u32,
     caller: &Caller,
 ) -> Result<(Arc<ModelEntry>, Vec<u32>, Vec<RequestHandle>), ApiError> {
@@ -305,17 +297,17 @@ async fn submit_all(
     if n == 0 || n > max_n {
         return Err(ApiError::invalid(format!("n must be in 1..={max_n} (--max-n), got {n}"), Some("n".into())));
     }
+    let (engine, entry, valid) = engine_request(svc, model, prompt.to_string(), s, logprobs, kind, caller)?;
     let mut handles = Vec::new();
-    let mut entry = None;
-    let mut prompt_ids = Vec::new();
     for i in 0..n {
-        let (engine, model, valid) = engine_request(svc, model, prompt.to_string(), s, logprobs, i, add_special_tokens, caller)?;
-        prompt_ids = valid.prompt_ids.clone();
-        let handle = engine.submit(&model, valid, format!("{id}-{i}")).await.map_err(ApiError::from)?;
+        let mut choice = valid.clone();
+        if i > 0 {
+            choice.sampling.seed = s.seed.map_or_else(crate::util::random_u64, |seed| seed.wrapping_add(u64::from(i)));
+        }
+        let handle = engine.submit(&entry, choice, format!("{id}-{i}")).await.map_err(ApiError::from)?;
         handles.push(handle);
-        entry = Some(model);
     }
-    Ok((entry.expect("n >= 1"), prompt_ids, handles))
+    Ok((entry, valid.prompt_ids, handles))
 }
 
 /// Serves a generation request: one JSON response, or SSE chunks with `stream`. A chat
@@ -338,7 +330,17 @@ async fn generate(
     let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
     let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
     let submitted = tracing::Instrument::instrument(
-        submit_all(&svc, &model, &prompt, &s, logprobs, &id, kind == Kind::Completion, app.limits.max_n, &caller),
+        submit_all(
+            &svc,
+            &model,
+            &prompt,
+            &s,
+            logprobs,
+            &id,
+            if kind == Kind::Chat { PromptKind::Chat } else { PromptKind::Text },
+            app.limits.max_n,
+            &caller,
+        ),
         span,
     );
     let (entry, prompt_ids, handles) = match submitted.await {

@@ -74,7 +74,7 @@ pub(super) fn render(app: &App, req: &ChatRequest) -> Result<(String, OutputSpec
     };
     let prompt =
         render_messages(&model, &req.messages, tools, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())?;
-    let template = model.chat.as_ref().ok().and_then(|t| t.source(tools.is_some()));
+    let template = model.chat.as_ref().as_ref().ok().and_then(|t| t.source(tools.is_some()));
     let format = tools.and_then(|_| app.limits.tool_call_parser.format(template));
     let reasoning = Reasoning::for_prompt(app.limits.reasoning_parser.thinks(template), &prompt);
     let markers = format

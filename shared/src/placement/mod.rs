@@ -185,23 +185,23 @@ impl ModelShape {
 }
 
 fn detect_architecture(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Architecture, PlacementError> {
-    match obj.get("model_type") {
-        Some(serde_json::Value::String(mt)) => {
-            return arch_from_model_type(mt).ok_or_else(|| PlacementError::UnsupportedArchitecture(mt.clone()));
-        }
-        None | Some(serde_json::Value::Null) => {}
+    let model_type = match obj.get("model_type") {
+        Some(serde_json::Value::String(mt)) => Some(mt.as_str()),
+        None | Some(serde_json::Value::Null) => None,
         Some(other) => {
             return Err(PlacementError::InvalidConfig { field: "model_type", reason: format!("expected a string, found {other}") })
         }
-    }
+    };
     let first = obj.get("architectures").and_then(|a| a.as_array()).and_then(|a| a.first()).and_then(|a| a.as_str());
-    match first {
-        Some(name) => arch_from_class_name(name).ok_or_else(|| PlacementError::UnsupportedArchitecture(name.to_string())),
-        None => Err(PlacementError::InvalidConfig {
-            field: "model_type",
-            reason: "missing, and no `architectures` entry to fall back on".into(),
-        }),
-    }
+    Architecture::detect(model_type, first).map_err(|e| match e {
+        crate::config::ArchitectureError::Unsupported(name) => PlacementError::UnsupportedArchitecture(name),
+        crate::config::ArchitectureError::Missing => {
+            PlacementError::InvalidConfig { field: "model_type", reason: "missing, and no `architectures` entry to fall back on".into() }
+        }
+        e @ crate::config::ArchitectureError::Disagree { .. } => {
+            PlacementError::InvalidConfig { field: "architectures", reason: e.to_string() }
+        }
+    })
 }
 
 fn optional_u64(obj: &serde_json::Map<String, serde_json::Value>, field: &'static str) -> Result<Option<u64>, PlacementError> {
@@ -417,25 +417,5 @@ impl<'de> Deserialize<'de> for DeviceMap {
             }
         }
         deserializer.deserialize_map(MapVisitor)
-    }
-}
-
-fn arch_from_model_type(s: &str) -> Option<Architecture> {
-    match s {
-        "qwen3" => Some(Architecture::Qwen3),
-        "qwen2" => Some(Architecture::Qwen2),
-        "llama" => Some(Architecture::Llama),
-        "mistral" => Some(Architecture::Mistral),
-        _ => None,
-    }
-}
-
-fn arch_from_class_name(s: &str) -> Option<Architecture> {
-    match s {
-        "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
-        "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
-        "LlamaForCausalLM" => Some(Architecture::Llama),
-        "MistralForCausalLM" => Some(Architecture::Mistral),
-        _ => None,
     }
 }
