@@ -2,8 +2,9 @@
 
 use crate::engine::{Engine, ModelEntry, RequestHandle, ServingState, ValidRequest};
 use crate::error::ServeError;
+use crate::frontend::structured::{Constraint, Guidance, InvalidConstraint};
 use crate::models::Models;
-use crate::validate::{validate_as, PromptKind};
+use crate::validate::{constrain, validate_as, PromptKind};
 use shardserve_proto::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -96,15 +97,22 @@ impl InferenceService {
         self.0.find(&req.model).map_or_else(|_| req.model.clone(), |(_, m)| m.name.clone())
     }
 
-    /// Finds `req`'s model and validates `req` for it, as `caller`'s.
+    /// Finds `req`'s model and validates `req` for it, as `caller`'s; its structured output
+    /// (or the calls a chat's `guidance` demands) compiled into its grammar.
     pub(crate) fn prepare(
         &self,
         req: &pb::GenerateRequest,
         kind: PromptKind,
+        guidance: &Guidance,
         caller: &Caller,
     ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
         let mut valid = validate_as(&model, req, kind)?;
+        let invalid = |e: InvalidConstraint| ServeError::InvalidArgument(e.to_string());
+        let asked = Constraint::from_proto(req.structured_output.as_ref()).map_err(invalid)?;
+        if let Some(c) = guidance.constraint(asked).map_err(invalid)? {
+            constrain(&model, &mut valid, &c, guidance)?;
+        }
         caller.apply(&mut valid, engine.config().prefix_cache_scope);
         Ok((engine, model, valid))
     }
@@ -132,16 +140,19 @@ impl InferenceService {
             Some(serde_json::Value::Object(m)) => Some(m),
             Some(_) => return Err(ServeError::InvalidArgument("chat_template_kwargs_json: expected a JSON object".into())),
         };
-        let text = crate::frontend::chat::render_messages(
-            &model,
-            &messages,
-            tools.as_ref(),
-            req.add_generation_prompt.unwrap_or(true),
-            kwargs.as_ref(),
-        )
-        .map_err(|e| ServeError::InvalidArgument(e.message))?;
+        let tool_choice = json("tool_choice_json", &req.tool_choice_json)?;
+        let offered = match &tool_choice {
+            Some(c) if c.as_str() == Some("none") => None,
+            _ => tools.as_ref(),
+        };
+        let text =
+            crate::frontend::chat::render_messages(&model, &messages, offered, req.add_generation_prompt.unwrap_or(true), kwargs.as_ref())
+                .map_err(|e| ServeError::InvalidArgument(e.message))?;
+        let parsers = (Default::default(), Default::default());
+        let reading = crate::frontend::chat::reading(&model, &text, offered, (tool_choice.as_ref(), true), parsers)
+            .map_err(|e| ServeError::InvalidArgument(e.message))?;
         generate.prompt = text;
-        let (engine, model, valid) = self.prepare(&generate, PromptKind::Chat, caller)?;
+        let (engine, model, valid) = self.prepare(&generate, PromptKind::Chat, &reading.guidance, caller)?;
         serving(&model)?;
         Ok((engine, model, valid))
     }
@@ -189,7 +200,7 @@ impl InferenceService {
 
     /// Validates `req` and hands it to its model's scheduler.
     async fn start(&self, req: &pb::GenerateRequest, id: String, caller: &Caller) -> Result<(RequestHandle, Vec<u32>), ServeError> {
-        let (engine, model, valid) = self.prepare(req, PromptKind::Text, caller)?;
+        let (engine, model, valid) = self.prepare(req, PromptKind::Text, &Guidance::default(), caller)?;
         let prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, id).await?;
         Ok((handle, prompt_ids))
@@ -249,7 +260,7 @@ impl pb::inference_server::Inference for InferenceService {
         // so the client sees the status itself rather than an empty stream. (A model that
         // served before and is being re-planned is waited for.)
         let precheck = self
-            .prepare(&req, PromptKind::Text, &caller)
+            .prepare(&req, PromptKind::Text, &Guidance::default(), &caller)
             .and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
         let name = self.name_of(&req);
         let (engine, model, valid) = match precheck {

@@ -3,6 +3,7 @@
 
 use crate::engine::{ModelEntry, ValidRequest};
 use crate::error::ServeError;
+use crate::frontend::structured::{Constraint, Guidance};
 use shardserve::sampling::SamplingParams;
 use shardserve_proto::v1 as pb;
 
@@ -139,7 +140,24 @@ pub fn validate_as(model: &ModelEntry, req: &pb::GenerateRequest, kind: PromptKi
         tenant: String::new(),
         skip_prefix_cache: req.skip_prefix_cache,
         credential: None,
+        grammar: None,
     })
+}
+
+/// Compiles `constraint` for `model` into `valid`: the answer after any reasoning follows it.
+/// A grammar that does not compile (a schema feature llguidance lacks, say) is refused,
+/// naming `field` and the feature.
+pub fn constrain(model: &ModelEntry, valid: &mut ValidRequest, constraint: &Constraint, guidance: &Guidance) -> Result<(), ServeError> {
+    let field = constraint.field();
+    if valid.ignore_eos {
+        return Err(invalid(format!("{field} cannot be combined with ignore_eos: the end of a complete answer ends the sequence")));
+    }
+    let grammar = constraint.grammar(guidance.reasoning, &model.tokenizer);
+    let grammars = model.grammars().map_err(|e| invalid(format!("{field}: model {} cannot constrain its output: {e}", model.name)))?;
+    grammars.guide(&grammar).map_err(|e| invalid(format!("{field}: {e}")))?;
+    let json = serde_json::to_string(&grammar).map_err(|e| ServeError::Internal(format!("writing the grammar: {e}")))?;
+    valid.grammar = Some(json.into());
+    Ok(())
 }
 
 /// Validates one input of an embedding request for `model`: a prompt that fits its context.
@@ -169,6 +187,7 @@ pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate
         tenant: String::new(),
         skip_prefix_cache: false,
         credential: None,
+        grammar: None,
     })
 }
 
@@ -176,7 +195,13 @@ pub fn validate_embed(model: &ModelEntry, input: &str, index: usize, spec: crate
 /// hands to this one (its leader): checked again here, as anything that reaches a port is, with
 /// the model's limits as this coordinator knows them.
 pub fn validate_relayed(model: &ModelEntry, r: &pb::RelayRequest) -> Result<ValidRequest, ServeError> {
-    check_relayed(model.config.vocab_size, model.max_total_tokens, r)
+    let mut valid = check_relayed(model.config.vocab_size, model.max_total_tokens, r)?;
+    if !r.grammar.is_empty() {
+        let grammars = model.grammars().map_err(|e| invalid(format!("grammar: model {} cannot constrain its output: {e}", model.name)))?;
+        grammars.guide_json(&r.grammar).map_err(|e| invalid(format!("grammar: {e}")))?;
+        valid.grammar = Some(r.grammar.as_str().into());
+    }
+    Ok(valid)
 }
 
 /// [`validate_relayed`] for a model of `vocab` tokens and a context of `limit`.
@@ -236,6 +261,7 @@ fn check_relayed(vocab: usize, limit: usize, r: &pb::RelayRequest) -> Result<Val
         tenant: String::new(),
         skip_prefix_cache: r.skip_prefix_cache,
         credential: None,
+        grammar: None,
     })
 }
 

@@ -112,6 +112,23 @@ pub fn request(data: &[u8]) {
             if let Err(e) = v.sampling.validate() {
                 panic!("validation passed sampling parameters the workers refuse: {e}");
             }
+            // Its structured output compiles into a grammar the workers run, or is refused.
+            use shardserve_coordinator::frontend::structured::{Constraint, Guidance};
+            match Constraint::from_proto(req.structured_output.as_ref()) {
+                Ok(Some(c)) => {
+                    let mut v = v;
+                    match shardserve_coordinator::validate::constrain(entry, &mut v, &c, &Guidance::default()) {
+                        Ok(()) => {
+                            let grammar = v.grammar.expect("a constrained request has a grammar");
+                            let grammars = entry.grammars().expect("the tiny model's grammars");
+                            assert!(grammars.guide_json(&grammar).is_ok(), "a grammar the coordinator compiled does not compile again");
+                        }
+                        Err(e) => one_line("compiling a structured output", &e.to_string()),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => one_line("reading a structured output", &e.to_string()),
+            }
         }
         Err(e) => one_line("validating a request", &e.to_string()),
     }

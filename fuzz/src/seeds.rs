@@ -136,8 +136,15 @@ fn request() {
         min_tokens: 2,
         cache_salt: "tenant-a".into(),
         skip_prefix_cache: false,
+        structured_output: None,
     };
     write("request", "full", &full.encode_to_vec());
+    let schema = r#"{"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}"#;
+    let structured = pb::GenerateRequest {
+        structured_output: Some(pb::StructuredOutput { kind: Some(pb::structured_output::Kind::JsonSchema(schema.into())) }),
+        ..plain
+    };
+    write("request", "structured", &structured.encode_to_vec());
 }
 
 fn chat() {

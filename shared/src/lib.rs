@@ -26,6 +26,7 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod guide;
 pub mod hub;
 pub mod membership;
 pub mod model;

@@ -65,6 +65,11 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The tokenizer as tokenizer.json writes it.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(&self.inner).map_err(|e| Error::Tokenizer(format!("serializing the tokenizer: {e}")))
+    }
 }
 
 /// Turns a stream of token ids into a stream of text pieces. Decoding a window of recent tokens

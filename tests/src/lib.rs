@@ -630,3 +630,29 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok())?
     })
 }
+
+/// A venv with the official `openai` package and `jsonschema` (made once per target folder).
+pub fn python_venv() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/openai-venv");
+    let python = venv.join("bin/python");
+    let ok =
+        |py: &Path| Command::new(py).args(["-c", "import openai, jsonschema"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok(&python) {
+        let out = bounded(Command::new("python3").args(["-m", "venv"]).arg(&venv), Duration::from_secs(120));
+        assert!(out.status.success(), "python3 -m venv: {}", String::from_utf8_lossy(&out.stderr));
+        let out = bounded(
+            Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.50", "jsonschema>=4"]),
+            Duration::from_secs(300),
+        );
+        assert!(out.status.success(), "pip install openai jsonschema: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    python
+}
+
+/// The reference model with the Qwen3 chat template the chat fixtures were rendered with.
+pub fn chat_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(&reference_model(), dir.path());
+    std::fs::copy(fixtures().join("chat/qwen3.jinja"), dir.path().join("chat_template.jinja")).unwrap();
+    dir
+}

@@ -6,17 +6,9 @@
 use shardserve_proto::v1 as pb;
 use shardserve_tests::*;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
-
-/// The reference model with the Qwen3 chat template the chat fixtures were rendered with.
-fn chat_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    copy_model(&reference_model(), dir.path());
-    std::fs::copy(fixtures().join("chat/qwen3.jinja"), dir.path().join("chat_template.jinja")).unwrap();
-    dir
-}
 
 /// A cluster serving the reference model (no chat template) with its HTTP API, and the same
 /// checkpoint with the template loaded as a second model named "chat".
@@ -39,23 +31,6 @@ async fn http_cluster(chat_dir: &Path) -> (Cluster, String) {
     let http = cluster_status(&cluster.url).await.http_address;
     assert!(!http.is_empty(), "the coordinator reports no HTTP address");
     (cluster, http)
-}
-
-/// A venv with the official `openai` package (made once per target folder).
-fn openai_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/openai-venv");
-    let python = venv.join("bin/python");
-    let ok = |py: &Path| Command::new(py).args(["-c", "import openai"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    if !ok(&python) {
-        let out = bounded(Command::new("python3").args(["-m", "venv"]).arg(&venv), Duration::from_secs(120));
-        assert!(out.status.success(), "python3 -m venv: {}", String::from_utf8_lossy(&out.stderr));
-        let out = bounded(
-            Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.50"]),
-            Duration::from_secs(300),
-        );
-        assert!(out.status.success(), "pip install openai: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    python
 }
 
 /// One HTTP/1.1 request on a fresh connection; the status and the raw body bytes (chunked
@@ -97,7 +72,7 @@ fn json_of(body: &[u8]) -> serde_json::Value {
 async fn the_openai_python_client_gets_what_it_expects() {
     let dir = chat_model();
     let (cluster, http) = http_cluster(dir.path()).await;
-    let python = openai_python();
+    let python = python_venv();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_check.py");
     let out = bounded(
         Command::new(python)

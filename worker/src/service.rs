@@ -11,6 +11,7 @@ use compute::{compute, ComputeThread};
 use shardserve::collective::tcp::TcpGroup;
 use shardserve::collective::TpRank;
 use shardserve::config::ModelConfig;
+use shardserve::guide::{Grammars, Guide, GuideError};
 use shardserve::model::{self, KvPool, Shard, StageSpec};
 use shardserve::sampling::Sampler;
 use shardserve::stage::StageClient;
@@ -30,6 +31,8 @@ use tracing::{debug, info, warn};
 struct SeqState {
     /// Last stage only: the sampler and every token of the sequence so far.
     sampler: Option<Sampler>,
+    /// The rank that samples, for a constrained sequence: its grammar's state.
+    guide: Option<Guide>,
     history: Vec<u32>,
     /// The client request it serves (for log lines).
     request_id: String,
@@ -66,9 +69,29 @@ struct Loaded {
     blocks_total: usize,
     block_size: usize,
     block_bytes: u64,
+    /// The checkpoint's folder (its tokenizer builds the grammars).
+    dir: std::path::PathBuf,
+    /// The grammars of the model, built on the first constrained sequence, for its
+    /// end-of-sequence tokens.
+    grammars: Mutex<Option<(Vec<u32>, Arc<Grammars>)>>,
 }
 
 impl Loaded {
+    /// The model's grammars for sequences that end at `eos`.
+    fn grammars(&self, eos: &[u32]) -> Result<Arc<Grammars>, GuideError> {
+        let mut built = self.grammars.lock().expect("grammars lock");
+        if let Some((e, g)) = built.as_ref() {
+            if e.as_slice() == eos {
+                return Ok(g.clone());
+            }
+        }
+        let tokenizer = shardserve::tokenizer::Tokenizer::from_file(&self.dir.join("tokenizer.json"))
+            .map_err(|e| GuideError::Tokenizer(e.to_string()))?;
+        let g = Arc::new(Grammars::new(&tokenizer, self.shard.config().vocab_size, eos)?);
+        *built = Some((eos.to_vec(), g.clone()));
+        Ok(g)
+    }
+
     /// The group this worker leads, if it leads one.
     fn followers(&self) -> Option<&Arc<TcpGroup>> {
         self.group.as_ref().filter(|_| self.tp.is_leader())
@@ -307,9 +330,9 @@ impl pb::worker_server::Worker for WorkerService {
         let device = state.device.clone();
         let r = req.clone();
         let st = state.clone();
-        let (shard, group, pool) = tokio::task::spawn_blocking(move || -> Result<(Shard, Option<Arc<TcpGroup>>, KvPool), Status> {
+        let (shard, group, pool, dir) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let files = shardserve::hub::resolve(&r.model, Some(&r.revision)).map_err(to_status)?;
             let load = || -> Result<Shard, shardserve::Error> {
-                let files = shardserve::hub::resolve(&r.model, Some(&r.revision))?;
                 let cfg = ModelConfig::from_file(&files.file("config.json"))?;
                 let dtype = model::resolve_dtype(r.dtype.parse()?, &cfg, &device);
                 let spec = StageSpec::new(r.layer_start as usize..r.layer_end as usize, r.stage as usize, r.num_stages.max(1) as usize)
@@ -327,7 +350,7 @@ impl pb::worker_server::Worker for WorkerService {
                 .map_err(|e| Status::resource_exhausted(format!("worker {}: {e}", st.id)))?;
             let pool = shard.new_pool(blocks, block_size).map_err(to_status)?;
             if tp.size == 1 {
-                return Ok((shard, None, pool));
+                return Ok((shard, None, pool, files.dir));
             }
             let names = r.tp_workers.clone();
             let group = if tp.is_leader() {
@@ -344,7 +367,7 @@ impl pb::worker_server::Worker for WorkerService {
             })?;
             let group = Arc::new(group);
             shard.set_group(all_reduce(&st, &group, tp, &device)?);
-            Ok((shard, Some(group), pool))
+            Ok((shard, Some(group), pool, files.dir))
         })
         .await
         .map_err(|e| Status::internal(format!("loading task failed: {e}")))??;
@@ -375,6 +398,8 @@ impl pb::worker_server::Worker for WorkerService {
             blocks_total,
             block_size,
             block_bytes,
+            dir,
+            grammars: Mutex::new(None),
         });
         loaded.publish(&loaded.kv.lock().expect("kv lock"));
         *state.loaded.write().expect("loaded lock") = Some(loaded.clone());

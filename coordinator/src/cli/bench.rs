@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// turn, with prefix caching and again with it off.
     #[arg(long)]
     pub multi_turn: Option<usize>,
+    /// Decoding held to the JSON schema in FILE, against free decoding of the same prompt
+    /// (both sampled at temperature 1): aggregate tok/s as a ratio at each --concurrency, and
+    /// llguidance's mask time per token.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shared_prefix", "multi_turn", "baseline", "baseline_from"])]
+    pub json_schema: Option<std::path::PathBuf>,
 }
 
 /// What one request measured; times in seconds.
@@ -89,7 +94,7 @@ pub(super) struct Sample {
     itl: Vec<f64>,
     total: f64,
     tokens: usize,
-    token_ids: Vec<u32>,
+    pub(super) token_ids: Vec<u32>,
     /// The text generated.
     pub(super) text: String,
     /// Prompt tokens the cluster served from its prefix cache.
@@ -288,7 +293,7 @@ pub(super) async fn one_request(mut client: super::InferenceClient, req: pb::Gen
 }
 
 /// Sends `total` requests with `concurrency` in flight; returns the samples and the wall time.
-async fn run_phase(
+pub(super) async fn run_phase(
     client: &super::InferenceClient,
     req: &pb::GenerateRequest,
     total: usize,
@@ -577,6 +582,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         };
         if let Some(w) = workload {
             return super::bench_prefix::run(&a, &mut c, &model, w).await;
+        }
+        if let Some(path) = &a.json_schema {
+            let schema = std::fs::read_to_string(path).with_context(|| format!("--json-schema {}", path.display()))?;
+            return super::bench_structured::run(&a, &mut c, &model, &schema).await;
         }
         prompt = Some(build_prompt(&mut c, &model, a.prompt_tokens).await?);
         client = Some(c);

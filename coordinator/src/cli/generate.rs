@@ -73,11 +73,48 @@ pub struct GenerateArgs {
     /// Share cached prompt blocks only with requests of the same salt.
     #[arg(long)]
     pub cache_salt: Option<String>,
+    /// The output is JSON that validates against the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE", group = "structured")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// The output is any JSON object.
+    #[arg(long, group = "structured")]
+    pub json_object: bool,
+    /// The whole output matches this regex.
+    #[arg(long, group = "structured")]
+    pub regex: Option<String>,
+    /// The output is exactly one of these strings (repeatable).
+    #[arg(long, group = "structured")]
+    pub choice: Vec<String>,
+    /// The output follows the Lark grammar (llguidance's dialect) in FILE.
+    #[arg(long, value_name = "FILE", group = "structured")]
+    pub grammar: Option<std::path::PathBuf>,
 }
 
 impl GenerateArgs {
-    fn request(&self) -> pb::GenerateRequest {
-        pb::GenerateRequest {
+    /// The structured output asked for, if any.
+    fn structured_output(&self) -> anyhow::Result<Option<pb::StructuredOutput>> {
+        use pb::structured_output::Kind;
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+        };
+        let kind = if let Some(path) = &self.json_schema {
+            Kind::JsonSchema(read("--json-schema", path)?)
+        } else if let Some(path) = &self.grammar {
+            Kind::Grammar(read("--grammar", path)?)
+        } else if let Some(r) = &self.regex {
+            Kind::Regex(r.clone())
+        } else if !self.choice.is_empty() {
+            Kind::Choice(pb::Choices { choices: self.choice.clone() })
+        } else if self.json_object {
+            Kind::JsonObject(true)
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(pb::StructuredOutput { kind: Some(kind) }))
+    }
+
+    fn request(&self) -> anyhow::Result<pb::GenerateRequest> {
+        Ok(pb::GenerateRequest {
             model: self.model.clone(),
             prompt: self.prompt.clone().unwrap_or_default(),
             max_new_tokens: self.max_new_tokens,
@@ -95,7 +132,8 @@ impl GenerateArgs {
             min_tokens: self.min_tokens,
             cache_salt: self.cache_salt.clone().unwrap_or_default(),
             skip_prefix_cache: false,
-        }
+            structured_output: self.structured_output()?,
+        })
     }
 
     /// The `Chat` request of --chat.
@@ -122,7 +160,8 @@ impl GenerateArgs {
             tools_json: String::new(),
             chat_template_kwargs_json: self.chat_template_kwargs.clone().unwrap_or_default(),
             add_generation_prompt: None,
-            generation: Some(pb::GenerateRequest { prompt: String::new(), ..self.request() }),
+            generation: Some(pb::GenerateRequest { prompt: String::new(), ..self.request()? }),
+            tool_choice_json: String::new(),
         })
     }
 }
@@ -165,7 +204,7 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let mut stream = if a.chat {
             client.chat(a.chat_request()?).await.map_err(status_error)?.into_inner()
         } else {
-            client.generate_stream(a.request()).await.map_err(status_error)?.into_inner()
+            client.generate_stream(a.request()?).await.map_err(status_error)?.into_inner()
         };
         let stdout = std::io::stdout();
         while let Some(msg) = stream.message().await.map_err(status_error)? {
@@ -196,7 +235,7 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     } else {
-        let r = client.generate(a.request()).await.map_err(status_error)?.into_inner();
+        let r = client.generate(a.request()?).await.map_err(status_error)?.into_inner();
         out = Generated {
             text: r.text,
             token_ids: r.token_ids,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 mod bench_prefix;
+mod bench_structured;
 pub mod cache;
 pub mod cluster;
 pub mod demo;

@@ -115,6 +115,7 @@ fn to_relay(model: &str, id: &str, r: &ValidRequest) -> pb::RelayRequest {
         skip_prefix_cache: r.skip_prefix_cache,
         embed_pooling: r.embed.map(|e| e.pooling.name().to_string()).unwrap_or_default(),
         embed_normalize: r.embed.is_some_and(|e| e.normalize),
+        grammar: r.grammar.as_deref().unwrap_or_default().to_string(),
     }
 }
 

@@ -9,6 +9,7 @@ use crate::membership::Membership;
 use replicas::base_name;
 use shardserve::config::{GenerationConfig, ModelConfig};
 use shardserve::dtype::Dtype;
+use shardserve::guide::{Grammars, GuideError};
 use shardserve::stage::StageClient;
 use shardserve::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
 use shardserve_proto::v1 as pb;
@@ -263,9 +264,16 @@ pub struct ModelEntry {
     /// (prompt and new tokens): the load the router counts, current from the moment it routes.
     routed_requests: AtomicUsize,
     routed_blocks: AtomicUsize,
+    /// The model's vocabulary as constrained decoding reads it, built on first use.
+    grammars: std::sync::OnceLock<Result<Arc<Grammars>, GuideError>>,
 }
 
 impl ModelEntry {
+    /// The compiler of the model's grammars (built on the first constrained request).
+    pub fn grammars(&self) -> Result<Arc<Grammars>, GuideError> {
+        self.grammars.get_or_init(|| Grammars::new(&self.tokenizer, self.config.vocab_size, &self.eos).map(Arc::new)).clone()
+    }
+
     /// What `ListModels` and `LoadModel` say of the model.
     pub fn info(&self) -> pb::ModelInfo {
         pb::ModelInfo {
@@ -373,6 +381,8 @@ pub struct ValidRequest {
     pub skip_prefix_cache: bool,
     /// The caller's API key, passed on when the request is handed to the leader coordinator.
     pub credential: Option<Credential>,
+    /// Constrained decoding: the grammar (llguidance's, in JSON) every sampled token follows.
+    pub grammar: Option<Arc<str>>,
 }
 
 /// Something the request loop produced.
@@ -638,6 +648,7 @@ impl Engine {
             free_blocks: AtomicUsize::new(0),
             routed_requests: AtomicUsize::new(0),
             routed_blocks: AtomicUsize::new(0),
+            grammars: Default::default(),
         });
         let seed = crate::util::random_u64();
         let etcd_is_none = etcd.is_none();

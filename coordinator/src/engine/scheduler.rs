@@ -419,6 +419,12 @@ impl Scheduler {
                         (true, Some(root)) => root.to_vec(),
                         _ => Vec::new(),
                     },
+                    grammar: req.grammar.as_ref().filter(|_| first).map(|g| pb::Grammar {
+                        llguidance: g.to_string(),
+                        eos: self.engine.model.eos.clone(),
+                        // A sequence moved to a new placement brings what it generated so far.
+                        generated: r.context[req.prompt_ids.len()..].to_vec(),
+                    }),
                 });
                 r.sending = n;
                 sent.push((r.seq_id, n));

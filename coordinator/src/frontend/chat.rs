@@ -1,6 +1,8 @@
 //! A chat request's conversation checked as OpenAI's API defines it and rendered with the
 //! model's own chat template.
 
+use super::output::{Reasoning, ReasoningParser, ToolCallParser, ToolFormat, THINK_END};
+use super::structured::{Constraint, Guidance};
 use crate::engine::ModelEntry;
 
 /// A conversation that cannot be rendered: what is wrong, and the request field at fault.
@@ -74,4 +76,36 @@ pub fn render_messages(
     let messages = &openai_messages(messages)?;
     let input = shardserve::chat::ChatInput { messages, tools, add_generation_prompt, chat_template_kwargs: kwargs, template: None };
     templates.render(&input).map_err(|e| chat_error(&e))
+}
+
+/// How a rendered chat's answer is read and held: the tool-call format (when the request
+/// offers tools), where the model reasons, and the calls `tool_choice` demands.
+#[derive(Debug, Clone, Default)]
+pub struct Reading {
+    pub format: Option<ToolFormat>,
+    /// Where the text's reasoning is, for reading it.
+    pub reasoning: Reasoning,
+    pub guidance: Guidance,
+}
+
+/// The [`Reading`] of a chat with `tools` offered (none when `tool_choice` is "none"),
+/// `tool_choice` and `parallel_tool_calls`, rendered as `prompt` for `model`, with the parsers
+/// the server was started with.
+pub fn reading(
+    model: &ModelEntry,
+    prompt: &str,
+    tools: Option<&serde_json::Value>,
+    (tool_choice, parallel): (Option<&serde_json::Value>, bool),
+    parsers: (ToolCallParser, ReasoningParser),
+) -> Result<Reading, InvalidChat> {
+    let offered = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+    let template = model.chat.as_ref().as_ref().ok().and_then(|t| t.source(offered.is_some()));
+    let format = offered.and_then(|_| parsers.0.format(template));
+    let reasoning = Reasoning::for_prompt(parsers.1.thinks(template), prompt);
+    let calls = Constraint::from_tool_choice(tool_choice, tools, format, parallel)
+        .map_err(|e| InvalidChat { message: e.to_string(), param: e.field })?;
+    // A prompt that closed the block itself (Qwen3's enable_thinking: false) leaves nothing to
+    // reason: a constraint holds the text from its first token.
+    let held = if prompt.trim_end().ends_with(THINK_END) { Reasoning::Off } else { reasoning };
+    Ok(Reading { format, reasoning, guidance: Guidance { reasoning: held, calls } })
 }

@@ -4,7 +4,10 @@
 //! - [`output`]: a model's text read into reasoning, the answer and tool calls, streamed or
 //!   whole.
 //! - [`scan`]: JSON read as the model writes it.
+//! - [`structured`]: what the output must be (a schema, a regex, demanded tool calls), as one
+//!   grammar the sampling rank holds every token to.
 
 pub mod chat;
 pub mod output;
 pub mod scan;
+pub mod structured;

@@ -76,8 +76,8 @@ const PYTHON_TAG: &str = "<|python_tag|>";
 const TOOL_CALLS: &str = "[TOOL_CALLS]";
 const ARGS: &str = "[ARGS]";
 const CALL_ID: &str = "[CALL_ID]";
-const THINK: &str = "<think>";
-const THINK_END: &str = "</think>";
+pub(crate) const THINK: &str = "<think>";
+pub(crate) const THINK_END: &str = "</think>";
 
 impl ToolFormat {
     /// The format a chat template's model writes, by what the template tells it to write.
@@ -125,9 +125,10 @@ impl ToolFormat {
 }
 
 /// Where a model's reasoning is in its text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Reasoning {
     /// The text is the answer.
+    #[default]
     Off,
     /// Reasoning, if any, is the `<think>...</think>` block the text starts with.
     Tagged,

@@ -5,6 +5,7 @@ use super::chat::{ChatOutput, OutputSpec};
 use super::{parse, sse, ApiError, App};
 use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
 use crate::error::ServeError;
+use crate::frontend::structured::Guidance;
 use crate::service::{record, Caller, InferenceService};
 use crate::validate::PromptKind;
 use axum::body::Body;
@@ -59,10 +60,14 @@ pub struct Sampling {
     /// vLLM's: mixed into the prefix cache's block hashes, so only requests with the same salt
     /// share cached prompt blocks.
     pub cache_salt: Option<String>,
+    /// OpenAI's structured output: `{"type": "json_schema", ...}` or `{"type": "json_object"}`.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's: `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`.
+    pub structured_outputs: Option<serde_json::Value>,
 }
 
 /// The fields of [`Sampling`], as they are named in a request body.
-pub const SAMPLING_FIELDS: [&str; 14] = [
+pub const SAMPLING_FIELDS: [&str; 16] = [
     "max_tokens",
     "max_completion_tokens",
     "temperature",
@@ -77,6 +82,8 @@ pub const SAMPLING_FIELDS: [&str; 14] = [
     "presence_penalty",
     "frequency_penalty",
     "cache_salt",
+    "response_format",
+    "structured_outputs",
 ];
 
 impl Sampling {
@@ -156,15 +163,21 @@ pub(super) fn kind_of(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// A request's prompt text, how it is tokenized, and what a chat adds to its constraint.
+struct Prompt<'a> {
+    text: &'a str,
+    kind: PromptKind,
+    guidance: &'a Guidance,
+}
+
 /// The engine's request: the gRPC request's validation (the prompt tokenized once, as `kind`
 /// says), then the extras.
 fn engine_request(
     svc: &InferenceService,
     model: &str,
-    prompt: String,
+    prompt: &Prompt,
     s: &Sampling,
     logprobs: Logprobs,
-    kind: PromptKind,
     caller: &Caller,
 ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ApiError> {
     for (field, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
@@ -188,7 +201,7 @@ fn engine_request(
     }
     let req = pb::GenerateRequest {
         model: model.to_string(),
-        prompt,
+        prompt: prompt.text.to_string(),
         cache_salt: s.cache_salt.clone().unwrap_or_default(),
         skip_prefix_cache: false,
         max_new_tokens,
@@ -204,8 +217,17 @@ fn engine_request(
         ignore_eos: s.ignore_eos.unwrap_or(false),
         top_logprobs: logprobs.top,
         min_tokens: s.min_tokens.unwrap_or(0),
+        structured_output: super::structured::structured_output(s.response_format.as_ref(), s.structured_outputs.as_ref())?,
     };
-    svc.prepare(&req, kind, caller).map_err(|e| field_error(e.into()))
+    svc.prepare(&req, prompt.kind, prompt.guidance, caller).map_err(|e| {
+        let mut e = field_error(e.into());
+        if e.message.starts_with("structured_output") {
+            let field = if s.structured_outputs.is_some() { "structured_outputs" } else { "response_format" };
+            e.message = e.message.replacen("structured_output", field, 1);
+            e.param = Some(field.into());
+        }
+        e
+    })
 }
 
 /// Names the OpenAI field behind a validation message that names the gRPC one.
@@ -285,11 +307,10 @@ enum Kind {
 async fn submit_all(
     svc: &InferenceService,
     model: &str,
-    prompt: &str,
+    prompt: &Prompt<'_>,
     s: &Sampling,
     logprobs: Logprobs,
     id: &str,
-    kind: PromptKind,
     max_n: u32,
     caller: &Caller,
 ) -> Result<(Arc<ModelEntry>, Vec<u32>, Vec<RequestHandle>), ApiError> {
@@ -297,7 +318,7 @@ async fn submit_all(
     if n == 0 || n > max_n {
         return Err(ApiError::invalid(format!("n must be in 1..={max_n} (--max-n), got {n}"), Some("n".into())));
     }
-    let (engine, entry, valid) = engine_request(svc, model, prompt.to_string(), s, logprobs, kind, caller)?;
+    let (engine, entry, valid) = engine_request(svc, model, prompt, s, logprobs, caller)?;
     let mut handles = Vec::new();
     for i in 0..n {
         let mut choice = valid.clone();
@@ -329,20 +350,9 @@ async fn generate(
     let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::util::random_u64());
     let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
     let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
-    let submitted = tracing::Instrument::instrument(
-        submit_all(
-            &svc,
-            &model,
-            &prompt,
-            &s,
-            logprobs,
-            &id,
-            if kind == Kind::Chat { PromptKind::Chat } else { PromptKind::Text },
-            app.limits.max_n,
-            &caller,
-        ),
-        span,
-    );
+    let guidance = output.as_ref().map(|o| o.guidance.clone()).unwrap_or_default();
+    let text = Prompt { text: &prompt, kind: if kind == Kind::Chat { PromptKind::Chat } else { PromptKind::Text }, guidance: &guidance };
+    let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &text, &s, logprobs, &id, app.limits.max_n, &caller), span);
     let (entry, prompt_ids, handles) = match submitted.await {
         Ok(v) => v,
         Err(e) => {

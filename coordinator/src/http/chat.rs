@@ -4,8 +4,9 @@
 use super::api::StreamOptions;
 use super::{ApiError, App};
 use crate::engine::GenEvent;
-use crate::frontend::chat::render_messages;
+use crate::frontend::chat::{reading, render_messages, Reading};
 use crate::frontend::output::{Delta, OutputParser, Reasoning, ToolFormat};
+use crate::frontend::structured::Guidance;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -17,8 +18,8 @@ pub struct ChatRequest {
     pub model: String,
     pub messages: serde_json::Value,
     pub tools: Option<serde_json::Value>,
-    /// Only "auto" and "none" (the template decides how tools are offered; nothing forces a
-    /// call).
+    /// "auto", "none", "required" or a named function (the last two enforced by constrained
+    /// decoding).
     pub tool_choice: Option<serde_json::Value>,
     /// Template variables, e.g. `{"enable_thinking": false}`.
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
@@ -31,7 +32,6 @@ pub struct ChatRequest {
     pub user: Option<String>,
     // OpenAI fields this server does not support: named in a 400 when set.
     pub logit_bias: Option<serde_json::Value>,
-    pub response_format: Option<serde_json::Value>,
     pub parallel_tool_calls: Option<serde_json::Value>,
 }
 
@@ -40,18 +40,8 @@ impl ChatRequest {
         if self.logit_bias.as_ref().is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
             return Err(ApiError::unsupported("logit_bias", ""));
         }
-        if let Some(f) = &self.response_format {
-            if !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text") {
-                return Err(ApiError::unsupported("response_format", " (other than {\"type\": \"text\"})"));
-            }
-        }
-        if let Some(c) = &self.tool_choice {
-            if !matches!(c.as_str(), Some("auto" | "none")) && !c.is_null() {
-                return Err(ApiError::unsupported("tool_choice", " (other than \"auto\" or \"none\")"));
-            }
-        }
-        if self.parallel_tool_calls.as_ref().is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(true)) {
-            return Err(ApiError::unsupported("parallel_tool_calls", " (other than true)"));
+        if self.parallel_tool_calls.as_ref().is_some_and(|v| !v.is_null() && !v.is_boolean()) {
+            return Err(ApiError::invalid("parallel_tool_calls: expected a boolean", Some("parallel_tool_calls".into())));
         }
         if self.top_logprobs.is_some() && self.logprobs != Some(true) {
             return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs".into())));
@@ -74,13 +64,13 @@ pub(super) fn render(app: &App, req: &ChatRequest) -> Result<(String, OutputSpec
     };
     let prompt =
         render_messages(&model, &req.messages, tools, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())?;
-    let template = model.chat.as_ref().as_ref().ok().and_then(|t| t.source(tools.is_some()));
-    let format = tools.and_then(|_| app.limits.tool_call_parser.format(template));
-    let reasoning = Reasoning::for_prompt(app.limits.reasoning_parser.thinks(template), &prompt);
+    let parsers = (app.limits.tool_call_parser, app.limits.reasoning_parser);
+    let parallel = req.parallel_tool_calls.as_ref().and_then(|v| v.as_bool()).unwrap_or(true);
+    let Reading { format, reasoning, guidance } = reading(&model, &prompt, tools, (req.tool_choice.as_ref(), parallel), parsers)?;
     let markers = format
         .map(|f| f.markers().iter().filter_map(|m| model.tokenizer.special_token_id(m).map(|id| (id, *m))).collect())
         .unwrap_or_default();
-    Ok((prompt, OutputSpec { format, reasoning, markers }))
+    Ok((prompt, OutputSpec { format, reasoning, markers, guidance }))
 }
 
 /// How a chat response's text is read: for calls in the model's format (when the request
@@ -91,6 +81,8 @@ pub struct OutputSpec {
     reasoning: Reasoning,
     /// The format's markers that are special tokens (detokenizing skips them), by id.
     markers: Vec<(u32, &'static str)>,
+    /// What holds the answer beyond the request's own constraint.
+    pub guidance: Guidance,
 }
 
 /// One choice's text read as it comes, into OpenAI's chat deltas or its whole message.
@@ -229,7 +221,7 @@ mod tests {
     }
 
     fn spec(format: Option<ToolFormat>, reasoning: Reasoning) -> OutputSpec {
-        OutputSpec { format, reasoning, markers: Vec::new() }
+        OutputSpec { format, reasoning, markers: Vec::new(), guidance: Guidance::default() }
     }
 
     /// The chunks' deltas put back together as OpenAI's client does, and the last finish_reason.
@@ -311,7 +303,12 @@ mod tests {
     #[test]
     fn markers_skipped_by_detokenizing_are_put_back() {
         // Mistral's [TOOL_CALLS] is a special token: its event's text is empty.
-        let spec = OutputSpec { format: Some(ToolFormat::Mistral), reasoning: Reasoning::Off, markers: vec![(9, "[TOOL_CALLS]")] };
+        let spec = OutputSpec {
+            format: Some(ToolFormat::Mistral),
+            reasoning: Reasoning::Off,
+            markers: vec![(9, "[TOOL_CALLS]")],
+            guidance: Guidance::default(),
+        };
         let mut evs = vec![event("", vec![9], None)];
         evs.extend(events(r#"[{"name": "get_time", "arguments": {}}]"#, "stop"));
         let (message, _, finish) = whole(&spec, &evs);

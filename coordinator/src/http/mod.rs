@@ -8,6 +8,7 @@ mod api;
 pub(crate) mod chat;
 mod embeddings;
 mod error;
+mod structured;
 mod tokens;
 
 pub use error::ApiError;

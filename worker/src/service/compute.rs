@@ -6,9 +6,11 @@
 use super::{Loaded, SeqState, WorkerState};
 use crate::group::Control;
 use candle_core::Tensor;
+use shardserve::guide::{GuideError, Mask};
 use shardserve::model::{self, BatchInput, BatchOutput, SeqStep};
 use shardserve::sampling::{Sampler, SamplingParams};
 use shardserve_proto::v1 as pb;
+use std::collections::HashMap;
 use tonic::Code;
 
 /// The one thread that runs this worker's forward passes. Steps run one at a time on a thread
@@ -102,6 +104,14 @@ pub(super) enum StepError {
     /// The step itself is malformed (its hidden states, say).
     #[error("worker {worker}: {why}")]
     Malformed { worker: String, why: String },
+    /// A constrained sequence's grammar failed while it was being generated.
+    #[error("worker {worker}: sequence {seq}: {source}")]
+    Grammar {
+        worker: String,
+        seq: u64,
+        #[source]
+        source: GuideError,
+    },
 }
 
 impl StepError {
@@ -114,7 +124,7 @@ impl StepError {
             StepError::Released(_) => Code::Cancelled,
             StepError::Invalid { .. } | StepError::Malformed { .. } => Code::InvalidArgument,
             StepError::KvFull { .. } => Code::ResourceExhausted,
-            StepError::Forward { .. } => Code::Internal,
+            StepError::Forward { .. } | StepError::Grammar { .. } => Code::Internal,
         }
     }
 
@@ -303,7 +313,21 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
         }
     };
     let kv = &mut *kv;
-    let computed = shard.forward_batch(&mut kv.pool, &seqs, input);
+    // The masks of the constrained sequences that sample in this step are computed beside the
+    // forward pass (on a thread of their own), not after it.
+    let guided: Vec<u64> = ok
+        .iter()
+        .filter(|(_, s, _)| spec.last && !s.prefill_only && !s.embed)
+        .map(|(_, s, _)| s.seq_id)
+        .filter(|id| kv.seqs.get(id).is_some_and(|q| q.guide.is_some()))
+        .collect();
+    let (pool, states) = (&mut kv.pool, &mut kv.seqs);
+    let (computed, mut masks) = std::thread::scope(|scope| {
+        let masks = (!guided.is_empty()).then(|| scope.spawn(|| masks_of(states, &guided)));
+        let computed = shard.forward_batch(pool, &seqs, input);
+        let masks = masks.map(|h| h.join().unwrap_or_else(|_| HashMap::new())).unwrap_or_default();
+        (computed, masks)
+    });
     let output = match computed {
         Ok(o) => {
             // Written on this stage: the blocks the step filled get their content addresses.
@@ -385,12 +409,41 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
                     continue;
                 };
                 let mut values = values;
+                let mask = match (&seq.guide, masks.remove(&s.seq_id)) {
+                    (None, _) => None,
+                    (Some(_), Some(Ok(mask))) => Some(mask),
+                    (Some(_), Some(Err(e))) => {
+                        out.results.push(StepError::Grammar { worker: state.id.clone(), seq: s.seq_id, source: e }.result(s.seq_id));
+                        continue;
+                    }
+                    (Some(_), None) => {
+                        let e = GuideError::Failed("computing the mask panicked".into());
+                        out.results.push(StepError::Grammar { worker: state.id.clone(), seq: s.seq_id, source: e }.result(s.seq_id));
+                        continue;
+                    }
+                };
+                let unsuppressed = mask.as_ref().map(|_| values.clone());
                 for t in &s.suppress {
                     if let Some(v) = values.get_mut(*t as usize) {
                         *v = f32::NEG_INFINITY;
                     }
                 }
+                if let (Some(mask), Some(mut unsuppressed)) = (&mask, unsuppressed) {
+                    mask.apply(&mut values);
+                    if values.iter().all(|v| *v == f32::NEG_INFINITY) {
+                        // The grammar is complete before min_tokens: it allows only the end,
+                        // which min_tokens forbids. The grammar wins.
+                        mask.apply(&mut unsuppressed);
+                        values = unsuppressed;
+                    }
+                }
                 let token = sampler.sample(&values, &seq.history);
+                if let Some(guide) = seq.guide.as_mut() {
+                    if let Err(e) = guide.advance(token) {
+                        out.results.push(StepError::Grammar { worker: state.id.clone(), seq: s.seq_id, source: e }.result(s.seq_id));
+                        continue;
+                    }
+                }
                 let mut result = pb::SequenceResult { seq_id: s.seq_id, token_id: token, ..Default::default() };
                 if s.logprobs || s.top_logprobs > 0 {
                     // The model's own distribution (before any suppression or sampling filter).
@@ -406,6 +459,19 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
     }
     loaded.publish(kv);
     out
+}
+
+/// The next-token masks of the sequences `ids`, which all have grammars.
+fn masks_of(states: &mut HashMap<u64, SeqState>, ids: &[u64]) -> HashMap<u64, Result<Mask, GuideError>> {
+    ids.iter()
+        .filter_map(|id| {
+            let guide = states.get_mut(id)?.guide.as_mut()?;
+            let started = std::time::Instant::now();
+            let mask = guide.mask();
+            metrics::histogram!("shardserve_grammar_mask_seconds").record(started.elapsed().as_secs_f64());
+            Some((*id, mask))
+        })
+        .collect()
 }
 
 /// Checks one sequence of a step and gives it the blocks its tokens need: whether it is new
@@ -452,8 +518,20 @@ fn check(
         let sampler =
             if shard.spec().has_head() { Some(Sampler::new(sampling_params(s.sampling.as_ref()).map_err(invalid)?)) } else { None };
         kv.pool.insert_cached(s.seq_id, root, &s.cached_blocks, &s.cached_ids).map_err(|e| invalid(format!("worker {}: {e}", state.id)))?;
+        // The grammar lives on the rank that samples; the other ranks of its group sample
+        // nothing anyone reads.
+        let guide = match &s.grammar {
+            Some(g) if sampler.is_some() && loaded.tp.is_leader() => {
+                let guide = loaded.grammars(&g.eos).and_then(|grammars| grammars.guide_json(&g.llguidance)).and_then(|mut guide| {
+                    g.generated.iter().try_for_each(|t| guide.advance(*t))?;
+                    Ok(guide)
+                });
+                Some(guide.map_err(|e| invalid(format!("worker {}: {e}", state.id)))?)
+            }
+            _ => None,
+        };
         let history = if sampler.is_some() { s.cached_ids.clone() } else { Vec::new() };
-        kv.seqs.insert(s.seq_id, SeqState { sampler, history, request_id: s.request_id.clone() });
+        kv.seqs.insert(s.seq_id, SeqState { sampler, guide, history, request_id: s.request_id.clone() });
         if !s.request_id.is_empty() {
             tracing::debug!(worker = %state.id, request_id = %s.request_id, seq = s.seq_id, cached, "sequence started");
         }

@@ -1,0 +1,85 @@
+//! Structured output (llguidance) on random-weight models, through real clusters: 20 JSON
+//! schemas whose every finished response validates with Python's `jsonschema`, in each layout
+//! (one worker, two pipeline stages, tensor parallelism of 2); `tool_choice` "required" and
+//! named through the official `openai` client; and the same constraint over gRPC.
+
+use shardserve_proto::v1 as pb;
+use shardserve_tests::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Runs `tests/python/structured_check.py MODE` against `http` for `model`: what it counted.
+fn check(mode: &str, http: &str, model: &str, cluster: &Cluster) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/structured_check.py");
+    let out =
+        bounded(Command::new(python_venv()).arg(script).arg(mode).arg(format!("http://{http}/v1")).arg(model), Duration::from_secs(400));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "structured_check.py {mode} failed:\n{stdout}\n{}\n--- cluster ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.stderr()
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+async fn http_of(cluster: &Cluster) -> String {
+    let http = cluster_status(&cluster.url).await.http_address;
+    assert!(!http.is_empty(), "the coordinator reports no HTTP address");
+    http
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_json_schemas_hold_in_every_layout() {
+    let model = reference_model();
+    let name = model.to_str().unwrap();
+    for (workers, tp) in [(1, 1), (2, 1), (2, 2)] {
+        let cluster =
+            Cluster::new(&model).workers(workers).arg("--tp").arg(&tp.to_string()).arg("--http-listen").arg("127.0.0.1:0").start();
+        let layout = if tp > 1 { "tensor parallel" } else { "pipeline" };
+        let stages = placement(&cluster).await.len();
+        assert_eq!(stages, workers / tp, "{workers} workers, tp {tp}");
+        let counted = check("schemas", &http_of(&cluster).await, name, &cluster);
+        // Every finished response validated (the script raises otherwise); most must finish,
+        // or nothing was checked.
+        eprintln!("{workers} workers, tp {tp}: {counted}");
+        let stopped = counted["stopped"].as_u64().unwrap();
+        assert!(stopped >= 30, "{workers} workers ({layout}): only {stopped} of 40 responses finished: {counted}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_and_named_tool_choices_make_valid_calls_for_the_openai_client() {
+    let dir = chat_model();
+    let name = dir.path().to_str().unwrap().to_string();
+    let cluster = Cluster::new(dir.path()).arg("--http-listen").arg("127.0.0.1:0").start();
+    let counted = check("tools", &http_of(&cluster).await, &name, &cluster);
+    let made = counted["calls_made"].as_u64().unwrap();
+    assert!(made >= 6, "only {made} of 8 responses made their calls within max_tokens: {counted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_generate_takes_the_same_constraints() {
+    let cluster = Cluster::new(reference_model()).start();
+    let mut c = cluster.client().await;
+    use pb::structured_output::Kind;
+    let constrained = |kind: Kind, seed: u64| pb::GenerateRequest {
+        structured_output: Some(pb::StructuredOutput { kind: Some(kind) }),
+        ..sampled("Pick one:", seed)
+    };
+    let choices = vec!["alpha".to_string(), "beta".to_string(), "gamma delta".to_string()];
+    for seed in 0..4 {
+        let r = generate(&mut c, constrained(Kind::Choice(pb::Choices { choices: choices.clone() }), seed)).await.unwrap();
+        assert!(choices.contains(&r.text), "seed {seed}: {:?}", r.text);
+        assert_eq!(r.finish_reason, "eos", "seed {seed}");
+        let r = generate(&mut c, constrained(Kind::Regex("[0-9]{2}:[0-9]{2}".into()), seed)).await.unwrap();
+        let ok = r.text.len() == 5 && r.text.chars().enumerate().all(|(i, ch)| if i == 2 { ch == ':' } else { ch.is_ascii_digit() });
+        assert!(ok, "seed {seed}: {:?}", r.text);
+    }
+    let e = generate(&mut c, constrained(Kind::JsonSchema(r#"{"type": "array", "uniqueItems": true}"#.into()), 1)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("uniqueItems"), "{}", e.message());
+    let e = generate(&mut c, pb::GenerateRequest { ignore_eos: true, ..constrained(Kind::JsonObject(true), 1) }).await.unwrap_err();
+    assert!(e.message().contains("ignore_eos"), "{}", e.message());
+}
