@@ -11,9 +11,14 @@
 #     768-token prefix (32 tokens of their own, 32 new); 4 conversations of 4 turns of 192 new
 #     tokens; unique prompts (what the lookup costs when nothing is shared);
 #  6. replicas: one replica on one core, then 2 replicas (`--replicas 2`) on one core each, at
-#     concurrency 16.
+#     concurrency 16;
+#  7. structured output: decoding held to a JSON schema against free decoding at concurrency 8,
+#     on the same shapes with Qwen3's real vocabulary (151,643 BPE tokens and its added tokens,
+#     from the `qwen.tiktoken` the `dashscope` package ships on PyPI; embedding and lm_head of
+#     151,936 rows) and random weights, and llguidance's mask time per token.
 # FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
-# ONLY=prefix runs part 5 alone (ONLY=multi-turn its multi-turn run), ONLY=replicas part 6.
+# ONLY=prefix runs part 5 alone (ONLY=multi-turn its multi-turn run), ONLY=replicas part 6,
+# ONLY=structured part 7.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -33,7 +38,8 @@ run() { # workers threads-per-worker label [bench args]
     local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
     RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$workers" --worker-threads "$threads" \
-        --kv-memory "${KV_MEMORY:-2GiB}" ${REPLICAS:+--replicas "$REPLICAS"} --listen 127.0.0.1:0 >"$out" &
+        --kv-memory "${KV_MEMORY:-2GiB}" ${REPLICAS:+--replicas "$REPLICAS"} ${RANDOM_WEIGHTS:+--random-weights} \
+        --listen 127.0.0.1:0 >"$out" &
     local pid=$!
     for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
@@ -63,4 +69,23 @@ fi
 if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = replicas ]; then
 run 1 1 "1 replica, 1 core" --prompt-tokens 128 --output-tokens 64 --concurrency 16
 REPLICAS=2 run 2 1 "2 replicas, 1 core each" --prompt-tokens 128 --output-tokens 64 --concurrency 16
+fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = structured ]; then
+WHEELS=$(mktemp -d)
+python3 -m pip download --quiet --no-deps --dest "$WHEELS" "dashscope==2.0.2" >&2
+python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("dashscope/resources/qwen.tiktoken"))' \
+    "$WHEELS"/dashscope-*.whl >"$WHEELS/qwen.tiktoken"
+rm -rf "$MODEL"
+MODEL=$(mktemp -d)
+$BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" "${SHAPE[@]}" --config-vocab 151936 --no-weights \
+    --max-position-embeddings 4096 >&2
+python3 scripts/qwen-vocab.py "$WHEELS/qwen.tiktoken" "$MODEL/tokenizer.json"
+rm -rf "$WHEELS"
+cat >"$MODEL/order.schema.json" <<'SCHEMA'
+{"type": "object", "properties": {"customer": {"type": "string"}, "items": {"type": "array", "items": {
+  "type": "object", "properties": {"name": {"type": "string"}, "qty": {"type": "integer", "minimum": 1},
+  "note": {"type": "string"}}, "required": ["name", "qty"]}}}, "required": ["customer", "items"]}
+SCHEMA
+RANDOM_WEIGHTS=1 run 1 "$CORES" "structured" --json-schema "$MODEL/order.schema.json" --prompt-tokens 128 \
+    --output-tokens 64 --concurrency 8 --requests 16
 fi

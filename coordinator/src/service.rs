@@ -2,6 +2,8 @@
 
 use crate::engine::{Engine, ModelEntry, RequestHandle, ServingState, ValidRequest};
 use crate::error::ServeError;
+use crate::frontend::chat::Reading;
+use crate::frontend::reader::{CallPiece, ChatReader};
 use crate::frontend::structured::{Constraint, Guidance, InvalidConstraint};
 use crate::models::Models;
 use crate::validate::{constrain, validate_as, PromptKind};
@@ -88,6 +90,33 @@ pub(crate) fn record(model: &str, code: tonic::Code) {
     metrics::counter!("shardserve_requests_total", "model" => model.to_string(), "outcome" => outcome).increment(1);
 }
 
+/// Validates `req` for `model` (found already; `req.model` is not read), served by `engine`,
+/// as `caller`'s: its prompt tokenized once as `kind` says, its structured output (or the
+/// calls a chat's `guidance` demands) compiled into its grammar.
+pub(crate) fn prepare_on(
+    engine: &Engine,
+    model: &ModelEntry,
+    req: &pb::GenerateRequest,
+    kind: PromptKind,
+    guidance: &Guidance,
+    caller: &Caller,
+) -> Result<ValidRequest, ServeError> {
+    let mut valid = validate_as(model, req, kind)?;
+    let invalid = |e: InvalidConstraint| ServeError::InvalidArgument(e.to_string());
+    let asked = Constraint::from_proto(req.structured_output.as_ref()).map_err(invalid)?;
+    if let Some(c) = guidance.constraint(asked).map_err(invalid)? {
+        constrain(model, &mut valid, &c, guidance)?;
+    }
+    caller.apply(&mut valid, engine.config().prefix_cache_scope);
+    Ok(valid)
+}
+
+/// A call's piece as gRPC carries it.
+fn call_piece(c: CallPiece) -> pb::ToolCallPiece {
+    let (id, name) = c.id_and_name.unwrap_or_default();
+    pb::ToolCallPiece { index: c.index as u32, id, name, arguments: c.arguments }
+}
+
 type GenStream = Pin<Box<dyn futures::Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 impl InferenceService {
@@ -107,25 +136,23 @@ impl InferenceService {
         caller: &Caller,
     ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
         let (engine, model) = self.0.find(&req.model)?;
-        let mut valid = validate_as(&model, req, kind)?;
-        let invalid = |e: InvalidConstraint| ServeError::InvalidArgument(e.to_string());
-        let asked = Constraint::from_proto(req.structured_output.as_ref()).map_err(invalid)?;
-        if let Some(c) = guidance.constraint(asked).map_err(invalid)? {
-            constrain(&model, &mut valid, &c, guidance)?;
-        }
-        caller.apply(&mut valid, engine.config().prefix_cache_scope);
+        let valid = prepare_on(&engine, &model, req, kind, guidance, caller)?;
         Ok((engine, model, valid))
     }
 
     /// Renders a `Chat` request's conversation with its model's template (the same checks and
     /// rendering as `/v1/chat/completions`) and validates it like a `GenerateRequest` whose
     /// prompt is that text, tokenized without added special tokens.
-    fn prepare_chat(&self, req: &pb::ChatRequest, caller: &Caller) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest), ServeError> {
+    fn prepare_chat(
+        &self,
+        req: &pb::ChatRequest,
+        caller: &Caller,
+    ) -> Result<(Arc<Engine>, Arc<ModelEntry>, ValidRequest, Reading), ServeError> {
         let mut generate = req.generation.clone().unwrap_or_default();
         if !generate.prompt.is_empty() {
             return Err(ServeError::InvalidArgument("generation.prompt must be empty: the conversation is the prompt".into()));
         }
-        let (_, model) = self.0.find(&generate.model)?;
+        let (engine, model) = self.0.find(&generate.model)?;
         let json = |field: &str, text: &str| -> Result<Option<serde_json::Value>, ServeError> {
             if text.trim().is_empty() {
                 return Ok(None);
@@ -152,9 +179,9 @@ impl InferenceService {
         let reading = crate::frontend::chat::reading(&model, &text, offered, (tool_choice.as_ref(), true), parsers)
             .map_err(|e| ServeError::InvalidArgument(e.message))?;
         generate.prompt = text;
-        let (engine, model, valid) = self.prepare(&generate, PromptKind::Chat, &reading.guidance, caller)?;
+        let valid = prepare_on(&engine, &model, &generate, PromptKind::Chat, &reading.guidance, caller)?;
         serving(&model)?;
-        Ok((engine, model, valid))
+        Ok((engine, model, valid, reading))
     }
 
     /// Embeds `inputs` with `model`: each its own sequence in the scheduler (batched with the
@@ -270,7 +297,7 @@ impl pb::inference_server::Inference for InferenceService {
                 return Err(e.into());
             }
         };
-        Ok(stream(id, name, span, engine, model, valid))
+        Ok(stream(id, name, span, engine, model, valid, None))
     }
 
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
@@ -305,7 +332,7 @@ impl pb::inference_server::Inference for InferenceService {
         let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
         let name = self.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
         match self.prepare_chat(&req, &caller) {
-            Ok((engine, model, valid)) => Ok(stream(id, name, span, engine, model, valid)),
+            Ok((engine, model, valid, reading)) => Ok(stream(id, name, span, engine, model, valid, Some(ChatReader::new(&reading)))),
             Err(e) => {
                 record(&name, e.code());
                 Err(e.into())
@@ -341,8 +368,8 @@ fn serving(model: &ModelEntry) -> Result<(), ServeError> {
     }
 }
 
-/// Runs a validated request and streams its events (`GenerateStream`, `Chat`); the client going
-/// away cancels it.
+/// Runs a validated request and streams its events (`GenerateStream`, `Chat`, whose text
+/// `reader` also reads); the client going away cancels it.
 fn stream(
     id: String,
     name: String,
@@ -350,6 +377,7 @@ fn stream(
     engine: Arc<Engine>,
     model: Arc<ModelEntry>,
     valid: ValidRequest,
+    mut reader: Option<ChatReader>,
 ) -> Response<GenStream> {
     let (out_tx, out_rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(16);
     let request_id = id.clone();
@@ -387,7 +415,11 @@ fn stream(
                 };
                 completion += ev.token_ids.len();
                 cached = ev.cached_tokens.unwrap_or(cached);
+                let piece = reader.as_mut().map(|r| r.piece(&ev)).unwrap_or_default();
                 let msg = pb::GenerateStreamResponse {
+                    content: piece.content,
+                    reasoning: piece.reasoning,
+                    tool_calls: piece.calls.into_iter().map(call_piece).collect(),
                     text: ev.text,
                     token_ids: ev.token_ids,
                     logprobs: ev.logprobs,

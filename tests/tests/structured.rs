@@ -83,3 +83,47 @@ async fn grpc_generate_takes_the_same_constraints() {
     let e = generate(&mut c, pb::GenerateRequest { ignore_eos: true, ..constrained(Kind::JsonObject(true), 1) }).await.unwrap_err();
     assert!(e.message().contains("ignore_eos"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_chat_reads_tool_calls_a_named_choice_demands() {
+    let dir = chat_model();
+    let cluster = Cluster::new(dir.path()).start();
+    let mut c = cluster.client().await;
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"], "additionalProperties": false}}}]);
+    for seed in 0..3 {
+        let req = pb::ChatRequest {
+            messages_json: r#"[{"role": "user", "content": "What time is it?"}]"#.into(),
+            tools_json: tools.to_string(),
+            chat_template_kwargs_json: r#"{"enable_thinking": false}"#.into(),
+            tool_choice_json: r#"{"type": "function", "function": {"name": "get_time"}}"#.into(),
+            generation: Some(pb::GenerateRequest { max_new_tokens: Some(100), ..sampled("", seed) }),
+            ..Default::default()
+        };
+        let mut stream = tokio::time::timeout(Duration::from_secs(60), c.chat(req)).await.unwrap().unwrap().into_inner();
+        let (mut text, mut content, mut calls, mut finish) =
+            (String::new(), String::new(), Vec::<(String, String, String)>::new(), String::new());
+        while let Some(m) = tokio::time::timeout(Duration::from_secs(60), stream.message()).await.unwrap().unwrap() {
+            text.push_str(&m.text);
+            content.push_str(&m.content);
+            for p in m.tool_calls {
+                if p.index as usize == calls.len() {
+                    assert!(p.id.starts_with("call_") && !p.name.is_empty(), "seed {seed}: a call's first piece: {p:?}");
+                    calls.push((p.id, p.name, p.arguments));
+                } else {
+                    assert!(p.id.is_empty() && p.name.is_empty(), "seed {seed}: id and name come once: {p:?}");
+                    calls[p.index as usize].2.push_str(&p.arguments);
+                }
+            }
+            if !m.finish_reason.is_empty() {
+                finish = m.finish_reason;
+            }
+        }
+        assert_eq!(finish, "eos", "seed {seed}: {text:?}");
+        assert!(text.starts_with("<tool_call>") && content.is_empty(), "seed {seed}: text {text:?}, content {content:?}");
+        assert_eq!(calls.len(), 1, "seed {seed}: {text:?}");
+        assert_eq!(calls[0].1, "get_time");
+        let args: serde_json::Value = serde_json::from_str(&calls[0].2).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(args == serde_json::json!({"zone": "utc"}) || args == serde_json::json!({"zone": "local"}), "{args}");
+    }
+}

@@ -85,6 +85,9 @@ pub struct Reading {
     pub format: Option<ToolFormat>,
     /// Where the text's reasoning is, for reading it.
     pub reasoning: Reasoning,
+    /// The format's markers that are special tokens (detokenizing skips them), by id.
+    pub markers: Vec<(u32, &'static str)>,
+    /// What holds the answer beyond the request's own constraint.
     pub guidance: Guidance,
 }
 
@@ -107,5 +110,8 @@ pub fn reading(
     // A prompt that closed the block itself (Qwen3's enable_thinking: false) leaves nothing to
     // reason: a constraint holds the text from its first token.
     let held = if prompt.trim_end().ends_with(THINK_END) { Reasoning::Off } else { reasoning };
-    Ok(Reading { format, reasoning, guidance: Guidance { reasoning: held, calls } })
+    let markers = format
+        .map(|f| f.markers().iter().filter_map(|m| model.tokenizer.special_token_id(m).map(|id| (id, *m))).collect())
+        .unwrap_or_default();
+    Ok(Reading { format, reasoning, markers, guidance: Guidance { reasoning: held, calls } })
 }

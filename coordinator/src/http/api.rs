@@ -1,12 +1,13 @@
 //! The handlers: OpenAI's request bodies mapped onto the engine's requests, and its response
 //! and chunk shapes built from the engine's events.
 
-use super::chat::{ChatOutput, OutputSpec};
+use super::chat::ChatOutput;
 use super::{parse, sse, ApiError, App};
 use crate::engine::{Engine, GenEvent, ModelEntry, RequestHandle, ValidRequest};
 use crate::error::ServeError;
+use crate::frontend::chat::Reading;
 use crate::frontend::structured::Guidance;
-use crate::service::{record, Caller, InferenceService};
+use crate::service::{prepare_on, record, Caller};
 use crate::validate::PromptKind;
 use axum::body::Body;
 use axum::extract::State;
@@ -163,6 +164,9 @@ pub(super) fn kind_of(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// A request's model, found once: the engine that serves it and its entry.
+pub(super) type Found = (Arc<Engine>, Arc<ModelEntry>);
+
 /// A request's prompt text, how it is tokenized, and what a chat adds to its constraint.
 struct Prompt<'a> {
     text: &'a str,
@@ -173,8 +177,7 @@ struct Prompt<'a> {
 /// The engine's request: the gRPC request's validation (the prompt tokenized once, as `kind`
 /// says), then the extras.
 fn engine_request(
-    svc: &InferenceService,
-    model: &str,
+    (engine, model): &Found,
     prompt: &Prompt,
     s: &Sampling,
     logprobs: Logprobs,
@@ -200,7 +203,7 @@ fn engine_request(
         return Err(ApiError::invalid("cache_salt must be a non-empty string when given", Some("cache_salt".to_string())));
     }
     let req = pb::GenerateRequest {
-        model: model.to_string(),
+        model: model.name.clone(),
         prompt: prompt.text.to_string(),
         cache_salt: s.cache_salt.clone().unwrap_or_default(),
         skip_prefix_cache: false,
@@ -219,7 +222,7 @@ fn engine_request(
         min_tokens: s.min_tokens.unwrap_or(0),
         structured_output: super::structured::structured_output(s.response_format.as_ref(), s.structured_outputs.as_ref())?,
     };
-    svc.prepare(&req, prompt.kind, prompt.guidance, caller).map_err(|e| {
+    let valid = prepare_on(engine, model, &req, prompt.kind, prompt.guidance, caller).map_err(|e| {
         let mut e = field_error(e.into());
         if e.message.starts_with("structured_output") {
             let field = if s.structured_outputs.is_some() { "structured_outputs" } else { "response_format" };
@@ -227,7 +230,8 @@ fn engine_request(
             e.param = Some(field.into());
         }
         e
-    })
+    })?;
+    Ok((engine.clone(), model.clone(), valid))
 }
 
 /// Names the OpenAI field behind a validation message that names the gRPC one.
@@ -305,8 +309,7 @@ enum Kind {
 /// with seed + i, so the n choices differ yet repeat; without, each draws its own.
 #[allow(clippy::too_many_arguments)]
 async fn submit_all(
-    svc: &InferenceService,
-    model: &str,
+    found: &Found,
     prompt: &Prompt<'_>,
     s: &Sampling,
     logprobs: Logprobs,
@@ -318,7 +321,7 @@ async fn submit_all(
     if n == 0 || n > max_n {
         return Err(ApiError::invalid(format!("n must be in 1..={max_n} (--max-n), got {n}"), Some("n".into())));
     }
-    let (engine, entry, valid) = engine_request(svc, model, prompt, s, logprobs, caller)?;
+    let (engine, entry, valid) = engine_request(found, prompt, s, logprobs, caller)?;
     let mut handles = Vec::new();
     for i in 0..n {
         let mut choice = valid.clone();
@@ -337,22 +340,21 @@ async fn submit_all(
 async fn generate(
     app: App,
     kind: Kind,
-    model: String,
+    found: Found,
     prompt: String,
     s: Sampling,
     logprobs: Logprobs,
     stream: bool,
     include_usage: bool,
-    output: Option<OutputSpec>,
+    output: Option<Reading>,
     caller: Caller,
 ) -> Response {
-    let svc = InferenceService(app.models.clone());
     let id = format!("{}{:016x}", if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" }, crate::util::random_u64());
-    let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
-    let name = svc.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
+    let name = found.1.name.clone();
+    let span = tracing::info_span!("request", request_id = %id, model = %name, replica = tracing::field::Empty);
     let guidance = output.as_ref().map(|o| o.guidance.clone()).unwrap_or_default();
     let text = Prompt { text: &prompt, kind: if kind == Kind::Chat { PromptKind::Chat } else { PromptKind::Text }, guidance: &guidance };
-    let submitted = tracing::Instrument::instrument(submit_all(&svc, &model, &text, &s, logprobs, &id, app.limits.max_n, &caller), span);
+    let submitted = tracing::Instrument::instrument(submit_all(&found, &text, &s, logprobs, &id, app.limits.max_n, &caller), span);
     let (entry, prompt_ids, handles) = match submitted.await {
         Ok(v) => v,
         Err(e) => {
@@ -588,7 +590,14 @@ pub async fn completions(State(app): State<App>, Extension(caller): Extension<Ca
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
     let logprobs = Logprobs { on: req.logprobs.is_some(), top: req.logprobs.unwrap_or(0) };
-    generate(app, Kind::Completion, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, None, caller).await
+    let found = match app.models.find(&req.model) {
+        Ok(f) => f,
+        Err(e) => {
+            record(&req.model, e.code());
+            return ApiError::from(e).into_response();
+        }
+    };
+    generate(app, Kind::Completion, found, prompt, sampling, logprobs, req.stream, include_usage, None, caller).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -597,7 +606,7 @@ pub async fn chat_completions(State(app): State<App>, Extension(caller): Extensi
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let (prompt, output) = match super::chat::render(&app, &req) {
+    let (found, prompt, output) = match super::chat::render(&app, &req) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -606,7 +615,7 @@ pub async fn chat_completions(State(app): State<App>, Extension(caller): Extensi
         return ApiError::invalid("stream_options: only allowed with stream: true", Some("stream_options".into())).into_response();
     }
     let logprobs = Logprobs { on: req.logprobs.unwrap_or(false), top: req.top_logprobs.unwrap_or(0) };
-    generate(app, Kind::Chat, req.model.clone(), prompt, sampling, logprobs, req.stream, include_usage, Some(output), caller).await
+    generate(app, Kind::Chat, found, prompt, sampling, logprobs, req.stream, include_usage, Some(output), caller).await
 }
 
 #[cfg(test)]

@@ -1,12 +1,11 @@
 //! `/v1/chat/completions`: the messages rendered with the model's own chat template (as
 //! transformers' `apply_chat_template` renders it), then generated like a completion.
 
-use super::api::StreamOptions;
+use super::api::{Found, StreamOptions};
 use super::{ApiError, App};
 use crate::engine::GenEvent;
 use crate::frontend::chat::{reading, render_messages, Reading};
-use crate::frontend::output::{Delta, OutputParser, Reasoning, ToolFormat};
-use crate::frontend::structured::Guidance;
+use crate::frontend::reader::{ChatReader, Piece};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -50,14 +49,14 @@ impl ChatRequest {
     }
 }
 
-/// The prompt text of `req` (its messages through its model's chat template), and how the
-/// response's text is to be read.
-pub(super) fn render(app: &App, req: &ChatRequest) -> Result<(String, OutputSpec), ApiError> {
+/// The model `req` names (found once), the prompt text of `req` (its messages through the
+/// model's chat template), and how the response's text is read and held.
+pub(super) fn render(app: &App, req: &ChatRequest) -> Result<(Found, String, Reading), ApiError> {
     req.check_unsupported()?;
     if let Some(user) = &req.user {
         tracing::debug!(user = %user, "chat request");
     }
-    let (_, model) = app.models.find(&req.model).map_err(ApiError::from)?;
+    let (engine, model) = app.models.find(&req.model).map_err(ApiError::from)?;
     let tools = match &req.tool_choice {
         Some(c) if c.as_str() == Some("none") => None,
         _ => req.tools.as_ref().filter(|t| t.as_array().is_some_and(|a| !a.is_empty())),
@@ -66,128 +65,46 @@ pub(super) fn render(app: &App, req: &ChatRequest) -> Result<(String, OutputSpec
         render_messages(&model, &req.messages, tools, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())?;
     let parsers = (app.limits.tool_call_parser, app.limits.reasoning_parser);
     let parallel = req.parallel_tool_calls.as_ref().and_then(|v| v.as_bool()).unwrap_or(true);
-    let Reading { format, reasoning, guidance } = reading(&model, &prompt, tools, (req.tool_choice.as_ref(), parallel), parsers)?;
-    let markers = format
-        .map(|f| f.markers().iter().filter_map(|m| model.tokenizer.special_token_id(m).map(|id| (id, *m))).collect())
-        .unwrap_or_default();
-    Ok((prompt, OutputSpec { format, reasoning, markers, guidance }))
-}
-
-/// How a chat response's text is read: for calls in the model's format (when the request
-/// offered tools) and for reasoning.
-#[derive(Debug, Clone)]
-pub struct OutputSpec {
-    format: Option<ToolFormat>,
-    reasoning: Reasoning,
-    /// The format's markers that are special tokens (detokenizing skips them), by id.
-    markers: Vec<(u32, &'static str)>,
-    /// What holds the answer beyond the request's own constraint.
-    pub guidance: Guidance,
+    let reading = reading(&model, &prompt, tools, (req.tool_choice.as_ref(), parallel), parsers)?;
+    Ok(((engine, model), prompt, reading))
 }
 
 /// One choice's text read as it comes, into OpenAI's chat deltas or its whole message.
 #[derive(Debug)]
-pub struct ChatOutput {
-    spec: OutputSpec,
-    parser: OutputParser,
-    /// The ids of the calls given out so far.
-    ids: Vec<String>,
-    finished: bool,
-}
+pub struct ChatOutput(ChatReader);
 
 impl ChatOutput {
-    pub fn new(spec: &OutputSpec) -> Self {
-        ChatOutput { spec: spec.clone(), parser: OutputParser::new(spec.format, spec.reasoning), ids: Vec::new(), finished: false }
-    }
-
-    /// An event's text with the format's markers put back (after the text: a marker is a token
-    /// of its own, and ends the text before it).
-    fn text(&self, ev: &GenEvent) -> String {
-        let mut text = ev.text.clone();
-        for id in &ev.token_ids {
-            if let Some((_, marker)) = self.spec.markers.iter().find(|(m, _)| m == id) {
-                text.push_str(marker);
-            }
-        }
-        text
+    pub fn new(reading: &Reading) -> Self {
+        ChatOutput(ChatReader::new(reading))
     }
 
     /// The `delta` of the chunk streamed for `ev` (`{}` when it settles nothing).
     pub fn delta(&mut self, ev: &GenEvent) -> serde_json::Value {
-        if self.parser.passthrough() {
-            return json!({"content": ev.text});
-        }
-        let mut delta = self.parser.push(&self.text(ev));
-        if ev.finish_reason.is_some() {
-            delta.extend(self.parser.finish());
-            self.finished = true;
-        }
-        self.delta_json(delta)
+        delta_json(self.0.piece(ev))
     }
 
     /// The `delta` of what is still held when the choice ended without a last event.
     pub fn end(&mut self) -> Option<serde_json::Value> {
-        if self.finished || self.parser.passthrough() {
-            return None;
-        }
-        self.finished = true;
-        let delta = self.parser.finish();
-        (!delta.is_empty()).then(|| self.delta_json(delta))
-    }
-
-    fn delta_json(&mut self, delta: Delta) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        if !delta.reasoning.is_empty() {
-            out.insert("reasoning_content".into(), delta.reasoning.into());
-        }
-        if !delta.content.is_empty() {
-            out.insert("content".into(), delta.content.into());
-        }
-        if !delta.calls.is_empty() {
-            let calls = delta
-                .calls
-                .into_iter()
-                .map(|c| match c.name {
-                    Some(name) => {
-                        let id = self.new_id();
-                        json!({"index": c.index, "id": id, "type": "function", "function": {"name": name, "arguments": c.arguments}})
-                    }
-                    None => json!({"index": c.index, "function": {"arguments": c.arguments}}),
-                })
-                .collect::<Vec<_>>();
-            out.insert("tool_calls".into(), calls.into());
-        }
-        serde_json::Value::Object(out)
-    }
-
-    fn new_id(&mut self) -> String {
-        let id = self.spec.format.unwrap_or(ToolFormat::Hermes).call_id();
-        self.ids.push(id.clone());
-        id
+        self.0.end().map(delta_json)
     }
 
     /// Adds an event's text to a response given whole.
     pub fn push(&mut self, ev: &GenEvent) {
-        let text = self.text(ev);
-        self.parser.push(&text);
+        self.0.push(ev);
     }
 
     /// The whole `message`: its content (null when it is only calls), reasoning and calls.
     pub fn message(&mut self) -> serde_json::Value {
-        let parsed = self.parser.parsed();
-        let content = if parsed.content.is_empty() && !parsed.calls.is_empty() { serde_json::Value::Null } else { parsed.content.into() };
-        let mut message = json!({"role": "assistant", "content": content});
-        if self.spec.reasoning != Reasoning::Off {
-            message["reasoning_content"] = if parsed.reasoning.is_empty() { serde_json::Value::Null } else { parsed.reasoning.into() };
+        let m = self.0.message();
+        let mut message = json!({"role": "assistant", "content": m.content});
+        if let Some(r) = m.reasoning {
+            message["reasoning_content"] = if r.is_empty() { serde_json::Value::Null } else { r.into() };
         }
-        if !parsed.calls.is_empty() {
-            let calls: Vec<serde_json::Value> = parsed
+        if !m.calls.is_empty() {
+            let calls: Vec<serde_json::Value> = m
                 .calls
                 .into_iter()
-                .map(|c| {
-                    let id = self.new_id();
-                    json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
-                })
+                .map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
                 .collect();
             message["tool_calls"] = calls.into();
         }
@@ -198,15 +115,42 @@ impl ChatOutput {
     pub fn finish_reason(&self, engine: &str) -> &'static str {
         match engine {
             "length" => "length",
-            _ if !self.ids.is_empty() => "tool_calls",
+            _ if self.0.called() => "tool_calls",
             _ => "stop",
         }
     }
 }
 
+/// A piece as OpenAI's chat `delta`.
+fn delta_json(piece: Piece) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    if !piece.reasoning.is_empty() {
+        out.insert("reasoning_content".into(), piece.reasoning.into());
+    }
+    if !piece.content.is_empty() {
+        out.insert("content".into(), piece.content.into());
+    }
+    if !piece.calls.is_empty() {
+        let calls = piece
+            .calls
+            .into_iter()
+            .map(|c| match c.id_and_name {
+                Some((id, name)) => {
+                    json!({"index": c.index, "id": id, "type": "function", "function": {"name": name, "arguments": c.arguments}})
+                }
+                None => json!({"index": c.index, "function": {"arguments": c.arguments}}),
+            })
+            .collect::<Vec<_>>();
+        out.insert("tool_calls".into(), calls.into());
+    }
+    serde_json::Value::Object(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frontend::output::{Reasoning, ToolFormat};
+    use crate::frontend::structured::Guidance;
 
     fn event(text: &str, token_ids: Vec<u32>, finish_reason: Option<&'static str>) -> GenEvent {
         GenEvent { text: text.into(), token_ids, finish_reason, ..Default::default() }
@@ -220,12 +164,12 @@ mod tests {
         pieces.iter().enumerate().map(|(i, p)| event(p, vec![1], (i == last).then_some(finish))).collect()
     }
 
-    fn spec(format: Option<ToolFormat>, reasoning: Reasoning) -> OutputSpec {
-        OutputSpec { format, reasoning, markers: Vec::new(), guidance: Guidance::default() }
+    fn spec(format: Option<ToolFormat>, reasoning: Reasoning) -> Reading {
+        Reading { format, reasoning, markers: Vec::new(), guidance: Guidance::default() }
     }
 
     /// The chunks' deltas put back together as OpenAI's client does, and the last finish_reason.
-    fn stream(spec: &OutputSpec, events: &[GenEvent]) -> (serde_json::Value, &'static str) {
+    fn stream(spec: &Reading, events: &[GenEvent]) -> (serde_json::Value, &'static str) {
         let mut out = ChatOutput::new(spec);
         let (mut reasoning, mut content) = (String::new(), String::new());
         let mut calls: Vec<serde_json::Value> = Vec::new();
@@ -254,7 +198,7 @@ mod tests {
     }
 
     /// The message given whole, in the shape of [`stream`]'s.
-    fn whole(spec: &OutputSpec, events: &[GenEvent]) -> (serde_json::Value, serde_json::Value, &'static str) {
+    fn whole(spec: &Reading, events: &[GenEvent]) -> (serde_json::Value, serde_json::Value, &'static str) {
         let mut out = ChatOutput::new(spec);
         for ev in events {
             out.push(ev);
@@ -303,7 +247,7 @@ mod tests {
     #[test]
     fn markers_skipped_by_detokenizing_are_put_back() {
         // Mistral's [TOOL_CALLS] is a special token: its event's text is empty.
-        let spec = OutputSpec {
+        let spec = Reading {
             format: Some(ToolFormat::Mistral),
             reasoning: Reasoning::Off,
             markers: vec![(9, "[TOOL_CALLS]")],
