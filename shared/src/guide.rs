@@ -118,10 +118,14 @@ impl Mask {
 
     /// Sets every logit the mask forbids to -inf.
     pub fn apply(&self, logits: &mut [f32]) {
-        for (i, v) in logits.iter_mut().enumerate() {
-            if !self.allows(i as u32) {
-                *v = f32::NEG_INFINITY;
+        let n = logits.len();
+        self.0.iter_unset_entries(|i| {
+            if i < n {
+                logits[i] = f32::NEG_INFINITY;
             }
+        });
+        if let Some(rest) = logits.get_mut(self.0.len()..) {
+            rest.fill(f32::NEG_INFINITY);
         }
     }
 

@@ -127,3 +127,35 @@ async fn grpc_chat_reads_tool_calls_a_named_choice_demands() {
         assert!(args == serde_json::json!({"zone": "utc"}) || args == serde_json::json!({"zone": "local"}), "{args}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constrained_request_moved_to_another_placement_keeps_its_place_in_the_grammar() {
+    let etcd = Etcd::start();
+    let cluster = migrating_cluster(&etcd, &unique_cluster("structured-migrate"));
+    let mut c = cluster.client().await;
+    // Only the first token may be "a": a grammar started afresh after the move would force it
+    // again, and the tokens would part from the undisturbed ones.
+    let req = pb::GenerateRequest {
+        structured_output: Some(pb::StructuredOutput { kind: Some(pb::structured_output::Kind::Regex("a[b-z ]*".into())) }),
+        ..greedy("a", 1000)
+    };
+    let undisturbed = generate(&mut c, req.clone()).await.unwrap();
+    assert_eq!(undisturbed.token_ids.len(), 1000, "the request must run long enough to be moved: {:?}", undisturbed.text);
+    assert!(undisturbed.text.starts_with('a') && !undisturbed.text[1..].contains('a'), "{:?}", undisturbed.text);
+    let (_, pid) = cluster.stage_worker(1).await;
+    let mut s = c.generate_stream(req).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut ids = first.token_ids;
+    let rest = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = s.message().await? {
+            ids.extend(m.token_ids);
+        }
+        Ok::<_, tonic::Status>(())
+    })
+    .await
+    .expect("the moved stream did not finish within 60 s");
+    rest.unwrap_or_else(|e| panic!("the stream failed although a move was allowed: {e:?}"));
+    let same = ids.iter().zip(&undisturbed.token_ids).take_while(|(a, b)| a == b).count();
+    assert!(ids == undisturbed.token_ids, "a moved request must give the undisturbed tokens: the first {same} of {} agree", ids.len());
+}

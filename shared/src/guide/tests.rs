@@ -135,3 +135,16 @@ fn the_vocabulary_must_hold_the_end_tokens() {
     let e = Grammars::new(&tok, 600, &[700]).unwrap_err();
     assert!(e.to_string().contains("700"), "{e}");
 }
+
+#[test]
+fn a_mask_forbids_what_it_does_not_allow_and_every_logit_past_it() {
+    let (g, _) = grammars();
+    let mut guide = g.guide(&TopLevelGrammar::from_lark(r#"start: "yes" | "no""#.into())).unwrap();
+    let mask = guide.mask().unwrap();
+    let mut logits = vec![1.0f32; 700];
+    mask.apply(&mut logits);
+    let kept: Vec<usize> = (0..700).filter(|&i| logits[i].is_finite()).collect();
+    assert_eq!(kept.len(), mask.count(), "{kept:?}");
+    assert!(kept.iter().all(|&i| mask.allows(i as u32) && i < 512), "{kept:?}");
+    assert!(!kept.is_empty());
+}

@@ -422,15 +422,15 @@ pub(super) fn compute(state: &WorkerState, loaded: &Loaded, req: pb::StepRequest
                         continue;
                     }
                 };
-                let unsuppressed = mask.as_ref().map(|_| values.clone());
+                let unsuppressed = mask.as_ref().filter(|_| !s.suppress.is_empty()).map(|_| values.clone());
                 for t in &s.suppress {
                     if let Some(v) = values.get_mut(*t as usize) {
                         *v = f32::NEG_INFINITY;
                     }
                 }
-                if let (Some(mask), Some(mut unsuppressed)) = (&mask, unsuppressed) {
+                if let Some(mask) = &mask {
                     mask.apply(&mut values);
-                    if values.iter().all(|v| *v == f32::NEG_INFINITY) {
+                    if let Some(mut unsuppressed) = unsuppressed.filter(|_| values.iter().all(|v| *v == f32::NEG_INFINITY)) {
                         // The grammar is complete before min_tokens: it allows only the end,
                         // which min_tokens forbids. The grammar wins.
                         mask.apply(&mut unsuppressed);
