@@ -389,6 +389,16 @@ async fn two_coordinators_never_over_commit_a_pool() {
     let follower = if cluster_status(&url_a).await.role == "follower" { &clients[0] } else { &clients[1] };
     let case = &cases[3];
     assert_eq!(generate(&mut follower.clone(), greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids);
+    // A constrained request handed over keeps its grammar (the leader checks it again).
+    let choices = vec!["north".to_string(), "south".to_string()];
+    let constrained = pb::GenerateRequest {
+        structured_output: Some(pb::StructuredOutput {
+            kind: Some(pb::structured_output::Kind::Choice(pb::Choices { choices: choices.clone() })),
+        }),
+        ..greedy(&case.prompt, 32)
+    };
+    let text = generate(&mut follower.clone(), constrained).await.unwrap().text;
+    assert!(choices.contains(&text), "through the follower: {text:?}");
     // No worker holds a block afterwards.
     let workers = pb::admin_client::AdminClient::connect(url_a.clone())
         .await
