@@ -3,10 +3,12 @@
 use crate::engine::{Engine, ModelEntry, RequestHandle, ServingState, ValidRequest};
 use crate::error::ServeError;
 use crate::frontend::chat::Reading;
+use crate::frontend::prepare::prepare_on;
+pub use crate::frontend::prepare::Caller;
 use crate::frontend::reader::{CallPiece, ChatReader};
-use crate::frontend::structured::{Constraint, Guidance, InvalidConstraint};
+use crate::frontend::structured::Guidance;
 use crate::models::Models;
-use crate::validate::{constrain, validate_as, PromptKind};
+use crate::validate::PromptKind;
 use shardserve_proto::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,40 +21,6 @@ pub struct InferenceService(pub Arc<Models>);
 
 fn usage(prompt: usize, completion: usize, cached: usize) -> pb::Usage {
     pb::Usage { prompt_tokens: prompt as u32, completion_tokens: completion as u32, cached_tokens: cached as u32 }
-}
-
-/// Who made a request, as far as prefix caching and the leader coordinator care: the API key
-/// it presented (already checked by the port's interceptor).
-#[derive(Debug, Clone, Default)]
-pub struct Caller {
-    key: Option<crate::engine::Credential>,
-}
-
-impl Caller {
-    /// The caller of a gRPC request.
-    pub fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
-        let key = metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
-        Caller::with_key(key)
-    }
-
-    /// A caller presenting `key` (`Authorization: Bearer KEY`; `None`: no key).
-    pub fn with_key(key: Option<&str>) -> Self {
-        Caller { key: key.filter(|k| !k.is_empty()).map(|k| crate::engine::Credential(k.to_string())) }
-    }
-
-    /// Marks `valid` as this caller's: with `per-key` scope its prefix-cache tenant is its
-    /// key's digest (so no other key's requests share its cached blocks), and the key goes
-    /// with it to the leader coordinator.
-    pub fn apply(&self, valid: &mut ValidRequest, scope: crate::engine::PrefixCacheScope) {
-        valid.tenant = match (&self.key, scope) {
-            (Some(k), crate::engine::PrefixCacheScope::PerKey) => {
-                use sha2::Digest;
-                sha2::Sha256::digest(k.0.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-            }
-            _ => String::new(),
-        };
-        valid.credential = self.key.clone();
-    }
 }
 
 pub use crate::engine::REQUEST_ID;
@@ -88,27 +56,6 @@ pub(crate) fn record(model: &str, code: tonic::Code) {
         _ => "internal",
     };
     metrics::counter!("shardserve_requests_total", "model" => model.to_string(), "outcome" => outcome).increment(1);
-}
-
-/// Validates `req` for `model` (found already; `req.model` is not read), served by `engine`,
-/// as `caller`'s: its prompt tokenized once as `kind` says, its structured output (or the
-/// calls a chat's `guidance` demands) compiled into its grammar.
-pub(crate) fn prepare_on(
-    engine: &Engine,
-    model: &ModelEntry,
-    req: &pb::GenerateRequest,
-    kind: PromptKind,
-    guidance: &Guidance,
-    caller: &Caller,
-) -> Result<ValidRequest, ServeError> {
-    let mut valid = validate_as(model, req, kind)?;
-    let invalid = |e: InvalidConstraint| ServeError::InvalidArgument(e.to_string());
-    let asked = Constraint::from_proto(req.structured_output.as_ref()).map_err(invalid)?;
-    if let Some(c) = guidance.constraint(asked).map_err(invalid)? {
-        constrain(model, &mut valid, &c, guidance)?;
-    }
-    caller.apply(&mut valid, engine.config().prefix_cache_scope);
-    Ok(valid)
 }
 
 /// A call's piece as gRPC carries it.

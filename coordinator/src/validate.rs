@@ -3,7 +3,6 @@
 
 use crate::engine::{ModelEntry, ValidRequest};
 use crate::error::ServeError;
-use crate::frontend::structured::{Constraint, Guidance};
 use shardserve::sampling::SamplingParams;
 use shardserve_proto::v1 as pb;
 
@@ -142,22 +141,6 @@ pub fn validate_as(model: &ModelEntry, req: &pb::GenerateRequest, kind: PromptKi
         credential: None,
         grammar: None,
     })
-}
-
-/// Compiles `constraint` for `model` into `valid`: the answer after any reasoning follows it.
-/// A grammar that does not compile (a schema feature llguidance lacks, say) is refused,
-/// naming `field` and the feature.
-pub fn constrain(model: &ModelEntry, valid: &mut ValidRequest, constraint: &Constraint, guidance: &Guidance) -> Result<(), ServeError> {
-    let field = constraint.field();
-    if valid.ignore_eos {
-        return Err(invalid(format!("{field} cannot be combined with ignore_eos: the end of a complete answer ends the sequence")));
-    }
-    let grammar = constraint.grammar(guidance.reasoning, &model.tokenizer);
-    let grammars = model.grammars().map_err(|e| invalid(format!("{field}: model {} cannot constrain its output: {e}", model.name)))?;
-    grammars.guide(&grammar).map_err(|e| invalid(format!("{field}: {e}")))?;
-    let json = serde_json::to_string(&grammar).map_err(|e| ServeError::Internal(format!("writing the grammar: {e}")))?;
-    valid.grammar = Some(json.into());
-    Ok(())
 }
 
 /// Validates one input of an embedding request for `model`: a prompt that fits its context.

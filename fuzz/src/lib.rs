@@ -117,7 +117,7 @@ pub fn request(data: &[u8]) {
             match Constraint::from_proto(req.structured_output.as_ref()) {
                 Ok(Some(c)) => {
                     let mut v = v;
-                    match shardserve_coordinator::validate::constrain(entry, &mut v, &c, &Guidance::default()) {
+                    match shardserve_coordinator::frontend::prepare::constrain(entry, &mut v, &c, &Guidance::default()) {
                         Ok(()) => {
                             let grammar = v.grammar.expect("a constrained request has a grammar");
                             let grammars = entry.grammars().expect("the tiny model's grammars");
