@@ -23,7 +23,7 @@ const CHUNK: usize = 16 * 1024;
 /// A file the fake Hub serves.
 struct Served {
     bytes: Vec<u8>,
-    /// The sha256-like hash of an LFS file, the git-sha1-like hash of another.
+    /// The sha256 of an LFS file, as the Hub names it; a git-sha1-like hash of another.
     etag: String,
     lfs: bool,
 }
@@ -52,6 +52,8 @@ struct State {
     seen: Mutex<Seen>,
     /// Pause after each chunk of an LFS body, in microseconds.
     pause_us: AtomicU64,
+    /// Send LFS bodies with their last byte changed (the right length, the wrong bytes).
+    corrupt: AtomicBool,
 }
 
 /// A Hugging Face Hub on loopback serving one repo at one commit, stopped when dropped.
@@ -71,14 +73,14 @@ impl FakeHub {
             let name = e.file_name().into_string().unwrap();
             let bytes = std::fs::read(e.path()).unwrap();
             let lfs = name.ends_with(".safetensors");
-            let etag = digest(&bytes, if lfs { 64 } else { 40 });
+            let etag = if lfs { sha256(&bytes) } else { digest(&bytes, 40) };
             files.insert(name, Served { bytes, etag, lfs });
         }
         let readme = b"# tiny-qwen3\n".to_vec();
         files.insert("README.md".into(), Served { etag: digest(&readme, 40), bytes: readme, lfs: false });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(State { port, files, seen: Mutex::default(), pause_us: AtomicU64::new(0) });
+        let state = Arc::new(State { port, files, seen: Mutex::default(), pause_us: AtomicU64::new(0), corrupt: AtomicBool::new(false) });
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
         let accept = std::thread::spawn(move || {
@@ -102,6 +104,11 @@ impl FakeHub {
     /// Pauses `per_chunk` after every 16 KiB of an LFS body.
     fn throttle(&self, per_chunk: Duration) {
         self.state.pause_us.store(per_chunk.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Sends LFS bodies wrong from now on (`true`), or right.
+    fn corrupt(&self, on: bool) {
+        self.state.corrupt.store(on, Ordering::SeqCst);
     }
 
     fn fetches(&self) -> Vec<Fetch> {
@@ -234,7 +241,13 @@ impl State {
             };
             let _ = write_head(&mut out, status, &headers);
             if send_body {
-                self.stream(&mut out, name, &f.bytes, start, true);
+                let mut bytes = f.bytes.clone();
+                if self.corrupt.load(Ordering::SeqCst) {
+                    if let Some(last) = bytes.last_mut() {
+                        *last ^= 0xff;
+                    }
+                }
+                self.stream(&mut out, name, &bytes, start, true);
             }
         } else {
             not_found(&mut out, "RepoNotFound");
@@ -284,7 +297,13 @@ fn not_found(out: &mut TcpStream, code: &str) {
     let _ = respond(out, "404 Not Found", &headers, b"{}", true);
 }
 
-/// A stable hex digest of `hex_len` characters (the test's stand-in for sha1 and sha256).
+/// The sha256 of `bytes`, in hex: an LFS file's name on the Hub.
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stable hex digest of `hex_len` characters (the test's stand-in for a git blob's sha1).
 fn digest(bytes: &[u8], hex_len: usize) -> String {
     let mut out = String::new();
     let mut seed = 0u64;
@@ -609,6 +628,28 @@ fn a_fill_killed_mid_download_leaves_no_partial_blob_and_the_next_finishes_it() 
     }
     let left: Vec<String> = names(&folder.join("blobs")).into_iter().filter(|n| n.contains(".incomplete")).collect();
     assert!(left.is_empty(), "partial files left: {left:?}");
+}
+
+#[test]
+fn a_body_that_does_not_hash_to_its_lfs_etag_never_becomes_the_blob() {
+    let hub = FakeHub::start(&reference_model());
+    hub.corrupt(true);
+    let cache = tempfile::tempdir().unwrap();
+    let folder = repo_folder(cache.path());
+    let weights = hub.file("model.safetensors");
+    let out = wait_all(vec![spawn_fill(&hub, cache.path())], Duration::from_secs(60)).pop().unwrap();
+    assert!(!out.status.success(), "a corrupt download was accepted: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("model.safetensors") && err.contains("sha256") && err.contains(&weights.etag), "{err}");
+    let blobs = names(&folder.join("blobs"));
+    assert!(!blobs.contains(&weights.etag), "the corrupt bytes became the blob");
+    assert!(!blobs.iter().any(|n| n.contains(".incomplete")), "the corrupt bytes were left: {blobs:?}");
+    assert!(!folder.join("snapshots").join(COMMIT).join("model.safetensors").exists());
+    // Sent right, the same fill completes, and the blob is the Hub's bytes.
+    hub.corrupt(false);
+    let out = wait_all(vec![spawn_fill(&hub, cache.path())], Duration::from_secs(60)).pop().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read(folder.join("blobs").join(&weights.etag)).unwrap() == weights.bytes);
 }
 
 #[test]

@@ -308,6 +308,16 @@ fn download_blob(remote: &Remote, repo: &RepoCache, meta: &FileMeta, blob: &Path
     }
     file.sync_all().map_err(io)?;
     drop(file);
+    if let Some(want) = lfs_sha256(&meta.etag) {
+        // An LFS file's ETag is its sha256: a body that does not hash to it (a corrupt
+        // resume, a proxy's error page of the right size) never becomes the blob.
+        let got = sha256_of(&tmp).map_err(io)?;
+        if !got.eq_ignore_ascii_case(want) {
+            let _ = std::fs::remove_file(&tmp);
+            let why = format!("the bytes received hash to sha256 {got}, not {want} as the Hub's ETag says; they were deleted");
+            return Err(download_error(repo, &meta.file, why));
+        }
+    }
     std::fs::rename(&tmp, blob).map_err(|e| Error::io(blob, e))?;
     sync_dir(blob.parent().expect("a blob has a folder"));
     progress.finish(offset);
@@ -469,6 +479,19 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// The sha256 an LFS file's ETag names (64 hex digits; a git blob's is a 40-digit sha1).
+fn lfs_sha256(etag: &str) -> Option<&str> {
+    (etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit())).then_some(etag)
+}
+
+/// The sha256 of the file at `path`, in lower-case hex.
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut File::open(path)?, &mut hasher)?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn download_error(repo: &RepoCache, file: &str, message: String) -> Error {
     Error::Download { repo: repo.repo_id.clone(), file: file.to_string(), message }
 }
@@ -487,6 +510,17 @@ mod tests {
         let name = tmp.file_name().unwrap().to_str().unwrap();
         assert!(name.starts_with(&format!("abc.incomplete.{}-", std::process::id())), "{name}");
         assert_ne!(repo.incomplete("abc"), tmp, "each download has a name of its own");
+    }
+
+    #[test]
+    fn an_lfs_etag_is_a_sha256_and_files_hash_to_it() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(lfs_sha256(abc), Some(abc));
+        assert_eq!(lfs_sha256("e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"), None, "a git blob's sha1");
+        assert_eq!(lfs_sha256(&"g".repeat(64)), None);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"abc").unwrap();
+        assert_eq!(sha256_of(&dir.path().join("f")).unwrap(), abc);
     }
 
     #[test]
