@@ -173,11 +173,11 @@ impl InferenceService {
     }
 
     /// Validates `req` and hands it to its model's scheduler.
-    async fn start(&self, req: &pb::GenerateRequest, id: String, caller: &Caller) -> Result<(RequestHandle, Vec<u32>), ServeError> {
+    async fn start(&self, req: &pb::GenerateRequest, id: String, caller: &Caller) -> Result<(RequestHandle, Vec<u32>, String), ServeError> {
         let (engine, model, valid) = self.prepare(req, PromptKind::Text, &Guidance::default(), caller)?;
         let prompt_ids = valid.prompt_ids.clone();
         let handle = engine.submit(&model, valid, id).await?;
-        Ok((handle, prompt_ids))
+        Ok((handle, prompt_ids, model.name.clone()))
     }
 
     async fn generate_all(
@@ -186,10 +186,9 @@ impl InferenceService {
         id: String,
         caller: &Caller,
     ) -> (String, Result<pb::GenerateResponse, ServeError>) {
-        let name = self.name_of(&req);
-        let (mut handle, prompt_ids) = match self.start(&req, id, caller).await {
+        let (mut handle, prompt_ids, name) = match self.start(&req, id, caller).await {
             Ok(v) => v,
-            Err(e) => return (name, Err(e)),
+            Err(e) => return (self.name_of(&req), Err(e)),
         };
         let mut resp = pb::GenerateResponse { prompt_token_ids: prompt_ids.clone(), ..Default::default() };
         let mut cached = 0;
@@ -236,15 +235,14 @@ impl pb::inference_server::Inference for InferenceService {
         let precheck = self
             .prepare(&req, PromptKind::Text, &Guidance::default(), &caller)
             .and_then(|(engine, model, valid)| serving(&model).map(|()| (engine, model, valid)));
-        let name = self.name_of(&req);
         let (engine, model, valid) = match precheck {
             Ok(v) => v,
             Err(e) => {
-                record(&name, e.code());
+                record(&self.name_of(&req), e.code());
                 return Err(e.into());
             }
         };
-        Ok(stream(id, name, span, engine, model, valid, None))
+        Ok(stream(id, model.name.clone(), span, engine, model, valid, None))
     }
 
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
@@ -277,11 +275,12 @@ impl pb::inference_server::Inference for InferenceService {
         let req = request.into_inner();
         let model = req.generation.as_ref().map(|g| g.model.clone()).unwrap_or_default();
         let span = tracing::info_span!("request", request_id = %id, model = %model, replica = tracing::field::Empty);
-        let name = self.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone());
         match self.prepare_chat(&req, &caller) {
-            Ok((engine, model, valid, reading)) => Ok(stream(id, name, span, engine, model, valid, Some(ChatReader::new(&reading)))),
+            Ok((engine, entry, valid, reading)) => {
+                Ok(stream(id, entry.name.clone(), span, engine, entry, valid, Some(ChatReader::new(&reading))))
+            }
             Err(e) => {
-                record(&name, e.code());
+                record(&self.0.find(&model).map_or_else(|_| model.clone(), |(_, m)| m.name.clone()), e.code());
                 Err(e.into())
             }
         }
