@@ -330,7 +330,7 @@ impl pb::worker_server::Worker for WorkerService {
         let device = state.device.clone();
         let r = req.clone();
         let st = state.clone();
-        let (shard, group, pool, dir) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+        let (shard, group, pool, dir, grammars) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let files = shardserve::hub::resolve(&r.model, Some(&r.revision)).map_err(to_status)?;
             let load = || -> Result<Shard, shardserve::Error> {
                 let cfg = ModelConfig::from_file(&files.file("config.json"))?;
@@ -349,8 +349,12 @@ impl pb::worker_server::Worker for WorkerService {
             let blocks = kv_blocks(r.kv_memory, block_bytes, &device, tp.size > 1)
                 .map_err(|e| Status::resource_exhausted(format!("worker {}: {e}", st.id)))?;
             let pool = shard.new_pool(blocks, block_size).map_err(to_status)?;
+            // The rank that samples builds the model's grammars now, not on the compute thread
+            // when the first constrained sequence arrives (hundreds of ms for a large vocabulary,
+            // every other sequence's step waiting).
+            let grammars = (shard.spec().has_head() && tp.is_leader()).then(|| prebuilt_grammars(&files.dir, shard.config())).flatten();
             if tp.size == 1 {
-                return Ok((shard, None, pool, files.dir));
+                return Ok((shard, None, pool, files.dir, grammars));
             }
             let names = r.tp_workers.clone();
             let group = if tp.is_leader() {
@@ -367,7 +371,7 @@ impl pb::worker_server::Worker for WorkerService {
             })?;
             let group = Arc::new(group);
             shard.set_group(all_reduce(&st, &group, tp, &device)?);
-            Ok((shard, Some(group), pool, files.dir))
+            Ok((shard, Some(group), pool, files.dir, grammars))
         })
         .await
         .map_err(|e| Status::internal(format!("loading task failed: {e}")))??;
@@ -399,7 +403,7 @@ impl pb::worker_server::Worker for WorkerService {
             block_size,
             block_bytes,
             dir,
-            grammars: Mutex::new(None),
+            grammars: Mutex::new(grammars),
         });
         loaded.publish(&loaded.kv.lock().expect("kv lock"));
         *state.loaded.write().expect("loaded lock") = Some(loaded.clone());
@@ -611,6 +615,20 @@ impl pb::worker_server::Worker for WorkerService {
         }
         Ok(Response::new(resp))
     }
+}
+
+/// The grammars of the model in `dir` for its end-of-sequence tokens (as generation_config.json
+/// or config.json name them, as the coordinator reads them); `None`, logged, when they cannot be
+/// built (constrained sequences then say why).
+fn prebuilt_grammars(dir: &std::path::Path, cfg: &ModelConfig) -> Option<(Vec<u32>, Arc<Grammars>)> {
+    let build = || -> Result<(Vec<u32>, Arc<Grammars>), String> {
+        let generation = shardserve::config::GenerationConfig::from_file(&dir.join("generation_config.json")).map_err(|e| e.to_string())?;
+        let eos = generation.eos_ids(cfg);
+        let tokenizer = shardserve::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
+        let grammars = Grammars::new(&tokenizer, cfg.vocab_size, &eos).map_err(|e| e.to_string())?;
+        Ok((eos, Arc::new(grammars)))
+    };
+    build().map_err(|e| debug!(error = %e, "no grammars for constrained decoding")).ok()
 }
 
 /// Frees sequences on the next stage (and, through it, every later one), best effort.

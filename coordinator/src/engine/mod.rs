@@ -650,6 +650,14 @@ impl Engine {
             routed_blocks: AtomicUsize::new(0),
             grammars: Default::default(),
         });
+        // Built now, off the request path: the first constrained request would otherwise wait
+        // for it (hundreds of ms for a large vocabulary) on a runtime thread.
+        let prebuild = model.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = prebuild.grammars() {
+                debug!(model = %prebuild.name, error = %e, "no grammars for constrained decoding");
+            }
+        });
         let seed = crate::util::random_u64();
         let etcd_is_none = etcd.is_none();
         let (inbox, submissions) = mpsc::unbounded_channel();
