@@ -77,6 +77,11 @@ async fn grpc_generate_takes_the_same_constraints() {
         let ok = r.text.len() == 5 && r.text.chars().enumerate().all(|(i, ch)| if i == 2 { ch == ':' } else { ch.is_ascii_digit() });
         assert!(ok, "seed {seed}: {:?}", r.text);
     }
+    // Complete before min_tokens: the grammar allows only the end, which min_tokens forbids.
+    // The grammar wins.
+    let early = pb::GenerateRequest { min_tokens: 12, ..constrained(Kind::Choice(pb::Choices { choices: choices.clone() }), 5) };
+    let r = generate(&mut c, early).await.unwrap();
+    assert!(choices.contains(&r.text) && r.token_ids.len() < 12 && r.finish_reason == "eos", "{r:?}");
     let e = generate(&mut c, constrained(Kind::JsonSchema(r#"{"type": "array", "uniqueItems": true}"#.into()), 1)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("uniqueItems"), "{}", e.message());
