@@ -32,6 +32,7 @@ pub mod membership;
 pub mod model;
 pub mod placement;
 pub mod prefix;
+pub mod quant;
 pub mod sampling;
 pub mod stage;
 pub mod telemetry;

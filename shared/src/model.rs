@@ -35,17 +35,19 @@ pub struct StageSpec {
     /// The tensor-parallel rank: its slice of every layer. Only rank 0 of the last stage holds
     /// the final norm and lm_head (it alone samples); the embedding is replicated.
     pub tp: TpRank,
+    /// The linear weights quantized at load to this type (none: as the compute dtype).
+    pub quantize: Option<crate::quant::Quantize>,
 }
 
 impl StageSpec {
     /// The whole model as one stage.
     pub fn whole(cfg: &ModelConfig) -> Self {
-        StageSpec { layers: 0..cfg.num_layers, first: true, last: true, tp: TpRank::default() }
+        StageSpec { layers: 0..cfg.num_layers, first: true, last: true, tp: TpRank::default(), quantize: None }
     }
 
     /// Stage `stage` of `num_stages` holding `layers`.
     pub fn new(layers: Range<usize>, stage: usize, num_stages: usize) -> Self {
-        StageSpec { layers, first: stage == 0, last: stage + 1 == num_stages, tp: TpRank::default() }
+        StageSpec { layers, first: stage == 0, last: stage + 1 == num_stages, tp: TpRank::default(), quantize: None }
     }
 
     /// The same stage as rank `tp.rank` of a tensor-parallel group.
@@ -230,7 +232,7 @@ impl Shard {
         }
         let split = tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, spec.tp).map_err(Error::LoadWeights)?;
         let slicer = |name: &str, shape: &[usize]| spec.slice_of(&split, cfg.head_dim, name, shape);
-        let loaded: LoadedTensors = weights::load(dir, &|n| spec.owns(cfg, n), &slicer, Some(dtype), device)?;
+        let loaded: LoadedTensors = weights::load_quantized(dir, &|n| spec.owns(cfg, n), &slicer, Some(dtype), spec.quantize, device)?;
         Self::build(cfg, spec, &split, loaded, dtype, device)
     }
 
@@ -255,13 +257,23 @@ impl Shard {
                 (n, shape)
             })
             .collect();
-        let tensors = random_tensors(&wanted, dtype, device, seed).map_err(|e| Error::LoadWeights(e.to_string()))?;
-        let loaded = LoadedTensors { tensors, files: Default::default() };
+        let mut tensors = random_tensors(&wanted, dtype, device, seed).map_err(|e| Error::LoadWeights(e.to_string()))?;
+        let mut quantized = crate::quant::QuantizedWeights::new();
+        if let Some(q) = spec.quantize {
+            let names: Vec<String> = tensors.keys().filter(|n| crate::quant::is_linear_weight(n)).cloned().collect();
+            for name in names {
+                let t = tensors.remove(&name).expect("listed above");
+                quantized.insert(name.clone(), Arc::new(q.quantize(&name, &t)?));
+            }
+        }
+        let loaded = LoadedTensors { tensors, quantized, files: Default::default() };
         Self::build(cfg, spec, &split, loaded, dtype, device)
     }
 
     fn build(cfg: &ModelConfig, spec: StageSpec, split: &TpSplit, loaded: LoadedTensors, dtype: DType, device: &Device) -> Result<Self> {
-        let report = LoadReport { tensors: loaded.tensors.keys().cloned().collect(), files: loaded.files.clone(), bytes: loaded.bytes() };
+        let names = loaded.tensors.keys().chain(loaded.quantized.keys()).cloned().collect();
+        let report = LoadReport { tensors: names, files: loaded.files.clone(), bytes: loaded.bytes() };
+        let quantized = loaded.quantized;
         let vb = VarBuilder::from_tensors(loaded.tensors, dtype, device);
         let wrap = |e: candle_core::Error| Error::LoadWeights(e.to_string());
         let embed_weight = |vb: &VarBuilder| vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight").map_err(wrap);
@@ -269,7 +281,7 @@ impl Shard {
         let layers = spec
             .layers
             .clone()
-            .map(|i| DecoderLayer::new(cfg, split, vb.pp("model.layers").pp(i)).map_err(wrap))
+            .map(|i| DecoderLayer::new(cfg, split, vb.pp("model.layers").pp(i), &quantized).map_err(wrap))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if spec.has_head() {
             let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm")).map_err(wrap)?;

@@ -32,6 +32,8 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, String>> {
 #[derive(Debug, Default)]
 pub struct LoadedTensors {
     pub tensors: HashMap<String, Tensor>,
+    /// The linear weights quantized as they were read (with a quantization).
+    pub quantized: crate::quant::QuantizedWeights,
     /// The checkpoint files opened, by name.
     pub files: BTreeSet<String>,
 }
@@ -39,13 +41,27 @@ pub struct LoadedTensors {
 impl LoadedTensors {
     /// Bytes held, after conversion.
     pub fn bytes(&self) -> u64 {
-        self.tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
+        let dense: u64 = self.tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum();
+        dense + self.quantized.values().map(|q| q.storage_size_in_bytes() as u64).sum::<u64>()
     }
 }
 
 /// Loads every tensor for which `wanted(name)` holds — only the part `slice` names — converted
 /// to `dtype` (or kept as on disk when `dtype` is `None`).
 pub fn load(dir: &Path, wanted: &dyn Fn(&str) -> bool, slice: Slicer<'_>, dtype: Option<DType>, device: &Device) -> Result<LoadedTensors> {
+    load_quantized(dir, wanted, slice, dtype, None, device)
+}
+
+/// [`load`], with the linear weights quantized to `quantize` one by one as they are read (the
+/// full-precision tensor dropped before the next is read).
+pub fn load_quantized(
+    dir: &Path,
+    wanted: &dyn Fn(&str) -> bool,
+    slice: Slicer<'_>,
+    dtype: Option<DType>,
+    quantize: Option<crate::quant::Quantize>,
+    device: &Device,
+) -> Result<LoadedTensors> {
     let index = dir.join("model.safetensors.index.json");
     let plan: Vec<(String, Option<Vec<String>>)> = if index.is_file() {
         let map = read_index(&index)?;
@@ -64,7 +80,7 @@ pub fn load(dir: &Path, wanted: &dyn Fn(&str) -> bool, slice: Slicer<'_>, dtype:
     let mut out = LoadedTensors::default();
     for (file, names) in plan {
         let path = dir.join(&file);
-        read_file(&path, &file, names.as_deref(), (wanted, slice), dtype, device, &mut out)?;
+        read_file(&path, &file, names.as_deref(), (wanted, slice), (dtype, quantize), device, &mut out)?;
         out.files.insert(file);
     }
     Ok(out)
@@ -75,7 +91,7 @@ fn read_file(
     file: &str,
     names: Option<&[String]>,
     (wanted, slice): (&dyn Fn(&str) -> bool, Slicer<'_>),
-    dtype: Option<DType>,
+    (dtype, quantize): (Option<DType>, Option<crate::quant::Quantize>),
     device: &Device,
     out: &mut LoadedTensors,
 ) -> Result<()> {
@@ -96,6 +112,11 @@ fn read_file(
             Some((dim, range)) => load_slice(&view, dim, range, device),
         }
         .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
+        if let Some(q) = quantize.filter(|_| crate::quant::is_linear_weight(&name)) {
+            let qt = q.quantize(&name, &t)?;
+            out.quantized.insert(name, std::sync::Arc::new(qt));
+            continue;
+        }
         let t = match dtype {
             Some(d) if d != t.dtype() => t.to_dtype(d).map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?,
             _ => t,

@@ -8,6 +8,7 @@ use super::skinny;
 use super::Batch;
 use crate::collective::{Collective, TpSplit};
 use crate::config::ModelConfig;
+use crate::quant::QuantizedWeights;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
@@ -70,11 +71,21 @@ impl Rope {
 pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight quantized at load, which the layer multiplies by instead (`weight` is then
+    /// empty).
+    quantized: Option<candle_core::quantized::QMatMul>,
 }
 
 impl Linear {
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear { weight, bias, quantized: None }
+    }
+
+    /// A layer over a quantized weight, the input's dtype kept for its output.
+    fn quantized(weight: std::sync::Arc<candle_core::quantized::QTensor>, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let qmm = candle_core::quantized::QMatMul::from_arc(weight)?;
+        let empty = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+        Ok(Linear { weight: empty, bias, quantized: Some(qmm) })
     }
 }
 
@@ -100,9 +111,13 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match self.skinny(x)? {
-            Some(y) => y,
-            None => self.weight.matmul(&x.t()?)?.t()?.contiguous()?,
+        let y = if let Some(q) = &self.quantized {
+            q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?
+        } else {
+            match self.skinny(x)? {
+                Some(y) => y,
+                None => self.weight.matmul(&x.t()?)?.t()?.contiguous()?,
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -111,10 +126,15 @@ impl Module for Linear {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder, quantized: &QuantizedWeights) -> candle_core::Result<Linear> {
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+    if let Some(q) = quantized.get(&format!("{}.weight", vb.prefix())) {
+        if q.shape().dims() != [out_dim, in_dim] {
+            candle_core::bail!("{}.weight: quantized shape {:?}, expected [{out_dim}, {in_dim}]", vb.prefix(), q.shape().dims());
+        }
+        return Linear::quantized(q.clone(), bias);
+    }
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, bias))
 }
 
 struct Attention {
@@ -132,7 +152,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         let (h, kv, d) = (split.heads.len(), split.kv_heads.len(), cfg.head_dim);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
@@ -143,10 +163,10 @@ impl Attention {
             (None, None)
         };
         Ok(Attention {
-            q_proj: linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(cfg.hidden_size, kv * d, cfg.qkv_bias, vb.pp("k_proj"))?,
-            v_proj: linear(cfg.hidden_size, kv * d, cfg.qkv_bias, vb.pp("v_proj"))?,
-            o_proj: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"))?,
+            q_proj: linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"), q)?,
+            k_proj: linear(cfg.hidden_size, kv * d, cfg.qkv_bias, vb.pp("k_proj"), q)?,
+            v_proj: linear(cfg.hidden_size, kv * d, cfg.qkv_bias, vb.pp("v_proj"), q)?,
+            o_proj: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"), q)?,
             o_bias: if cfg.o_bias { Some(vb.pp("o_proj").get(cfg.hidden_size, "bias")?) } else { None },
             q_norm,
             k_norm,
@@ -276,12 +296,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         let (hs, is) = (cfg.hidden_size, split.intermediate.len());
         Ok(Mlp {
-            gate_proj: linear(hs, is, cfg.mlp_bias, vb.pp("gate_proj"))?,
-            up_proj: linear(hs, is, cfg.mlp_bias, vb.pp("up_proj"))?,
-            down_proj: linear(is, hs, false, vb.pp("down_proj"))?,
+            gate_proj: linear(hs, is, cfg.mlp_bias, vb.pp("gate_proj"), q)?,
+            up_proj: linear(hs, is, cfg.mlp_bias, vb.pp("up_proj"), q)?,
+            down_proj: linear(is, hs, false, vb.pp("down_proj"), q)?,
             down_bias: if cfg.mlp_bias { Some(vb.pp("down_proj").get(hs, "bias")?) } else { None },
         })
     }
@@ -301,10 +321,10 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(super) fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         Ok(DecoderLayer {
-            self_attn: Attention::new(cfg, split, vb.pp("self_attn"))?,
-            mlp: Mlp::new(cfg, split, vb.pp("mlp"))?,
+            self_attn: Attention::new(cfg, split, vb.pp("self_attn"), q)?,
+            mlp: Mlp::new(cfg, split, vb.pp("mlp"), q)?,
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })
