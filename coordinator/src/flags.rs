@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Compute dtype: auto (checkpoint's on GPU, f32 on CPU), f32, bf16 or f16.
     #[arg(long, env = "SHARDSERVE_DTYPE", value_enum, default_value_t = shardserve::dtype::Dtype::Auto)]
     pub dtype: shardserve::dtype::Dtype,
+    /// Quantize the attention and MLP projections as each worker loads its share (the
+    /// embedding, norms and lm_head stay at --dtype).
+    #[arg(long, env = "SHARDSERVE_QUANTIZE", value_enum)]
+    pub quantize: Option<shardserve::quant::Quantize>,
     /// Workers (pipeline stages) to spread the model over; waits until that many joined.
     #[arg(long, env = "SHARDSERVE_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -119,6 +123,7 @@ impl ServeArgs {
         opt("--device-map", self.device_map.as_ref().map(|p| p.display().to_string()));
         opt("--advertise", self.advertise.clone());
         opt("--replicas", self.replicas.map(|r| r.to_string()));
+        opt("--quantize", self.quantize.map(|q| q.to_string()));
         for (flag, v) in [
             ("--listen", self.listen.clone()),
             ("--dtype", self.dtype.to_string()),
@@ -428,6 +433,8 @@ mod tests {
             "127.0.0.1:0",
             "--dtype",
             "bf16",
+            "--quantize",
+            "q4_0",
             "--workers",
             "4",
             "--tp",
@@ -487,6 +494,7 @@ mod tests {
         assert_eq!((again.workers, again.tp, again.step_timeout_s, again.migration_wait_s), (4, 2, 9, 5));
         assert_eq!(again.name.as_deref(), Some("n"));
         assert!(again.random_weights && again.auth.no_reflection);
+        assert_eq!(again.quantize, Some(shardserve::quant::Quantize::Q4_0));
         assert_eq!(again.batch.prefix_caching, OnOff::Off);
         assert_eq!(again.batch.prefix_cache_scope, crate::engine::PrefixCacheScope::PerKey);
     }

@@ -113,6 +113,7 @@ pub(crate) fn coordinator() -> &'static Coordinator {
                 prepared: None,
                 name: "tiny".into(),
                 dtype: Default::default(),
+                quantize: None,
                 workers: 2,
                 tp: 1,
                 replicas: None,

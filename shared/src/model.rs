@@ -101,6 +101,26 @@ impl StageSpec {
     }
 }
 
+/// Checks, before anything loads, that every rank of a `tp`-way split of `cfg` can quantize its
+/// slice of every projection to `q` (no row cut through a block).
+pub fn check_quantizable(cfg: &ModelConfig, tp: usize, q: crate::quant::Quantize) -> Result<()> {
+    for rank in 0..tp.max(1) {
+        let tp = TpRank { rank, size: tp.max(1) };
+        let split = tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp).map_err(Error::LoadWeights)?;
+        let spec = StageSpec::whole(cfg).with_tp(tp);
+        for (name, mut shape) in checkpoint_shapes(cfg).into_iter().filter(|(n, _)| crate::quant::is_linear_weight(n)) {
+            if let Some((dim, r)) = spec.slice_of(&split, cfg.head_dim, &name, &shape) {
+                shape[dim] = r.len();
+            }
+            q.check(&name, &shape).map_err(|e| match e {
+                Error::LoadWeights(m) if tp.size > 1 => Error::LoadWeights(format!("{m} (tensor-parallel rank {rank} of {})", tp.size)),
+                e => e,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The dtype `device` computes `cfg` in for the `requested` choice (see [`Dtype::resolve`]).
 pub fn resolve_dtype(requested: Dtype, cfg: &ModelConfig, device: &Device) -> DType {
     requested.resolve(cfg.checkpoint_dtype.as_deref(), !device.is_cpu())

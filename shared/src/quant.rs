@@ -9,13 +9,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A block type to quantize linear weights to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Quantize {
     /// 8-bit, blocks of 32 weights with one f16 scale (8.5 bits a weight).
+    #[value(name = "q8_0")]
     Q8_0,
     /// 4-bit, blocks of 32 with one f16 scale (4.5 bits a weight).
+    #[value(name = "q4_0")]
     Q4_0,
     /// 4-bit k-quant, super-blocks of 256 (4.5 bits a weight).
+    #[value(name = "q4_k")]
     Q4K,
 }
 

@@ -121,3 +121,14 @@ fn a_type_whose_blocks_a_row_would_cut_is_refused_naming_the_tensor() {
     let e = Shard::load(&cfg, spec, &dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("_proj.weight") && e.contains("q4_k") && e.contains("q8_0 or q4_0 does"), "{e}");
 }
+
+#[test]
+fn a_split_is_checked_for_every_rank_before_loading() {
+    let cfg = ModelConfig::from_file(&model().join("config.json")).unwrap();
+    assert!(shardserve::model::check_quantizable(&cfg, 2, Quantize::Q8_0).is_ok());
+    let e = shardserve::model::check_quantizable(&cfg, 1, Quantize::Q4K).unwrap_err().to_string();
+    assert!(e.contains("q4_k") && e.contains("q8_0 or q4_0 does"), "{e}");
+    // At tp 4 the MLP's 192 columns split into 48: no block of 32 fits them.
+    let e = shardserve::model::check_quantizable(&cfg, 4, Quantize::Q8_0).unwrap_err().to_string();
+    assert!(e.contains("down_proj") && e.contains("48") && e.contains("rank 0 of 4"), "{e}");
+}

@@ -314,6 +314,7 @@ impl pb::worker_server::Worker for WorkerService {
             return Err(Status::invalid_argument(format!("stage {} of {} does not exist", req.stage, req.num_stages)));
         }
         let tp = TpRank { rank: req.tp_rank as usize, size: req.tp_size.max(1) as usize };
+        let quantize = shardserve::quant::Quantize::parse(&req.quantize).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if tp.rank >= tp.size {
             return Err(Status::invalid_argument(format!("tensor-parallel rank {} of {} does not exist", tp.rank, tp.size)));
         }
@@ -337,6 +338,7 @@ impl pb::worker_server::Worker for WorkerService {
                 let dtype = model::resolve_dtype(r.dtype.parse()?, &cfg, &device);
                 let spec = StageSpec::new(r.layer_start as usize..r.layer_end as usize, r.stage as usize, r.num_stages.max(1) as usize)
                     .with_tp(tp);
+                let spec = StageSpec { quantize, ..spec };
                 if r.random_weights {
                     return Shard::random(&cfg, spec, dtype, &device, 0);
                 }

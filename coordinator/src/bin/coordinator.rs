@@ -93,6 +93,7 @@ impl TryFrom<Args> for CoordinatorConfig {
                 revision: a.serve.revision,
                 prepared: None,
                 dtype: a.serve.dtype,
+                quantize: a.serve.quantize,
                 workers: shardserve_coordinator::engine::workers_per_replica(a.serve.workers, a.serve.tp, a.serve.replicas)
                     .map_err(|e| anyhow::anyhow!(e))?,
                 tp: a.serve.tp,

@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub name: String,
     /// The compute dtype the workers load.
     pub dtype: Dtype,
+    /// The type the workers quantize the linear weights to as they load them.
+    pub quantize: Option<shardserve::quant::Quantize>,
     /// Workers the first plan waits for (pipeline stages × `tp`).
     pub workers: usize,
     /// Tensor-parallel ranks per stage: consecutive workers form a stage's group.
@@ -419,6 +421,9 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
         let tp = shardserve::collective::TpRank { rank: 0, size: config.tp };
         shardserve::collective::tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config.model))?;
+    }
+    if let Some(q) = config.quantize {
+        shardserve::model::check_quantizable(&cfg, config.tp, q).map_err(|e| anyhow::anyhow!("{}: --quantize {q}: {e}", config.model))?;
     }
     if let Some(map) = &config.device_map {
         // Checked against worker indices only here; ids are checked once workers join.

@@ -305,6 +305,7 @@ impl Engine {
                     random_weights: self.config.random_weights,
                     kv_memory: self.kv_memory_for(&w),
                     kv_block_size: self.config.kv_block_size as u32,
+                    quantize: self.config.quantize.map(|q| q.to_string()).unwrap_or_default(),
                 };
                 let tls = self.config.tls.clone();
                 calls.push(async move {

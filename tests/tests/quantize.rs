@@ -1,0 +1,57 @@
+//! `--quantize` through real clusters: every layout (one worker, two stages, `--tp 2`) serves the
+//! quantized model exactly as it runs in one process, holds the quantized bytes, and a type whose
+//! blocks the model's rows would cut is refused before anything loads.
+
+use candle_core::{DType, Device};
+use shardserve::config::ModelConfig;
+use shardserve::model::{Shard, StageInput, StageOutput, StageSpec};
+use shardserve::quant::Quantize;
+use shardserve_tests::*;
+
+/// Greedy tokens of the reference model with its projections quantized to `q`, in this process.
+fn in_process(q: Quantize, prompt: &[u32], n: usize) -> Vec<u32> {
+    let dir = reference_model();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let shard = Shard::load(&cfg, StageSpec { quantize: Some(q), ..StageSpec::whole(&cfg) }, &dir, DType::F32, &Device::Cpu).unwrap();
+    let mut pool = shard.new_pool(64, 16).unwrap();
+    let (mut out, mut feed) = (Vec::new(), prompt.to_vec());
+    for _ in 0..n {
+        let StageOutput::Logits(l) = shard.forward(&mut pool, 0, StageInput::Tokens(&feed)).unwrap() else { panic!("no logits") };
+        let t = shardserve::sampling::argmax(&l.to_vec1::<f32>().unwrap());
+        out.push(t);
+        feed = vec![t];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_layout_serves_the_quantized_model_and_holds_its_bytes() {
+    let cases = reference_cases();
+    let want: Vec<Vec<u32>> = cases.iter().map(|c| in_process(Quantize::Q8_0, &c.input_ids, 24)).collect();
+    // Quantized, the model is not transformers' any more: some case differs somewhere.
+    assert!(cases.iter().zip(&want).any(|(c, w)| c.new_ids[..24] != w[..]), "q8_0 changed no token of any case");
+    let full = {
+        let one = Cluster::new(reference_model()).start();
+        placement(&one).await.iter().map(|s| s.bytes).sum::<u64>()
+    };
+    for (workers, tp) in [(1, 1), (2, 1), (2, 2)] {
+        let cluster =
+            Cluster::new(reference_model()).workers(workers).arg("--tp").arg(&tp.to_string()).arg("--quantize").arg("q8_0").start();
+        let mut c = cluster.client().await;
+        for (case, want) in cases.iter().zip(&want) {
+            let got = generate(&mut c, greedy(&case.prompt, 24)).await.unwrap().token_ids;
+            assert_eq!(&got, want, "{workers} workers, tp {tp}: {:?}", case.prompt);
+        }
+        let held: u64 = placement(&cluster).await.iter().map(|s| s.bytes).sum();
+        assert!(held * 10 < full * 6, "{workers} workers, tp {tp}: {held} bytes held, {full} unquantized");
+    }
+}
+
+#[test]
+fn a_type_that_cuts_the_models_blocks_is_refused_before_anything_loads() {
+    let (why, stderr) = match Cluster::new(reference_model()).arg("--quantize").arg("q4_k").try_start() {
+        Ok(_) => panic!("q4_k was accepted for rows of 64 weights"),
+        Err(e) => e,
+    };
+    assert!(stderr.contains("--quantize q4_k") && stderr.contains("q8_0 or q4_0 does"), "{why}\n{stderr}");
+}
