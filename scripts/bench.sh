@@ -16,9 +16,11 @@
 #     on the same shapes with Qwen3's real vocabulary (151,643 BPE tokens and its added tokens,
 #     from the `qwen.tiktoken` the `dashscope` package ships on PyPI; embedding and lm_head of
 #     151,936 rows) and random weights, and llguidance's mask time per token.
+#  8. quantization at load: one worker with `--quantize q8_0` at concurrency 1 and 8, beside
+#     candle-transformers' f32 model in this process on the same weights (--baseline).
 # FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
 # ONLY=prefix runs part 5 alone (ONLY=multi-turn its multi-turn run), ONLY=replicas part 6,
-# ONLY=structured part 7.
+# ONLY=structured part 7, ONLY=quantize part 8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -38,7 +40,7 @@ run() { # workers threads-per-worker label [bench args]
     local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
     RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$workers" --worker-threads "$threads" \
-        --kv-memory "${KV_MEMORY:-2GiB}" ${REPLICAS:+--replicas "$REPLICAS"} ${RANDOM_WEIGHTS:+--random-weights} \
+        --kv-memory "${KV_MEMORY:-2GiB}" ${REPLICAS:+--replicas "$REPLICAS"} ${RANDOM_WEIGHTS:+--random-weights} ${QUANTIZE:+--quantize "$QUANTIZE"} \
         --listen 127.0.0.1:0 >"$out" &
     local pid=$!
     for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
@@ -69,6 +71,9 @@ fi
 if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = replicas ]; then
 run 1 1 "1 replica, 1 core" --prompt-tokens 128 --output-tokens 64 --concurrency 16
 REPLICAS=2 run 2 1 "2 replicas, 1 core each" --prompt-tokens 128 --output-tokens 64 --concurrency 16
+fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = quantize ]; then
+QUANTIZE=q8_0 run 1 "$CORES" "q8_0" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8 --baseline "$MODEL"
 fi
 if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = structured ]; then
 WHEELS=$(mktemp -d)
