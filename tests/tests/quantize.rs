@@ -7,6 +7,7 @@ use shardserve::config::ModelConfig;
 use shardserve::model::{Shard, StageInput, StageOutput, StageSpec};
 use shardserve::quant::Quantize;
 use shardserve_tests::*;
+use std::time::Duration;
 
 /// Greedy tokens of the reference model with its projections quantized to `q`, in this process.
 fn in_process(q: Quantize, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -44,6 +45,14 @@ async fn every_layout_serves_the_quantized_model_and_holds_its_bytes() {
         }
         let held: u64 = placement(&cluster).await.iter().map(|s| s.bytes).sum();
         assert!(held * 10 < full * 6, "{workers} workers, tp {tp}: {held} bytes held, {full} unquantized");
+        if (workers, tp) == (1, 1) {
+            // Operators see it.
+            let out = run_shardctl(&["status", "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
+            let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+            assert_eq!(status["models"][0]["quantize"], "q8_0", "{status}");
+            let out = run_shardctl(&["models", "list", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
+            assert!(out.status.success() && out.stdout.contains("quantize=q8_0"), "{}", out.stdout);
+        }
     }
 }
 

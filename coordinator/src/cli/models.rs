@@ -75,7 +75,8 @@ pub struct UnloadArgs {
 }
 
 fn info_json(m: &pb::ModelInfo) -> serde_json::Value {
-    serde_json::json!({"name": m.name, "state": m.state, "architecture": m.architecture, "layers": m.num_layers, "dtype": m.dtype})
+    serde_json::json!({"name": m.name, "state": m.state, "architecture": m.architecture, "layers": m.num_layers, "dtype": m.dtype,
+        "quantize": (!m.quantize.is_empty()).then_some(&m.quantize)})
 }
 
 async fn list_models(target: &Target) -> anyhow::Result<Vec<pb::ModelInfo>> {
@@ -92,7 +93,8 @@ pub async fn run(cmd: ModelsCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({"models": models.iter().map(info_json).collect::<Vec<_>>()}));
             } else {
                 for m in &models {
-                    println!("{:<40} {:<12} {} layers={} dtype={}", m.name, m.state, m.architecture, m.num_layers, m.dtype);
+                    let quantize = if m.quantize.is_empty() { String::new() } else { format!(" quantize={}", m.quantize) };
+                    println!("{:<40} {:<12} {} layers={} dtype={}{quantize}", m.name, m.state, m.architecture, m.num_layers, m.dtype);
                 }
             }
             Ok(())

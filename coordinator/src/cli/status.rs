@@ -42,6 +42,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "architecture": info.architecture,
                 "layers": info.num_layers,
                 "dtype": info.dtype,
+                "quantize": (!info.quantize.is_empty()).then_some(&info.quantize),
                 "detail": m.detail,
                 "prefix_cache": {
                     "enabled": m.prefix_caching,
@@ -99,7 +100,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
     for m in &s.models {
         let info = m.model.clone().unwrap_or_default();
-        println!("model {} [{}] {} layers={} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);
+        let quantize = if info.quantize.is_empty() { String::new() } else { format!(" quantize={}", info.quantize) };
+        println!("model {} [{}] {} layers={}{quantize} — {}", info.name, info.state, info.architecture, info.num_layers, m.detail);
         if m.prefix_caching {
             let rate = hit_rate(m).map_or_else(|| "no lookups yet".to_string(), |r| format!("{:.1}% hit", r * 100.0));
             println!(

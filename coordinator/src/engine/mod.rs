@@ -245,6 +245,8 @@ pub struct ModelEntry {
     pub eos: Vec<u32>,
     pub max_total_tokens: usize,
     pub dtype: Dtype,
+    /// The type its projections are quantized to at load.
+    pub quantize: Option<shardserve::quant::Quantize>,
     /// What others wait on: the scheduler, new requests, drains.
     state: watch::Sender<ServingState>,
     /// Sequences admitted and not finished (the scheduler keeps it).
@@ -284,6 +286,7 @@ impl ModelEntry {
             architecture: self.config.architecture.hf_name().to_string(),
             max_position_embeddings: self.max_total_tokens as u32,
             dtype: self.dtype.to_string(),
+            quantize: self.quantize.map(|q| q.to_string()).unwrap_or_default(),
             num_layers: self.config.num_layers as u32,
         }
     }
@@ -637,6 +640,7 @@ impl Engine {
             eos,
             max_total_tokens,
             dtype: config.dtype,
+            quantize: config.quantize,
             config: cfg,
             shape,
             generation,
