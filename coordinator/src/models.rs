@@ -162,6 +162,9 @@ impl Models {
         let shared = self.primary.shared().clone();
         // With replicas, the layout moves these to each replica's key; spares stay here.
         shared.pin(&r.pinned, &r.name);
+        // A placement another model began loading before the reservation ends first: the new
+        // model then sees it (and waits for it to move off) instead of loading under it.
+        shared.settled().await;
         let stop = self.shutdown.child_token();
         let started =
             Engine::start_in(config, self.membership.clone(), self.etcd.clone(), shared.clone(), Some(self.primary.clone()), stop.clone())

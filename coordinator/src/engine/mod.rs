@@ -472,6 +472,15 @@ impl Shared {
         }
     }
 
+    /// Waits until no engine is loading a placement it planned before now: after a
+    /// reservation, every placement still on a reserved worker is one the engines publish
+    /// (and move off), never a load that lands on the worker after its new model's.
+    pub async fn settled(&self) {
+        for e in self.engines() {
+            drop(e.placing.lock().await);
+        }
+    }
+
     /// Reserves `ids` for `model`.
     pub fn pin(&self, ids: &[String], model: &str) {
         let mut pins = self.pins.lock().expect("pins lock");
@@ -535,6 +544,9 @@ pub struct Engine {
     model: Arc<ModelEntry>,
     membership: Arc<dyn Membership>,
     broken: Notify,
+    /// Held by the planner from choosing its workers' final set to publishing the placement
+    /// it loaded, so a reservation can wait out a load that began before it.
+    placing: tokio::sync::Mutex<()>,
     /// Set while this coordinator is the one that plans.
     leader: std::sync::atomic::AtomicBool,
     /// The term of this coordinator's latest leadership (its election revision; 0 without
@@ -680,6 +692,7 @@ impl Engine {
             model,
             membership,
             broken: Notify::new(),
+            placing: tokio::sync::Mutex::new(()),
             leader: std::sync::atomic::AtomicBool::new(etcd_is_none),
             term: AtomicU64::new(0),
             elected: Notify::new(),

@@ -112,6 +112,11 @@ impl Engine {
                     self.model.set_state(self.model.not_ready(why));
                     self.moving.send_if_modified(|m| std::mem::replace(m, false));
                 } else {
+                    let _placing = self.placing.lock().await;
+                    // A reservation made since `workers` was read takes its workers out of
+                    // this plan (it waits for this lock before its model loads).
+                    let reserved = self.shared.pinned_elsewhere(&key);
+                    workers.retain(|w| !reserved.contains(&w.id));
                     match self.load(&workers).await {
                         Ok(p) => {
                             info!(model = %self.model.name, stages = p.stages.len(), "model ready");
