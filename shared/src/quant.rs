@@ -110,6 +110,8 @@ mod tests {
     fn names_parse_and_only_projections_are_quantized() {
         for q in Quantize::ALL {
             assert_eq!(Quantize::parse(q.name()).unwrap(), Some(q));
+            // The flag's spelling is the worker's.
+            assert_eq!(clap::ValueEnum::to_possible_value(&q).unwrap().get_name(), q.name());
         }
         assert_eq!(Quantize::parse("").unwrap(), None);
         assert!(Quantize::parse("q5_k").unwrap_err().to_string().contains("one of q8_0, q4_0, q4_k"));

@@ -1,7 +1,8 @@
 //! `/v1/chat/completions`: the messages rendered with the model's own chat template (as
 //! transformers' `apply_chat_template` renders it), then generated like a completion.
 
-use super::api::{Found, StreamOptions};
+use super::api::Found;
+use super::request::StreamOptions;
 use super::{ApiError, App};
 use crate::engine::GenEvent;
 use crate::frontend::chat::{reading, render_messages, Reading};
@@ -9,7 +10,7 @@ use crate::frontend::reader::{ChatReader, Piece};
 use serde::Deserialize;
 use serde_json::json;
 
-/// `POST /v1/chat/completions`, less the [`super::api::Sampling`] fields.
+/// `POST /v1/chat/completions`, less the [`super::request::Sampling`] fields.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {

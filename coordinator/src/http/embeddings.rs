@@ -1,7 +1,8 @@
 //! `/v1/embeddings`: each input's final-norm hidden states through the pipeline, pooled, as
 //! OpenAI's API shapes them (float lists or base64).
 
-use super::api::{field_error, kind_of};
+use super::api::field_error;
+use super::request::kind_of;
 use super::{ApiError, App};
 use crate::service::{record, Caller, InferenceService};
 use axum::body::Body;

@@ -8,6 +8,7 @@ mod api;
 pub(crate) mod chat;
 mod embeddings;
 mod error;
+mod request;
 mod structured;
 mod tokens;
 
@@ -155,15 +156,15 @@ async fn parse_whole<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> R
     with_path(&mut serde_json::Deserializer::from_slice(&body))
 }
 
-/// A generation request's body: its sampling fields ([`api::SAMPLING_FIELDS`]) parsed as
-/// [`api::Sampling`], the rest as `T`, each naming the field at fault.
-async fn parse<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> Result<(T, api::Sampling), ApiError> {
+/// A generation request's body: its sampling fields ([`request::SAMPLING_FIELDS`]) parsed as
+/// [`request::Sampling`], the rest as `T`, each naming the field at fault.
+async fn parse<T: serde::de::DeserializeOwned>(app: &App, body: Body) -> Result<(T, request::Sampling), ApiError> {
     let mut v: serde_json::Value = parse_whole(app, body).await?;
     let Some(fields) = v.as_object_mut() else {
         return Err(ApiError::invalid("the request body must be a JSON object", None));
     };
     let sampling: serde_json::Map<String, serde_json::Value> =
-        api::SAMPLING_FIELDS.iter().filter_map(|k| fields.remove(*k).map(|x| (k.to_string(), x))).collect();
+        request::SAMPLING_FIELDS.iter().filter_map(|k| fields.remove(*k).map(|x| (k.to_string(), x))).collect();
     let sampling = with_path(serde_json::Value::Object(sampling))?;
     Ok((with_path(v)?, sampling))
 }

@@ -26,7 +26,7 @@ pub fn structured_output(
 /// "strict"}}`.
 fn of_response_format(v: &serde_json::Value) -> Result<Option<Kind>, ApiError> {
     const P: &str = "response_format";
-    let o = v.as_object().ok_or_else(|| bad(P, format!("{P}: expected an object, got {}", super::api::kind_of(v))))?;
+    let o = v.as_object().ok_or_else(|| bad(P, format!("{P}: expected an object, got {}", super::request::kind_of(v))))?;
     match o.get("type").and_then(|t| t.as_str()) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(Kind::JsonObject(true))),
@@ -46,13 +46,16 @@ fn of_response_format(v: &serde_json::Value) -> Result<Option<Kind>, ApiError> {
 /// one of them.
 fn of_structured_outputs(v: &serde_json::Value) -> Result<Kind, ApiError> {
     const P: &str = "structured_outputs";
-    let o = v.as_object().ok_or_else(|| bad(P, format!("{P}: expected an object, got {}", super::api::kind_of(v))))?;
+    let o = v.as_object().ok_or_else(|| bad(P, format!("{P}: expected an object, got {}", super::request::kind_of(v))))?;
     let set: Vec<(&String, &serde_json::Value)> = o.iter().filter(|(_, v)| !v.is_null() && **v != serde_json::Value::Bool(false)).collect();
     let [(key, value)] = set.as_slice() else {
         return Err(bad(P, format!("{P}: give exactly one of json, regex, choice, grammar, json_object (got {})", set.len())));
     };
     let text = |what: &str| {
-        value.as_str().map(String::from).ok_or_else(|| bad(P, format!("{P}.{key}: expected {what}, got {}", super::api::kind_of(value))))
+        value
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| bad(P, format!("{P}.{key}: expected {what}, got {}", super::request::kind_of(value))))
     };
     match key.as_str() {
         "json" => Ok(Kind::JsonSchema(match value {
