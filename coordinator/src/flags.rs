@@ -31,6 +31,14 @@ pub struct ServeArgs {
     /// embedding, norms and lm_head stay at --dtype).
     #[arg(long, env = "SHARDSERVE_QUANTIZE", value_enum)]
     pub quantize: Option<shardserve::quant::Quantize>,
+    /// The GGUF file of the model to serve, for a folder or Hub repo holding several (as
+    /// transformers' `gguf_file`); one holding a single GGUF file and no config.json needs none.
+    #[arg(long, env = "SHARDSERVE_GGUF_FILE")]
+    pub gguf_file: Option<String>,
+    /// Dequantize a GGUF checkpoint's weights to --dtype as the workers load them (as
+    /// transformers runs a GGUF file), instead of computing with its block types.
+    #[arg(long, env = "SHARDSERVE_DEQUANTIZE")]
+    pub dequantize: bool,
     /// Workers (pipeline stages) to spread the model over; waits until that many joined.
     #[arg(long, env = "SHARDSERVE_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -124,6 +132,10 @@ impl ServeArgs {
         opt("--advertise", self.advertise.clone());
         opt("--replicas", self.replicas.map(|r| r.to_string()));
         opt("--quantize", self.quantize.map(|q| q.to_string()));
+        opt("--gguf-file", self.gguf_file.clone());
+        if self.dequantize {
+            a.push("--dequantize".into());
+        }
         for (flag, v) in [
             ("--listen", self.listen.clone()),
             ("--dtype", self.dtype.to_string()),
@@ -435,6 +447,9 @@ mod tests {
             "bf16",
             "--quantize",
             "q4_0",
+            "--gguf-file",
+            "m-Q8_0.gguf",
+            "--dequantize",
             "--workers",
             "4",
             "--tp",
@@ -495,6 +510,7 @@ mod tests {
         assert_eq!(again.name.as_deref(), Some("n"));
         assert!(again.random_weights && again.auth.no_reflection);
         assert_eq!(again.quantize, Some(shardserve::quant::Quantize::Q4_0));
+        assert_eq!((again.gguf_file.as_deref(), again.dequantize), (Some("m-Q8_0.gguf"), true));
         assert_eq!(again.batch.prefix_caching, OnOff::Off);
         assert_eq!(again.batch.prefix_cache_scope, crate::engine::PrefixCacheScope::PerKey);
     }

@@ -135,6 +135,9 @@ impl Models {
             workers,
             tp: r.tp,
             random_weights: false,
+            // The primary's file names a file of its own repo.
+            gguf_file: None,
+            dequantize: false,
             max_memory: None,
             device_map: None,
             // Laid out over the workers reserved for it only.

@@ -114,6 +114,8 @@ pub(crate) fn coordinator() -> &'static Coordinator {
                 name: "tiny".into(),
                 dtype: Default::default(),
                 quantize: None,
+                gguf_file: None,
+                dequantize: false,
                 workers: 2,
                 tp: 1,
                 replicas: None,

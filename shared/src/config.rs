@@ -222,6 +222,12 @@ impl ModelConfig {
         Self::from_hf(&raw)
     }
 
+    /// Parses and validates `config.json` already read as JSON.
+    pub fn from_value(value: &serde_json::Value) -> Result<Self> {
+        let raw = HfConfig::deserialize(value).map_err(|e| Error::config("config.json", format!("malformed: {e}")))?;
+        Self::from_hf(&raw)
+    }
+
     /// Resolves Hugging Face's defaults and rejects what is not supported.
     pub fn from_hf(raw: &HfConfig) -> Result<Self> {
         let bad = |m: String| Error::config("config.json", m);

@@ -21,6 +21,8 @@ pub struct ModelFiles {
     pub dir: PathBuf,
     /// The commit the snapshot is at, for Hub ids.
     pub commit: Option<String>,
+    /// The GGUF file holding the whole model, when it is a GGUF checkpoint (its name in `dir`).
+    pub gguf: Option<String>,
 }
 
 impl ModelFiles {
@@ -28,6 +30,101 @@ impl ModelFiles {
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// Where the weights are: the folder, or the GGUF file.
+    pub fn weights(&self) -> PathBuf {
+        match &self.gguf {
+            Some(f) => self.dir.join(f),
+            None => self.dir.clone(),
+        }
+    }
+
+    /// The GGUF file's header, for a GGUF checkpoint.
+    pub fn gguf(&self) -> Result<Option<crate::gguf::Gguf>> {
+        self.gguf.as_ref().map(|f| crate::gguf::Gguf::open(&self.dir.join(f))).transpose()
+    }
+
+    /// The model's `config.json` (for a GGUF checkpoint, as transformers derives it).
+    pub fn config_json(&self) -> Result<serde_json::Value> {
+        if let Some(g) = self.gguf()? {
+            return g.config_json();
+        }
+        let path = self.file("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::config(path.display().to_string(), format!("malformed: {e}")))
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> Result<crate::config::ModelConfig> {
+        match self.gguf()? {
+            Some(g) => crate::config::ModelConfig::from_value(&g.config_json()?).map_err(|e| match e {
+                Error::Config { message, .. } => Error::config(g.path().display().to_string(), message),
+                e => e,
+            }),
+            None => crate::config::ModelConfig::from_file(&self.file("config.json")),
+        }
+    }
+
+    /// `generation_config.json` (none for a GGUF checkpoint: its config's ids stand).
+    pub fn generation(&self) -> Result<crate::config::GenerationConfig> {
+        match self.gguf {
+            Some(_) => Ok(crate::config::GenerationConfig::default()),
+            None => crate::config::GenerationConfig::from_file(&self.file("generation_config.json")),
+        }
+    }
+
+    /// The tokenizer (for a GGUF checkpoint, built from its metadata).
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
+        match self.gguf()? {
+            Some(g) => g.tokenizer(),
+            None => crate::tokenizer::Tokenizer::from_file(&self.file("tokenizer.json")),
+        }
+    }
+
+    /// The chat templates (for a GGUF checkpoint, `tokenizer.chat_template`).
+    pub fn chat_templates(&self, model: impl Into<String>) -> Result<crate::chat::ChatTemplates, crate::chat::ChatError> {
+        match self.gguf().map_err(|e| crate::chat::ChatError::Config { path: self.weights(), message: e.to_string() })? {
+            Some(g) => {
+                let sources = g.chat_template().map(|t| ("default".to_string(), t.to_string()));
+                Ok(crate::chat::ChatTemplates::from_sources(model, sources, g.special_tokens()))
+            }
+            None => crate::chat::ChatTemplates::load(&self.dir, model),
+        }
+    }
+}
+
+/// Which GGUF file of `listed` (a folder's or a repo's files) holds the model: `wanted` (the
+/// `--gguf-file` given), else the only one when there is no `config.json`; `None` for a
+/// safetensors checkpoint. `Err` says why none can be chosen.
+pub fn choose_gguf(listed: &[String], wanted: Option<&str>) -> std::result::Result<Option<String>, String> {
+    let ggufs: Vec<&String> = listed.iter().filter(|f| crate::gguf::is_gguf_name(f)).collect();
+    let names = || ggufs.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    if let Some(w) = wanted.filter(|w| !w.is_empty()) {
+        if !crate::gguf::is_gguf_name(w) {
+            return Err(format!("--gguf-file {w:?} does not name a .gguf file"));
+        }
+        if listed.iter().any(|f| f == w) {
+            return Ok(Some(w.to_string()));
+        }
+        let has = if ggufs.is_empty() { "it has no GGUF file".to_string() } else { format!("it has {}", names()) };
+        return Err(format!("there is no GGUF file {w} ({has})"));
+    }
+    if listed.iter().any(|f| f == "config.json") {
+        return Ok(None);
+    }
+    match ggufs.len() {
+        0 => Ok(None),
+        1 => Ok(Some(ggufs[0].clone())),
+        n => Err(format!("there are {n} GGUF files ({}): name one with --gguf-file", names())),
+    }
+}
+
+/// The names of the files directly in `dir`.
+fn list_dir(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut names: Vec<String> = entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).collect();
+    names.sort();
+    names
 }
 
 /// The Hub cache folder: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -82,8 +179,10 @@ enum Source<'a> {
 fn source<'a>(spec: &'a str, revision: Option<&'a str>) -> Result<Source<'a>> {
     let path = Path::new(spec);
     if path.is_dir() {
-        if !path.join("config.json").is_file() {
-            return Err(Error::ModelNotFound(format!("folder {spec} has no config.json (is it a Hugging Face model folder?)")));
+        if !path.join("config.json").is_file() && !list_dir(path).iter().any(|f| crate::gguf::is_gguf_name(f)) {
+            return Err(Error::ModelNotFound(format!(
+                "folder {spec} has no config.json and no GGUF file (is it a Hugging Face model folder?)"
+            )));
         }
         return Ok(Source::Folder(path));
     }
@@ -95,20 +194,33 @@ fn source<'a>(spec: &'a str, revision: Option<&'a str>) -> Result<Source<'a>> {
 
 /// Resolves `spec` (a folder or a Hub id) at `revision` (default `main`) to its files.
 pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    resolve_file(spec, revision, None)
+}
+
+/// A folder's files: its GGUF file `gguf_file` (or its only one, without a config.json), else
+/// its safetensors checkpoint.
+fn folder_files(spec: &str, path: &Path, gguf_file: Option<&str>) -> Result<ModelFiles> {
+    let gguf = choose_gguf(&list_dir(path), gguf_file).map_err(|e| Error::ModelNotFound(format!("folder {spec}: {e}")))?;
+    Ok(ModelFiles { spec: spec.to_string(), dir: path.to_path_buf(), commit: None, gguf })
+}
+
+/// [`resolve`], choosing the GGUF file `gguf_file` of a folder or repo holding several (as
+/// transformers' `gguf_file=`); one holding a single GGUF file and no config.json needs none.
+pub fn resolve_file(spec: &str, revision: Option<&str>, gguf_file: Option<&str>) -> Result<ModelFiles> {
     let (repo, revision) = match source(spec, revision)? {
-        Source::Folder(path) => return Ok(ModelFiles { spec: spec.to_string(), dir: path.to_path_buf(), commit: None }),
+        Source::Folder(path) => return folder_files(spec, path, gguf_file),
         Source::Hub { repo, revision } => (repo, revision),
     };
     let cache = cache_dir();
-    match resolve_cached(&cache, repo, revision) {
+    match resolve_cached(&cache, repo, revision, gguf_file) {
         Ok(files) => Ok(files),
         Err(missing) if offline() => Err(Error::ModelNotFound(format!(
             "model {repo} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1: {missing}",
             cache.display()
         ))),
         Err(_) => {
-            let (commit, dir) = download(&cache, repo, revision, Want::Model)?;
-            complete(repo, commit, dir).map_err(Error::ModelNotFound)
+            let (commit, dir, gguf) = download(&cache, repo, revision, Want::Model, gguf_file)?;
+            complete(repo, commit, dir, gguf).map_err(Error::ModelNotFound)
         }
     }
 }
@@ -118,20 +230,20 @@ pub fn resolve(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
 /// lacks of that commit, each file once among all the processes filling the cache (what
 /// `shardctl cache fill` runs ahead of the servers); with `HF_HUB_OFFLINE=1` it resolves from the
 /// cache alone. A folder is returned as it is.
-pub fn fill(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
+pub fn fill(spec: &str, revision: Option<&str>, gguf_file: Option<&str>) -> Result<ModelFiles> {
     let (repo, revision) = match source(spec, revision)? {
-        Source::Folder(_) => return resolve(spec, revision),
+        Source::Folder(_) => return resolve_file(spec, revision, gguf_file),
         Source::Hub { repo, revision } => (repo, revision),
     };
     if offline() {
-        return resolve(repo, Some(revision));
+        return resolve_file(repo, Some(revision), gguf_file);
     }
     let cache = cache_dir();
-    match download(&cache, repo, revision, Want::Model) {
-        Ok((commit, dir)) => complete(repo, commit, dir).map_err(Error::ModelNotFound),
+    match download(&cache, repo, revision, Want::Model, gguf_file) {
+        Ok((commit, dir, gguf)) => complete(repo, commit, dir, gguf).map_err(Error::ModelNotFound),
         // As huggingface_hub's snapshot_download: a Hub that cannot be asked leaves the cache
         // as the answer, when it holds the whole model.
-        Err(e @ Error::Download { .. }) => match resolve_cached(&cache, repo, revision) {
+        Err(e @ Error::Download { .. }) => match resolve_cached(&cache, repo, revision, gguf_file) {
             Ok(files) => {
                 tracing::warn!(repo, revision, error = %e, "the Hub could not be asked; using the cached snapshot");
                 Ok(files)
@@ -143,16 +255,19 @@ pub fn fill(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
 }
 
 /// Resolves only a model's `config.json` (all that planning needs), downloading just that
-/// file when online and missing.
-pub fn resolve_config(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+/// file when online and missing. A GGUF checkpoint carries its config in the file's header, so
+/// for one the whole file is resolved (and fetched when missing).
+pub fn resolve_config(spec: &str, revision: Option<&str>, gguf_file: Option<&str>) -> Result<serde_json::Value> {
     let (repo, revision) = match source(spec, revision)? {
-        Source::Folder(path) => return Ok(path.join("config.json")),
+        Source::Folder(path) => return folder_files(spec, path, gguf_file)?.config_json(),
         Source::Hub { repo, revision } => (repo, revision),
     };
     let cache = cache_dir();
-    if let Ok((_, dir)) = snapshot(&cache, repo, revision) {
-        if dir.join("config.json").is_file() {
-            return Ok(dir.join("config.json"));
+    if let Ok((commit, dir)) = snapshot(&cache, repo, revision) {
+        let files =
+            choose_gguf(&list_dir(&dir), gguf_file).ok().map(|gguf| ModelFiles { spec: repo.to_string(), dir, commit: Some(commit), gguf });
+        if let Some(files) = files.filter(|f| f.gguf.as_ref().map_or(f.file("config.json"), |g| f.file(g)).is_file()) {
+            return files.config_json();
         }
     }
     if offline() {
@@ -161,8 +276,8 @@ pub fn resolve_config(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
             cache.display()
         )));
     }
-    let (_, dir) = download(&cache, repo, revision, Want::Config)?;
-    Ok(dir.join("config.json"))
+    let (commit, dir, gguf) = download(&cache, repo, revision, Want::Config, gguf_file)?;
+    ModelFiles { spec: repo.to_string(), dir, commit: Some(commit), gguf }.config_json()
 }
 
 /// The commit `revision` points at in the cache and its snapshot folder; `Err` says what is
@@ -183,14 +298,21 @@ fn snapshot(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<
 }
 
 /// Resolves from the cache alone; `Err` says what is missing.
-fn resolve_cached(cache: &Path, repo_id: &str, revision: &str) -> std::result::Result<ModelFiles, String> {
+fn resolve_cached(cache: &Path, repo_id: &str, revision: &str, gguf_file: Option<&str>) -> std::result::Result<ModelFiles, String> {
     let (commit, dir) = snapshot(cache, repo_id, revision)?;
-    complete(repo_id, commit, dir)
+    let gguf = choose_gguf(&list_dir(&dir), gguf_file)?;
+    complete(repo_id, commit, dir, gguf)
 }
 
 /// The files of snapshot `dir` of `commit` if it holds all a model needs; `Err` says what is
 /// missing.
-fn complete(repo_id: &str, commit: String, dir: PathBuf) -> std::result::Result<ModelFiles, String> {
+fn complete(repo_id: &str, commit: String, dir: PathBuf, gguf: Option<String>) -> std::result::Result<ModelFiles, String> {
+    if let Some(g) = gguf {
+        if !dir.join(&g).is_file() {
+            return Err(format!("{g} is missing from snapshot {commit}"));
+        }
+        return Ok(ModelFiles { spec: repo_id.to_string(), dir, commit: Some(commit), gguf: Some(g) });
+    }
     for f in REQUIRED {
         if !dir.join(f).is_file() {
             return Err(format!("{f} is missing from snapshot {commit}"));
@@ -201,7 +323,7 @@ fn complete(repo_id: &str, commit: String, dir: PathBuf) -> std::result::Result<
             return Err(format!("{f} is missing from snapshot {commit}"));
         }
     }
-    Ok(ModelFiles { spec: repo_id.to_string(), dir, commit: Some(commit) })
+    Ok(ModelFiles { spec: repo_id.to_string(), dir, commit: Some(commit), gguf: None })
 }
 
 fn download_error(repo: &str, file: &str, e: &dyn std::fmt::Display) -> Error {
@@ -260,9 +382,10 @@ fn first_files(want: Want, listed: &[String]) -> std::result::Result<Vec<String>
 
 /// Fetches what `want` names of `repo_id` at `revision` from the Hub into `cache`, asking the Hub
 /// which commit `revision` is at now; files the snapshot already holds are not fetched again.
-/// `refs/<revision>` moves to the commit once its files are all there. Returns the commit and
-/// its snapshot folder.
-fn download(cache: &Path, repo_id: &str, revision: &str, want: Want) -> Result<(String, PathBuf)> {
+/// `refs/<revision>` moves to the commit once its files are all there. A GGUF checkpoint (the
+/// file `gguf_file`, or a repo's only GGUF file when it has no config.json) is that one file.
+/// Returns the commit, its snapshot folder and the GGUF file's name.
+fn download(cache: &Path, repo_id: &str, revision: &str, want: Want, gguf_file: Option<&str>) -> Result<(String, PathBuf, Option<String>)> {
     let remote = remote::Remote::from_env();
     let info = remote.repo_info(repo_id, revision).map_err(|e| match e.status {
         Some(404) => Error::ModelNotFound(format!("model {repo_id} (revision {revision}) is not on the Hub at {}: {e}", remote.endpoint())),
@@ -270,12 +393,17 @@ fn download(cache: &Path, repo_id: &str, revision: &str, want: Want) -> Result<(
     })?;
     let has = |f: &str| info.files.iter().any(|x| x == f);
     let missing = |f: &str| download_error(repo_id, f, &format!("commit {} of the repo has no {f}", info.sha));
-    let files = first_files(want, &info.files).map_err(missing)?;
+    let gguf = choose_gguf(&info.files, gguf_file)
+        .map_err(|e| Error::ModelNotFound(format!("model {repo_id} (revision {revision}, commit {}): {e}", info.sha)))?;
+    let files = match &gguf {
+        Some(g) => vec![g.clone()],
+        None => first_files(want, &info.files).map_err(missing)?,
+    };
     tracing::info!(repo = repo_id, revision, commit = %info.sha, endpoint = remote.endpoint(), cache = %cache.display(), "fetching from the Hub");
     let repo = store::RepoCache::new(cache, repo_id);
     store::fetch_all(&remote, &repo, &info.sha, &files)?;
     let dir = repo.snapshot(&info.sha);
-    if want == Want::Model {
+    if want == Want::Model && gguf.is_none() {
         // The index, now in the snapshot, names the shards.
         let weights = weight_files(&dir)?;
         if let Some(w) = weights.iter().find(|w| !has(w.as_str())) {
@@ -286,7 +414,7 @@ fn download(cache: &Path, repo_id: &str, revision: &str, want: Want) -> Result<(
     if revision != info.sha {
         repo.write_ref(revision, &info.sha)?;
     }
-    Ok((info.sha, dir))
+    Ok((info.sha, dir, gguf))
 }
 
 /// Lays a model folder out as a Hub cache entry (`blobs/`, `snapshots/<sha>/` symlinks,
@@ -361,15 +489,15 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let sha = "0123456789abcdef0123456789abcdef01234567";
         install_into_cache(src.path(), cache.path(), "org/tiny", "main", sha).unwrap();
-        let files = resolve_cached(cache.path(), "org/tiny", "main").unwrap();
+        let files = resolve_cached(cache.path(), "org/tiny", "main", None).unwrap();
         assert_eq!(files.commit.as_deref(), Some(sha));
         assert!(std::fs::symlink_metadata(files.file("config.json")).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read_to_string(files.file("config.json")).unwrap(), "{}");
         // A commit hash resolves without a ref.
-        assert!(resolve_cached(cache.path(), "org/tiny", sha).is_ok());
-        let err = resolve_cached(cache.path(), "org/tiny", "v2").unwrap_err();
+        assert!(resolve_cached(cache.path(), "org/tiny", sha, None).is_ok());
+        let err = resolve_cached(cache.path(), "org/tiny", "v2", None).unwrap_err();
         assert!(err.contains("no ref v2"), "{err}");
-        let err = resolve_cached(cache.path(), "org/other", "main").unwrap_err();
+        let err = resolve_cached(cache.path(), "org/other", "main", None).unwrap_err();
         assert!(err.contains("models--org--other"), "{err}");
     }
 

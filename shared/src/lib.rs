@@ -26,6 +26,7 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod gguf;
 pub mod guide;
 pub mod hub;
 pub mod membership;

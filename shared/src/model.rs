@@ -37,17 +37,20 @@ pub struct StageSpec {
     pub tp: TpRank,
     /// The linear weights quantized at load to this type (none: as the compute dtype).
     pub quantize: Option<crate::quant::Quantize>,
+    /// A GGUF checkpoint's block-type weights dequantized at load to the compute dtype (else
+    /// they stay in their type).
+    pub dequantize: bool,
 }
 
 impl StageSpec {
     /// The whole model as one stage.
     pub fn whole(cfg: &ModelConfig) -> Self {
-        StageSpec { layers: 0..cfg.num_layers, first: true, last: true, tp: TpRank::default(), quantize: None }
+        StageSpec { layers: 0..cfg.num_layers, first: true, last: true, tp: TpRank::default(), quantize: None, dequantize: false }
     }
 
     /// Stage `stage` of `num_stages` holding `layers`.
     pub fn new(layers: Range<usize>, stage: usize, num_stages: usize) -> Self {
-        StageSpec { layers, first: stage == 0, last: stage + 1 == num_stages, tp: TpRank::default(), quantize: None }
+        StageSpec { layers, first: stage == 0, last: stage + 1 == num_stages, tp: TpRank::default(), quantize: None, dequantize: false }
     }
 
     /// The same stage as rank `tp.rank` of a tensor-parallel group.
@@ -238,8 +241,9 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
-    /// Loads the stage `spec` of the checkpoint in `dir`, reading only the tensors it owns.
-    pub fn load(cfg: &ModelConfig, spec: StageSpec, dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads the stage `spec` of the checkpoint at `path` (a safetensors folder, or a GGUF
+    /// file), reading only the tensors it owns.
+    pub fn load(cfg: &ModelConfig, spec: StageSpec, path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         if spec.layers.end > cfg.num_layers || spec.layers.start > spec.layers.end {
             return Err(Error::LoadWeights(format!(
                 "layer range {}..{} is outside the model's {} layers",
@@ -252,7 +256,19 @@ impl Shard {
         }
         let split = tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, spec.tp).map_err(Error::LoadWeights)?;
         let slicer = |name: &str, shape: &[usize]| spec.slice_of(&split, cfg.head_dim, name, shape);
-        let loaded: LoadedTensors = weights::load_quantized(dir, &|n| spec.owns(cfg, n), &slicer, Some(dtype), spec.quantize, device)?;
+        let loaded: LoadedTensors = if path.is_file() && path.to_str().is_some_and(crate::gguf::is_gguf_name) {
+            if let Some(q) = spec.quantize {
+                return Err(Error::LoadWeights(format!(
+                    "--quantize {q} applies to safetensors checkpoints; {} is already quantized (--dequantize runs it at the compute dtype)",
+                    path.display()
+                )));
+            }
+            let gguf = crate::gguf::Gguf::open(path)?;
+            gguf.check_tp(cfg, spec.tp.size)?;
+            gguf.load(cfg, &|n| spec.owns(cfg, n), &slicer, dtype, spec.dequantize, device)?
+        } else {
+            weights::load_quantized(path, &|n| spec.owns(cfg, n), &slicer, Some(dtype), spec.quantize, device)?
+        };
         Self::build(cfg, spec, &split, loaded, dtype, device)
     }
 

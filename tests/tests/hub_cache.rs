@@ -67,14 +67,20 @@ impl FakeHub {
     /// Serves the files of `model` as `REPO` at `COMMIT` (the `.safetensors` as LFS files), and
     /// a README a model does not need.
     fn start(model: &Path) -> FakeHub {
+        let entries: Vec<(String, PathBuf)> =
+            std::fs::read_dir(model).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().into_string().unwrap(), e.path())).collect();
+        FakeHub::serving(&entries)
+    }
+
+    /// Serves each `(name, file)` as `REPO`'s file `name` (`.safetensors` and `.gguf` files as
+    /// LFS files), and a README.
+    fn serving(entries: &[(String, PathBuf)]) -> FakeHub {
         let mut files = BTreeMap::new();
-        for e in std::fs::read_dir(model).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().into_string().unwrap();
-            let bytes = std::fs::read(e.path()).unwrap();
-            let lfs = name.ends_with(".safetensors");
+        for (name, path) in entries {
+            let bytes = std::fs::read(path).unwrap();
+            let lfs = name.ends_with(".safetensors") || name.ends_with(".gguf");
             let etag = if lfs { sha256(&bytes) } else { digest(&bytes, 40) };
-            files.insert(name, Served { bytes, etag, lfs });
+            files.insert(name.clone(), Served { bytes, etag, lfs });
         }
         let readme = b"# tiny-qwen3\n".to_vec();
         files.insert("README.md".into(), Served { etag: digest(&readme, 40), bytes: readme, lfs: false });
@@ -323,8 +329,14 @@ fn digest(bytes: &[u8], hex_len: usize) -> String {
 /// `shardctl cache fill --model REPO` against `hub` into `cache`, started in a process group of
 /// its own (not waited for).
 fn spawn_fill(hub: &FakeHub, cache: &Path) -> Child {
+    spawn_fill_with(hub, cache, &[])
+}
+
+/// `spawn_fill` with more arguments.
+fn spawn_fill_with(hub: &FakeHub, cache: &Path, args: &[&str]) -> Child {
     let mut cmd = Command::new(bin("shardctl"));
     cmd.args(["cache", "fill", "--model", REPO])
+        .args(args)
         .env("HF_ENDPOINT", hub.endpoint())
         .env("HF_HUB_CACHE", cache)
         .env("HF_TOKEN", TOKEN)
@@ -736,4 +748,53 @@ async fn status_shows_the_download_of_a_model_being_loaded() {
     req.model = "hub".into();
     let r = generate(&mut cluster.client().await, req).await.unwrap();
     assert_eq!(r.token_ids, case.new_ids);
+}
+
+/// A GGUF repo (GGUF files and no config.json, as `Qwen/Qwen3-0.6B-GGUF`) holding two files: a
+/// fill that does not say which is refused before it fetches anything, naming both; one that
+/// names a file fetches that file alone; and the model serves from the cache offline, dequantized
+/// to transformers' tokens for that file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_repo_fills_and_serves_only_the_file_it_is_asked_for() {
+    let gguf = shardserve_tests::fixtures().join("gguf");
+    let (qwen, llama) = ("tiny-qwen3-Q8_0-Q4_0.gguf", "tiny-llama-Q8_0-Q4_0.gguf");
+    let hub = FakeHub::serving(&[
+        (qwen.to_string(), gguf.join("tiny-qwen3-gguf").join(qwen)),
+        (llama.to_string(), gguf.join("tiny-llama-gguf").join(llama)),
+    ]);
+    let cache = tempfile::tempdir().unwrap();
+
+    let out = wait_all(vec![spawn_fill(&hub, cache.path())], Duration::from_secs(60)).pop().unwrap();
+    assert!(!out.status.success(), "a fill of a repo with two GGUF files chose one: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains(qwen) && err.contains(llama) && err.contains("--gguf-file"), "{err}");
+    assert!(hub.fetches().is_empty(), "fetched before refusing: {:?}", hub.fetches());
+
+    let out = wait_all(vec![spawn_fill_with(&hub, cache.path(), &["--gguf-file", qwen])], Duration::from_secs(60)).pop().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snapshot = repo_folder(cache.path()).join("snapshots").join(COMMIT);
+    assert_eq!(stdout(&out), snapshot.display().to_string());
+    assert_eq!(names(&snapshot), BTreeSet::from([qwen.to_string()]), "the snapshot holds the one file");
+    wait_until("the server to record the fetch", Duration::from_secs(10), || !hub.fetches().is_empty());
+    let fetched: Vec<String> = hub.fetches().into_iter().map(|f| f.file).collect();
+    assert_eq!(fetched, [qwen], "only the file asked for is fetched");
+    assert!(std::fs::read(snapshot.join(qwen)).unwrap() == hub.file(qwen).bytes);
+
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gguf.join("tiny-qwen3-gguf.reference.json")).unwrap()).unwrap();
+    let case = &doc["cases"][0];
+    let want: Vec<u32> = serde_json::from_value(case["new_ids"].clone()).unwrap();
+    let cluster = Cluster::new(REPO)
+        .workers(1)
+        .arg("--gguf-file")
+        .arg(qwen)
+        .arg("--dtype")
+        .arg("f32")
+        .arg("--dequantize")
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .start();
+    let prompt = case["prompt"].as_str().unwrap();
+    let r = generate(&mut cluster.client().await, greedy(prompt, 32)).await.unwrap();
+    assert_eq!(r.token_ids, want, "greedy tokens of {prompt:?} from the GGUF file in the cache");
 }

@@ -69,8 +69,8 @@ struct Loaded {
     blocks_total: usize,
     block_size: usize,
     block_bytes: u64,
-    /// The checkpoint's folder (its tokenizer builds the grammars).
-    dir: std::path::PathBuf,
+    /// The checkpoint's files (its tokenizer builds the grammars).
+    files: shardserve::hub::ModelFiles,
     /// The grammars of the model, built on the first constrained sequence, for its
     /// end-of-sequence tokens.
     grammars: Mutex<Option<(Vec<u32>, Arc<Grammars>)>>,
@@ -85,8 +85,7 @@ impl Loaded {
                 return Ok(g.clone());
             }
         }
-        let tokenizer = shardserve::tokenizer::Tokenizer::from_file(&self.dir.join("tokenizer.json"))
-            .map_err(|e| GuideError::Tokenizer(e.to_string()))?;
+        let tokenizer = self.files.tokenizer().map_err(|e| GuideError::Tokenizer(e.to_string()))?;
         let g = Arc::new(Grammars::new(&tokenizer, self.shard.config().vocab_size, eos)?);
         *built = Some((eos.to_vec(), g.clone()));
         Ok(g)
@@ -331,18 +330,18 @@ impl pb::worker_server::Worker for WorkerService {
         let device = state.device.clone();
         let r = req.clone();
         let st = state.clone();
-        let (shard, group, pool, dir, grammars) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
-            let files = shardserve::hub::resolve(&r.model, Some(&r.revision)).map_err(to_status)?;
+        let (shard, group, pool, files, grammars) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let files = shardserve::hub::resolve_file(&r.model, Some(&r.revision), Some(&r.gguf_file)).map_err(to_status)?;
             let load = || -> Result<Shard, shardserve::Error> {
-                let cfg = ModelConfig::from_file(&files.file("config.json"))?;
+                let cfg = files.config()?;
                 let dtype = model::resolve_dtype(r.dtype.parse()?, &cfg, &device);
                 let spec = StageSpec::new(r.layer_start as usize..r.layer_end as usize, r.stage as usize, r.num_stages.max(1) as usize)
                     .with_tp(tp);
-                let spec = StageSpec { quantize, ..spec };
+                let spec = StageSpec { quantize, dequantize: r.dequantize, ..spec };
                 if r.random_weights {
                     return Shard::random(&cfg, spec, dtype, &device, 0);
                 }
-                Shard::load(&cfg, spec, &files.dir, dtype, &device)
+                Shard::load(&cfg, spec, &files.weights(), dtype, &device)
             };
             let mut shard = load().map_err(to_status)?;
             // The KV pool is allocated now, once: steps never allocate cache memory.
@@ -354,9 +353,9 @@ impl pb::worker_server::Worker for WorkerService {
             // The rank that samples builds the model's grammars now, not on the compute thread
             // when the first constrained sequence arrives (hundreds of ms for a large vocabulary,
             // every other sequence's step waiting).
-            let grammars = (shard.spec().has_head() && tp.is_leader()).then(|| prebuilt_grammars(&files.dir, shard.config())).flatten();
+            let grammars = (shard.spec().has_head() && tp.is_leader()).then(|| prebuilt_grammars(&files, shard.config())).flatten();
             if tp.size == 1 {
-                return Ok((shard, None, pool, files.dir, grammars));
+                return Ok((shard, None, pool, files, grammars));
             }
             let names = r.tp_workers.clone();
             let group = if tp.is_leader() {
@@ -373,7 +372,7 @@ impl pb::worker_server::Worker for WorkerService {
             })?;
             let group = Arc::new(group);
             shard.set_group(all_reduce(&st, &group, tp, &device)?);
-            Ok((shard, Some(group), pool, files.dir, grammars))
+            Ok((shard, Some(group), pool, files, grammars))
         })
         .await
         .map_err(|e| Status::internal(format!("loading task failed: {e}")))??;
@@ -404,7 +403,7 @@ impl pb::worker_server::Worker for WorkerService {
             blocks_total,
             block_size,
             block_bytes,
-            dir,
+            files,
             grammars: Mutex::new(grammars),
         });
         loaded.publish(&loaded.kv.lock().expect("kv lock"));
@@ -619,14 +618,13 @@ impl pb::worker_server::Worker for WorkerService {
     }
 }
 
-/// The grammars of the model in `dir` for its end-of-sequence tokens (as generation_config.json
+/// The grammars of the model in `files` for its end-of-sequence tokens (as generation_config.json
 /// or config.json name them, as the coordinator reads them); `None`, logged, when they cannot be
 /// built (constrained sequences then say why).
-fn prebuilt_grammars(dir: &std::path::Path, cfg: &ModelConfig) -> Option<(Vec<u32>, Arc<Grammars>)> {
+fn prebuilt_grammars(files: &shardserve::hub::ModelFiles, cfg: &ModelConfig) -> Option<(Vec<u32>, Arc<Grammars>)> {
     let build = || -> Result<(Vec<u32>, Arc<Grammars>), String> {
-        let generation = shardserve::config::GenerationConfig::from_file(&dir.join("generation_config.json")).map_err(|e| e.to_string())?;
-        let eos = generation.eos_ids(cfg);
-        let tokenizer = shardserve::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
+        let eos = files.generation().map_err(|e| e.to_string())?.eos_ids(cfg);
+        let tokenizer = files.tokenizer().map_err(|e| e.to_string())?;
         let grammars = Grammars::new(&tokenizer, cfg.vocab_size, &eos).map_err(|e| e.to_string())?;
         Ok((eos, Arc::new(grammars)))
     };

@@ -94,6 +94,8 @@ impl TryFrom<Args> for CoordinatorConfig {
                 prepared: None,
                 dtype: a.serve.dtype,
                 quantize: a.serve.quantize,
+                gguf_file: a.serve.gguf_file,
+                dequantize: a.serve.dequantize,
                 workers: shardserve_coordinator::engine::workers_per_replica(a.serve.workers, a.serve.tp, a.serve.replicas)
                     .map_err(|e| anyhow::anyhow!(e))?,
                 tp: a.serve.tp,

@@ -75,11 +75,10 @@ pub(super) async fn run(a: &BenchArgs, client: &mut InferenceClient, model: &str
 /// Replays `outputs` through a fresh grammar of `schema` for `model` (read from its folder or
 /// the Hub cache), timing each mask: p50 and p99 in microseconds, tokens, vocabulary size.
 fn mask_times(model: &str, schema: &str, outputs: &[Vec<u32>]) -> anyhow::Result<(f64, f64, usize, usize)> {
-    use shardserve::config::{GenerationConfig, ModelConfig};
     let files = shardserve::hub::resolve(model, None).map_err(|e| anyhow!("model {model} is not readable here: {e}"))?;
-    let cfg = ModelConfig::from_file(&files.file("config.json"))?;
-    let eos = GenerationConfig::from_file(&files.file("generation_config.json"))?.eos_ids(&cfg);
-    let tokenizer = shardserve::tokenizer::Tokenizer::from_file(&files.file("tokenizer.json"))?;
+    let cfg = files.config()?;
+    let eos = files.generation()?.eos_ids(&cfg);
+    let tokenizer = files.tokenizer()?;
     let grammars = shardserve::guide::Grammars::new(&tokenizer, cfg.vocab_size, &eos)?;
     // The grammar the coordinator compiles for such a request.
     let grammar = Constraint::Json(serde_json::from_str(schema)?).grammar(Reasoning::Off, &tokenizer);

@@ -22,6 +22,10 @@ pub struct FillArgs {
     /// Hub revision: a branch, tag or commit (default main).
     #[arg(long, env = "SHARDSERVE_REVISION")]
     pub revision: Option<String>,
+    /// The GGUF file to fetch, of a repo holding several (one holding a single GGUF file and
+    /// no config.json needs none).
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// Print {"model","revision","commit","snapshot"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -37,7 +41,8 @@ pub fn run(c: CacheCommand) -> anyhow::Result<()> {
 fn fill(a: FillArgs) -> anyhow::Result<()> {
     // Download progress goes to stderr; stdout carries only the answer.
     crate::util::init_tracing();
-    let files = shardserve::hub::fill(&a.model, a.revision.as_deref()).with_context(|| format!("filling the cache with {}", a.model))?;
+    let files = shardserve::hub::fill(&a.model, a.revision.as_deref(), a.gguf_file.as_deref())
+        .with_context(|| format!("filling the cache with {}", a.model))?;
     if a.json {
         let doc = serde_json::json!({
             "model": a.model,

@@ -121,6 +121,10 @@ pub struct TinyModelArgs {
     /// Write only config and tokenizer files, no weights (for `up --random-weights`).
     #[arg(long)]
     pub no_weights: bool,
+    /// Write the model as one GGUF file, `model-TYPE.gguf`, its projections in this type
+    /// (the folder then holds only that file, as a GGUF repo does).
+    #[arg(long, value_enum, conflicts_with_all = ["no_weights", "shards"])]
+    pub gguf: Option<shardserve::gguf::GgufType>,
 }
 
 impl TryFrom<&TinyModelArgs> for TinySpec {
@@ -202,6 +206,15 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
         DevCommand::TinyModel(a) => {
             let spec = TinySpec::try_from(&a)?;
+            if let Some(ty) = a.gguf {
+                let tmp = tempfile::tempdir()?;
+                tiny::write(tmp.path(), &spec)?;
+                std::fs::create_dir_all(&a.out)?;
+                let name = format!("model-{}.gguf", clap::ValueEnum::to_possible_value(&ty).expect("named").get_name());
+                shardserve::gguf::write_checkpoint(tmp.path(), &a.out.join(&name), ty)?;
+                println!("wrote {} ({} {} layers)", a.out.join(name).display(), a.arch, spec.num_layers);
+                return Ok(());
+            }
             tiny::write(&a.out, &spec)?;
             println!("wrote {} ({} {} layers, {:?}, {} file(s))", a.out.display(), a.arch, spec.num_layers, spec.dtype, spec.shards);
             Ok(())
@@ -305,13 +318,13 @@ fn greedy(shard: &shardserve::model::Shard, prompt: &[u32], n: usize) -> anyhow:
 fn check_device(a: &CheckDeviceArgs) -> anyhow::Result<()> {
     use shardserve::model::{Shard, StageSpec};
     let files = shardserve::hub::resolve(&a.model, None)?;
-    let cfg = shardserve::config::ModelConfig::from_file(&files.file("config.json"))?;
-    let tok = shardserve::tokenizer::Tokenizer::from_file(&files.file("tokenizer.json"))?;
+    let cfg = files.config()?;
+    let tok = files.tokenizer()?;
     let prompt = tok.encode(&a.prompt)?;
     let device = shardserve::device::parse_device(&a.device)?;
     let dtype = candle_core::DType::F32;
-    let cpu = Shard::load(&cfg, StageSpec::whole(&cfg), &files.dir, dtype, &candle_core::Device::Cpu)?;
-    let other = Shard::load(&cfg, StageSpec::whole(&cfg), &files.dir, dtype, &device)?;
+    let cpu = Shard::load(&cfg, StageSpec::whole(&cfg), &files.weights(), dtype, &candle_core::Device::Cpu)?;
+    let other = Shard::load(&cfg, StageSpec::whole(&cfg), &files.weights(), dtype, &device)?;
     let (want, want_logits) = greedy(&cpu, &prompt, a.tokens)?;
     let (got, got_logits) = greedy(&other, &prompt, a.tokens)?;
     let diff = want_logits.iter().zip(&got_logits).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);

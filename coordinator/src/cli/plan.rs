@@ -14,6 +14,9 @@ pub struct PlanArgs {
     /// Hub revision.
     #[arg(long)]
     pub revision: Option<String>,
+    /// The GGUF file of a folder or repo holding several, whose header gives the config.
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// Memory per device, accelerate's `max_memory`: e.g. 0=40GiB,1=40GiB,cpu=64GiB.
     #[arg(long)]
     pub max_memory: String,
@@ -83,9 +86,7 @@ pub fn dtype_bytes_for(dtype: Dtype, config: &serde_json::Value) -> u64 {
 
 /// `shardctl plan`.
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
-    let path = shardserve::hub::resolve_config(&a.model, a.revision.as_deref())?;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let config = shardserve::hub::resolve_config(&a.model, a.revision.as_deref(), a.gguf_file.as_deref())?;
     let shape = ModelShape::from_config_json(&config)?;
     let strategy: Strategy = a.strategy.parse()?;
     let max_memory = placement::parse_max_memory(&a.max_memory)?;

@@ -53,6 +53,10 @@ pub struct EngineConfig {
     pub dtype: Dtype,
     /// The type the workers quantize the linear weights to as they load them.
     pub quantize: Option<shardserve::quant::Quantize>,
+    /// The GGUF file of the model's folder or repo to serve.
+    pub gguf_file: Option<String>,
+    /// A GGUF checkpoint's weights dequantized to `dtype` at load.
+    pub dequantize: bool,
     /// Workers the first plan waits for (pipeline stages × `tp`).
     pub workers: usize,
     /// Tensor-parallel ranks per stage: consecutive workers form a stage's group.
@@ -245,8 +249,9 @@ pub struct ModelEntry {
     pub eos: Vec<u32>,
     pub max_total_tokens: usize,
     pub dtype: Dtype,
-    /// The type its projections are quantized to at load.
-    pub quantize: Option<shardserve::quant::Quantize>,
+    /// The block types its projections compute in (`q8_0` quantized at load, `gguf q4_k+q6_k`
+    /// as a GGUF file holds them; empty: the compute dtype).
+    pub quantization: String,
     /// What others wait on: the scheduler, new requests, drains.
     state: watch::Sender<ServingState>,
     /// Sequences admitted and not finished (the scheduler keeps it).
@@ -286,7 +291,7 @@ impl ModelEntry {
             architecture: self.config.architecture.hf_name().to_string(),
             max_position_embeddings: self.max_total_tokens as u32,
             dtype: self.dtype.to_string(),
-            quantize: self.quantize.map(|q| q.to_string()).unwrap_or_default(),
+            quantize: self.quantization.clone(),
             num_layers: self.config.num_layers as u32,
         }
     }
@@ -409,14 +414,14 @@ pub struct GenEvent {
 /// Resolves the model and reads what the coordinator needs of it (config, generation config,
 /// tokenizer), so a bad model fails before anything else starts.
 pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
-    let files = shardserve::hub::resolve(&config.model, config.revision.as_deref())?;
-    let cfg = ModelConfig::from_file(&files.file("config.json"))?;
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(files.file("config.json"))?)?;
+    let files = shardserve::hub::resolve_file(&config.model, config.revision.as_deref(), config.gguf_file.as_deref())?;
+    let raw = files.config_json()?;
+    let cfg = files.config()?;
     let shape = shardserve::placement::ModelShape::from_config_json(&raw)?;
-    let generation = GenerationConfig::from_file(&files.file("generation_config.json"))?;
-    let tokenizer = Tokenizer::from_file(&files.file("tokenizer.json"))?;
+    let generation = files.generation()?;
+    let tokenizer = files.tokenizer()?;
     // A model without a usable template still serves completions; chat says why it cannot.
-    let chat = shardserve::chat::ChatTemplates::load(&files.dir, config.name.clone());
+    let chat = files.chat_templates(config.name.clone());
     if let Err(e) = &chat {
         tracing::warn!(model = %config.name, error = %e, "the model's chat template cannot be used");
     }
@@ -425,14 +430,36 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
         shardserve::collective::tp_split(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config.model))?;
     }
-    if let Some(q) = config.quantize {
-        shardserve::model::check_quantizable(&cfg, config.tp, q).map_err(|e| anyhow::anyhow!("{}: --quantize {q}: {e}", config.model))?;
-    }
+    let quantization = match files.gguf()? {
+        Some(g) => {
+            if let Some(q) = config.quantize {
+                anyhow::bail!(
+                    "{}: --quantize {q} applies to safetensors checkpoints; {} is already quantized (--dequantize runs it at --dtype)",
+                    config.model,
+                    g.path().display()
+                );
+            }
+            g.check_tp(&cfg, config.tp).map_err(|e| anyhow::anyhow!("{}: {e}", config.model))?;
+            if config.dequantize {
+                String::new()
+            } else {
+                format!("gguf {}", g.weight_types())
+            }
+        }
+        None => {
+            anyhow::ensure!(!config.dequantize, "{}: --dequantize applies to GGUF checkpoints; this one is safetensors", config.model);
+            if let Some(q) = config.quantize {
+                shardserve::model::check_quantizable(&cfg, config.tp, q)
+                    .map_err(|e| anyhow::anyhow!("{}: --quantize {q}: {e}", config.model))?;
+            }
+            config.quantize.map(|q| q.to_string()).unwrap_or_default()
+        }
+    };
     if let Some(map) = &config.device_map {
         // Checked against worker indices only here; ids are checked once workers join.
         anyhow::ensure!(map.is_object(), "--device-map must hold a JSON object of module → worker");
     }
-    Ok(Prepared { files, config: cfg, shape, generation, tokenizer, chat: Arc::new(chat) })
+    Ok(Prepared { files, config: cfg, shape, generation, tokenizer, chat: Arc::new(chat), quantization })
 }
 
 /// What [`preflight`] read.
@@ -444,6 +471,8 @@ pub struct Prepared {
     pub generation: GenerationConfig,
     pub tokenizer: Tokenizer,
     pub chat: Arc<Result<shardserve::chat::ChatTemplates, shardserve::chat::ChatError>>,
+    /// What the model's projections compute in (see [`ModelEntry::quantization`]).
+    pub quantization: String,
 }
 
 /// What the engines of one coordinator (one per model) share.
@@ -643,7 +672,7 @@ impl Engine {
                 p
             }
         };
-        let Prepared { files, config: cfg, shape, generation, tokenizer, chat } = (*prepared).clone();
+        let Prepared { files, config: cfg, shape, generation, tokenizer, chat, quantization } = (*prepared).clone();
         let eos = generation.eos_ids(&cfg);
         let max_total_tokens = config.max_total_tokens.map_or(cfg.max_total_tokens, |m| m.min(cfg.max_total_tokens));
         info!(model = %config.name, dir = %files.dir.display(), architecture = cfg.architecture.hf_name(), layers = cfg.num_layers, "model configured");
@@ -652,7 +681,7 @@ impl Engine {
             eos,
             max_total_tokens,
             dtype: config.dtype,
-            quantize: config.quantize,
+            quantization,
             config: cfg,
             shape,
             generation,

@@ -311,6 +311,8 @@ impl Engine {
                     kv_memory: self.kv_memory_for(&w),
                     kv_block_size: self.config.kv_block_size as u32,
                     quantize: self.config.quantize.map(|q| q.to_string()).unwrap_or_default(),
+                    gguf_file: self.config.gguf_file.clone().unwrap_or_default(),
+                    dequantize: self.config.dequantize,
                 };
                 let tls = self.config.tls.clone();
                 calls.push(async move {

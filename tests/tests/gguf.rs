@@ -1,0 +1,104 @@
+//! GGUF checkpoints through real clusters: a folder holding one GGUF file serves with no other
+//! file. Dequantized (`--dtype f32 --dequantize`) it gives transformers' greedy tokens for that
+//! file (`gguf_file=`) in one worker and two stages; in its block types it serves in every layout
+//! (one worker, two stages, `--tp 2`) exactly as the file runs in one process, and operators see
+//! its types. Flags that do not apply to a GGUF file are refused before anything loads.
+
+use candle_core::{DType, Device};
+use shardserve::model::{Shard, StageInput, StageOutput, StageSpec};
+use shardserve_tests::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The GGUF fixtures: a folder holding only the file, and transformers' outputs for it.
+fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
+    let dir = fixtures().join("gguf").join(name);
+    let path = fixtures().join("gguf").join(format!("{name}.reference.json"));
+    let doc = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    (dir, doc)
+}
+
+fn cases(doc: &serde_json::Value) -> Vec<(String, Vec<u32>, Vec<u32>)> {
+    doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ids = |k: &str| serde_json::from_value::<Vec<u32>>(c[k].clone()).unwrap();
+            (c["prompt"].as_str().unwrap().to_string(), ids("input_ids"), ids("new_ids"))
+        })
+        .collect()
+}
+
+/// Greedy tokens of the GGUF file in `dir`, run in its block types in this process.
+fn in_process(dir: &std::path::Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    let files = shardserve::hub::resolve(dir.to_str().unwrap(), None).unwrap();
+    let cfg = files.config().unwrap();
+    let shard = Shard::load(&cfg, StageSpec::whole(&cfg), &files.weights(), DType::F32, &Device::Cpu).unwrap();
+    let mut pool = shard.new_pool(64, 16).unwrap();
+    let (mut out, mut feed) = (Vec::new(), prompt.to_vec());
+    for _ in 0..n {
+        let StageOutput::Logits(l) = shard.forward(&mut pool, 0, StageInput::Tokens(&feed)).unwrap() else { panic!("no logits") };
+        let t = shardserve::sampling::argmax(&l.to_vec1::<f32>().unwrap());
+        out.push(t);
+        if cfg.eos_token_ids.contains(&t) {
+            break;
+        }
+        feed = vec![t];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dequantized_gguf_file_gives_transformers_tokens_in_one_worker_and_two_stages() {
+    for name in ["tiny-qwen3-gguf", "tiny-llama-gguf"] {
+        let (dir, doc) = fixture(name);
+        for workers in [1, 2] {
+            let cluster = Cluster::new(&dir).workers(workers).arg("--dtype").arg("f32").arg("--dequantize").start();
+            let mut c = cluster.client().await;
+            for (prompt, _, want) in cases(&doc) {
+                let got = generate(&mut c, greedy(&prompt, 32)).await.unwrap().token_ids;
+                assert_eq!(got, want, "{name}, {workers} worker(s): {prompt:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_file_serves_in_its_block_types_in_every_layout() {
+    let (dir, doc) = fixture("tiny-qwen3-gguf");
+    let cases = cases(&doc);
+    let want: Vec<Vec<u32>> = cases.iter().map(|(_, ids, _)| in_process(&dir, ids, 24)).collect();
+    // In its block types the model is not the dequantized one: some case differs somewhere.
+    assert!(cases.iter().zip(&want).any(|((_, _, t), w)| t[..w.len().min(t.len())] != w[..w.len().min(t.len())]), "no token changed");
+    for (workers, tp) in [(1, 1), (2, 1), (2, 2)] {
+        let cluster = Cluster::new(&dir).workers(workers).arg("--tp").arg(&tp.to_string()).start();
+        let mut c = cluster.client().await;
+        for ((prompt, _, _), want) in cases.iter().zip(&want) {
+            let got = generate(&mut c, greedy(prompt, 24)).await.unwrap().token_ids;
+            assert_eq!(&got, want, "{workers} workers, tp {tp}: {prompt:?}");
+        }
+        if (workers, tp) == (1, 1) {
+            let out = run_shardctl(&["status", "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
+            let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+            assert_eq!(status["models"][0]["quantize"], "gguf q8_0+q4_0", "{status}");
+            let out = run_shardctl(&["models", "list", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
+            assert!(out.status.success() && out.stdout.contains("quantize=gguf q8_0+q4_0"), "{}", out.stdout);
+        }
+    }
+}
+
+#[test]
+fn flags_that_do_not_apply_to_a_gguf_file_are_refused_before_anything_loads() {
+    let (dir, _) = fixture("tiny-qwen3-gguf");
+    let refused = |b: ClusterBuilder| match b.try_start() {
+        Ok(_) => panic!("accepted"),
+        Err((why, stderr)) => format!("{why}\n{stderr}"),
+    };
+    let e = refused(Cluster::new(&dir).arg("--quantize").arg("q8_0"));
+    assert!(e.contains("--quantize q8_0 applies to safetensors checkpoints") && e.contains("--dequantize"), "{e}");
+    let e = refused(Cluster::new(reference_model()).arg("--dequantize"));
+    assert!(e.contains("--dequantize applies to GGUF checkpoints"), "{e}");
+    let e = refused(Cluster::new(&dir).arg("--gguf-file").arg("other.gguf"));
+    assert!(e.contains("no GGUF file other.gguf"), "{e}");
+}
