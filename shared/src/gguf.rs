@@ -283,6 +283,18 @@ impl Gguf {
         out
     }
 
+    /// The parameters a worker holds in their block types, by Hugging Face name (none with
+    /// `dequantize`): what the planner sizes them at.
+    pub fn block_types(&self, dequantize: bool) -> BTreeMap<String, crate::placement::BlockType> {
+        let held = |(gguf, info): (&String, &candle_core::quantized::gguf_file::TensorInfo)| {
+            let name = hf_name(gguf)?;
+            let ty = info.ggml_dtype;
+            kept_in_blocks(&name, ty, dequantize)
+                .then(|| (name, crate::placement::BlockType { weights: ty.block_size() as u64, bytes: ty.type_size() as u64 }))
+        };
+        self.content.tensor_infos.iter().filter_map(held).collect()
+    }
+
     /// Loads the tensors `wanted` names (by their Hugging Face names), only the part `slice`
     /// gives, mapped from the file: linear weights in a block type stay quantized unless
     /// `dequantize`; everything else is converted to `dtype`.
@@ -338,8 +350,7 @@ impl Gguf {
                 }
             };
             let q = candle_core::quantized::ggml_file::qtensor_from_ggml(ty, &data, dims, device).map_err(|e| fail(e.to_string()))?;
-            let block_type = !matches!(ty, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-            if block_type && !dequantize && crate::quant::is_linear_weight(&name) {
+            if kept_in_blocks(&name, ty, dequantize) {
                 out.quantized.insert(name, std::sync::Arc::new(q));
                 continue;
             }
@@ -349,6 +360,13 @@ impl Gguf {
         out.files.insert(self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         Ok(out)
     }
+}
+
+/// Whether the tensor `name` of type `ty` is held in its blocks: a projection in a block type,
+/// unless the model is dequantized.
+fn kept_in_blocks(name: &str, ty: GgmlDType, dequantize: bool) -> bool {
+    let block_type = !matches!(ty, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    block_type && !dequantize && crate::quant::is_linear_weight(name)
 }
 
 /// llama.cpp's name of a block type: `q8_0`, `q4_k`, `f16`.

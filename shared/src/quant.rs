@@ -67,6 +67,11 @@ impl Quantize {
         self.ggml().type_size()
     }
 
+    /// Its blocks, as the planner sizes them.
+    pub fn block_type(self) -> crate::placement::BlockType {
+        crate::placement::BlockType { weights: self.block() as u64, bytes: self.block_bytes() as u64 }
+    }
+
     /// Checks that `name`, a weight of `shape` (out, in), splits into whole blocks along its
     /// rows: the message names the tensor and the types that fit.
     pub fn check(self, name: &str, shape: &[usize]) -> Result<()> {

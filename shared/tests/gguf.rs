@@ -165,3 +165,27 @@ fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
         }
     }
 }
+
+#[test]
+fn the_planner_sizes_each_layer_at_the_bytes_a_worker_holds_of_it() {
+    for name in ["tiny-qwen3-gguf", "tiny-llama-gguf"] {
+        let (file, _) = fixture(name);
+        let g = Gguf::open(&file).unwrap();
+        let mut shape = shardserve::placement::ModelShape::from_config_json(&g.config_json().unwrap()).unwrap();
+        let dequantized = shardserve::placement::module_sizes(&shape, 4).unwrap();
+        shape.quantized = g.block_types(false);
+        let sizes = shardserve::placement::module_sizes(&shape, 4).unwrap();
+        // The projections in their blocks and the norms in f32, as in the file: a layer is its
+        // bytes in the file.
+        let in_file = g.module_bytes();
+        for l in 0..shape.num_hidden_layers {
+            let layer = format!("model.layers.{l}");
+            assert_eq!(sizes.get(&layer), in_file[&layer], "{name}: {layer}");
+            assert!(sizes.get(&layer) * 3 < dequantized.get(&layer), "{name}: {layer} is not smaller than in f32");
+        }
+        // The embedding is dequantized at load: sized at the dtype.
+        assert_eq!(sizes.get("model.embed_tokens"), dequantized.get("model.embed_tokens"), "{name}");
+        shape.quantized = g.block_types(true);
+        assert_eq!(shardserve::placement::module_sizes(&shape, 4).unwrap(), dequantized, "{name}: --dequantize");
+    }
+}

@@ -102,3 +102,46 @@ fn flags_that_do_not_apply_to_a_gguf_file_are_refused_before_anything_loads() {
     let e = refused(Cluster::new(&dir).arg("--gguf-file").arg("other.gguf"));
     assert!(e.contains("no GGUF file other.gguf"), "{e}");
 }
+
+/// The planner sizes a GGUF file's projections at their blocks' bytes, and at the dtype's with
+/// `--dequantize`: placed first-fit (`--strategy sequential`) on a first worker offering the
+/// midpoint and a second with room for all, the file in its block types is all on the first;
+/// dequantized it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planner_places_a_gguf_file_by_the_bytes_its_workers_hold() {
+    use shardserve::placement::{module_sizes, ModelShape};
+    let (dir, doc) = fixture("tiny-qwen3-gguf");
+    let g = shardserve::gguf::Gguf::open(&dir.join(doc["file"].as_str().unwrap())).unwrap();
+    let mut shape = ModelShape::from_config_json(&g.config_json().unwrap()).unwrap();
+    let full = module_sizes(&shape, 4).unwrap().total();
+    shape.quantized = g.block_types(false);
+    let held = module_sizes(&shape, 4).unwrap().total();
+    let each = (full + held) / 2;
+    let max_memory = format!("0={each},1={}", 2 * full);
+    for (dequantize, all_on_first) in [(false, true), (true, false)] {
+        let mut b = Cluster::new(&dir)
+            .workers(2)
+            .arg("--dtype")
+            .arg("f32")
+            .arg("--strategy")
+            .arg("sequential")
+            .arg("--max-memory")
+            .arg(&max_memory);
+        if dequantize {
+            b = b.arg("--dequantize");
+        }
+        let cluster = b.start();
+        let got = placement(&cluster).await;
+        // `up` names its workers worker-INDEX-PID.
+        let on_first: u32 = got.iter().filter(|s| s.worker_id.starts_with("worker-0-")).map(|s| s.layer_end - s.layer_start).sum();
+        let layers: Vec<(&str, u32, u32)> = got.iter().map(|s| (s.worker_id.as_str(), s.layer_start, s.layer_end)).collect();
+        assert_eq!(
+            on_first == shape.num_hidden_layers as u32,
+            all_on_first,
+            "dequantize {dequantize}, a first worker of {each} bytes ({full} dequantized, {held} in blocks): {layers:?}"
+        );
+        if !dequantize {
+            assert!(got[0].bytes <= each, "the stage holds {} bytes, more than its budget of {each}", got[0].bytes);
+        }
+    }
+}

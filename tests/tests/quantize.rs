@@ -64,3 +64,33 @@ fn a_type_that_cuts_the_models_blocks_is_refused_before_anything_loads() {
     };
     assert!(stderr.contains("--quantize q4_k") && stderr.contains("q8_0 or q4_0 does"), "{why}\n{stderr}");
 }
+
+/// The planner sizes a quantized model at its blocks' bytes: two workers each offering less than
+/// the model holds in f32 but more than it holds in q8_0, placed first-fit (`--strategy
+/// sequential`): the q8_0 model is one stage on the first worker, the f32 model two stages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planner_places_a_quantized_model_by_its_quantized_bytes() {
+    use shardserve::placement::{module_sizes, ModelShape};
+    let raw = serde_json::from_str(&std::fs::read_to_string(reference_model().join("config.json")).unwrap()).unwrap();
+    let shape = ModelShape::from_config_json(&raw).unwrap();
+    let full = module_sizes(&shape, 4).unwrap().total();
+    let q8_0 = module_sizes(&shape.with_projections_in(Quantize::Q8_0.block_type()).unwrap(), 4).unwrap().total();
+    let each = (full + q8_0) / 2;
+    let max_memory = format!("0={each},1={each}");
+    let case = &reference_cases()[0];
+    for (quantize, stages) in [(Some("q8_0"), 1), (None, 2)] {
+        let mut b = Cluster::new(reference_model()).workers(2).arg("--strategy").arg("sequential").arg("--max-memory").arg(&max_memory);
+        if let Some(q) = quantize {
+            b = b.arg("--quantize").arg(q);
+        }
+        let cluster = b.start();
+        let got = placement(&cluster).await;
+        let layers: Vec<(u32, u32)> = got.iter().map(|s| (s.layer_start, s.layer_end)).collect();
+        assert_eq!(got.len(), stages, "--quantize {quantize:?}, two workers of {each} bytes ({full} in f32, {q8_0} in q8_0): {layers:?}");
+        if quantize.is_some() {
+            assert!(got[0].bytes <= each, "the q8_0 stage holds {} bytes, more than its budget of {each}", got[0].bytes);
+        }
+        let r = generate(&mut cluster.client().await, greedy(&case.prompt, 8)).await.unwrap();
+        assert_eq!(r.token_ids.len(), 8, "{quantize:?}");
+    }
+}

@@ -417,7 +417,7 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
     let files = shardserve::hub::resolve_file(&config.model, config.revision.as_deref(), config.gguf_file.as_deref())?;
     let raw = files.config_json()?;
     let cfg = files.config()?;
-    let shape = shardserve::placement::ModelShape::from_config_json(&raw)?;
+    let mut shape = shardserve::placement::ModelShape::from_config_json(&raw)?;
     let generation = files.generation()?;
     let tokenizer = files.tokenizer()?;
     // A model without a usable template still serves completions; chat says why it cannot.
@@ -440,6 +440,8 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
                 );
             }
             g.check_tp(&cfg, config.tp).map_err(|e| anyhow::anyhow!("{}: {e}", config.model))?;
+            // The planner sizes the projections as the workers will hold them.
+            shape.quantized = g.block_types(config.dequantize);
             if config.dequantize {
                 String::new()
             } else {
@@ -451,6 +453,7 @@ pub fn preflight(config: &EngineConfig) -> anyhow::Result<Prepared> {
             if let Some(q) = config.quantize {
                 shardserve::model::check_quantizable(&cfg, config.tp, q)
                     .map_err(|e| anyhow::anyhow!("{}: --quantize {q}: {e}", config.model))?;
+                shape = shape.with_projections_in(q.block_type())?;
             }
             config.quantize.map(|q| q.to_string()).unwrap_or_default()
         }

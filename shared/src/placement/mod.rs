@@ -107,6 +107,16 @@ pub enum PlacementError {
     BadDeviceMap(String),
 }
 
+/// A tensor held in a quantization block type rather than the dtype (llama.cpp's Q8_0 is 32
+/// weights in 34 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockType {
+    /// Weights per block.
+    pub weights: u64,
+    /// Bytes a block takes.
+    pub bytes: u64,
+}
+
 /// The config values that determine every parameter and buffer shape of a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelShape {
@@ -133,6 +143,10 @@ pub struct ModelShape {
     pub attention_bias: bool,
     /// Biases on gate/up/down projections (only Llama's config can turn these on).
     pub mlp_bias: bool,
+    /// The parameters held in a block type, by name (`model.layers.0.mlp.down_proj.weight`):
+    /// sized at their blocks' bytes, every other tensor at the dtype's. Empty from a config, as
+    /// accelerate sizes a model; the coordinator fills it for a quantized model.
+    pub quantized: std::collections::BTreeMap<String, BlockType>,
 }
 
 impl ModelShape {
@@ -180,7 +194,19 @@ impl ModelShape {
             tie_word_embeddings,
             attention_bias,
             mlp_bias,
+            quantized: Default::default(),
         })
+    }
+
+    /// The shape with every decoder layer's attention and MLP projections held in `block`, as
+    /// `--quantize` loads them.
+    pub fn with_projections_in(mut self, block: BlockType) -> Result<Self, PlacementError> {
+        let tree = sizes::build_tree(&self)?;
+        let mut tensors = Vec::new();
+        sizes::collect_tensors(&tree.root, "", false, &mut tensors);
+        let names: Vec<String> = tensors.into_iter().map(|(n, _)| n).filter(|n| crate::quant::is_linear_weight(n)).collect();
+        self.quantized.extend(names.into_iter().map(|n| (n, block)));
+        Ok(self)
     }
 }
 

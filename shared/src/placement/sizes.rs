@@ -98,6 +98,8 @@ pub(super) struct ModelTree {
     pub(super) root: ModuleNode,
     /// `(alias, source)`: the alias is the same tensor as the source and is not counted twice.
     pub(super) tied: Vec<(String, String)>,
+    /// Parameters held in a block type (the shape's).
+    pub(super) quantized: std::collections::BTreeMap<String, BlockType>,
 }
 
 pub(super) fn mul(a: u64, b: u64, what: &str) -> Result<u64, PlacementError> {
@@ -174,7 +176,7 @@ pub(super) fn build_tree(shape: &ModelShape) -> Result<ModelTree, PlacementError
 
     let tied =
         if shape.tie_word_embeddings { vec![("lm_head.weight".to_string(), "model.embed_tokens.weight".to_string())] } else { Vec::new() };
-    Ok(ModelTree { root, tied })
+    Ok(ModelTree { root, tied, quantized: shape.quantized.clone() })
 }
 
 pub(super) fn join_name(prefix: &str, name: &str) -> String {
@@ -213,7 +215,10 @@ pub(super) fn sizes_of_tree(tree: &ModelTree, dtype_bytes: u64) -> Result<Module
             if aliases.contains(name.as_str()) {
                 continue;
             }
-            let size = mul(t.numel, width, &name)?;
+            let size = match tree.quantized.get(&name).filter(|_| !buffers) {
+                Some(b) => mul(t.numel.div_ceil(b.weights.max(1)), b.bytes, &name)?,
+                None => mul(t.numel, width, &name)?,
+            };
             let mut prefix_end = Some(0);
             sizes.add(String::new(), size)?;
             while let Some(start) = prefix_end {

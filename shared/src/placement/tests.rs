@@ -357,3 +357,29 @@ fn clean_moves_collapsed_subtrees_to_the_end() {
     let keys: Vec<&str> = map.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, ["model.embed_tokens", "model.norm", "lm_head", "model.layers"]);
 }
+
+#[test]
+fn projections_held_in_a_block_type_are_sized_and_placed_at_its_bytes() {
+    let shape = qwen3_0_6b();
+    let q8 = shape.clone().with_projections_in(BlockType { weights: 32, bytes: 34 }).unwrap();
+    assert_eq!(q8.quantized.len(), 28 * 7, "seven projections in each of 28 layers");
+    let (full, sizes) = (module_sizes(&shape, 4).unwrap(), module_sizes(&q8, 4).unwrap());
+    // A layer: q 1024→2048, k and v 1024→1024, o 2048→1024, gate, up and down 1024↔3072; the
+    // norms (two of 1024, q_norm and k_norm of 128) stay at the dtype.
+    let proj: u64 = 1024 * 2048 * 2 + 1024 * 1024 * 2 + 1024 * 3072 * 3;
+    let norms = (1024 * 2 + 128 * 2) * 4;
+    assert_eq!(full.get("model.layers.0"), proj * 4 + norms);
+    assert_eq!(sizes.get("model.layers.0"), proj / 32 * 34 + norms);
+    assert_eq!(sizes.get("model.layers.27.mlp.down_proj.weight"), 1024 * 3072 / 32 * 34);
+    assert_eq!(sizes.get("model.embed_tokens"), full.get("model.embed_tokens"), "the embedding stays at the dtype");
+    assert_eq!(sizes.total(), full.total() - 28 * (proj * 4 - proj / 32 * 34));
+    // Two workers each offering the midpoint: the quantized model fits on the first alone, the
+    // f32 one does not.
+    let each = (sizes.total() + full.total()) / 2;
+    let workers: Vec<cluster::WorkerBudget> =
+        ["a", "b"].iter().map(|id| cluster::WorkerBudget { id: id.to_string(), bytes: each }).collect();
+    let plan = cluster::plan(&q8, 4, &workers, Strategy::Sequential).unwrap();
+    assert_eq!(plan.iter().map(|s| (s.worker, s.layers.clone())).collect::<Vec<_>>(), [(0, 0..28)]);
+    assert_eq!(plan[0].bytes, sizes.total());
+    assert_eq!(cluster::plan(&shape, 4, &workers, Strategy::Sequential).unwrap().len(), 2);
+}
