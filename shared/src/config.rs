@@ -73,6 +73,10 @@ pub struct HfConfig {
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// How the checkpoint's weights are quantized (`quant_method` `fp8` with
+    /// `weight_block_size`, as Qwen's and DeepSeek's FP8 checkpoints ship).
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 fn default_max_position_embeddings() -> usize {
@@ -204,6 +208,9 @@ pub struct ModelConfig {
     /// Tokens a request may span (prompt + generated); Mistral's sliding window caps it, since
     /// attention here is always full.
     pub max_total_tokens: usize,
+    /// An FP8 checkpoint's `weight_block_size` (rows, columns): each `F8_E4M3` weight is scaled
+    /// per block by its `weight_scale_inv`. None: not an FP8 checkpoint.
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 impl ModelConfig {
@@ -268,6 +275,10 @@ impl ModelConfig {
             None => None,
             Some(s) => parse_rope_scaling(s, raw.max_position_embeddings).map_err(bad)?,
         };
+        let fp8_block = match raw.quantization_config.as_ref().filter(|v| !v.is_null()) {
+            None => None,
+            Some(q) => Some(parse_fp8(q).map_err(bad)?),
+        };
         let (qkv_bias, o_bias) = match architecture {
             // Qwen2 hard-codes bias on q/k/v and none on o_proj; Mistral has none.
             Architecture::Qwen2 => (true, false),
@@ -309,7 +320,27 @@ impl ModelConfig {
             bos_token_id: raw.bos_token_id.as_ref().and_then(|t| t.to_vec().first().copied()),
             eos_token_ids: raw.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
             max_total_tokens,
+            fp8_block,
         })
+    }
+}
+
+/// The block size of an FP8 `quantization_config`; other quantization methods are refused.
+fn parse_fp8(q: &serde_json::Value) -> std::result::Result<[usize; 2], String> {
+    let method = q.get("quant_method").and_then(|v| v.as_str()).unwrap_or("<none>");
+    if method != "fp8" {
+        return Err(format!(
+            "quantization_config.quant_method {method:?} is not supported (fp8 checkpoints are, and GGUF files with --gguf-file)"
+        ));
+    }
+    if let Some(fmt) = q.get("fmt").and_then(|v| v.as_str()).filter(|f| *f != "e4m3") {
+        return Err(format!("quantization_config.fmt {fmt:?} is not supported (only e4m3)"));
+    }
+    let block: Option<Vec<usize>> = q.get("weight_block_size").and_then(|v| serde_json::from_value(v.clone()).ok());
+    match block.as_deref() {
+        Some(&[rows, cols]) if rows > 0 && cols > 0 => Ok([rows, cols]),
+        Some(other) => Err(format!("quantization_config.weight_block_size {other:?} must be two positive sizes")),
+        None => Err("quantization_config: fp8 without weight_block_size (one scale per tensor) is not supported".into()),
     }
 }
 
@@ -395,6 +426,21 @@ mod tests {
         assert_eq!((c.head_dim, c.num_kv_heads), (32, 2));
         assert!(c.qk_norm && c.tie_word_embeddings && !c.qkv_bias);
         assert_eq!(c.eos_token_ids, vec![0]);
+    }
+
+    #[test]
+    fn an_fp8_quantization_config_gives_its_block_and_other_methods_are_refused() {
+        let with = |q: &str| {
+            ModelConfig::from_json(&QWEN3.replace("\"eos_token_id\":0", &format!("\"eos_token_id\":0,\"quantization_config\":{q}")))
+        };
+        assert_eq!(ModelConfig::from_json(QWEN3).unwrap().fp8_block, None);
+        let fp8 = with(r#"{"quant_method":"fp8","fmt":"e4m3","activation_scheme":"dynamic","weight_block_size":[128,128]}"#).unwrap();
+        assert_eq!(fp8.fp8_block, Some([128, 128]));
+        let err = |q: &str| with(q).unwrap_err().to_string();
+        assert!(err(r#"{"quant_method":"awq","bits":4}"#).contains("quant_method \"awq\" is not supported"));
+        assert!(err(r#"{"quant_method":"fp8","fmt":"e5m2","weight_block_size":[128,128]}"#).contains("fmt \"e5m2\""));
+        assert!(err(r#"{"quant_method":"fp8"}"#).contains("without weight_block_size"));
+        assert!(err(r#"{"quant_method":"fp8","weight_block_size":[0,128]}"#).contains("two positive sizes"));
     }
 
     #[test]

@@ -267,7 +267,7 @@ impl Shard {
             gguf.check_tp(cfg, spec.tp.size)?;
             gguf.load(cfg, &|n| spec.owns(cfg, n), &slicer, dtype, spec.dequantize, device)?
         } else {
-            weights::load_quantized(path, &|n| spec.owns(cfg, n), &slicer, Some(dtype), spec.quantize, device)?
+            weights::load_quantized(path, &|n| spec.owns(cfg, n), &slicer, Some(dtype), spec.quantize, cfg.fp8_block, device)?
         };
         Self::build(cfg, spec, &split, loaded, dtype, device)
     }

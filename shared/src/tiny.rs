@@ -39,6 +39,9 @@ pub struct TinySpec {
     /// config.json's vocab_size when larger than the trained tokenizer's (the shape of a real
     /// model's embedding; ids past the tokenizer decode to nothing).
     pub config_vocab: Option<usize>,
+    /// Write the projections in FP8 (E4M3) with one scale per block of this many (rows,
+    /// columns), as Qwen's FP8 checkpoints ship them (`weight_block_size`).
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 impl TinySpec {
@@ -62,6 +65,7 @@ impl TinySpec {
             init_std: 0.1,
             weights: true,
             config_vocab: None,
+            fp8_block: None,
         }
     }
 }
@@ -224,6 +228,13 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["sliding_window"] = serde_json::Value::Null;
         config["max_window_layers"] = serde_json::json!(spec.num_layers);
     }
+    if let Some(block) = spec.fp8_block {
+        if block.contains(&0) {
+            return Err(Error::WriteModel("FP8 blocks must be at least 1x1".into()));
+        }
+        config["quantization_config"] =
+            serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block});
+    }
     write_json(&dir.join("config.json"), &config)?;
     write_json(
         &dir.join("generation_config.json"),
@@ -252,7 +263,14 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
         let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)
             .and_then(|t| t.to_dtype(spec.dtype))
             .map_err(|e| Error::WriteModel(e.to_string()))?;
-        tensors.push((name.clone(), t));
+        match spec.fp8_block.filter(|_| crate::quant::is_linear_weight(name)) {
+            Some(block) => {
+                let (weight, scale_inv) = to_fp8(&t, block).map_err(|e| Error::WriteModel(format!("{name}: {e}")))?;
+                tensors.push((name.clone(), weight));
+                tensors.push((format!("{name}_scale_inv"), scale_inv));
+            }
+            None => tensors.push((name.clone(), t)),
+        }
     }
     let total: usize = tensors.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum();
     if spec.shards == 1 {
@@ -277,6 +295,28 @@ pub fn write(dir: &Path, spec: &TinySpec) -> Result<()> {
         save(&dir.join(&fname), group)?;
     }
     write_json(&dir.join("model.safetensors.index.json"), &serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map}))
+}
+
+/// A weight in FP8 E4M3 with one f32 scale per block of `block` (rows, columns): each block
+/// divided by its largest magnitude over 448 (E4M3's largest), as the FP8 checkpoints are made;
+/// the scales are what the weight is multiplied by to read it (`weight_scale_inv`).
+fn to_fp8(t: &Tensor, [bo, bi]: [usize; 2]) -> candle_core::Result<(Tensor, Tensor)> {
+    let (rows, cols) = t.dims2()?;
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (br, bc) = (rows.div_ceil(bo), cols.div_ceil(bi));
+    let mut scales = vec![0f32; br * bc];
+    for (i, x) in v.iter().enumerate() {
+        let s = &mut scales[(i / cols / bo) * bc + (i % cols) / bi];
+        *s = s.max(x.abs() / 448.0);
+    }
+    for s in &mut scales {
+        if *s == 0.0 {
+            *s = 1.0;
+        }
+    }
+    let scaled: Vec<f32> = v.iter().enumerate().map(|(i, x)| x / scales[(i / cols / bo) * bc + (i % cols) / bi]).collect();
+    let weight = Tensor::from_vec(scaled, (rows, cols), &Device::Cpu)?.to_dtype(DType::F8E4M3)?;
+    Ok((weight, Tensor::from_vec(scales, (br, bc), &Device::Cpu)?))
 }
 
 fn save(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {

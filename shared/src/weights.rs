@@ -49,17 +49,20 @@ impl LoadedTensors {
 /// Loads every tensor for which `wanted(name)` holds — only the part `slice` names — converted
 /// to `dtype` (or kept as on disk when `dtype` is `None`).
 pub fn load(dir: &Path, wanted: &dyn Fn(&str) -> bool, slice: Slicer<'_>, dtype: Option<DType>, device: &Device) -> Result<LoadedTensors> {
-    load_quantized(dir, wanted, slice, dtype, None, device)
+    load_quantized(dir, wanted, slice, dtype, None, None, device)
 }
 
 /// [`load`], with the linear weights quantized to `quantize` one by one as they are read (the
-/// full-precision tensor dropped before the next is read).
+/// full-precision tensor dropped before the next is read). An FP8 checkpoint's weights
+/// (`F8_E4M3`, `fp8_block` its `weight_block_size`) are dequantized as they are read, each
+/// block times its `weight_scale_inv`, before anything else.
 pub fn load_quantized(
     dir: &Path,
     wanted: &dyn Fn(&str) -> bool,
     slice: Slicer<'_>,
     dtype: Option<DType>,
     quantize: Option<crate::quant::Quantize>,
+    fp8_block: Option<[usize; 2]>,
     device: &Device,
 ) -> Result<LoadedTensors> {
     let index = dir.join("model.safetensors.index.json");
@@ -77,21 +80,48 @@ pub fn load_quantized(
     } else {
         vec![("model.safetensors".to_string(), None)]
     };
+    // The scales first (one f32 a block): a weight's may be in another file of the index.
+    let mut scales = HashMap::new();
+    if fp8_block.is_some() {
+        for (file, names) in &plan {
+            let path = dir.join(file);
+            let mmap = map_file(&path)?;
+            let st = mmap.deserialize().map_err(|e| Error::LoadWeights(format!("{file}: corrupt or truncated safetensors file: {e}")))?;
+            let names: Vec<String> = match names {
+                Some(n) => n.clone(),
+                None => st.names().into_iter().map(str::to_string).collect(),
+            };
+            for name in names.into_iter().filter(|n| n.ends_with(FP8_SCALE) && wanted(n)) {
+                let fail = |e: String| Error::LoadWeights(format!("{file}: tensor {name}: {e}"));
+                let t = st.tensor(&name).map_err(|e| fail(e.to_string()))?.load(&Device::Cpu).map_err(|e| fail(e.to_string()))?;
+                scales.insert(name.clone(), t.to_dtype(DType::F32).map_err(|e| fail(e.to_string()))?);
+            }
+        }
+    }
     let mut out = LoadedTensors::default();
     for (file, names) in plan {
         let path = dir.join(&file);
-        read_file(&path, &file, names.as_deref(), (wanted, slice), (dtype, quantize), device, &mut out)?;
+        let fp8 = fp8_block.map(|b| (b, &scales));
+        read_file(&path, &file, names.as_deref(), (wanted, slice), (dtype, quantize), fp8, device, &mut out)?;
         out.files.insert(file);
     }
     Ok(out)
 }
 
+/// The suffix of an FP8 weight's scales: `…q_proj.weight` is scaled by `…q_proj.weight_scale_inv`.
+const FP8_SCALE: &str = "_scale_inv";
+
+/// An FP8 checkpoint's `weight_block_size` and the scales read, by name.
+type Fp8<'a> = ([usize; 2], &'a HashMap<String, Tensor>);
+
+#[allow(clippy::too_many_arguments)]
 fn read_file(
     path: &Path,
     file: &str,
     names: Option<&[String]>,
     (wanted, slice): (&dyn Fn(&str) -> bool, Slicer<'_>),
     (dtype, quantize): (Option<DType>, Option<crate::quant::Quantize>),
+    fp8: Option<Fp8<'_>>,
     device: &Device,
     out: &mut LoadedTensors,
 ) -> Result<()> {
@@ -105,11 +135,19 @@ fn read_file(
         None => st.names().into_iter().filter(|n| wanted(n)).map(str::to_string).collect(),
     };
     for name in names {
+        if fp8.is_some() && name.ends_with(FP8_SCALE) {
+            continue;
+        }
         let view =
             st.tensor(&name).map_err(|e| Error::LoadWeights(format!("{file}: tensor {name} listed in the index is not there: {e}")))?;
-        let t = match slice(&name, view.shape()) {
-            None => view.load(device).map_err(|e| e.to_string()),
-            Some((dim, range)) => load_slice(&view, dim, range, device),
+        let sliced = slice(&name, view.shape());
+        let t = if view.dtype() == safetensors::Dtype::F8_E4M3 {
+            dequantize_fp8(&view, &name, sliced, fp8, device)
+        } else {
+            match sliced {
+                None => view.load(device).map_err(|e| e.to_string()),
+                Some((dim, range)) => load_slice(&view, dim, range, device),
+            }
         }
         .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
         if let Some(q) = quantize.filter(|_| crate::quant::is_linear_weight(&name)) {
@@ -126,6 +164,46 @@ fn read_file(
     Ok(())
 }
 
+/// The FP8 weight `name` (its part `sliced`) in f32: each element times its block's scale, as
+/// transformers' `finegrained_fp8` dequantizes (blocks at the edges may be partial).
+fn dequantize_fp8(
+    view: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+    sliced: Option<(usize, Range<usize>)>,
+    fp8: Option<Fp8<'_>>,
+    device: &Device,
+) -> std::result::Result<Tensor, String> {
+    let ([bo, bi], scales) = fp8.ok_or("it is F8_E4M3, but config.json has no fp8 quantization_config")?;
+    let scale =
+        scales.get(&format!("{name}{FP8_SCALE}")).ok_or_else(|| format!("its scales, {name}{FP8_SCALE}, are not in the checkpoint"))?;
+    let &[rows, cols] = view.shape() else { return Err(format!("an F8_E4M3 tensor of shape {:?} is not a 2-D weight", view.shape())) };
+    let blocks = [rows.div_ceil(bo), cols.div_ceil(bi)];
+    if scale.dims() != blocks {
+        return Err(format!("its scales are {:?}; blocks of {bo}x{bi} over {rows}x{cols} need {blocks:?}", scale.dims()));
+    }
+    let (r0, c0) = match &sliced {
+        Some((0, r)) => (r.start, 0),
+        Some((1, r)) => (0, r.start),
+        _ => (0, 0),
+    };
+    let cpu = Device::Cpu;
+    let w = match sliced {
+        None => view.load(&cpu).map_err(|e| e.to_string())?,
+        Some((dim, range)) => load_slice(view, dim, range, &cpu)?,
+    };
+    let (h, width) = w.dims2().map_err(|e| e.to_string())?;
+    let mut v = w.to_dtype(DType::F32).and_then(|w| w.flatten_all()?.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+    let s = scale.to_vec2::<f32>().map_err(|e| e.to_string())?;
+    for (r, row) in v.chunks_mut(width).enumerate() {
+        let s = &s[(r + r0) / bo];
+        for (c, x) in row.iter_mut().enumerate() {
+            *x *= s[(c + c0) / bi];
+        }
+    }
+    debug_assert_eq!(v.len(), h * width);
+    Tensor::from_vec(v, (h, width), device).map_err(|e| e.to_string())
+}
+
 /// Reads `range` along `dim` of a tensor, touching only those bytes of the file.
 fn load_slice(
     view: &safetensors::tensor::TensorView<'_>,
@@ -138,6 +216,7 @@ fn load_slice(
         D::F32 => DType::F32,
         D::BF16 => DType::BF16,
         D::F16 => DType::F16,
+        D::F8_E4M3 => DType::F8E4M3,
         other => return Err(format!("cannot slice a {other:?} tensor")),
     };
     let shape = view.shape();

@@ -125,6 +125,19 @@ pub struct TinyModelArgs {
     /// (the folder then holds only that file, as a GGUF repo does).
     #[arg(long, value_enum, conflicts_with_all = ["no_weights", "shards"])]
     pub gguf: Option<shardserve::gguf::GgufType>,
+    /// Write the projections in FP8 (E4M3) with a scale per block of ROWSxCOLS, as Qwen's FP8
+    /// checkpoints ship them (`--fp8 128x128`).
+    #[arg(long, value_name = "ROWSxCOLS", value_parser = parse_block, conflicts_with_all = ["no_weights", "gguf"])]
+    pub fp8: Option<[usize; 2]>,
+}
+
+/// `128x128`: a block of rows and columns, each at least 1.
+fn parse_block(s: &str) -> Result<[usize; 2], String> {
+    let parse = |n: &str| n.trim().parse::<usize>().ok().filter(|n| *n > 0);
+    match s.split_once(['x', 'X']).map(|(r, c)| (parse(r), parse(c))) {
+        Some((Some(r), Some(c))) => Ok([r, c]),
+        _ => Err(format!("{s:?} is not a block of ROWSxCOLS, each at least 1 (e.g. 128x128)")),
+    }
 }
 
 impl TryFrom<&TinyModelArgs> for TinySpec {
@@ -148,6 +161,7 @@ impl TryFrom<&TinyModelArgs> for TinySpec {
         s.seed = a.seed;
         s.weights = !a.no_weights;
         s.config_vocab = a.config_vocab;
+        s.fp8_block = a.fp8;
         if let Some(v) = a.layers {
             s.num_layers = v;
         }
@@ -376,4 +390,18 @@ fn check_nccl(a: &CheckNcclArgs) -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn check_nccl(_a: &CheckNcclArgs) -> anyhow::Result<()> {
     bail!("{}", shardserve::device::NO_CUDA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_block;
+
+    #[test]
+    fn an_fp8_block_is_rows_by_columns() {
+        assert_eq!(parse_block("128x128"), Ok([128, 128]));
+        assert_eq!(parse_block("32X48"), Ok([32, 48]));
+        for bad in ["128", "0x128", "x", "ax1", "1x-2"] {
+            assert!(parse_block(bad).unwrap_err().contains("ROWSxCOLS"), "{bad}");
+        }
+    }
 }
