@@ -1,8 +1,9 @@
 //! GGUF files against what transformers and the `gguf` package made of them: the tokenizer built
 //! from a file's metadata encodes a multilingual sample and the reference prompts to the ids
-//! transformers' does; and quantized matmuls, teacher-forced on the reference prompts, agree with
-//! the dequantized model at 98% of positions or more for Q8_0 and 90% or more for Q4_K (and the
-//! fixtures' Q8_0 + Q4_0 mix), in one stage and in two.
+//! transformers' does; quantized matmuls, teacher-forced on the reference prompts, agree with
+//! the dequantized model at 98% of positions or more for Q8_0 and every type of five bits or
+//! more, 90% or more for Q4_K and the rest (and the fixtures' Q8_0 + Q4_0 mix), in one stage and
+//! in two; and the planner sizes each layer at its bytes in the file.
 
 use candle_core::{DType, Device};
 use shardserve::gguf::{write_checkpoint, Gguf, GgufType};
@@ -132,7 +133,7 @@ fn cases(doc: &serde_json::Value) -> Vec<(Vec<u32>, Vec<u32>)> {
 fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
     let (_, doc) = fixture("tiny-qwen3-gguf");
     let cases = cases(&doc);
-    // A model wide enough for Q4_K's blocks of 256, written as Q8_0 and as Q4_K.
+    // A model wide enough for the k-quants' blocks of 256, written in every type candle reads.
     let tmp = tempfile::tempdir().unwrap();
     let spec = shardserve::tiny::TinySpec {
         hidden_size: 256,
@@ -148,10 +149,14 @@ fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
         ..shardserve::tiny::TinySpec::new(shardserve::config::Architecture::Qwen3)
     };
     shardserve::tiny::write(tmp.path(), &spec).unwrap();
-    let mut files = vec![(fixture("tiny-qwen3-gguf").0, 0.90, "the fixture's q8_0+q4_0", cases.clone())];
-    for (ty, floor, what) in [(GgufType::Q8_0, 0.98, "q8_0"), (GgufType::Q4K, 0.90, "q4_k")] {
+    let mut files = vec![(fixture("tiny-qwen3-gguf").0, 0.90, "the fixture's q8_0+q4_0".to_string(), cases.clone())];
+    for ty in GgufType::ALL {
+        let what = ty.name();
+        // 98% for the types of five bits or more (as for Q8_0), 90% below (as for Q4_K).
+        let floor = if ["q4_0", "q4_1", "q2_k", "q3_k", "q4_k"].contains(&what.as_str()) { 0.90 } else { 0.98 };
         let file = tmp.path().join(format!("{what}.gguf"));
         write_checkpoint(tmp.path(), &file, ty).unwrap();
+        assert_eq!(Gguf::open(&file).unwrap().weight_types(), what, "the projections' type");
         // Forced: the dequantized model's own greedy continuation of each prompt.
         let full = stages(&file, 1, true);
         let own = cases.iter().map(|(prompt, forced)| (prompt.clone(), greedy(&full, prompt, forced.len()))).collect();

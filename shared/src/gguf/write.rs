@@ -10,30 +10,77 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-/// The block type a written file's linear weights take (everything else is f32).
+/// The type a written file's linear weights take (everything else is f32): every type llama.cpp
+/// stores weights in that candle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GgufType {
     #[value(name = "f32")]
     F32,
     #[value(name = "f16")]
     F16,
+    #[value(name = "bf16")]
+    Bf16,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
+    #[value(name = "q2_k")]
+    Q2K,
+    #[value(name = "q3_k")]
+    Q3K,
     #[value(name = "q4_k")]
     Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 impl GgufType {
+    /// Every type.
+    pub const ALL: [GgufType; 13] = [
+        GgufType::F32,
+        GgufType::F16,
+        GgufType::Bf16,
+        GgufType::Q8_0,
+        GgufType::Q4_0,
+        GgufType::Q4_1,
+        GgufType::Q5_0,
+        GgufType::Q5_1,
+        GgufType::Q2K,
+        GgufType::Q3K,
+        GgufType::Q4K,
+        GgufType::Q5K,
+        GgufType::Q6K,
+    ];
+
     fn ggml(self) -> GgmlDType {
         match self {
             GgufType::F32 => GgmlDType::F32,
             GgufType::F16 => GgmlDType::F16,
+            GgufType::Bf16 => GgmlDType::BF16,
             GgufType::Q8_0 => GgmlDType::Q8_0,
             GgufType::Q4_0 => GgmlDType::Q4_0,
+            GgufType::Q4_1 => GgmlDType::Q4_1,
+            GgufType::Q5_0 => GgmlDType::Q5_0,
+            GgufType::Q5_1 => GgmlDType::Q5_1,
+            GgufType::Q2K => GgmlDType::Q2K,
+            GgufType::Q3K => GgmlDType::Q3K,
             GgufType::Q4K => GgmlDType::Q4K,
+            GgufType::Q5K => GgmlDType::Q5K,
+            GgufType::Q6K => GgmlDType::Q6K,
         }
+    }
+
+    /// llama.cpp's name: `q4_k`.
+    pub fn name(self) -> String {
+        super::type_name(self.ggml())
     }
 }
 
