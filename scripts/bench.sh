@@ -17,10 +17,13 @@
 #     from the `qwen.tiktoken` the `dashscope` package ships on PyPI; embedding and lm_head of
 #     151,936 rows) and random weights, and llguidance's mask time per token.
 #  8. quantization at load: one worker with `--quantize q8_0` at concurrency 1 and 8, beside
-#     candle-transformers' f32 model in this process on the same weights (--baseline).
+#     candle-transformers' f32 model in this process on the same weights (--baseline);
+#  9. GGUF: the model in f32, then written as GGUF files in Q8_0 and in Q4_K and served in their
+#     block types, each on one worker at concurrency 1 and 8, with each worker's peak resident
+#     memory (VmHWM from /proc) at the same --kv-memory.
 # FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
 # ONLY=prefix runs part 5 alone (ONLY=multi-turn its multi-turn run), ONLY=replicas part 6,
-# ONLY=structured part 7, ONLY=quantize part 8.
+# ONLY=structured part 7, ONLY=quantize part 8, ONLY=gguf part 9.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -39,7 +42,7 @@ $BIN/shardctl dev tiny-model --arch qwen3 --out "$MODEL" "${SHAPE[@]}" --dtype b
 run() { # workers threads-per-worker label [bench args]
     local workers=$1 threads=$2 label=$3; shift 3
     local out; out=$(mktemp)
-    RUST_LOG=warn $BIN/shardctl up --model "$MODEL" --workers "$workers" --worker-threads "$threads" \
+    RUST_LOG=warn $BIN/shardctl up --model "${SERVE:-$MODEL}" --workers "$workers" --worker-threads "$threads" \
         --kv-memory "${KV_MEMORY:-2GiB}" ${REPLICAS:+--replicas "$REPLICAS"} ${RANDOM_WEIGHTS:+--random-weights} ${QUANTIZE:+--quantize "$QUANTIZE"} \
         --listen 127.0.0.1:0 >"$out" &
     local pid=$!
@@ -47,6 +50,12 @@ run() { # workers threads-per-worker label [bench args]
     local url; url=$(sed -n 's/^ready //p' "$out")
     [ -n "$url" ] || { echo "cluster did not start" >&2; kill $pid; exit 1; }
     $BIN/shardctl bench --coordinator "$url" --label "$label" --json "$@"
+    if [ -n "${PEAK_RSS:-}" ]; then # each worker's peak resident memory, as one JSON line
+        local w
+        for w in $(pgrep -P $pid -x worker); do
+            awk -v label="$label" -v pid="$w" '/^VmHWM/ {printf "{\"label\": \"%s\", \"worker_pid\": %s, \"peak_rss_bytes\": %.0f}\n", label, pid, $2 * 1024}' "/proc/$w/status"
+        done
+    fi
     kill -TERM $pid; wait $pid || true; rm -f "$out"
 }
 CORES=$(nproc)
@@ -74,6 +83,17 @@ REPLICAS=2 run 2 1 "2 replicas, 1 core each" --prompt-tokens 128 --output-tokens
 fi
 if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = quantize ]; then
 QUANTIZE=q8_0 run 1 "$CORES" "q8_0" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8 --baseline "$MODEL"
+fi
+if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = gguf ]; then
+GGUF=$(mktemp -d)
+for t in q8_0 q4_k; do
+    $BIN/shardctl dev tiny-model --arch qwen3 --out "$GGUF/$t" "${SHAPE[@]}" --dtype f32 --vocab 1024 \
+        --max-position-embeddings 4096 --seed 7 --gguf $t >&2
+done
+PEAK_RSS=1 run 1 "$CORES" "f32" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8
+PEAK_RSS=1 SERVE="$GGUF/q8_0" run 1 "$CORES" "gguf q8_0" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8
+PEAK_RSS=1 SERVE="$GGUF/q4_k" run 1 "$CORES" "gguf q4_k" --prompt-tokens 128 --output-tokens 64 --concurrency 1,8
+rm -rf "$GGUF"
 fi
 if [ -z "${ONLY:-}" ] || [ "${ONLY:-}" = structured ]; then
 WHEELS=$(mktemp -d)

@@ -5,9 +5,12 @@
 
 use candle_core::{DType, Device};
 use shardserve::config::ModelConfig;
-use shardserve::model::{KvPool, Shard, StageInput, StageOutput, StageSpec};
+use shardserve::model::{Shard, StageSpec};
 use shardserve::quant::Quantize;
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::compare;
 
 fn model() -> PathBuf {
     match std::env::var_os("SHARDSERVE_FIXTURES") {
@@ -43,56 +46,12 @@ fn stages(stages: usize, q: Option<Quantize>) -> Vec<Shard> {
         .collect()
 }
 
-/// The logits after the prompt and after each forced token but the last.
-fn teacher_forced(stages: &[Shard], prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
-    let mut pools: Vec<KvPool> = stages.iter().map(|s| s.new_pool(64, 16).unwrap()).collect();
-    let mut out = Vec::new();
-    let mut feed = prompt.to_vec();
-    for next in forced {
-        let mut input = StageInput::Tokens(&feed);
-        for (s, pool) in stages.iter().zip(pools.iter_mut()) {
-            match s.forward(pool, 0, input).unwrap() {
-                StageOutput::Hidden(h) => input = StageInput::Hidden(h),
-                StageOutput::Logits(l) => {
-                    out.push(l.to_vec1::<f32>().unwrap());
-                    input = StageInput::Tokens(&[]);
-                }
-            }
-        }
-        feed = vec![*next];
-    }
-    out
-}
-
-fn log_softmax(l: &[f32]) -> Vec<f64> {
-    let max = l.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
-    let sum: f64 = l.iter().map(|x| (*x as f64 - max).exp()).sum();
-    l.iter().map(|x| *x as f64 - max - sum.ln()).collect()
-}
-
-/// Top-1 agreement with the full model, and the mean KL divergence of the quantized
-/// distribution from the full one.
-fn compare(full: &[Shard], quantized: &[Shard]) -> (f64, f64) {
-    let (mut agree, mut total, mut kl) = (0usize, 0usize, 0f64);
-    for (prompt, new_ids) in cases() {
-        let a = teacher_forced(full, &prompt, &new_ids);
-        let b = teacher_forced(quantized, &prompt, &new_ids);
-        for (la, lb) in a.iter().zip(&b) {
-            total += 1;
-            agree += usize::from(shardserve::sampling::argmax(la) == shardserve::sampling::argmax(lb));
-            let (pa, pb) = (log_softmax(la), log_softmax(lb));
-            kl += pa.iter().zip(&pb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
-        }
-    }
-    (agree as f64 / total as f64, kl / total as f64)
-}
-
 #[test]
 fn quantized_weights_agree_with_the_full_model_in_one_stage_and_two() {
     for n in [1, 2] {
         let full = stages(n, None);
         for (q, floor) in [(Quantize::Q8_0, 0.98), (Quantize::Q4_0, 0.90)] {
-            let (agree, kl) = compare(&full, &stages(n, Some(q)));
+            let (agree, kl) = compare(&full, &stages(n, Some(q)), &cases());
             eprintln!("{n} stage(s), {q}: top-1 agreement {:.1}%, mean KL {kl:.5}", agree * 100.0);
             assert!(agree >= floor, "{n} stage(s), {q}: top-1 agreement {:.1}% < {:.0}%", agree * 100.0, floor * 100.0);
         }

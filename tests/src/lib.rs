@@ -44,6 +44,25 @@ pub fn reference_model() -> PathBuf {
     fixtures().join("hf-reference/tiny-qwen3")
 }
 
+/// Up to `n` greedy tokens of `shard` (a whole model) after `prompt`, run in this process,
+/// stopping after an end-of-sequence token as the server does.
+pub fn greedy_in_process(shard: &shardserve::model::Shard, prompt: &[u32], n: usize) -> Vec<u32> {
+    use shardserve::model::{StageInput, StageOutput};
+    let eos = &shard.config().eos_token_ids;
+    let mut pool = shard.new_pool(64, 16).unwrap();
+    let (mut out, mut feed) = (Vec::new(), prompt.to_vec());
+    for _ in 0..n {
+        let StageOutput::Logits(l) = shard.forward(&mut pool, 0, StageInput::Tokens(&feed)).unwrap() else { panic!("no logits") };
+        let t = shardserve::sampling::argmax(&l.to_vec1::<f32>().unwrap());
+        out.push(t);
+        if eos.contains(&t) {
+            break;
+        }
+        feed = vec![t];
+    }
+    out
+}
+
 /// One case of the transformers reference.
 #[derive(Debug, Clone)]
 pub struct ReferenceCase {
@@ -302,6 +321,16 @@ pub struct Output {
     pub status: std::process::ExitStatus,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// Asserts that operators see the first model's quantization as `want`: in `shardctl status
+/// --json` (`"quantize"`) and in `shardctl models list` (`quantize=…`).
+pub fn assert_quantization_shown(url: &str, want: &str) {
+    let out = run_shardctl(&["status", "--json", "--coordinator", url], &[], Duration::from_secs(20));
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    assert_eq!(status["models"][0]["quantize"], want, "{status}");
+    let out = run_shardctl(&["models", "list", "--coordinator", url], &[], Duration::from_secs(20));
+    assert!(out.status.success() && out.stdout.contains(&format!("quantize={want}")), "{}", out.stdout);
 }
 
 /// Runs `shardctl ARGS` to completion (bounded), with extra environment.

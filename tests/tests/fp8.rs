@@ -5,7 +5,6 @@
 
 use shardserve_tests::*;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// The FP8 fixture (made by `shardctl dev tiny-model --fp8 32x48`) and transformers' outputs
 /// for it (`tests/python/fp8_reference.py`).
@@ -49,9 +48,7 @@ async fn an_fp8_checkpoint_requantized_at_load_serves_in_q8_0() {
     }
     // Re-quantized, the model is not the dequantized one: some case differs somewhere.
     assert!(same < cases.len(), "q8_0 changed no token of any case");
-    let out = run_shardctl(&["status", "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
-    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
-    assert_eq!(status["models"][0]["quantize"], "q8_0", "{status}");
+    assert_quantization_shown(&cluster.url, "q8_0");
 }
 
 #[test]
@@ -70,8 +67,5 @@ fn fp8_weights_without_their_quantization_config_are_refused_by_name() {
         Ok(_) => panic!("FP8 weights were read without their scales"),
         Err(e) => e,
     };
-    assert!(
-        stderr.contains("q_proj.weight") && stderr.contains("F8_E4M3, but config.json has no fp8 quantization_config"),
-        "{why}\n{stderr}"
-    );
+    assert!(stderr.contains("_proj.weight: it is F8_E4M3, but config.json has no fp8 quantization_config"), "{why}\n{stderr}");
 }

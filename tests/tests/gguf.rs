@@ -5,10 +5,9 @@
 //! its types. Flags that do not apply to a GGUF file are refused before anything loads.
 
 use candle_core::{DType, Device};
-use shardserve::model::{Shard, StageInput, StageOutput, StageSpec};
+use shardserve::model::{Shard, StageSpec};
 use shardserve_tests::*;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// The GGUF fixtures: a folder holding only the file, and transformers' outputs for it.
 fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
@@ -35,18 +34,7 @@ fn in_process(dir: &std::path::Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let files = shardserve::hub::resolve(dir.to_str().unwrap(), None).unwrap();
     let cfg = files.config().unwrap();
     let shard = Shard::load(&cfg, StageSpec::whole(&cfg), &files.weights(), DType::F32, &Device::Cpu).unwrap();
-    let mut pool = shard.new_pool(64, 16).unwrap();
-    let (mut out, mut feed) = (Vec::new(), prompt.to_vec());
-    for _ in 0..n {
-        let StageOutput::Logits(l) = shard.forward(&mut pool, 0, StageInput::Tokens(&feed)).unwrap() else { panic!("no logits") };
-        let t = shardserve::sampling::argmax(&l.to_vec1::<f32>().unwrap());
-        out.push(t);
-        if cfg.eos_token_ids.contains(&t) {
-            break;
-        }
-        feed = vec![t];
-    }
-    out
+    greedy_in_process(&shard, prompt, n)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,11 +67,7 @@ async fn a_gguf_file_serves_in_its_block_types_in_every_layout() {
             assert_eq!(&got, want, "{workers} workers, tp {tp}: {prompt:?}");
         }
         if (workers, tp) == (1, 1) {
-            let out = run_shardctl(&["status", "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
-            let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
-            assert_eq!(status["models"][0]["quantize"], "gguf q8_0+q4_0", "{status}");
-            let out = run_shardctl(&["models", "list", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
-            assert!(out.status.success() && out.stdout.contains("quantize=gguf q8_0+q4_0"), "{}", out.stdout);
+            assert_quantization_shown(&cluster.url, "gguf q8_0+q4_0");
         }
     }
 }

@@ -4,25 +4,16 @@
 
 use candle_core::{DType, Device};
 use shardserve::config::ModelConfig;
-use shardserve::model::{Shard, StageInput, StageOutput, StageSpec};
+use shardserve::model::{Shard, StageSpec};
 use shardserve::quant::Quantize;
 use shardserve_tests::*;
-use std::time::Duration;
 
 /// Greedy tokens of the reference model with its projections quantized to `q`, in this process.
 fn in_process(q: Quantize, prompt: &[u32], n: usize) -> Vec<u32> {
     let dir = reference_model();
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let shard = Shard::load(&cfg, StageSpec { quantize: Some(q), ..StageSpec::whole(&cfg) }, &dir, DType::F32, &Device::Cpu).unwrap();
-    let mut pool = shard.new_pool(64, 16).unwrap();
-    let (mut out, mut feed) = (Vec::new(), prompt.to_vec());
-    for _ in 0..n {
-        let StageOutput::Logits(l) = shard.forward(&mut pool, 0, StageInput::Tokens(&feed)).unwrap() else { panic!("no logits") };
-        let t = shardserve::sampling::argmax(&l.to_vec1::<f32>().unwrap());
-        out.push(t);
-        feed = vec![t];
-    }
-    out
+    greedy_in_process(&shard, prompt, n)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,12 +37,7 @@ async fn every_layout_serves_the_quantized_model_and_holds_its_bytes() {
         let held: u64 = placement(&cluster).await.iter().map(|s| s.bytes).sum();
         assert!(held * 10 < full * 6, "{workers} workers, tp {tp}: {held} bytes held, {full} unquantized");
         if (workers, tp) == (1, 1) {
-            // Operators see it.
-            let out = run_shardctl(&["status", "--json", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
-            let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
-            assert_eq!(status["models"][0]["quantize"], "q8_0", "{status}");
-            let out = run_shardctl(&["models", "list", "--coordinator", &cluster.url], &[], Duration::from_secs(20));
-            assert!(out.status.success() && out.stdout.contains("quantize=q8_0"), "{}", out.stdout);
+            assert_quantization_shown(&cluster.url, "q8_0");
         }
     }
 }
