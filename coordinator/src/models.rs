@@ -37,6 +37,12 @@ struct Record {
     /// Replicas over those workers (`--replicas N|auto`); none: one placement over them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     replicas: Option<String>,
+    /// The GGUF file of a folder or repo holding several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gguf_file: Option<String>,
+    /// A GGUF checkpoint's projections dequantized at load.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    dequantize: bool,
 }
 
 /// Every model served here.
@@ -135,9 +141,9 @@ impl Models {
             workers,
             tp: r.tp,
             random_weights: false,
-            // The primary's file names a file of its own repo.
-            gguf_file: None,
-            dequantize: false,
+            // The primary's file names a file of its own repo: the record says which.
+            gguf_file: r.gguf_file.clone(),
+            dequantize: r.dequantize,
             max_memory: None,
             device_map: None,
             // Laid out over the workers reserved for it only.
@@ -254,6 +260,8 @@ impl Models {
             dtype: req.dtype.parse::<shardserve::dtype::Dtype>().map_err(|e| ServeError::InvalidArgument(e.to_string()))?.to_string(),
             pinned: Vec::new(),
             replicas: replicas.map(|r| r.to_string()),
+            gguf_file: (!req.gguf_file.is_empty()).then(|| req.gguf_file.clone()),
+            dequantize: req.dequantize,
         };
         // Checked before any worker is reserved, so a bad model takes nothing.
         let config = Self::check(self.config_of(&record)?).await?;

@@ -129,3 +129,50 @@ async fn the_planner_places_a_gguf_file_by_the_bytes_its_workers_hold() {
         }
     }
 }
+
+/// A GGUF file loaded at run time (`models load --gguf-file --dequantize`) from a folder holding
+/// two: the named file serves transformers' tokens beside the coordinator's own model, and
+/// without `--gguf-file` the load is refused naming both files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_file_loaded_at_run_time_serves_the_file_it_names() {
+    let gguf = fixtures().join("gguf");
+    let (qwen, llama) = ("tiny-qwen3-Q8_0-Q4_0.gguf", "tiny-llama-Q8_0-Q4_0.gguf");
+    let both = tempfile::tempdir().unwrap();
+    std::fs::copy(gguf.join("tiny-qwen3-gguf").join(qwen), both.path().join(qwen)).unwrap();
+    std::fs::copy(gguf.join("tiny-llama-gguf").join(llama), both.path().join(llama)).unwrap();
+    let folder = both.path().to_str().unwrap();
+    let cluster = Cluster::new(reference_model()).workers(2).start();
+
+    let out =
+        run_shardctl(&["models", "load", folder, "--name", "q", "--coordinator", &cluster.url], &[], std::time::Duration::from_secs(60));
+    assert!(!out.status.success() && out.stderr.contains(qwen) && out.stderr.contains(llama), "{}\n{}", out.stdout, out.stderr);
+
+    let args = [
+        "models",
+        "load",
+        folder,
+        "--name",
+        "q",
+        "--gguf-file",
+        qwen,
+        "--dequantize",
+        "--dtype",
+        "f32",
+        "--json",
+        "--coordinator",
+        &cluster.url,
+    ];
+    let out = run_shardctl(&args, &[], std::time::Duration::from_secs(120));
+    assert!(out.status.success(), "{}", out.stderr);
+    let loaded: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    assert_eq!(loaded["model"]["state"], "ready", "{loaded}");
+    let mut c = cluster.client().await;
+    let (_, doc) = fixture("tiny-qwen3-gguf");
+    for (prompt, _, want) in cases(&doc).into_iter().take(3) {
+        let mut req = greedy(&prompt, 32);
+        req.model = "q".into();
+        assert_eq!(generate(&mut c, req).await.unwrap().token_ids, want, "{prompt:?}");
+    }
+    let case = &reference_cases()[0];
+    assert_eq!(generate(&mut c, greedy(&case.prompt, 32)).await.unwrap().token_ids, case.new_ids, "the coordinator's own model");
+}

@@ -49,6 +49,12 @@ pub struct LoadArgs {
     /// Compute dtype: auto, f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// The GGUF file of a folder or repo holding several.
+    #[arg(long)]
+    pub gguf_file: Option<String>,
+    /// Dequantize a GGUF checkpoint's block-type weights to --dtype at load.
+    #[arg(long)]
+    pub dequantize: bool,
     /// Copies of the model over the --workers reserved for it, each its own placement of
     /// --workers / N of them, requests routed among them; `auto`: as many as those workers
     /// hold. Default: one placement over them all.
@@ -110,6 +116,8 @@ pub async fn run(cmd: ModelsCommand) -> anyhow::Result<()> {
                     tp: a.tp,
                     dtype: a.dtype.clone(),
                     replicas: a.replicas.map(|r| r.to_string()).unwrap_or_default(),
+                    gguf_file: a.gguf_file.clone().unwrap_or_default(),
+                    dequantize: a.dequantize,
                 })
                 .await
                 .map_err(status_error)?
