@@ -88,9 +88,8 @@ fn flags_that_do_not_apply_to_a_gguf_file_are_refused_before_anything_loads() {
 }
 
 /// The planner sizes a GGUF file's projections at their blocks' bytes, and at the dtype's with
-/// `--dequantize`: placed first-fit (`--strategy sequential`) on a first worker offering the
-/// midpoint and a second with room for all, the file in its block types is all on the first;
-/// dequantized it is not.
+/// `--dequantize`: one worker offering the midpoint of the two sizes holds the file in its block
+/// types, and is refused it dequantized, before anything loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_planner_places_a_gguf_file_by_the_bytes_its_workers_hold() {
     use shardserve::placement::{module_sizes, ModelShape};
@@ -101,33 +100,17 @@ async fn the_planner_places_a_gguf_file_by_the_bytes_its_workers_hold() {
     shape.quantized = g.block_types(false);
     let held = module_sizes(&shape, 4).unwrap().total();
     let each = (full + held) / 2;
-    let max_memory = format!("0={each},1={}", 2 * full);
-    for (dequantize, all_on_first) in [(false, true), (true, false)] {
-        let mut b = Cluster::new(&dir)
-            .workers(2)
-            .arg("--dtype")
-            .arg("f32")
-            .arg("--strategy")
-            .arg("sequential")
-            .arg("--max-memory")
-            .arg(&max_memory);
-        if dequantize {
-            b = b.arg("--dequantize");
-        }
-        let cluster = b.start();
-        let got = placement(&cluster).await;
-        // `up` names its workers worker-INDEX-PID.
-        let on_first: u32 = got.iter().filter(|s| s.worker_id.starts_with("worker-0-")).map(|s| s.layer_end - s.layer_start).sum();
-        let layers: Vec<(&str, u32, u32)> = got.iter().map(|s| (s.worker_id.as_str(), s.layer_start, s.layer_end)).collect();
-        assert_eq!(
-            on_first == shape.num_hidden_layers as u32,
-            all_on_first,
-            "dequantize {dequantize}, a first worker of {each} bytes ({full} dequantized, {held} in blocks): {layers:?}"
-        );
-        if !dequantize {
-            assert!(got[0].bytes <= each, "the stage holds {} bytes, more than its budget of {each}", got[0].bytes);
-        }
-    }
+    let budget = |b: ClusterBuilder| b.arg("--dtype").arg("f32").arg("--max-memory").arg(&format!("0={each}"));
+    let cluster = budget(Cluster::new(&dir)).start();
+    let got = placement(&cluster).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].bytes <= each, "the stage holds {} bytes, more than its budget of {each}", got[0].bytes);
+    drop(cluster);
+    let (why, stderr) = match budget(Cluster::new(&dir)).arg("--dequantize").try_start() {
+        Ok(_) => panic!("{full} bytes dequantized were placed on a worker of {each}"),
+        Err(e) => e,
+    };
+    assert!(stderr.contains("does not fit"), "{why}\n{stderr}");
 }
 
 /// A GGUF file loaded at run time (`models load --gguf-file --dequantize`) from a folder holding
