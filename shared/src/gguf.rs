@@ -39,6 +39,10 @@ impl std::fmt::Debug for Gguf {
     }
 }
 
+/// How llama.cpp names the tensors outside the layers, and Hugging Face's names for them.
+const MODEL_TENSORS: &[(&str, &str)] =
+    &[("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+
 /// How llama.cpp names a layer's tensors, and Hugging Face's names for them.
 const LAYER_TENSORS: &[(&str, &str)] = &[
     ("attn_norm", "input_layernorm"),
@@ -57,14 +61,8 @@ const LAYER_TENSORS: &[(&str, &str)] = &[
 /// The Hugging Face name of a GGUF tensor; `None` for tensors the model does not use
 /// (`rope_freqs`, which llama.cpp derives from the config anyway).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+    if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;

@@ -2,7 +2,7 @@
 //! one out (the metadata keys, tensor names and Llama's q/k row order it uses), with the linear
 //! weights in a chosen block type: for test models and for serving a checkpoint as GGUF.
 
-use super::LAYER_TENSORS;
+use super::{LAYER_TENSORS, MODEL_TENSORS};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -90,14 +90,8 @@ fn err(e: impl std::fmt::Display) -> Error {
 
 /// The GGUF name of a Hugging Face tensor.
 fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
+    if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
