@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 pub mod kv;
 mod layers;
+mod qskinny;
 mod shapes;
 mod skinny;
 

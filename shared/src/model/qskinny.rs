@@ -1,0 +1,404 @@
+//! The matmul of a step on quantized weights on a CPU: `y = x · Wᵀ` with `W` `(out, in)` in
+//! llama.cpp's Q8_0 or Q4_K blocks and `x` `(rows, in)` in f32.
+//!
+//! As llama.cpp does, the rows of `x` are quantized to 8 bits in blocks as the weights' (32
+//! for Q8_0, 256 for Q4_K, with the same rounding as candle's and llama.cpp's) and the dot
+//! products are taken in integers: `vpmaddubsw` multiplies 32 byte pairs into 16 sums and
+//! `vpmaddwd` folds them into 8 (for Q4_K times each sub-block's 6-bit scale, so a
+//! super-block of 256 is scaled into f32 once). Unlike candle's CPU `QMatMul`, which takes a
+//! dot per row of the step and weight row, each weight block is loaded (and for Q4_K
+//! unpacked) once and multiplied into several rows of the step while it is in registers, so a
+//! step of 8 rows reads its weights once, not 8 times. Output rows are split over the rayon
+//! pool, like the f32 kernel's; a row's result depends only on its own inputs, not on the
+//! step it came in with.
+//!
+//! AVX2 (with FMA and F16C), chosen at run time; elsewhere, and for other block types, the
+//! caller keeps candle's kernel. Without AVX-VNNI the integer multiply-adds of a step of 8
+//! rows cost about what f32 FMAs would: past a few rows the gain over f32 is the bytes read.
+
+#![allow(unsafe_code)]
+
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+/// A block type the kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocks {
+    /// An f16 scale and 32 signed bytes.
+    Q8_0,
+    /// Super-blocks of 256: an f16 scale and minimum, 8 sub-blocks of 32 with 6-bit scales
+    /// and minimums, 4-bit values.
+    Q4K,
+}
+
+impl Blocks {
+    /// The kernel for weights of type `t`, where this CPU runs it.
+    pub(crate) fn of(t: GgmlDType) -> Option<Self> {
+        let blocks = match t {
+            GgmlDType::Q8_0 => Blocks::Q8_0,
+            GgmlDType::Q4K => Blocks::Q4K,
+            _ => return None,
+        };
+        available().then_some(blocks)
+    }
+
+    /// Weights in a block: a row's length is a multiple of it.
+    pub(crate) fn weights(self) -> usize {
+        match self {
+            Blocks::Q8_0 => 32,
+            Blocks::Q4K => 256,
+        }
+    }
+
+    /// Bytes of a block.
+    fn bytes(self) -> usize {
+        match self {
+            Blocks::Q8_0 => 34,
+            Blocks::Q4K => 144,
+        }
+    }
+}
+
+/// Whether this CPU runs the kernel.
+fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static YES: OnceLock<bool> = OnceLock::new();
+        *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The rows of the step in 8 bits, in blocks as the weights': for Q8_0 a scale `max|x| / 127`
+/// per 32 (kept as an f16, as candle's and llama.cpp's Q8_0 blocks keep it); for Q4_K a
+/// scale per 256 (llama.cpp's Q8_K, whose largest value maps to -127) and the sum of each 32
+/// values, for the weights' minimums.
+struct Rows {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    sums: Vec<i16>,
+}
+
+fn quantize_rows(blocks: Blocks, x: &[f32]) -> Rows {
+    let n = blocks.weights();
+    let mut q = vec![0i8; x.len()];
+    let mut d = vec![0f32; x.len() / n];
+    for ((xb, qb), d) in x.chunks_exact(n).zip(q.chunks_exact_mut(n)).zip(&mut d) {
+        let (scale, id) = match blocks {
+            Blocks::Q8_0 => {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                (half::f16::from_f32(scale).to_f32(), if scale == 0.0 { 0.0 } else { 1.0 / scale })
+            }
+            Blocks::Q4K => {
+                // The value of largest magnitude, with its sign (the first of equals).
+                let max = xb.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                if max == 0.0 {
+                    (0.0, 0.0)
+                } else {
+                    let iscale = -127.0 / max;
+                    (1.0 / iscale, iscale)
+                }
+            }
+        };
+        *d = scale;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            *q = (v * id).round().clamp(-128.0, 127.0) as i8;
+        }
+    }
+    let sums = match blocks {
+        Blocks::Q8_0 => Vec::new(),
+        Blocks::Q4K => q.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect(),
+    };
+    Rows { q, d, sums }
+}
+
+/// `yᵀ = W · xᵀ` as `(out, rows)`: `w` is `out` rows of `inp` weights in `blocks`, `x` is
+/// `(rows, inp)` row-major. `blocks` comes from [`Blocks::of`], which checked the CPU.
+pub(crate) fn matmul_t(blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
+    assert!(available(), "the quantized kernel needs AVX2, FMA and F16C");
+    assert!(inp.is_multiple_of(blocks.weights()), "rows of {inp} weights are not whole {blocks:?} blocks");
+    let row_bytes = inp / blocks.weights() * blocks.bytes();
+    assert_eq!(w.len(), out * row_bytes, "weight bytes for {out}x{inp} {blocks:?}");
+    assert_eq!(x.len(), rows * inp, "input for {rows}x{inp}");
+    let xs = quantize_rows(blocks, x);
+    let mut y = vec![0f32; out * rows];
+    if rows == 0 {
+        return y;
+    }
+    // A task per block of output rows: enough blocks for every thread, each big enough that a
+    // task's overhead is small beside its weights.
+    let threads = rayon::current_num_threads().max(1);
+    let block = out.div_ceil(threads * 8).max(16);
+    y.par_chunks_mut(block * rows).enumerate().for_each(|(b, yb)| {
+        let first = b * block;
+        let n = yb.len() / rows;
+        let wb = &w[first * row_bytes..(first + n) * row_bytes];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` checked the CPU features the functions are compiled for; the
+        // slices' lengths were checked above against the shapes they index by.
+        unsafe {
+            match blocks {
+                Blocks::Q8_0 => avx2::q8_0(wb, inp, &xs, rows, yb),
+                Blocks::Q4K => avx2::q4k(wb, inp, &xs, rows, yb),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (wb, yb);
+    });
+    y
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Rows;
+    use std::arch::x86_64::*;
+
+    /// Rows of the step multiplied into a Q8_0 weight block while it is in a register.
+    const X8: usize = 8;
+    /// The same for Q4_K, whose unpacked super-block takes more registers.
+    const X4: usize = 4;
+
+    /// The f16 at `p`, as f32 in every lane. (Broadcast before converting: an f16 moved into
+    /// the low lane alone is inserted into whatever register the compiler picks, which ties
+    /// every block to that register's last writer.)
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_at(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([*p, *p.add(1)])))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to
+    /// [`X8`], each group over every weight row of the task. (Two weight rows at a time, for
+    /// independent accumulators, measured slower: their blocks do not fit the registers.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+        let nb = inp / 32;
+        let row_bytes = nb * 34;
+        let n = w.len() / row_bytes;
+        let mut g = 0;
+        while g < rows {
+            let take = (rows - g).min(X8);
+            let (xq, xd) = (xs.q[g * inp..].as_ptr(), xs.d[g * nb..].as_ptr());
+            for o in 0..n {
+                let wr = w[o * row_bytes..].as_ptr();
+                let out = &mut y[o * rows + g..o * rows + g + take];
+                match take {
+                    8 => q8_0_dots::<8>(wr, nb, xq, xd, inp, out),
+                    7 => q8_0_dots::<7>(wr, nb, xq, xd, inp, out),
+                    6 => q8_0_dots::<6>(wr, nb, xq, xd, inp, out),
+                    5 => q8_0_dots::<5>(wr, nb, xq, xd, inp, out),
+                    4 => q8_0_dots::<4>(wr, nb, xq, xd, inp, out),
+                    3 => q8_0_dots::<3>(wr, nb, xq, xd, inp, out),
+                    2 => q8_0_dots::<2>(wr, nb, xq, xd, inp, out),
+                    _ => q8_0_dots::<1>(wr, nb, xq, xd, inp, out),
+                }
+            }
+            g += take;
+        }
+    }
+
+    /// The dot products of one Q8_0 weight row (`nb` blocks at `wr`) with `R` rows of the step
+    /// (bytes at `xq`, a row every `inp`; scales at `xd`, a row every `nb`), into `out`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_dots<const R: usize>(wr: *const u8, nb: usize, xq: *const i8, xd: *const f32, inp: usize, out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = wr.add(b * 34);
+            let dw = f16_at(blk);
+            let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            // |w| as unsigned bytes, and x carrying w's sign: the products are x·w.
+            let aw = _mm256_sign_epi8(wv, wv);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_si256(xq.add(r * inp + b * 32) as *const __m256i);
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+                let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*xd.add(r * nb + b)));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            *o = hsum(*acc);
+        }
+    }
+
+    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of [`X4`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+        let nb = inp / 256;
+        let row_bytes = nb * 144;
+        let n = w.len() / row_bytes;
+        let mut g = 0;
+        while g < rows {
+            let take = (rows - g).min(X4);
+            let (xq, xd, xsum) = (xs.q[g * inp..].as_ptr(), xs.d[g * nb..].as_ptr(), xs.sums[g * nb * 8..].as_ptr());
+            for o in 0..n {
+                let wr = w[o * row_bytes..].as_ptr();
+                let out = &mut y[o * rows + g..o * rows + g + take];
+                match take {
+                    4 => q4k_dots::<4>(wr, nb, xq, xd, xsum, inp, out),
+                    3 => q4k_dots::<3>(wr, nb, xq, xd, xsum, inp, out),
+                    2 => q4k_dots::<2>(wr, nb, xq, xd, xsum, inp, out),
+                    _ => q4k_dots::<1>(wr, nb, xq, xd, xsum, inp, out),
+                }
+            }
+            g += take;
+        }
+    }
+
+    /// The dot products of one Q4_K weight row with `R` rows of the step (bytes at `xq`, a
+    /// row every `inp`; a scale per super-block at `xd` and 8 sums per super-block at `xsum`,
+    /// a row every `nb` super-blocks). Each super-block is `d·Σ sc·(q·x) − dmin·Σ m·(Σx)`
+    /// over its 8 sub-blocks, summed in integers and scaled once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4k_dots<const R: usize>(
+        wr: *const u8,
+        nb: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xsum: *const i16,
+        inp: usize,
+        out: &mut [f32],
+    ) {
+        const KMASK1: u32 = 0x3f3f3f3f;
+        const KMASK2: u32 = 0x0f0f0f0f;
+        const KMASK3: u32 = 0x03030303;
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = wr.add(b * 144);
+            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
+            // The 6-bit scales and minimums of the 8 sub-blocks (ggml's get_scale_min_k4),
+            // unpacked four at a time: bytes 0..8 the scales, 8..16 the minimums.
+            let word = |i: usize| u32::from_le_bytes([*blk.add(4 + 4 * i), *blk.add(5 + 4 * i), *blk.add(6 + 4 * i), *blk.add(7 + 4 * i)]);
+            let (u0, u1, u2) = (word(0), word(1), word(2));
+            let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+            let u2n = u1 & KMASK1;
+            let u1n = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+            let u0n = u0 & KMASK1;
+            let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(u3 as i32, u2n as i32, u1n as i32, u0n as i32));
+            let mins = _mm256_extracti128_si256(ms, 1);
+            let sc = _mm256_extracti128_si256(ms, 0);
+            let scales = _mm256_set_m128i(sc, sc);
+            let qs = blk.add(16);
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                // Sub-blocks 2j (low nibbles) and 2j+1 (high): their scales in every 16-bit lane.
+                let lo_scale = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((((4 * j + 1) << 8) | (4 * j)) as i16));
+                let hi_scale = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((((4 * j + 3) << 8) | (4 * j + 2)) as i16));
+                let bits = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                let lo = _mm256_and_si256(bits, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                for (r, sumi) in sumi.iter_mut().enumerate() {
+                    let x = xq.add(r * inp + b * 256 + 64 * j);
+                    let xl = _mm256_loadu_si256(x as *const __m256i);
+                    let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                    let pl = _mm256_madd_epi16(lo_scale, _mm256_maddubs_epi16(lo, xl));
+                    let ph = _mm256_madd_epi16(hi_scale, _mm256_maddubs_epi16(hi, xh));
+                    *sumi = _mm256_add_epi32(*sumi, _mm256_add_epi32(pl, ph));
+                }
+            }
+            for (r, (acc, sumi)) in acc.iter_mut().zip(sumi).enumerate() {
+                let dx = _mm256_broadcast_ss(&*xd.add(r * nb + b));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(d, dx), *acc);
+                let sums = _mm_loadu_si128(xsum.add((r * nb + b) * 8) as *const __m128i);
+                let m = _mm256_set_m128i(_mm_setzero_si128(), _mm_madd_epi16(mins, sums));
+                *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dx), *acc);
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            *o = hsum(acc);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    fn weights(t: GgmlDType, out: usize, inp: usize) -> (Tensor, QTensor) {
+        let w = Tensor::randn(0f32, 0.5, (out, inp), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, t).unwrap();
+        (q.dequantize(&Device::Cpu).unwrap(), q)
+    }
+
+    fn vec(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn equals_candles_matmul_for_every_shape_edge() {
+        if !available() {
+            eprintln!("no AVX2: the kernel is not used on this CPU");
+            return;
+        }
+        // Output rows not a multiple of a task, step rows past a group, a zero row.
+        for (t, cases) in [
+            (GgmlDType::Q8_0, [(13, 32, 1), (64, 96, 8), (100, 1024, 9), (33, 256, 17), (5, 64, 3)]),
+            (GgmlDType::Q4K, [(13, 256, 1), (64, 512, 8), (100, 1024, 9), (33, 256, 5), (5, 768, 3)]),
+        ] {
+            let blocks = Blocks::of(t).unwrap();
+            for (out, inp, rows) in cases {
+                let (dense, q) = weights(t, out, inp);
+                let mut x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu).unwrap();
+                if rows > 2 {
+                    let zero = Tensor::zeros((1, inp), candle_core::DType::F32, &Device::Cpu).unwrap();
+                    x = x.slice_assign(&[1..2, 0..inp], &zero).unwrap();
+                }
+                let got = matmul_t(blocks, &q.data().unwrap(), out, inp, &vec(&x), rows);
+                let candle = vec(&QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().t().unwrap());
+                let exact = vec(&dense.matmul(&x.t().unwrap()).unwrap());
+                for (i, ((g, c), e)) in got.iter().zip(&candle).zip(&exact).enumerate() {
+                    // The same integer products as candle's kernel, summed in another order.
+                    assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "{t:?} {out}x{inp}, {rows} rows: [{i}] {g} vs candle's {c}");
+                    // And within 8-bit activations' error of the dequantized weights' product.
+                    assert!((g - e).abs() <= 0.02 * (inp as f32).sqrt(), "{t:?} {out}x{inp}, {rows} rows: [{i}] {g} vs exact {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_result_alone_and_in_any_step() {
+        if !available() {
+            eprintln!("no AVX2: the kernel is not used on this CPU");
+            return;
+        }
+        for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let (out, inp) = (40, 512);
+            let (_, q) = weights(t, out, inp);
+            let (w, blocks) = (q.data().unwrap(), Blocks::of(t).unwrap());
+            let x = vec(&Tensor::randn(0f32, 1.0, (11, inp), &Device::Cpu).unwrap());
+            let all = matmul_t(blocks, &w, out, inp, &x, 11);
+            for r in [0, 3, 7, 8, 10] {
+                let alone = matmul_t(blocks, &w, out, inp, &x[r * inp..(r + 1) * inp], 1);
+                for o in 0..out {
+                    assert_eq!(alone[o].to_bits(), all[o * 11 + r].to_bits(), "{t:?}: row {r}, output {o}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_types_it_reads() {
+        assert_eq!(Blocks::of(GgmlDType::Q8_0).is_some(), available());
+        assert_eq!(Blocks::of(GgmlDType::Q4K).is_some(), available());
+        for t in [GgmlDType::Q4_0, GgmlDType::Q6K, GgmlDType::F32, GgmlDType::F16] {
+            assert_eq!(Blocks::of(t), None, "{t:?}");
+        }
+    }
+}
