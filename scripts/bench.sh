@@ -19,8 +19,8 @@
 #  8. quantization at load: one worker with `--quantize q8_0` at concurrency 1 and 8, beside
 #     candle-transformers' f32 model in this process on the same weights (--baseline);
 #  9. GGUF: the model in f32, then written as GGUF files in Q8_0 and in Q4_K and served in their
-#     block types, each on one worker at concurrency 1 and 8, with each worker's peak resident
-#     memory (VmHWM from /proc) at the same --kv-memory.
+#     block types, each on one worker at concurrency 1 and 8, with each worker's resident memory
+#     once loaded (VmRSS) and at its peak (VmHWM, from /proc) at the same --kv-memory.
 # FAST=1 uses an 8-layer, hidden-512 model instead (a minute instead of half an hour).
 # ONLY=prefix runs part 5 alone (ONLY=multi-turn its multi-turn run), ONLY=replicas part 6,
 # ONLY=structured part 7, ONLY=quantize part 8, ONLY=gguf part 9.
@@ -49,11 +49,16 @@ run() { # workers threads-per-worker label [bench args]
     for _ in $(seq 1200); do grep -q '^ready ' "$out" && break; sleep 0.1; done
     local url; url=$(sed -n 's/^ready //p' "$out")
     [ -n "$url" ] || { echo "cluster did not start" >&2; kill $pid; exit 1; }
+    local w loaded=()
+    if [ -n "${PEAK_RSS:-}" ]; then # each worker's resident memory once loaded, before any request
+        for w in $(pgrep -P $pid -x worker); do loaded+=("$w:$(awk '/^VmRSS/ {print $2 * 1024}' "/proc/$w/status")"); done
+    fi
     $BIN/shardctl bench --coordinator "$url" --label "$label" --json "$@"
-    if [ -n "${PEAK_RSS:-}" ]; then # each worker's peak resident memory, as one JSON line
-        local w
-        for w in $(pgrep -P $pid -x worker); do
-            awk -v label="$label" -v pid="$w" '/^VmHWM/ {printf "{\"label\": \"%s\", \"worker_pid\": %s, \"peak_rss_bytes\": %.0f}\n", label, pid, $2 * 1024}' "/proc/$w/status"
+    if [ -n "${PEAK_RSS:-}" ]; then # and its peak, loading and serving, as one JSON line a worker
+        local l
+        for l in "${loaded[@]}"; do
+            w=${l%%:*}
+            awk -v label="$label" -v pid="$w" -v loaded="${l#*:}" '/^VmHWM/ {printf "{\"label\": \"%s\", \"worker_pid\": %s, \"loaded_rss_bytes\": %.0f, \"peak_rss_bytes\": %.0f}\n", label, pid, loaded, $2 * 1024}' "/proc/$w/status"
         done
     fi
     kill -TERM $pid; wait $pid || true; rm -f "$out"
