@@ -2,8 +2,8 @@
 //! from a file's metadata encodes a multilingual sample and the reference prompts to the ids
 //! transformers' does; quantized matmuls, teacher-forced on the reference prompts, agree with
 //! the dequantized model at 98% of positions or more for Q8_0 and every type of five bits or
-//! more, 90% or more for Q4_K and the rest (and the fixtures' Q8_0 + Q4_0 mix), in one stage and
-//! in two; and the planner sizes each layer at its bytes in the file.
+//! more, 90% or more for Q4_K and the rest (and the fixtures' Q8_0 + Q4_0 mix), in one stage, in
+//! two and at tensor parallelism 2; and the planner sizes each layer at its bytes in the file.
 
 use candle_core::{DType, Device};
 use shardserve::gguf::{write_checkpoint, Gguf, GgufType};
@@ -11,7 +11,7 @@ use shardserve::model::{Shard, StageSpec};
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{compare, teacher_forced};
+use common::{agreement, compare, teacher_forced, TpStage};
 
 fn fixtures() -> PathBuf {
     match std::env::var_os("SHARDSERVE_FIXTURES") {
@@ -127,6 +127,57 @@ fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
             eprintln!("{what}, {n} stage(s): top-1 agreement {:.1}%, mean KL {kl:.5}", agree * 100.0);
             assert!(agree >= floor, "{what}, {n} stage(s): top-1 agreement {:.1}% < {:.0}%", agree * 100.0, floor * 100.0);
         }
+    }
+}
+
+#[test]
+fn quantized_matmuls_agree_with_the_dequantized_model_at_tp_2() {
+    let (fixture_file, doc) = fixture("tiny-qwen3-gguf");
+    let cases = cases(&doc);
+    // Wide enough that tp 2 cuts no k-quant block: o_proj's 512 inputs and down_proj's 1,024
+    // split into 256 a rank.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = shardserve::tiny::TinySpec {
+        hidden_size: 512,
+        intermediate_size: 1024,
+        num_heads: 8,
+        num_kv_heads: 4,
+        head_dim: 64,
+        num_layers: 2,
+        init_std: 0.02,
+        ..shardserve::tiny::TinySpec::new(shardserve::config::Architecture::Qwen3)
+    };
+    shardserve::tiny::write(tmp.path(), &spec).unwrap();
+    let mut files = vec![(fixture_file, 0.90, "the fixture's q8_0+q4_0".to_string(), cases.clone())];
+    for (ty, floor) in [(GgufType::Q8_0, 0.98), (GgufType::Q4K, 0.90)] {
+        let file = tmp.path().join(format!("{}.gguf", ty.name()));
+        write_checkpoint(tmp.path(), &file, ty).unwrap();
+        let full = stages(&file, 1, true);
+        let own = cases.iter().map(|(prompt, forced)| (prompt.clone(), greedy(&full, prompt, forced.len()))).collect();
+        files.push((file, floor, ty.name(), own));
+    }
+    for (file, floor, what, cases) in files {
+        let full = stages(&file, 1, true);
+        let cfg = shardserve::config::ModelConfig::from_value(&Gguf::open(&file).unwrap().config_json().unwrap()).unwrap();
+        let whole = StageSpec::whole(&cfg);
+        let pairs: Vec<_> = cases
+            .iter()
+            .map(|(prompt, forced)| {
+                let (cfg, file) = (cfg.clone(), file.clone());
+                let mut tp = TpStage::new(
+                    whole.clone(),
+                    2,
+                    std::sync::Arc::new(move |spec| Shard::load(&cfg, spec, &file, DType::F32, &Device::Cpu).unwrap()),
+                );
+                let got = tp.teacher_forced(prompt, forced);
+                let ranks = tp.finish();
+                assert_eq!(ranks.len(), 1, "one follower");
+                (teacher_forced(&full, prompt, forced), got)
+            })
+            .collect();
+        let (agree, kl) = agreement(&pairs);
+        eprintln!("{what}, tp 2: top-1 agreement {:.1}%, mean KL {kl:.5}", agree * 100.0);
+        assert!(agree >= floor, "{what}, tp 2: top-1 agreement {:.1}% < {:.0}%", agree * 100.0, floor * 100.0);
     }
 }
 

@@ -2,16 +2,15 @@
 //! logits and greedy tokens of the whole model, and each rank reads only its slices.
 
 use candle_core::{DType, Device};
-use shardserve::collective::tcp::{read_hello, TcpGroup};
 use shardserve::collective::TpRank;
 use shardserve::config::{Architecture, ModelConfig};
 use shardserve::model::{Shard, StageInput, StageOutput, StageSpec};
 use shardserve::tiny::{self, TinySpec};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+
+mod common;
+use common::TpStage;
 
 fn fixture() -> PathBuf {
     match std::env::var_os("SHARDSERVE_FIXTURES") {
@@ -46,72 +45,6 @@ fn greedy(run: &mut dyn FnMut(&[u32], usize) -> Vec<f32>, prompt: &[u32], n: usi
     (tokens, all)
 }
 
-/// A tensor-parallel stage of `tp` ranks over the whole model: rank 0 here, the others on
-/// threads fed the same tokens.
-struct TpStage {
-    leader: Shard,
-    cache: shardserve::model::KvPool,
-    feeds: Vec<mpsc::Sender<Vec<u32>>>,
-    followers: Vec<std::thread::JoinHandle<Shard>>,
-}
-
-impl TpStage {
-    fn new(dir: &Path, tp: usize) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let names: Vec<String> = (0..tp).map(|r| format!("r{r}")).collect();
-        let t = Duration::from_secs(20);
-        let mut feeds = Vec::new();
-        let mut followers = Vec::new();
-        for rank in 1..tp {
-            let (tx, rx) = mpsc::channel::<Vec<u32>>();
-            feeds.push(tx);
-            let (dir, addr, names) = (dir.to_path_buf(), addr.clone(), names.clone());
-            followers.push(std::thread::spawn(move || {
-                let mut shard = load(&dir, whole(&dir).with_tp(TpRank { rank, size: tp }));
-                let group = TcpGroup::follower(&addr, None, "g", rank, tp, names, t, t).unwrap();
-                shard.set_group(Arc::new(group));
-                let mut cache = shard.new_pool(64, 16).unwrap();
-                while let Ok(tokens) = rx.recv() {
-                    match shard.forward(&mut cache, 0, StageInput::Tokens(&tokens)).unwrap() {
-                        StageOutput::Hidden(_) => {}
-                        StageOutput::Logits(_) => panic!("only rank 0 holds lm_head"),
-                    }
-                }
-                shard
-            }));
-        }
-        let mut conns: Vec<_> = (1..tp)
-            .map(|_| {
-                let (s, _) = listener.accept().unwrap();
-                let mut s = shardserve::collective::tcp::Link::plain(s).unwrap();
-                let (_, r) = read_hello(&mut s).unwrap();
-                (r, s)
-            })
-            .collect();
-        conns.sort_by_key(|(r, _)| *r);
-        let mut leader = load(dir, whole(dir).with_tp(TpRank { rank: 0, size: tp }));
-        leader.set_group(Arc::new(TcpGroup::leader(conns.into_iter().map(|(_, s)| s).collect(), names, t).unwrap()));
-        let cache = leader.new_pool(64, 16).unwrap();
-        TpStage { leader, cache, feeds, followers }
-    }
-
-    fn step(&mut self, tokens: &[u32]) -> Vec<f32> {
-        for f in &self.feeds {
-            f.send(tokens.to_vec()).unwrap();
-        }
-        match self.leader.forward(&mut self.cache, 0, StageInput::Tokens(tokens)).unwrap() {
-            StageOutput::Logits(l) => l.to_vec1().unwrap(),
-            StageOutput::Hidden(_) => panic!("rank 0 of the last stage returns logits"),
-        }
-    }
-
-    fn finish(self) -> Vec<Shard> {
-        drop(self.feeds);
-        self.followers.into_iter().map(|t| t.join().unwrap()).collect()
-    }
-}
-
 fn check(dir: &Path, tp: usize) {
     let prompt = [42u32, 71, 401, 81, 14, 391];
     let single = load(dir, whole(dir));
@@ -124,7 +57,8 @@ fn check(dir: &Path, tp: usize) {
         &prompt,
         10,
     );
-    let mut stage = TpStage::new(dir, tp);
+    let d = dir.to_path_buf();
+    let mut stage = TpStage::new(whole(dir), tp, Arc::new(move |spec| load(&d, spec)));
     let (got, got_logits) = greedy(&mut |t, _| stage.step(t), &prompt, 10);
     assert_eq!(got, want, "tp={tp}");
     for (a, b) in got_logits.iter().zip(&want_logits) {
