@@ -349,7 +349,7 @@ impl Gguf {
             };
             let q = candle_core::quantized::ggml_file::qtensor_from_ggml(ty, &data, dims, device).map_err(|e| fail(e.to_string()))?;
             drop(data);
-            crate::weights::release_mapped(&map[start..start + bytes]);
+            crate::pages::release_mapped(&map[start..start + bytes]);
             if kept_in_blocks(&name, ty, dequantize) {
                 out.quantized.insert(name, std::sync::Arc::new(q));
                 continue;

@@ -31,6 +31,7 @@ pub mod guide;
 pub mod hub;
 pub mod membership;
 pub mod model;
+mod pages;
 pub mod placement;
 pub mod prefix;
 pub mod quant;

@@ -150,7 +150,7 @@ fn read_file(
             }
         }
         .map_err(|e| Error::LoadWeights(format!("{file}: tensor {name}: {e}")))?;
-        release_mapped(view.data());
+        crate::pages::release_mapped(view.data());
         if let Some(q) = quantize.filter(|_| crate::quant::is_linear_weight(&name)) {
             let qt = q.quantize(&name, &t)?;
             out.quantized.insert(name, std::sync::Arc::new(qt));
@@ -237,31 +237,6 @@ fn load_slice(
     let mut sliced = shape.to_vec();
     sliced[dim] = range.len();
     Tensor::from_raw_buffer(&bytes, dtype, &sliced, device).map_err(|e| e.to_string())
-}
-
-/// Unmaps the pages of `bytes`, a tensor's part of a memory-mapped checkpoint that has been
-/// copied out, from this process: they stop counting toward its resident memory (the kernel's
-/// page cache keeps them, and a read would map them again, unchanged), so a worker's peak
-/// while loading is what it keeps, not that and the file besides. Only whole pages inside
-/// `bytes` are released; those it shares with the next tensor stay.
-pub(crate) fn release_mapped(bytes: &[u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        let page = 4096;
-        let ptr = bytes.as_ptr() as usize;
-        let (start, end) = (ptr.next_multiple_of(page), (ptr + bytes.len()) / page * page);
-        if end > start {
-            // SAFETY: the range lies in a read-only mapping of a checkpoint file, which is never
-            // written while served; MADV_DONTNEED drops the pages from this process, and a
-            // later read faults the same bytes back in from the file.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = bytes;
 }
 
 #[allow(unsafe_code)]

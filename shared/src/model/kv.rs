@@ -78,41 +78,18 @@ pub fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize, dtype: D
     (2 * layers * kv_heads * head_dim * dtype.size_in_bytes()) as u64
 }
 
-/// Puts `t`, a pool tensor of zeros in host memory not yet written, on 4 KiB pages, none of
-/// them resident. The allocator asks for 2 MiB pages for its arenas, and a block of the pool
-/// touches each head's rows of a layer: with 2 MiB pages one sequence of 192 tokens made 0.9 GB
-/// of a 2 GiB pool resident, and the page the allocator had touched at each tensor's start held
-/// 2 MiB more of each. With 4 KiB pages the pool is resident as far as it holds tokens.
+/// `t`, a pool tensor just made of zeros, on small pages resident only where written
+/// ([`crate::pages::small_untouched_pages`]).
 fn small_pages(t: &Tensor) {
-    #[cfg(target_os = "linux")]
-    {
-        use candle_core::{CpuStorage, Storage};
-        let (storage, _) = t.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { return };
-        let (ptr, bytes) = match cpu {
-            CpuStorage::F32(v) => (v.as_ptr() as usize, std::mem::size_of_val(v.as_slice())),
-            CpuStorage::BF16(v) => (v.as_ptr() as usize, std::mem::size_of_val(v.as_slice())),
-            CpuStorage::F16(v) => (v.as_ptr() as usize, std::mem::size_of_val(v.as_slice())),
-            _ => return,
-        };
-        // Whole pages only: the first and last may hold other allocations.
-        let page = 4096;
-        let (start, end) = (ptr.next_multiple_of(page), (ptr + bytes) / page * page);
-        if end > start {
-            // SAFETY: advice about whole pages of this allocation (anonymous memory), which
-            // stays alive while `t` does. MADV_NOHUGEPAGE changes how they are backed, not their
-            // contents; MADV_DONTNEED drops them, and anonymous memory reads back as zeros,
-            // which is what they hold. A refusal (an old kernel) leaves them as they were.
-            #[allow(unsafe_code)]
-            unsafe {
-                let at = start as *mut libc::c_void;
-                libc::madvise(at, end - start, libc::MADV_NOHUGEPAGE);
-                libc::madvise(at, end - start, libc::MADV_DONTNEED);
-            }
-        }
+    use candle_core::{CpuStorage, Storage};
+    let (storage, _) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { return };
+    match cpu {
+        CpuStorage::F32(v) => crate::pages::small_untouched_pages(v),
+        CpuStorage::BF16(v) => crate::pages::small_untouched_pages(v),
+        CpuStorage::F16(v) => crate::pages::small_untouched_pages(v),
+        _ => {}
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = t;
 }
 
 impl KvPool {
