@@ -88,39 +88,53 @@ fn cases(doc: &serde_json::Value) -> Vec<(Vec<u32>, Vec<u32>)> {
     doc["cases"].as_array().unwrap().iter().map(|c| (ids(&c["input_ids"]), ids(&c["new_ids"]))).collect()
 }
 
-#[test]
-fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
-    let (_, doc) = fixture("tiny-qwen3-gguf");
+/// A file the agreement tests hold to a floor: its path, the floor, what it is, and its prompts
+/// with the continuations forced.
+type Held = (PathBuf, f64, String, Vec<(Vec<u32>, Vec<u32>)>);
+
+/// The fixture's file with transformers' continuations, then a random Qwen3 of `hidden`,
+/// `intermediate` and `heads` (of 64, half as many KV heads), weights at transformers'
+/// `initializer_range` 0.02, written in each of `types` and forced on its dequantized model's
+/// own greedy continuations. (Wider random weights flatten this untrained model's
+/// distributions until its top two logits are often within a quantized matmul's rounding of
+/// each other: at 0.1, Q8_0 agrees at 95% and Q4_K at 92%; README, "Quantized weights".)
+fn held(dir: &Path, (hidden, intermediate, heads): (usize, usize, usize), types: &[(GgufType, f64)]) -> Vec<Held> {
+    let (fixture_file, doc) = fixture("tiny-qwen3-gguf");
     let cases = cases(&doc);
-    // A model wide enough for the k-quants' blocks of 256, written in every type candle reads.
-    let tmp = tempfile::tempdir().unwrap();
     let spec = shardserve::tiny::TinySpec {
-        hidden_size: 256,
-        intermediate_size: 512,
-        num_heads: 4,
-        num_kv_heads: 2,
+        hidden_size: hidden,
+        intermediate_size: intermediate,
+        num_heads: heads,
+        num_kv_heads: heads / 2,
         head_dim: 64,
         num_layers: 2,
-        // transformers' initializer_range. Wider random weights flatten this untrained model's
-        // distributions until its top two logits are often within a quantized matmul's rounding
-        // of each other: at 0.1, Q8_0 agrees at 95% and Q4_K at 92% (README, "Quantized weights").
         init_std: 0.02,
         ..shardserve::tiny::TinySpec::new(shardserve::config::Architecture::Qwen3)
     };
-    shardserve::tiny::write(tmp.path(), &spec).unwrap();
-    let mut files = vec![(fixture("tiny-qwen3-gguf").0, 0.90, "the fixture's q8_0+q4_0".to_string(), cases.clone())];
-    for ty in GgufType::ALL {
+    shardserve::tiny::write(dir, &spec).unwrap();
+    let mut files = vec![(fixture_file, 0.90, "the fixture's q8_0+q4_0".to_string(), cases.clone())];
+    for &(ty, floor) in types {
         let what = ty.name();
-        // 98% for the types of five bits or more (as for Q8_0), 90% below (as for Q4_K).
-        let floor = if ["q4_0", "q4_1", "q2_k", "q3_k", "q4_k"].contains(&what.as_str()) { 0.90 } else { 0.98 };
-        let file = tmp.path().join(format!("{what}.gguf"));
-        write_checkpoint(tmp.path(), &file, ty).unwrap();
+        let file = dir.join(format!("{what}.gguf"));
+        write_checkpoint(dir, &file, ty).unwrap();
         assert_eq!(Gguf::open(&file).unwrap().weight_types(), what, "the projections' type");
-        // Forced: the dequantized model's own greedy continuation of each prompt.
         let full = stages(&file, 1, true);
         let own = cases.iter().map(|(prompt, forced)| (prompt.clone(), greedy(&full, prompt, forced.len()))).collect();
         files.push((file, floor, what, own));
     }
+    files
+}
+
+#[test]
+fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
+    // A model wide enough for the k-quants' blocks of 256, written in every type candle reads:
+    // 98% for the types of five bits or more (as for Q8_0), 90% below (as for Q4_K).
+    let tmp = tempfile::tempdir().unwrap();
+    let types: Vec<_> = GgufType::ALL
+        .into_iter()
+        .map(|ty| (ty, if ["q4_0", "q4_1", "q2_k", "q3_k", "q4_k"].contains(&ty.name().as_str()) { 0.90 } else { 0.98 }))
+        .collect();
+    let files = held(tmp.path(), (256, 512, 4), &types);
     for (file, floor, what, cases) in files {
         for n in [1, 2] {
             let (agree, kl) = compare(&stages(&file, n, true), &stages(&file, n, false), &cases);
@@ -132,30 +146,10 @@ fn quantized_matmuls_agree_with_the_dequantized_model_in_one_stage_and_two() {
 
 #[test]
 fn quantized_matmuls_agree_with_the_dequantized_model_at_tp_2() {
-    let (fixture_file, doc) = fixture("tiny-qwen3-gguf");
-    let cases = cases(&doc);
     // Wide enough that tp 2 cuts no k-quant block: o_proj's 512 inputs and down_proj's 1,024
     // split into 256 a rank.
     let tmp = tempfile::tempdir().unwrap();
-    let spec = shardserve::tiny::TinySpec {
-        hidden_size: 512,
-        intermediate_size: 1024,
-        num_heads: 8,
-        num_kv_heads: 4,
-        head_dim: 64,
-        num_layers: 2,
-        init_std: 0.02,
-        ..shardserve::tiny::TinySpec::new(shardserve::config::Architecture::Qwen3)
-    };
-    shardserve::tiny::write(tmp.path(), &spec).unwrap();
-    let mut files = vec![(fixture_file, 0.90, "the fixture's q8_0+q4_0".to_string(), cases.clone())];
-    for (ty, floor) in [(GgufType::Q8_0, 0.98), (GgufType::Q4K, 0.90)] {
-        let file = tmp.path().join(format!("{}.gguf", ty.name()));
-        write_checkpoint(tmp.path(), &file, ty).unwrap();
-        let full = stages(&file, 1, true);
-        let own = cases.iter().map(|(prompt, forced)| (prompt.clone(), greedy(&full, prompt, forced.len()))).collect();
-        files.push((file, floor, ty.name(), own));
-    }
+    let files = held(tmp.path(), (512, 1024, 8), &[(GgufType::Q8_0, 0.98), (GgufType::Q4K, 0.90)]);
     for (file, floor, what, cases) in files {
         let full = stages(&file, 1, true);
         let cfg = shardserve::config::ModelConfig::from_value(&Gguf::open(&file).unwrap().config_json().unwrap()).unwrap();

@@ -61,11 +61,10 @@ impl Blocks {
 
 /// Whether this CPU runs the kernel.
 fn available() -> bool {
+    // The detection macro caches what it finds.
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static YES: OnceLock<bool> = OnceLock::new();
-        *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
