@@ -49,9 +49,18 @@ fn same(what: &str, got: &Got, want: &Got) {
     }
 }
 
-async fn token_count(c: &Client, text: &str) -> usize {
+async fn tokens(c: &Client, text: &str) -> Vec<u32> {
     let req = pb::TokenizeRequest { model: String::new(), text: text.to_string() };
-    c.clone().tokenize(req).await.unwrap().into_inner().token_ids.len()
+    c.clone().tokenize(req).await.unwrap().into_inner().token_ids
+}
+
+async fn token_count(c: &Client, text: &str) -> usize {
+    tokens(c, text).await.len()
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// A prompt of many blocks that ends part-way into a block, and its token count.
@@ -77,7 +86,20 @@ async fn parity(cluster: &Cluster, layout: &str) {
     let c = cluster.client().await;
     let (base, len) = base_prompt(&c, 0).await;
     let extended = format!("{base} and then some more words follow it");
-    let tails: Vec<String> = (0..4).map(|i| format!("{base} tail number {i} ends here")).collect();
+    // The tails part from each other at their first word: whichever of them is admitted first
+    // publishes no whole block that another tail (or the extended prompt) shares beyond the
+    // base's, so each one's hit is the base's whole blocks however the four are scheduled.
+    let tails: Vec<String> = ["alpha", "bravo", "charlie", "delta"].iter().map(|w| format!("{base} {w} tail ends here")).collect();
+    let mut others = vec![tokens(&c, &extended).await];
+    for t in &tails {
+        others.push(tokens(&c, t).await);
+    }
+    for (i, t) in others.iter().enumerate().skip(1) {
+        for o in others.iter().take(i) {
+            let shared = common_prefix(t, o);
+            assert_eq!(whole(shared), whole(len), "{layout}: tail {} shares {shared} tokens with another prompt", i - 1);
+        }
+    }
     let (writer, writer_len) = base_prompt(&c, 3).await;
     let reader = format!("{writer} read while it is written");
     for p in [&extended, &tails[0], &reader] {
@@ -106,7 +128,7 @@ async fn parity(cluster: &Cluster, layout: &str) {
     let ext = run(&c, &extended, 16, false).await;
     assert_eq!(ext.cached, whole(len), "{layout}");
     same(&format!("{layout}, partial-block hit"), &ext, &r_ext);
-    // Four requests sharing the prefix, sent together, run in the same steps.
+    // Four requests sharing the prefix, sent together: they share steps as they are admitted.
     let tasks: Vec<_> = tails
         .iter()
         .map(|t| {
