@@ -18,6 +18,7 @@
 use crate::error::{Error, Result};
 use crate::prefix::{self, BlockHash};
 use candle_core::{DType, Device, Storage, Tensor};
+use pulp::{Simd, WithSimd};
 use std::collections::{BTreeSet, HashMap};
 
 /// What a stage answers a step from a scheduler whose term is older than the pool's owner:
@@ -455,29 +456,36 @@ pub(crate) fn slice_of(s: &Storage, offset: usize) -> candle_core::Result<&[f32]
     }
 }
 
-/// Dot product with 32 accumulators (four 8-lane vectors, so consecutive fused multiply-adds
-/// do not wait on each other), which the compiler turns into SIMD.
+/// Dot product on `S`'s vectors, in two accumulators (so consecutive fused multiply-adds do
+/// not wait on each other), summed across lanes once.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 32];
-    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..32 {
-            acc[i] += x[i] * y[i];
-        }
+fn dot<S: Simd>(simd: S, a: &[f32], b: &[f32]) -> f32 {
+    let (ah, at) = S::as_simd_f32s(a);
+    let (bh, bt) = S::as_simd_f32s(b);
+    let mut acc = [simd.splat_f32s(0.0); 2];
+    let (ap, bp) = (ah.chunks_exact(2), bh.chunks_exact(2));
+    let (ar, br) = (ap.remainder(), bp.remainder());
+    for (x, y) in ap.zip(bp) {
+        acc[0] = simd.mul_add_f32s(x[0], y[0], acc[0]);
+        acc[1] = simd.mul_add_f32s(x[1], y[1], acc[1]);
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+    for (x, y) in ar.iter().zip(br) {
+        acc[0] = simd.mul_add_f32s(*x, *y, acc[0]);
     }
-    s
+    let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
+    simd.reduce_sum_f32s(simd.add_f32s(acc[0], acc[1])) + tail
 }
 
-/// `out += w · v`.
+/// `out += w · v` on `S`'s vectors.
 #[inline(always)]
-fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
+fn axpy<S: Simd>(simd: S, out: &mut [f32], w: f32, v: &[f32]) {
+    let (oh, ot) = S::as_mut_simd_f32s(out);
+    let (vh, vt) = S::as_simd_f32s(v);
+    let ws = simd.splat_f32s(w);
+    for (o, x) in oh.iter_mut().zip(vh) {
+        *o = simd.mul_add_f32s(ws, *x, *o);
+    }
+    for (o, x) in ot.iter_mut().zip(vt) {
         *o += w * x;
     }
 }
@@ -500,17 +508,41 @@ pub(crate) fn paged_decode_cpu(q: &Tensor, keys: &Tensor, values: &Tensor, rows:
     let mut out = vec![0f32; rows.len() * heads * d];
     // One task per (row, KV head): the query heads sharing a KV head read its keys once, and a
     // head's keys within a block are one contiguous run.
-    out.par_chunks_mut(rep * d).enumerate().for_each(|(task, chunk)| {
-        let (r, g) = (task / kvh, task % kvh);
-        let row = &rows[r];
+    out.par_chunks_mut(rep * d).enumerate().for_each(|(task, out)| {
+        let (row, g) = (&rows[task / kvh], task % kvh);
+        let (k, v) = (&ks[g * slots * d..(g + 1) * slots * d], &vs[g * slots * d..(g + 1) * slots * d]);
+        let q = &qs[(row.row * heads + g * rep) * d..(row.row * heads + (g + 1) * rep) * d];
+        pulp::Arch::new().dispatch(Attend { row, rep, d, q, k, v, scale, out });
+    });
+    Tensor::from_vec(out, (rows.len(), heads * d), q.device())
+}
+
+/// One task of [`paged_decode_cpu`]: a decode row's query heads `q` `(rep, d)` sharing one KV
+/// head, whose keys and values `k`, `v` are `(slots, d)`, into `out` `(rep, d)`, on the widest
+/// vectors the CPU has (AVX2, AVX-512), chosen at run time by `pulp`.
+struct Attend<'a> {
+    row: &'a DecodeRow,
+    rep: usize,
+    d: usize,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    scale: f32,
+    out: &'a mut [f32],
+}
+
+impl WithSimd for Attend<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Attend { row, rep, d, q, k: keys, v: values, scale, out } = self;
         let ctx = row.slots.len();
-        let (kh, vh) = (&ks[g * slots * d..(g + 1) * slots * d], &vs[g * slots * d..(g + 1) * slots * d]);
-        let qh = &qs[(row.row * heads + g * rep) * d..(row.row * heads + (g + 1) * rep) * d];
         let mut scores = vec![0f32; rep * ctx];
         for (p, &slot) in row.slots.iter().enumerate() {
-            let k = &kh[slot as usize * d..(slot as usize + 1) * d];
+            let k = &keys[slot as usize * d..(slot as usize + 1) * d];
             for j in 0..rep {
-                scores[j * ctx + p] = dot(&qh[j * d..(j + 1) * d], k) * scale;
+                scores[j * ctx + p] = dot(simd, &q[j * d..(j + 1) * d], k) * scale;
             }
         }
         for j in 0..rep {
@@ -527,13 +559,12 @@ pub(crate) fn paged_decode_cpu(q: &Tensor, keys: &Tensor, values: &Tensor, rows:
             }
         }
         for (p, &slot) in row.slots.iter().enumerate() {
-            let v = &vh[slot as usize * d..(slot as usize + 1) * d];
+            let v = &values[slot as usize * d..(slot as usize + 1) * d];
             for j in 0..rep {
-                axpy(&mut chunk[j * d..(j + 1) * d], scores[j * ctx + p], v);
+                axpy(simd, &mut out[j * d..(j + 1) * d], scores[j * ctx + p], v);
             }
         }
-    });
-    Tensor::from_vec(out, (rows.len(), heads * d), q.device())
+    }
 }
 
 /// Scaled, causally masked softmax of a prefill chunk's attention scores in one pass (CPU, f32):

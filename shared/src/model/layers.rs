@@ -120,7 +120,7 @@ impl Linear {
             let (w, x) = (&slice_of(&ws, wo)?[..out * inp], &slice_of(&xs, xo)?[..rows * inp]);
             skinny::matmul_t(w, out, inp, x, rows)
         };
-        Ok(Some(Tensor::from_vec(yt, (out, rows), x.device())?.t()?.contiguous()?))
+        Ok(Some(Tensor::from_vec(skinny::rows_first(&yt, out, rows), (rows, out), x.device())?))
     }
 }
 
@@ -133,7 +133,7 @@ impl Module for Linear {
                 let rows = x.dim(0)?;
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let yt = qskinny::matmul_t(*blocks, &weight.data()?, *out, *inp, &xs, rows);
-                Tensor::from_vec(yt, (*out, rows), x.device())?.t()?.contiguous()?.to_dtype(x.dtype())?
+                Tensor::from_vec(skinny::rows_first(&yt, *out, rows), (rows, *out), x.device())?.to_dtype(x.dtype())?
             }
             Weight::Dense(w) => match self.skinny(w, x)? {
                 Some(y) => y,

@@ -13,8 +13,11 @@
 //! step it came in with.
 //!
 //! AVX2 (with FMA and F16C), chosen at run time; elsewhere, and for other block types, the
-//! caller keeps candle's kernel. Without AVX-VNNI the integer multiply-adds of a step of 8
-//! rows cost about what f32 FMAs would: past a few rows the gain over f32 is the bytes read.
+//! caller keeps candle's kernel. On AVX2 the integer multiply-adds of a step of 8 rows cost
+//! about what f32 FMAs would: past a few rows the gain over f32 is the bytes read. Where the
+//! CPU has AVX-512 with VNNI, 64 bytes go through each instruction and `vpdpbusd`/`vpdpwssd`
+//! fold the multiply and the adds into one: Q8_0 takes its blocks two to a register, Q4_K a
+//! pair of sub-blocks' nibbles, and up to 8 rows of the step share each weight load.
 
 #![allow(unsafe_code)]
 
@@ -70,17 +73,45 @@ fn available() -> bool {
     false
 }
 
+/// The instructions a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// 32 byte products a step, summed by `vpmaddubsw` and `vpmaddwd`.
+    Avx2,
+    /// AVX-512 with VNNI: `vpdpbusd` multiplies 64 byte pairs and adds them in fours into 16
+    /// integers, one instruction for AVX2's three on twice the width.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The widest this CPU runs (it runs [`Isa::Avx2`] where [`available`] says so).
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni") {
+            return Isa::Avx512Vnni;
+        }
+        Isa::Avx2
+    }
+}
+
 /// The rows of the step in 8 bits, in blocks as the weights': for Q8_0 a scale `max|x| / 127`
 /// per 32 (kept as an f16, as candle's and llama.cpp's Q8_0 blocks keep it); for Q4_K a
 /// scale per 256 (llama.cpp's Q8_K, whose largest value maps to -127) and the sum of each 32
 /// values, for the weights' minimums.
+/// The VNNI path reads the bytes in `wide` instead: for Q8_0 plus 128 (its instruction
+/// multiplies unsigned bytes into signed ones), with each block's scale 8 times in `d8` (the
+/// lanes of its sums); for Q4_K in the order its registers take the sub-blocks (0, 2, 1, 3,
+/// 4, 6, 5, 7: a 64-byte load of weights holds two sub-blocks' low nibbles, then their high).
 struct Rows {
     q: Vec<i8>,
     d: Vec<f32>,
     sums: Vec<i16>,
+    wide: Vec<u8>,
+    d8: Vec<f32>,
 }
 
-fn quantize_rows(blocks: Blocks, x: &[f32]) -> Rows {
+#[inline(always)]
+fn quantize_rows(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
     let n = blocks.weights();
     let mut q = vec![0i8; x.len()];
     let mut d = vec![0f32; x.len() / n];
@@ -111,18 +142,44 @@ fn quantize_rows(blocks: Blocks, x: &[f32]) -> Rows {
         Blocks::Q8_0 => Vec::new(),
         Blocks::Q4K => q.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect(),
     };
-    Rows { q, d, sums }
+    let (wide, d8) = match (isa, blocks) {
+        (Isa::Avx2, _) => (Vec::new(), Vec::new()),
+        (Isa::Avx512Vnni, Blocks::Q8_0) => (q.iter().map(|&v| (v as u8) ^ 0x80).collect(), d.iter().flat_map(|&d| [d; 8]).collect()),
+        (Isa::Avx512Vnni, Blocks::Q4K) => {
+            let sub = |c: &[i8], s: usize| c[s * 32..(s + 1) * 32].iter().map(|&v| v as u8).collect::<Vec<_>>();
+            (q.chunks_exact(256).flat_map(|c| [0, 2, 1, 3, 4, 6, 5, 7].into_iter().flat_map(|s| sub(c, s))).collect(), Vec::new())
+        }
+    };
+    Rows { q, d, sums, wide, d8 }
+}
+
+/// [`quantize_rows`] with the instructions the kernel needs, where rounding is one instruction
+/// (without them it is a call into libm per value).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_rows_avx2(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
+    quantize_rows(blocks, isa, x)
 }
 
 /// `yᵀ = W · xᵀ` as `(out, rows)`: `w` is `out` rows of `inp` weights in `blocks`, `x` is
 /// `(rows, inp)` row-major. `blocks` comes from [`Blocks::of`], which checked the CPU.
 pub(crate) fn matmul_t(blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    product(*ISA.get_or_init(Isa::best), blocks, w, out, inp, x, rows)
+}
+
+/// [`matmul_t`] on `isa`'s instructions.
+fn product(isa: Isa, blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
     assert!(available(), "the quantized kernel needs AVX2, FMA and F16C");
     assert!(inp.is_multiple_of(blocks.weights()), "rows of {inp} weights are not whole {blocks:?} blocks");
     let row_bytes = inp / blocks.weights() * blocks.bytes();
     assert_eq!(w.len(), out * row_bytes, "weight bytes for {out}x{inp} {blocks:?}");
     assert_eq!(x.len(), rows * inp, "input for {rows}x{inp}");
-    let xs = quantize_rows(blocks, x);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available` checked the CPU features.
+    let xs = unsafe { quantize_rows_avx2(blocks, isa, x) };
+    #[cfg(not(target_arch = "x86_64"))]
+    let xs = quantize_rows(blocks, isa, x);
     let mut y = vec![0f32; out * rows];
     if rows == 0 {
         return y;
@@ -139,9 +196,11 @@ pub(crate) fn matmul_t(blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f3
         // SAFETY: `available` checked the CPU features the functions are compiled for; the
         // slices' lengths were checked above against the shapes they index by.
         unsafe {
-            match blocks {
-                Blocks::Q8_0 => avx2::q8_0(wb, inp, &xs, rows, yb),
-                Blocks::Q4K => avx2::q4k(wb, inp, &xs, rows, yb),
+            match (isa, blocks) {
+                (Isa::Avx512Vnni, Blocks::Q8_0) => avx512::q8_0(wb, inp, &xs, rows, yb),
+                (Isa::Avx2, Blocks::Q8_0) => avx2::q8_0(wb, inp, &xs, rows, yb),
+                (Isa::Avx512Vnni, Blocks::Q4K) => avx512::q4k(wb, inp, &xs, rows, yb),
+                (Isa::Avx2, Blocks::Q4K) => avx2::q4k(wb, inp, &xs, rows, yb),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -232,6 +291,23 @@ mod avx2 {
         }
     }
 
+    /// The 6-bit scales (16-bit lanes 0..8) and minimums (8..16) of the 8 sub-blocks of the
+    /// Q4_K super-block at `blk` (ggml's `get_scale_min_k4`, four at a time).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scales_mins(blk: *const u8) -> __m256i {
+        const KMASK1: u32 = 0x3f3f3f3f;
+        const KMASK2: u32 = 0x0f0f0f0f;
+        const KMASK3: u32 = 0x03030303;
+        let word = |i: usize| u32::from_le_bytes([*blk.add(4 + 4 * i), *blk.add(5 + 4 * i), *blk.add(6 + 4 * i), *blk.add(7 + 4 * i)]);
+        let (u0, u1, u2) = (word(0), word(1), word(2));
+        let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+        let u2n = u1 & KMASK1;
+        let u1n = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+        let u0n = u0 & KMASK1;
+        _mm256_cvtepu8_epi16(_mm_set_epi32(u3 as i32, u2n as i32, u1n as i32, u0n as i32))
+    }
+
     /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of [`X4`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
@@ -271,23 +347,12 @@ mod avx2 {
         inp: usize,
         out: &mut [f32],
     ) {
-        const KMASK1: u32 = 0x3f3f3f3f;
-        const KMASK2: u32 = 0x0f0f0f0f;
-        const KMASK3: u32 = 0x03030303;
         let m4 = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let blk = wr.add(b * 144);
             let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
-            // The 6-bit scales and minimums of the 8 sub-blocks (ggml's get_scale_min_k4),
-            // unpacked four at a time: bytes 0..8 the scales, 8..16 the minimums.
-            let word = |i: usize| u32::from_le_bytes([*blk.add(4 + 4 * i), *blk.add(5 + 4 * i), *blk.add(6 + 4 * i), *blk.add(7 + 4 * i)]);
-            let (u0, u1, u2) = (word(0), word(1), word(2));
-            let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
-            let u2n = u1 & KMASK1;
-            let u1n = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
-            let u0n = u0 & KMASK1;
-            let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(u3 as i32, u2n as i32, u1n as i32, u0n as i32));
+            let ms = scales_mins(blk);
             let mins = _mm256_extracti128_si256(ms, 1);
             let sc = _mm256_extracti128_si256(ms, 0);
             let scales = _mm256_set_m128i(sc, sc);
@@ -323,6 +388,180 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Rows;
+    use std::arch::x86_64::*;
+
+    /// Rows of the step multiplied into a pair of Q8_0 weight blocks while it is in a register.
+    const X8: usize = 8;
+    /// The same for a Q4_K super-block: 32 registers hold its unpacked halves for 8 rows.
+    const X4: usize = 8;
+
+    /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to
+    /// [`X8`], each group over every weight row of the task.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+        let (xu, xd) = (&xs.wide, &xs.d8);
+        let nb = inp / 32;
+        let row_bytes = nb * 34;
+        let n = w.len() / row_bytes;
+        let mut g = 0;
+        while g < rows {
+            let take = (rows - g).min(X8);
+            let (xu, xd) = (xu[g * inp..].as_ptr(), xd[g * nb * 8..].as_ptr());
+            for o in 0..n {
+                let wr = w[o * row_bytes..].as_ptr();
+                let out = &mut y[o * rows + g..o * rows + g + take];
+                match take {
+                    8 => q8_0_dots::<8>(wr, nb, xu, xd, inp, out),
+                    7 => q8_0_dots::<7>(wr, nb, xu, xd, inp, out),
+                    6 => q8_0_dots::<6>(wr, nb, xu, xd, inp, out),
+                    5 => q8_0_dots::<5>(wr, nb, xu, xd, inp, out),
+                    4 => q8_0_dots::<4>(wr, nb, xu, xd, inp, out),
+                    3 => q8_0_dots::<3>(wr, nb, xu, xd, inp, out),
+                    2 => q8_0_dots::<2>(wr, nb, xu, xd, inp, out),
+                    _ => q8_0_dots::<1>(wr, nb, xu, xd, inp, out),
+                }
+            }
+            g += take;
+        }
+    }
+
+    /// The dot products of one Q8_0 weight row (`nb` blocks at `wr`) with `R` rows of the step
+    /// (bytes plus 128 at `xu`, a row every `inp`; each block's scale 8 times at `xd`, a row
+    /// every `8 nb`), into `out`. Two blocks a register: the low 8 lanes hold the first's sums.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q8_0_dots<const R: usize>(wr: *const u8, nb: usize, xu: *const u8, xd: *const f32, inp: usize, out: &mut [f32]) {
+        let bias = _mm512_set1_epi8(-128);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut b = 0;
+        while b < nb {
+            let (blk, two) = (wr.add(b * 34), b + 1 < nb);
+            // The pair's weights and scales; a last block alone leaves the high lanes zero.
+            let (wv, dw, lanes) = if two {
+                let wv = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(blk.add(2) as *const __m256i)),
+                    _mm256_loadu_si256(blk.add(36) as *const __m256i),
+                );
+                let h = _mm256_set_m128i(_mm_set1_epi16(half(blk.add(34))), _mm_set1_epi16(half(blk)));
+                (wv, _mm512_cvtph_ps(h), 0xffffu16)
+            } else {
+                let wv = _mm512_zextsi256_si512(_mm256_loadu_si256(blk.add(2) as *const __m256i));
+                (wv, _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_set1_epi16(half(blk)))), 0x00ff)
+            };
+            // −128·Σw in each lane: the sums of (x + 128)·w start from it and come out Σx·w.
+            let start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, wv));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = xu.add(r * inp + b * 32);
+                let xv = if two {
+                    _mm512_loadu_si512(x as *const __m512i)
+                } else {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(x as *const __m256i))
+                };
+                let sums = _mm512_dpbusd_epi32(start, xv, wv);
+                let dx = _mm512_maskz_loadu_ps(lanes, xd.add((r * nb + b) * 8));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw, dx), *acc);
+            }
+            b += 2;
+        }
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            *o = _mm512_reduce_add_ps(*acc);
+        }
+    }
+
+    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of [`X4`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+        let nb = inp / 256;
+        let row_bytes = nb * 144;
+        let n = w.len() / row_bytes;
+        let mut g = 0;
+        while g < rows {
+            let take = (rows - g).min(X4);
+            let (xq, xd, xsum) = (xs.wide[g * inp..].as_ptr(), xs.d[g * nb..].as_ptr(), xs.sums[g * nb * 8..].as_ptr());
+            for o in 0..n {
+                let wr = w[o * row_bytes..].as_ptr();
+                let out = &mut y[o * rows + g..o * rows + g + take];
+                match take {
+                    8 => q4k_dots::<8>(wr, nb, xq, xd, xsum, inp, out),
+                    7 => q4k_dots::<7>(wr, nb, xq, xd, xsum, inp, out),
+                    6 => q4k_dots::<6>(wr, nb, xq, xd, xsum, inp, out),
+                    5 => q4k_dots::<5>(wr, nb, xq, xd, xsum, inp, out),
+                    4 => q4k_dots::<4>(wr, nb, xq, xd, xsum, inp, out),
+                    3 => q4k_dots::<3>(wr, nb, xq, xd, xsum, inp, out),
+                    2 => q4k_dots::<2>(wr, nb, xq, xd, xsum, inp, out),
+                    _ => q4k_dots::<1>(wr, nb, xq, xd, xsum, inp, out),
+                }
+            }
+            g += take;
+        }
+    }
+
+    /// As AVX2's `q4k_dots`, on 64 bytes of weights a load: two sub-blocks' low nibbles, then
+    /// their high ones (the step's bytes at `xq` are in that order), and each sub-block's
+    /// products times its scale added in one `vpdpwssd`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q4k_dots<const R: usize>(
+        wr: *const u8,
+        nb: usize,
+        xq: *const u8,
+        xd: *const f32,
+        xsum: *const i16,
+        inp: usize,
+        out: &mut [f32],
+    ) {
+        let m4 = _mm512_set1_epi8(0xF);
+        // The 16-bit lanes of each half picked from the 8 scales: low nibbles of the loads
+        // j = 0, 1 are sub-blocks 0 and 2, then 4 and 6; high nibbles 1 and 3, then 5 and 7.
+        let pick = |a: i16, b: i16| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b));
+        let picks = [[pick(0, 2), pick(1, 3)], [pick(4, 6), pick(5, 7)]];
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = wr.add(b * 144);
+            let d = _mm512_cvtph_ps(_mm256_set1_epi16(half(blk)));
+            let dmin = _mm512_cvtph_ps(_mm256_set1_epi16(half(blk.add(2))));
+            let ms = super::avx2::scales_mins(blk);
+            let scales = _mm512_castsi256_si512(ms);
+            let mins = _mm256_extracti128_si256::<1>(ms);
+            let qs = blk.add(16);
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for (j, [lo_pick, hi_pick]) in picks.iter().enumerate() {
+                let lo_scale = _mm512_permutexvar_epi16(*lo_pick, scales);
+                let hi_scale = _mm512_permutexvar_epi16(*hi_pick, scales);
+                let bits = _mm512_loadu_si512(qs.add(64 * j) as *const __m512i);
+                let lo = _mm512_and_si512(bits, m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4);
+                for (r, sumi) in sumi.iter_mut().enumerate() {
+                    let x = xq.add(r * inp + b * 256 + 128 * j);
+                    let xl = _mm512_loadu_si512(x as *const __m512i);
+                    let xh = _mm512_loadu_si512(x.add(64) as *const __m512i);
+                    *sumi = _mm512_dpwssd_epi32(*sumi, lo_scale, _mm512_maddubs_epi16(lo, xl));
+                    *sumi = _mm512_dpwssd_epi32(*sumi, hi_scale, _mm512_maddubs_epi16(hi, xh));
+                }
+            }
+            for (r, (acc, sumi)) in acc.iter_mut().zip(sumi).enumerate() {
+                let dx = _mm512_set1_ps(*xd.add(r * nb + b));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(d, dx), *acc);
+                let sums = _mm_loadu_si128(xsum.add((r * nb + b) * 8) as *const __m128i);
+                let m = _mm512_zextsi128_si512(_mm_madd_epi16(mins, sums));
+                *acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dx), *acc);
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            *o = _mm512_reduce_add_ps(*acc);
+        }
+    }
+
+    /// The f16 bits at `p`.
+    #[inline]
+    unsafe fn half(p: *const u8) -> i16 {
+        i16::from_le_bytes([*p, *p.add(1)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +578,17 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// Every path this CPU runs: AVX2, and AVX-512 VNNI where it has it.
+    fn isas() -> Vec<Isa> {
+        let mut isas = vec![Isa::Avx2];
+        if Isa::best() != Isa::Avx2 {
+            isas.push(Isa::best());
+        } else {
+            eprintln!("no AVX-512 VNNI: its path is not used on this CPU");
+        }
+        isas
+    }
+
     #[test]
     fn equals_candles_matmul_for_every_shape_edge() {
         if !available() {
@@ -351,21 +601,21 @@ mod tests {
             (GgmlDType::Q4K, [(13, 256, 1), (64, 512, 8), (100, 1024, 9), (33, 256, 5), (5, 768, 3)]),
         ] {
             let blocks = Blocks::of(t).unwrap();
-            for (out, inp, rows) in cases {
+            for ((out, inp, rows), isa) in cases.into_iter().flat_map(|c| isas().into_iter().map(move |i| (c, i))) {
                 let (dense, q) = weights(t, out, inp);
                 let mut x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu).unwrap();
                 if rows > 2 {
                     let zero = Tensor::zeros((1, inp), candle_core::DType::F32, &Device::Cpu).unwrap();
                     x = x.slice_assign(&[1..2, 0..inp], &zero).unwrap();
                 }
-                let got = matmul_t(blocks, &q.data().unwrap(), out, inp, &vec(&x), rows);
+                let got = product(isa, blocks, &q.data().unwrap(), out, inp, &vec(&x), rows);
                 let candle = vec(&QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().t().unwrap());
                 let exact = vec(&dense.matmul(&x.t().unwrap()).unwrap());
                 for (i, ((g, c), e)) in got.iter().zip(&candle).zip(&exact).enumerate() {
                     // The same integer products as candle's kernel, summed in another order.
-                    assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "{t:?} {out}x{inp}, {rows} rows: [{i}] {g} vs candle's {c}");
+                    assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "{t:?} {isa:?} {out}x{inp}, {rows} rows: [{i}] {g} vs candle's {c}");
                     // And within 8-bit activations' error of the dequantized weights' product.
-                    assert!((g - e).abs() <= 0.02 * (inp as f32).sqrt(), "{t:?} {out}x{inp}, {rows} rows: [{i}] {g} vs exact {e}");
+                    assert!((g - e).abs() <= 0.02 * (inp as f32).sqrt(), "{t:?} {isa:?} {out}x{inp}, {rows} rows: [{i}] {g} vs exact {e}");
                 }
             }
         }
@@ -377,16 +627,17 @@ mod tests {
             eprintln!("no AVX2: the kernel is not used on this CPU");
             return;
         }
-        for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
-            let (out, inp) = (40, 512);
+        for (t, isa) in [GgmlDType::Q8_0, GgmlDType::Q4K].into_iter().flat_map(|t| isas().into_iter().map(move |i| (t, i))) {
+            // 544 = 17 blocks of 32: the VNNI path's Q8_0 takes them in pairs and one alone.
+            let (out, inp) = (40, if t == GgmlDType::Q8_0 { 544 } else { 512 });
             let (_, q) = weights(t, out, inp);
             let (w, blocks) = (q.data().unwrap(), Blocks::of(t).unwrap());
             let x = vec(&Tensor::randn(0f32, 1.0, (11, inp), &Device::Cpu).unwrap());
-            let all = matmul_t(blocks, &w, out, inp, &x, 11);
+            let all = product(isa, blocks, &w, out, inp, &x, 11);
             for r in [0, 3, 7, 8, 10] {
-                let alone = matmul_t(blocks, &w, out, inp, &x[r * inp..(r + 1) * inp], 1);
+                let alone = product(isa, blocks, &w, out, inp, &x[r * inp..(r + 1) * inp], 1);
                 for o in 0..out {
-                    assert_eq!(alone[o].to_bits(), all[o * 11 + r].to_bits(), "{t:?}: row {r}, output {o}");
+                    assert_eq!(alone[o].to_bits(), all[o * 11 + r].to_bits(), "{t:?} {isa:?}: row {r}, output {o}");
                 }
             }
         }
