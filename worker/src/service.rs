@@ -153,9 +153,9 @@ impl WorkerState {
             step_timeout,
             collective_timeout,
             rendezvous,
+            compute: ComputeThread::start(device.is_cpu()),
             device,
             tls,
-            compute: ComputeThread::start(),
             shutdown,
         }
     }

@@ -22,11 +22,15 @@ pub(super) struct ComputeThread {
 }
 
 impl ComputeThread {
-    pub(super) fn start() -> Self {
+    /// `cpu`: the forward passes run on the CPU, in rayon's pool.
+    pub(super) fn start(cpu: bool) -> Self {
         let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
         std::thread::Builder::new()
             .name("compute".into())
             .spawn(move || {
+                if cpu {
+                    join_the_pool();
+                }
                 while let Ok(job) = rx.recv() {
                     // A panicking step fails that step (its caller sees the channel drop), not
                     // every later one.
@@ -48,6 +52,26 @@ impl ComputeThread {
             }))
             .map_err(|_| "the compute thread is gone")?;
         rx.await.map_err(|_| "the compute thread dropped a step")
+    }
+}
+
+/// Makes this thread the first of rayon's global pool (once a process, with two threads or
+/// more): the kernels' parallel loops then start here, the pool's other threads stealing their
+/// parts, instead of each loop being handed to a pool thread while this one sleeps until it is
+/// done — two thread wake-ups a matmul, some 200 a decode step of a 28-layer model, which cost a
+/// step on a 2-core VM about a third of its time. With one thread the pool keeps a thread of its
+/// own, as the work handed to it from other threads would find no thread of the pool to run it.
+fn join_the_pool() {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads < 2 {
+        return;
+    }
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).use_current_thread().build_global() {
+        tracing::debug!("the compute thread runs beside rayon's pool: {e}");
     }
 }
 
