@@ -146,8 +146,13 @@ fn quantize_rows(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
         (Isa::Avx2, _) => (Vec::new(), Vec::new()),
         (Isa::Avx512Vnni, Blocks::Q8_0) => (q.iter().map(|&v| (v as u8) ^ 0x80).collect(), d.iter().flat_map(|&d| [d; 8]).collect()),
         (Isa::Avx512Vnni, Blocks::Q4K) => {
-            let sub = |c: &[i8], s: usize| c[s * 32..(s + 1) * 32].iter().map(|&v| v as u8).collect::<Vec<_>>();
-            (q.chunks_exact(256).flat_map(|c| [0, 2, 1, 3, 4, 6, 5, 7].into_iter().flat_map(|s| sub(c, s))).collect(), Vec::new())
+            let mut wide = Vec::with_capacity(q.len());
+            for c in q.chunks_exact(256) {
+                for s in [0, 2, 1, 3, 4, 6, 5, 7] {
+                    wide.extend(c[s * 32..(s + 1) * 32].iter().map(|&v| v as u8));
+                }
+            }
+            (wide, Vec::new())
         }
     };
     Rows { q, d, sums, wide, d8 }
