@@ -214,15 +214,52 @@ fn product(isa: Isa, blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32]
     y
 }
 
+/// The loop every path's products share: the step's rows in groups of up to `group` (8 or 4),
+/// each group over every weight row `w` (of `row_bytes`) of the task, into `y` `(n, rows)`;
+/// `dots::<R>(weight row, args…, out)` takes a group of `R` rows, its args bound for each
+/// group from the group's first row `g` (an arg without a value passes through).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups {
+    ($w:expr, $row_bytes:expr, $rows:expr, $y:expr, $group:tt, |$g:ident| { $($arg:ident $(= $value:expr)?),+ $(,)? }, $dots:ident) => {{
+        let n = $w.len() / $row_bytes;
+        let mut $g = 0;
+        while $g < $rows {
+            let take = ($rows - $g).min($group);
+            $($(let $arg = $value;)?)+
+            for o in 0..n {
+                let wr = $w[o * $row_bytes..].as_ptr();
+                let out = &mut $y[o * $rows + $g..o * $rows + $g + take];
+                in_groups!(@call $group, take, $dots, (wr, $($arg),+, out));
+            }
+            $g += take;
+        }
+    }};
+    (@call 8, $take:expr, $dots:ident, $args:tt) => {
+        match $take {
+            8 => $dots::<8> $args,
+            7 => $dots::<7> $args,
+            6 => $dots::<6> $args,
+            5 => $dots::<5> $args,
+            4 => $dots::<4> $args,
+            3 => $dots::<3> $args,
+            2 => $dots::<2> $args,
+            _ => $dots::<1> $args,
+        }
+    };
+    (@call 4, $take:expr, $dots:ident, $args:tt) => {
+        match $take {
+            4 => $dots::<4> $args,
+            3 => $dots::<3> $args,
+            2 => $dots::<2> $args,
+            _ => $dots::<1> $args,
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Rows;
     use std::arch::x86_64::*;
-
-    /// Rows of the step multiplied into a Q8_0 weight block while it is in a register.
-    const X8: usize = 8;
-    /// The same for Q4_K, whose unpacked super-block takes more registers.
-    const X4: usize = 4;
 
     /// The f16 at `p`, as f32 in every lane. (Broadcast before converting: an f16 moved into
     /// the low lane alone is inserted into whatever register the compiler picks, which ties
@@ -241,34 +278,19 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
-    /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to
-    /// [`X8`], each group over every weight row of the task. (Two weight rows at a time, for
-    /// independent accumulators, measured slower: their blocks do not fit the registers.)
+    /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to 8,
+    /// each multiplied into a weight block while it is in a register. (Two weight rows at a
+    /// time, for independent accumulators, measured slower: their blocks do not fit the
+    /// registers.)
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
         let nb = inp / 32;
-        let row_bytes = nb * 34;
-        let n = w.len() / row_bytes;
-        let mut g = 0;
-        while g < rows {
-            let take = (rows - g).min(X8);
-            let (xq, xd) = (xs.q[g * inp..].as_ptr(), xs.d[g * nb..].as_ptr());
-            for o in 0..n {
-                let wr = w[o * row_bytes..].as_ptr();
-                let out = &mut y[o * rows + g..o * rows + g + take];
-                match take {
-                    8 => q8_0_dots::<8>(wr, nb, xq, xd, inp, out),
-                    7 => q8_0_dots::<7>(wr, nb, xq, xd, inp, out),
-                    6 => q8_0_dots::<6>(wr, nb, xq, xd, inp, out),
-                    5 => q8_0_dots::<5>(wr, nb, xq, xd, inp, out),
-                    4 => q8_0_dots::<4>(wr, nb, xq, xd, inp, out),
-                    3 => q8_0_dots::<3>(wr, nb, xq, xd, inp, out),
-                    2 => q8_0_dots::<2>(wr, nb, xq, xd, inp, out),
-                    _ => q8_0_dots::<1>(wr, nb, xq, xd, inp, out),
-                }
-            }
-            g += take;
-        }
+        in_groups!(w, nb * 34, rows, y, 8, |g| {
+            nb,
+            xq = xs.q[g * inp..].as_ptr(),
+            xd = xs.d[g * nb..].as_ptr(),
+            inp,
+        }, q8_0_dots);
     }
 
     /// The dot products of one Q8_0 weight row (`nb` blocks at `wr`) with `R` rows of the step
@@ -313,28 +335,18 @@ mod avx2 {
         _mm256_cvtepu8_epi16(_mm_set_epi32(u3 as i32, u2n as i32, u1n as i32, u0n as i32))
     }
 
-    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of [`X4`].
+    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of up to 4
+    /// (an unpacked super-block takes more registers than a Q8_0 block).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
         let nb = inp / 256;
-        let row_bytes = nb * 144;
-        let n = w.len() / row_bytes;
-        let mut g = 0;
-        while g < rows {
-            let take = (rows - g).min(X4);
-            let (xq, xd, xsum) = (xs.q[g * inp..].as_ptr(), xs.d[g * nb..].as_ptr(), xs.sums[g * nb * 8..].as_ptr());
-            for o in 0..n {
-                let wr = w[o * row_bytes..].as_ptr();
-                let out = &mut y[o * rows + g..o * rows + g + take];
-                match take {
-                    4 => q4k_dots::<4>(wr, nb, xq, xd, xsum, inp, out),
-                    3 => q4k_dots::<3>(wr, nb, xq, xd, xsum, inp, out),
-                    2 => q4k_dots::<2>(wr, nb, xq, xd, xsum, inp, out),
-                    _ => q4k_dots::<1>(wr, nb, xq, xd, xsum, inp, out),
-                }
-            }
-            g += take;
-        }
+        in_groups!(w, nb * 144, rows, y, 4, |g| {
+            nb,
+            xq = xs.q[g * inp..].as_ptr(),
+            xd = xs.d[g * nb..].as_ptr(),
+            xsum = xs.sums[g * nb * 8..].as_ptr(),
+            inp,
+        }, q4k_dots);
     }
 
     /// The dot products of one Q4_K weight row with `R` rows of the step (bytes at `xq`, a
@@ -398,39 +410,17 @@ mod avx512 {
     use super::Rows;
     use std::arch::x86_64::*;
 
-    /// Rows of the step multiplied into a pair of Q8_0 weight blocks while it is in a register.
-    const X8: usize = 8;
-    /// The same for a Q4_K super-block: 32 registers hold its unpacked halves for 8 rows.
-    const X4: usize = 8;
-
     /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to
-    /// [`X8`], each group over every weight row of the task.
+    /// 8, each multiplied into a pair of weight blocks while it is in a register.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
-        let (xu, xd) = (&xs.wide, &xs.d8);
         let nb = inp / 32;
-        let row_bytes = nb * 34;
-        let n = w.len() / row_bytes;
-        let mut g = 0;
-        while g < rows {
-            let take = (rows - g).min(X8);
-            let (xu, xd) = (xu[g * inp..].as_ptr(), xd[g * nb * 8..].as_ptr());
-            for o in 0..n {
-                let wr = w[o * row_bytes..].as_ptr();
-                let out = &mut y[o * rows + g..o * rows + g + take];
-                match take {
-                    8 => q8_0_dots::<8>(wr, nb, xu, xd, inp, out),
-                    7 => q8_0_dots::<7>(wr, nb, xu, xd, inp, out),
-                    6 => q8_0_dots::<6>(wr, nb, xu, xd, inp, out),
-                    5 => q8_0_dots::<5>(wr, nb, xu, xd, inp, out),
-                    4 => q8_0_dots::<4>(wr, nb, xu, xd, inp, out),
-                    3 => q8_0_dots::<3>(wr, nb, xu, xd, inp, out),
-                    2 => q8_0_dots::<2>(wr, nb, xu, xd, inp, out),
-                    _ => q8_0_dots::<1>(wr, nb, xu, xd, inp, out),
-                }
-            }
-            g += take;
-        }
+        in_groups!(w, nb * 34, rows, y, 8, |g| {
+            nb,
+            xu = xs.wide[g * inp..].as_ptr(),
+            xd = xs.d8[g * nb * 8..].as_ptr(),
+            inp,
+        }, q8_0_dots);
     }
 
     /// The dot products of one Q8_0 weight row (`nb` blocks at `wr`) with `R` rows of the step
@@ -476,32 +466,18 @@ mod avx512 {
         }
     }
 
-    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of [`X4`].
+    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of up to 8 (32
+    /// registers hold a super-block's unpacked halves and 8 rows' sums).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
         let nb = inp / 256;
-        let row_bytes = nb * 144;
-        let n = w.len() / row_bytes;
-        let mut g = 0;
-        while g < rows {
-            let take = (rows - g).min(X4);
-            let (xq, xd, xsum) = (xs.wide[g * inp..].as_ptr(), xs.d[g * nb..].as_ptr(), xs.sums[g * nb * 8..].as_ptr());
-            for o in 0..n {
-                let wr = w[o * row_bytes..].as_ptr();
-                let out = &mut y[o * rows + g..o * rows + g + take];
-                match take {
-                    8 => q4k_dots::<8>(wr, nb, xq, xd, xsum, inp, out),
-                    7 => q4k_dots::<7>(wr, nb, xq, xd, xsum, inp, out),
-                    6 => q4k_dots::<6>(wr, nb, xq, xd, xsum, inp, out),
-                    5 => q4k_dots::<5>(wr, nb, xq, xd, xsum, inp, out),
-                    4 => q4k_dots::<4>(wr, nb, xq, xd, xsum, inp, out),
-                    3 => q4k_dots::<3>(wr, nb, xq, xd, xsum, inp, out),
-                    2 => q4k_dots::<2>(wr, nb, xq, xd, xsum, inp, out),
-                    _ => q4k_dots::<1>(wr, nb, xq, xd, xsum, inp, out),
-                }
-            }
-            g += take;
-        }
+        in_groups!(w, nb * 144, rows, y, 8, |g| {
+            nb,
+            xq = xs.wide[g * inp..].as_ptr(),
+            xd = xs.d[g * nb..].as_ptr(),
+            xsum = xs.sums[g * nb * 8..].as_ptr(),
+            inp,
+        }, q4k_dots);
     }
 
     /// As AVX2's `q4k_dots`, on 64 bytes of weights a load: two sub-blocks' low nibbles, then
