@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+mod attention;
 pub mod kv;
 mod layers;
 mod qskinny;

@@ -3,7 +3,8 @@
 //! parallelism each holds its rank's heads and intermediate columns, and the row-parallel
 //! projections sum over the group.
 
-use super::kv::{causal_softmax_cpu, cpu_f32 as cpu_f32_storage, padded_decode, paged_decode_cpu, slice_of, DecodeRow, KvPool};
+use super::attention::{causal_softmax_cpu, cpu_f32 as cpu_f32_storage, padded_decode, paged_decode_cpu, slice_of, DecodeRow};
+use super::kv::KvPool;
 use super::Batch;
 use super::{qskinny, skinny};
 use crate::collective::{Collective, TpSplit};
