@@ -115,36 +115,57 @@ impl Linear {
         }
         let x = x.contiguous()?;
         let (out, inp) = w.dims2()?;
-        let yt = {
+        let y = {
             let (ws, wo) = cpu_f32_storage(w)?;
             let (xs, xo) = cpu_f32_storage(&x)?;
             let (w, x) = (&slice_of(&ws, wo)?[..out * inp], &slice_of(&xs, xo)?[..rows * inp]);
-            skinny::matmul_t(w, out, inp, x, rows)
+            skinny::matmul(w, out, inp, x, rows)
         };
-        Ok(Some(Tensor::from_vec(skinny::rows_first(&yt, out, rows), (rows, out), x.device())?))
+        Ok(Some(Tensor::from_vec(y, (rows, out), x.device())?))
+    }
+}
+
+impl Linear {
+    /// `x · Wᵀ` of each of `layers`, which read the same `x` (q, k and v; gate and up): the
+    /// rows are quantized once for all the layers whose blocks take them alike.
+    fn forward_all<const N: usize>(layers: [&Linear; N], x: &Tensor) -> candle_core::Result<[Tensor; N]> {
+        let mut input: Option<qskinny::Input> = None;
+        let mut ys = Vec::with_capacity(N);
+        for layer in layers {
+            let y = match &layer.weight {
+                Weight::Blocks { weight, blocks, out, inp } => {
+                    let rows = x.dim(0)?;
+                    let input = match input.take() {
+                        Some(i) if i.fits(*blocks, *inp) => input.insert(i),
+                        _ => {
+                            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                            input.insert(qskinny::Input::new(*blocks, *inp, &xs, rows))
+                        }
+                    };
+                    let y = qskinny::matmul(input, &weight.data()?, *out);
+                    // The output keeps the input's dtype.
+                    Tensor::from_vec(y, (rows, *out), x.device())?.to_dtype(x.dtype())?
+                }
+                // Quantized matmuls take f32.
+                Weight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?,
+                Weight::Dense(w) => match layer.skinny(w, x)? {
+                    Some(y) => y,
+                    None => w.matmul(&x.t()?)?.t()?.contiguous()?,
+                },
+            };
+            ys.push(match &layer.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output a layer")))
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            // Quantized matmuls take f32; the output keeps the input's dtype.
-            Weight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?,
-            Weight::Blocks { weight, blocks, out, inp } => {
-                let rows = x.dim(0)?;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let yt = qskinny::matmul_t(*blocks, &weight.data()?, *out, *inp, &xs, rows);
-                Tensor::from_vec(skinny::rows_first(&yt, *out, rows), (rows, *out), x.device())?.to_dtype(x.dtype())?
-            }
-            Weight::Dense(w) => match self.skinny(w, x)? {
-                Some(y) => y,
-                None => w.matmul(&x.t()?)?.t()?.contiguous()?,
-            },
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let [y] = Linear::forward_all([self], x)?;
+        Ok(y)
     }
 }
 
@@ -213,9 +234,10 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((1, t, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((1, t, kvh, d))?;
-        let v = self.v_proj.forward(x)?.reshape((t, kvh, d))?;
+        let [q, k, v] = Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = q.reshape((1, t, h, d))?;
+        let k = k.reshape((1, t, kvh, d))?;
+        let v = v.reshape((t, kvh, d))?;
         // Qwen3 normalises each head before the rotation.
         let q = match &self.q_norm {
             Some(n) => n.forward(&q)?,
@@ -329,8 +351,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, group: Option<&dyn Collective>) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let down = self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?;
+        let [gate, up] = Linear::forward_all([&self.gate_proj, &self.up_proj], x)?;
+        let down = self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
         row_parallel_out(down, self.down_bias.as_ref(), group)
     }
 }

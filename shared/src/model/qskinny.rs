@@ -166,46 +166,70 @@ unsafe fn quantize_rows_avx2(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
     quantize_rows(blocks, isa, x)
 }
 
-/// `yᵀ = W · xᵀ` as `(out, rows)`: `w` is `out` rows of `inp` weights in `blocks`, `x` is
-/// `(rows, inp)` row-major. `blocks` comes from [`Blocks::of`], which checked the CPU.
-pub(crate) fn matmul_t(blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    product(*ISA.get_or_init(Isa::best), blocks, w, out, inp, x, rows)
+/// A step's rows `x` `(rows, inp)` quantized for `blocks`' products: made once for all the
+/// layers that read the same rows (q, k and v; gate and up).
+pub(crate) struct Input {
+    isa: Isa,
+    blocks: Blocks,
+    inp: usize,
+    rows: usize,
+    xs: Rows,
 }
 
-/// [`matmul_t`] on `isa`'s instructions.
-fn product(isa: Isa, blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
-    assert!(available(), "the quantized kernel needs AVX2, FMA and F16C");
-    assert!(inp.is_multiple_of(blocks.weights()), "rows of {inp} weights are not whole {blocks:?} blocks");
+impl Input {
+    /// `x` `(rows, inp)` row-major for weights in `blocks`, which comes from [`Blocks::of`]
+    /// (it checked the CPU).
+    pub(crate) fn new(blocks: Blocks, inp: usize, x: &[f32], rows: usize) -> Input {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        Input::on(*ISA.get_or_init(Isa::best), blocks, inp, x, rows)
+    }
+
+    /// [`Input::new`] for `isa`'s kernels.
+    fn on(isa: Isa, blocks: Blocks, inp: usize, x: &[f32], rows: usize) -> Input {
+        assert!(available(), "the quantized kernel needs AVX2, FMA and F16C");
+        assert!(inp.is_multiple_of(blocks.weights()), "rows of {inp} weights are not whole {blocks:?} blocks");
+        assert_eq!(x.len(), rows * inp, "input for {rows}x{inp}");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` checked the CPU features.
+        let xs = unsafe { quantize_rows_avx2(blocks, isa, x) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let xs = quantize_rows(blocks, isa, x);
+        Input { isa, blocks, inp, rows, xs }
+    }
+
+    /// Whether these rows are what a layer of `inp` weights in `blocks` reads.
+    pub(crate) fn fits(&self, blocks: Blocks, inp: usize) -> bool {
+        self.blocks == blocks && self.inp == inp
+    }
+}
+
+/// `y = x · Wᵀ` as `(rows, out)`: `w` is `out` rows of the input's `inp` weights in its blocks.
+pub(crate) fn matmul(input: &Input, w: &[u8], out: usize) -> Vec<f32> {
+    let Input { isa, blocks, inp, rows, ref xs } = *input;
     let row_bytes = inp / blocks.weights() * blocks.bytes();
     assert_eq!(w.len(), out * row_bytes, "weight bytes for {out}x{inp} {blocks:?}");
-    assert_eq!(x.len(), rows * inp, "input for {rows}x{inp}");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available` checked the CPU features.
-    let xs = unsafe { quantize_rows_avx2(blocks, isa, x) };
-    #[cfg(not(target_arch = "x86_64"))]
-    let xs = quantize_rows(blocks, isa, x);
     let mut y = vec![0f32; out * rows];
-    if rows == 0 {
+    if rows == 0 || out == 0 {
         return y;
     }
     // A task per block of output rows: enough blocks for every thread, each big enough that a
     // task's overhead is small beside its weights.
     let threads = rayon::current_num_threads().max(1);
     let block = out.div_ceil(threads * 8).max(16);
-    y.par_chunks_mut(block * rows).enumerate().for_each(|(b, yb)| {
+    super::skinny::column_tiles(&mut y, out, block).into_par_iter().enumerate().for_each(|(b, mut yb)| {
         let first = b * block;
-        let n = yb.len() / rows;
+        let n = yb[0].len();
+        let yb = yb.as_mut_slice();
         let wb = &w[first * row_bytes..(first + n) * row_bytes];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked the CPU features the functions are compiled for; the
         // slices' lengths were checked above against the shapes they index by.
         unsafe {
             match (isa, blocks) {
-                (Isa::Avx512Vnni, Blocks::Q8_0) => avx512::q8_0(wb, inp, &xs, rows, yb),
-                (Isa::Avx2, Blocks::Q8_0) => avx2::q8_0(wb, inp, &xs, rows, yb),
-                (Isa::Avx512Vnni, Blocks::Q4K) => avx512::q4k(wb, inp, &xs, rows, yb),
-                (Isa::Avx2, Blocks::Q4K) => avx2::q4k(wb, inp, &xs, rows, yb),
+                (Isa::Avx512Vnni, Blocks::Q8_0) => avx512::q8_0(wb, inp, xs, yb),
+                (Isa::Avx2, Blocks::Q8_0) => avx2::q8_0(wb, inp, xs, yb),
+                (Isa::Avx512Vnni, Blocks::Q4K) => avx512::q4k(wb, inp, xs, yb),
+                (Isa::Avx2, Blocks::Q4K) => avx2::q4k(wb, inp, xs, yb),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -215,21 +239,26 @@ fn product(isa: Isa, blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32]
 }
 
 /// The loop every path's products share: the step's rows in groups of up to `group` (8 or 4),
-/// each group over every weight row `w` (of `row_bytes`) of the task, into `y` `(n, rows)`;
-/// `dots::<R>(weight row, args…, out)` takes a group of `R` rows, its args bound for each
-/// group from the group's first row `g` (an arg without a value passes through).
+/// each group over every weight row `w` (of `row_bytes`) of the task, into `y` (the task's
+/// columns of each step row); `dots::<R>(weight row, args…, out)` takes a group of `R` rows,
+/// its args bound for each group from the group's first row `g` (an arg without a value
+/// passes through).
 #[cfg(target_arch = "x86_64")]
 macro_rules! in_groups {
-    ($w:expr, $row_bytes:expr, $rows:expr, $y:expr, $group:tt, |$g:ident| { $($arg:ident $(= $value:expr)?),+ $(,)? }, $dots:ident) => {{
-        let n = $w.len() / $row_bytes;
+    ($w:expr, $row_bytes:expr, $y:expr, $group:tt, |$g:ident| { $($arg:ident $(= $value:expr)?),+ $(,)? }, $dots:ident) => {{
+        let (n, rows) = ($w.len() / $row_bytes, $y.len());
         let mut $g = 0;
-        while $g < $rows {
-            let take = ($rows - $g).min($group);
+        while $g < rows {
+            let take = (rows - $g).min($group);
             $($(let $arg = $value;)?)+
+            let mut sums = [0f32; $group];
             for o in 0..n {
                 let wr = $w[o * $row_bytes..].as_ptr();
-                let out = &mut $y[o * $rows + $g..o * $rows + $g + take];
+                let out = &mut sums[..take];
                 in_groups!(@call $group, take, $dots, (wr, $($arg),+, out));
+                for (r, s) in out.iter().enumerate() {
+                    $y[$g + r][o] = *s;
+                }
             }
             $g += take;
         }
@@ -278,14 +307,14 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
-    /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to 8,
+    /// `y` (the task's columns of each step row) from the Q8_0 weight rows `w`: the step's rows in groups of up to 8,
     /// each multiplied into a weight block while it is in a register. (Two weight rows at a
     /// time, for independent accumulators, measured slower: their blocks do not fit the
     /// registers.)
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+    pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, y: &mut [&mut [f32]]) {
         let nb = inp / 32;
-        in_groups!(w, nb * 34, rows, y, 8, |g| {
+        in_groups!(w, nb * 34, y, 8, |g| {
             nb,
             xq = xs.q[g * inp..].as_ptr(),
             xd = xs.d[g * nb..].as_ptr(),
@@ -335,12 +364,12 @@ mod avx2 {
         _mm256_cvtepu8_epi16(_mm_set_epi32(u3 as i32, u2n as i32, u1n as i32, u0n as i32))
     }
 
-    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of up to 4
+    /// `y` (the task's columns of each step row) from the Q4_K weight rows `w`, the step's rows in groups of up to 4
     /// (an unpacked super-block takes more registers than a Q8_0 block).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+    pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, y: &mut [&mut [f32]]) {
         let nb = inp / 256;
-        in_groups!(w, nb * 144, rows, y, 4, |g| {
+        in_groups!(w, nb * 144, y, 4, |g| {
             nb,
             xq = xs.q[g * inp..].as_ptr(),
             xd = xs.d[g * nb..].as_ptr(),
@@ -410,12 +439,12 @@ mod avx512 {
     use super::Rows;
     use std::arch::x86_64::*;
 
-    /// `y` `(n, rows)` from the Q8_0 weight rows `w`: the step's rows in groups of up to
+    /// `y` (the task's columns of each step row) from the Q8_0 weight rows `w`: the step's rows in groups of up to
     /// 8, each multiplied into a pair of weight blocks while it is in a register.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+    pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, y: &mut [&mut [f32]]) {
         let nb = inp / 32;
-        in_groups!(w, nb * 34, rows, y, 8, |g| {
+        in_groups!(w, nb * 34, y, 8, |g| {
             nb,
             xu = xs.wide[g * inp..].as_ptr(),
             xd = xs.d8[g * nb * 8..].as_ptr(),
@@ -466,12 +495,12 @@ mod avx512 {
         }
     }
 
-    /// `y` `(n, rows)` from the Q4_K weight rows `w`, the step's rows in groups of up to 8 (32
+    /// `y` (the task's columns of each step row) from the Q4_K weight rows `w`, the step's rows in groups of up to 8 (32
     /// registers hold a super-block's unpacked halves and 8 rows' sums).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, rows: usize, y: &mut [f32]) {
+    pub(super) unsafe fn q4k(w: &[u8], inp: usize, xs: &Rows, y: &mut [&mut [f32]]) {
         let nb = inp / 256;
-        in_groups!(w, nb * 144, rows, y, 8, |g| {
+        in_groups!(w, nb * 144, y, 8, |g| {
             nb,
             xq = xs.wide[g * inp..].as_ptr(),
             xd = xs.d[g * nb..].as_ptr(),
@@ -559,6 +588,11 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// The product on `isa`'s kernels.
+    fn product(isa: Isa, blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
+        matmul(&Input::on(isa, blocks, inp, x, rows), w, out)
+    }
+
     /// Every path this CPU runs: AVX2, and AVX-512 VNNI where it has it.
     fn isas() -> Vec<Isa> {
         let mut isas = vec![Isa::Avx2];
@@ -590,8 +624,9 @@ mod tests {
                     x = x.slice_assign(&[1..2, 0..inp], &zero).unwrap();
                 }
                 let got = product(isa, blocks, &q.data().unwrap(), out, inp, &vec(&x), rows);
-                let candle = vec(&QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().t().unwrap());
-                let exact = vec(&dense.matmul(&x.t().unwrap()).unwrap());
+                let candle = vec(&QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap());
+                let exact = vec(&x.matmul(&dense.t().unwrap()).unwrap());
+                assert_eq!(got.len(), out * rows);
                 for (i, ((g, c), e)) in got.iter().zip(&candle).zip(&exact).enumerate() {
                     // The same integer products as candle's kernel, summed in another order.
                     assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "{t:?} {isa:?} {out}x{inp}, {rows} rows: [{i}] {g} vs candle's {c}");
@@ -618,7 +653,7 @@ mod tests {
             for r in [0, 3, 7, 8, 10] {
                 let alone = product(isa, blocks, &w, out, inp, &x[r * inp..(r + 1) * inp], 1);
                 for o in 0..out {
-                    assert_eq!(alone[o].to_bits(), all[o * 11 + r].to_bits(), "{t:?} {isa:?}: row {r}, output {o}");
+                    assert_eq!(alone[o].to_bits(), all[r * out + o].to_bits(), "{t:?} {isa:?}: row {r}, output {o}");
                 }
             }
         }

@@ -18,61 +18,58 @@ pub(crate) const MAX_ROWS: usize = 32;
 /// Weight rows in flight together (their `in`-long rows stay in L1).
 const R: usize = 4;
 
-/// `yᵀ = W · xᵀ` as `(out, rows)`: `w` is `(out, inp)`, `x` is `(rows, inp)`, both row-major.
-pub(crate) fn matmul_t(w: &[f32], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
+/// `y = x · Wᵀ` as `(rows, out)`: `w` is `(out, inp)`, `x` is `(rows, inp)`, both row-major.
+pub(crate) fn matmul(w: &[f32], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
     debug_assert_eq!(w.len(), out * inp);
     debug_assert_eq!(x.len(), rows * inp);
     let mut y = vec![0f32; out * rows];
+    if rows == 0 || out == 0 {
+        return y;
+    }
     // A task per block of output rows: enough blocks for every thread, each big enough that a
     // task's overhead is small beside its weights.
     let threads = rayon::current_num_threads().max(1);
     let block = (out.div_ceil(threads * 8)).next_multiple_of(R).max(R * 4);
-    y.par_chunks_mut(block * rows).enumerate().for_each(|(b, yb)| {
+    column_tiles(&mut y, out, block).into_par_iter().enumerate().for_each(|(b, mut yb)| {
         let first = b * block;
-        let n = yb.len() / rows;
+        let n = yb[0].len();
         let wb = &w[first * inp..(first + n) * inp];
-        Arch::new().dispatch(Block { w: wb, inp, x, rows, y: yb });
+        Arch::new().dispatch(Block { w: wb, inp, x, y: &mut yb });
     });
     y
 }
 
-/// `y` `(rows, out)` from the kernels' `yt` `(out, rows)`, both row-major. (Candle's copy of a
-/// transposed tensor goes element by element through its strided index, which cost a decode
-/// step of 8 rows more than a tenth of its time.)
-pub(crate) fn rows_first(yt: &[f32], out: usize, rows: usize) -> Vec<f32> {
-    debug_assert_eq!(yt.len(), out * rows);
-    if rows == 1 {
-        return yt.to_vec();
-    }
-    let mut y = vec![0f32; out * rows];
-    // A tile of output rows at a time: its reads are one run, its writes `rows` short runs.
-    for o0 in (0..out).step_by(16) {
-        let o1 = (o0 + 16).min(out);
-        for t in 0..rows {
-            for o in o0..o1 {
-                y[t * out + o] = yt[o * rows + t];
-            }
+/// `y` `(rows, out)` row-major cut into the tasks' tiles: tile `b` holds, for each row, its
+/// columns `b * block..(b + 1) * block` (fewer in the last). Each task writes its outputs in
+/// place, so the product needs no transposing after. (Written `(out, rows)` and transposed,
+/// candle's element-by-element strided copy took a tenth of a decode step of 8 rows, and a
+/// transpose by hand on one thread a twentieth, the other core idle meanwhile.)
+pub(crate) fn column_tiles(y: &mut [f32], out: usize, block: usize) -> Vec<Vec<&mut [f32]>> {
+    debug_assert!(out > 0 && block > 0 && y.len().is_multiple_of(out));
+    let mut tiles: Vec<Vec<&mut [f32]>> = (0..out.div_ceil(block)).map(|_| Vec::new()).collect();
+    for row in y.chunks_mut(out) {
+        for (tile, cols) in tiles.iter_mut().zip(row.chunks_mut(block)) {
+            tile.push(cols);
         }
     }
-    y
+    tiles
 }
 
-/// One task: `y` `(n, rows)` from the weight rows `w` `(n, inp)`.
-struct Block<'a> {
+/// One task: its columns of `y` (a slice of `n` a step row) from the weight rows `w` `(n, inp)`.
+struct Block<'a, 'y> {
     w: &'a [f32],
     inp: usize,
     x: &'a [f32],
-    rows: usize,
-    y: &'a mut [f32],
+    y: &'a mut [&'y mut [f32]],
 }
 
-impl WithSimd for Block<'_> {
+impl WithSimd for Block<'_, '_> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Block { w, inp, x, rows, y } = self;
-        let n = w.len() / inp;
+        let Block { w, inp, x, y } = self;
+        let (n, rows) = (w.len() / inp, y.len());
         // Step rows a pass over a weight block takes: 4 where there are 32 vector registers
         // (AVX-512: 16 accumulators), 2 where there are 16 (AVX2: 8).
         let wide = std::mem::size_of::<S::f32s>() >= 64;
@@ -82,21 +79,21 @@ impl WithSimd for Block<'_> {
             let mut t = 0;
             if wide {
                 while t + 4 <= rows {
-                    t = pass::<S, 4>(simd, ws, x, inp, rows, t, o, y);
+                    t = pass::<S, 4>(simd, ws, x, inp, t, o, y);
                 }
             }
             while t + 2 <= rows {
-                t = pass::<S, 2>(simd, ws, x, inp, rows, t, o, y);
+                t = pass::<S, 2>(simd, ws, x, inp, t, o, y);
             }
             if t < rows {
-                pass::<S, 1>(simd, ws, x, inp, rows, t, o, y);
+                pass::<S, 1>(simd, ws, x, inp, t, o, y);
             }
             o += R;
         }
         for o in o..n {
             let wr = &w[o * inp..(o + 1) * inp];
-            for t in 0..rows {
-                y[o * rows + t] = dots::<S, 1, 1>(simd, [wr], [&x[t * inp..(t + 1) * inp]])[0][0];
+            for (t, yt) in y.iter_mut().enumerate() {
+                yt[o] = dots::<S, 1, 1>(simd, [wr], [&x[t * inp..(t + 1) * inp]])[0][0];
             }
         }
     }
@@ -105,12 +102,14 @@ impl WithSimd for Block<'_> {
 /// The step's rows `t..t + X` against the weight rows `ws` (output rows `o..o + R`), into `y`;
 /// the next row to take.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn pass<S: Simd, const X: usize>(simd: S, ws: [&[f32]; R], x: &[f32], inp: usize, rows: usize, t: usize, o: usize, y: &mut [f32]) -> usize {
+fn pass<S: Simd, const X: usize>(simd: S, ws: [&[f32]; R], x: &[f32], inp: usize, t: usize, o: usize, y: &mut [&mut [f32]]) -> usize {
+    debug_assert!(t + X <= y.len());
     let xs: [&[f32]; X] = std::array::from_fn(|c| &x[(t + c) * inp..(t + c + 1) * inp]);
     let sums = dots::<S, R, X>(simd, ws, xs);
     for (r, sums) in sums.iter().enumerate() {
-        y[(o + r) * rows + t..(o + r) * rows + t + X].copy_from_slice(sums);
+        for (c, s) in sums.iter().enumerate() {
+            y[t + c][o + r] = *s;
+        }
     }
     t + X
 }
@@ -149,14 +148,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_first_transposes() {
-        for (out, rows) in [(1, 1), (5, 1), (1, 7), (17, 3), (40, 8), (33, 130)] {
-            let yt: Vec<f32> = (0..out * rows).map(|i| i as f32).collect();
-            let y = rows_first(&yt, out, rows);
-            for o in 0..out {
-                for t in 0..rows {
-                    assert_eq!(y[t * out + o], yt[o * rows + t], "{out}x{rows}: [{t}, {o}]");
-                }
+    fn column_tiles_cut_every_row_alike() {
+        let (rows, out, block) = (3, 10, 4);
+        let mut y: Vec<f32> = (0..rows * out).map(|i| i as f32).collect();
+        let tiles = column_tiles(&mut y, out, block);
+        assert_eq!(tiles.len(), 3);
+        for (b, tile) in tiles.iter().enumerate() {
+            assert_eq!(tile.len(), rows);
+            for (t, cols) in tile.iter().enumerate() {
+                let want: Vec<f32> = (b * block..((b + 1) * block).min(out)).map(|o| (t * out + o) as f32).collect();
+                assert_eq!(cols.to_vec(), want, "tile {b}, row {t}");
             }
         }
     }
@@ -164,14 +165,15 @@ mod tests {
     #[test]
     fn equals_the_plain_product_for_every_shape_edge() {
         // Output rows not a multiple of 4, odd step rows, an input not a multiple of 8.
-        for (out, inp, rows) in [(13, 37, 3), (64, 128, 8), (5, 8, 1), (130, 1000, 7), (4, 3, 2)] {
+        for (out, inp, rows) in [(13, 37, 3), (64, 128, 8), (5, 8, 1), (130, 1000, 7), (4, 3, 2), (300, 64, 9), (3, 8, 0)] {
             let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
             let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2).collect();
-            let got = matmul_t(&w, out, inp, &x, rows);
+            let got = matmul(&w, out, inp, &x, rows);
+            assert_eq!(got.len(), out * rows);
             for o in 0..out {
                 for t in 0..rows {
                     let want: f32 = (0..inp).map(|i| w[o * inp + i] * x[t * inp + i]).sum();
-                    let g = got[o * rows + t];
+                    let g = got[t * out + o];
                     assert!((g - want).abs() <= 1e-3 * want.abs().max(1.0), "{out}x{inp}, {rows} rows: [{o}][{t}] {g} vs {want}");
                 }
             }
