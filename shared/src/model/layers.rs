@@ -123,9 +123,7 @@ impl Linear {
         };
         Ok(Some(Tensor::from_vec(y, (rows, out), x.device())?))
     }
-}
 
-impl Linear {
     /// `x · Wᵀ` of each of `layers`, which read the same `x` (q, k and v; gate and up): the
     /// rows are quantized once for all the layers whose blocks take them alike.
     fn forward_all<const N: usize>(layers: [&Linear; N], x: &Tensor) -> candle_core::Result<[Tensor; N]> {
