@@ -311,7 +311,7 @@ impl Shard {
     fn build(cfg: &ModelConfig, spec: StageSpec, split: &TpSplit, loaded: LoadedTensors, dtype: DType, device: &Device) -> Result<Self> {
         let names = loaded.tensors.keys().chain(loaded.quantized.keys()).cloned().collect();
         let report = LoadReport { tensors: names, files: loaded.files.clone(), bytes: loaded.bytes() };
-        let quantized = loaded.quantized;
+        let mut quantized = loaded.quantized;
         let vb = VarBuilder::from_tensors(loaded.tensors, dtype, device);
         let wrap = |e: candle_core::Error| Error::LoadWeights(e.to_string());
         let embed_weight = |vb: &VarBuilder| vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight").map_err(wrap);
@@ -319,7 +319,7 @@ impl Shard {
         let layers = spec
             .layers
             .clone()
-            .map(|i| DecoderLayer::new(cfg, split, vb.pp("model.layers").pp(i), &quantized).map_err(wrap))
+            .map(|i| DecoderLayer::new(cfg, split, vb.pp("model.layers").pp(i), &mut quantized).map_err(wrap))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if spec.has_head() {
             let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm")).map_err(wrap)?;

@@ -80,13 +80,8 @@ pub(crate) struct Linear {
 enum Weight {
     Dense(Tensor),
     Quantized(candle_core::quantized::QMatMul),
-    /// A block type [`qskinny`] reads, on a CPU that runs it: the blocks of `(out, inp)`.
-    Blocks {
-        weight: std::sync::Arc<candle_core::quantized::QTensor>,
-        blocks: qskinny::Blocks,
-        out: usize,
-        inp: usize,
-    },
+    /// A block type [`qskinny`] reads, on a CPU that runs it, laid out for its kernel.
+    Blocks(qskinny::Weights),
 }
 
 impl Linear {
@@ -94,11 +89,14 @@ impl Linear {
         Linear { weight: Weight::Dense(weight), bias }
     }
 
-    /// A layer over a quantized weight.
+    /// A layer over a quantized weight (the blocks [`qskinny`] reads are copied into its
+    /// layout, and `weight` dropped).
     fn quantized(weight: std::sync::Arc<candle_core::quantized::QTensor>, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let own = qskinny::Blocks::of(weight.dtype()).filter(|_| weight.device().is_cpu());
         let weight = match (own, weight.shape().dims2()) {
-            (Some(blocks), Ok((out, inp))) if inp.is_multiple_of(blocks.weights()) => Weight::Blocks { weight, blocks, out, inp },
+            (Some(blocks), Ok((out, inp))) if inp.is_multiple_of(blocks.weights()) => {
+                Weight::Blocks(qskinny::Weights::new(blocks, out, inp, &weight.data()?))
+            }
             _ => Weight::Quantized(candle_core::quantized::QMatMul::from_arc(weight)?),
         };
         Ok(Linear { weight, bias })
@@ -131,18 +129,18 @@ impl Linear {
         let mut ys = Vec::with_capacity(N);
         for layer in layers {
             let y = match &layer.weight {
-                Weight::Blocks { weight, blocks, out, inp } => {
+                Weight::Blocks(w) => {
                     let rows = x.dim(0)?;
                     let input = match input.take() {
-                        Some(i) if i.fits(*blocks, *inp) => input.insert(i),
+                        Some(i) if i.fits(w) => input.insert(i),
                         _ => {
                             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                            input.insert(qskinny::Input::new(*blocks, *inp, &xs, rows))
+                            input.insert(qskinny::Input::new(w.blocks(), w.inp(), &xs, rows))
                         }
                     };
-                    let y = qskinny::matmul(input, &weight.data()?, *out);
+                    let y = qskinny::matmul(input, w);
                     // The output keeps the input's dtype.
-                    Tensor::from_vec(y, (rows, *out), x.device())?.to_dtype(x.dtype())?
+                    Tensor::from_vec(y, (rows, w.out()), x.device())?.to_dtype(x.dtype())?
                 }
                 // Quantized matmuls take f32.
                 Weight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?,
@@ -167,13 +165,15 @@ impl Module for Linear {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder, quantized: &QuantizedWeights) -> candle_core::Result<Linear> {
+/// The layer `vb` names; a quantized weight is taken out of `quantized`, so that once its
+/// layer holds it in the kernel's layout the loaded copy is gone.
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder, quantized: &mut QuantizedWeights) -> candle_core::Result<Linear> {
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    if let Some(q) = quantized.get(&format!("{}.weight", vb.prefix())) {
+    if let Some(q) = quantized.remove(&format!("{}.weight", vb.prefix())) {
         if q.shape().dims() != [out_dim, in_dim] {
             candle_core::bail!("{}.weight: quantized shape {:?}, expected [{out_dim}, {in_dim}]", vb.prefix(), q.shape().dims());
         }
-        return Linear::quantized(q.clone(), bias);
+        return Linear::quantized(q, bias);
     }
     Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, bias))
 }
@@ -193,7 +193,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &mut QuantizedWeights) -> candle_core::Result<Self> {
         let (h, kv, d) = (split.heads.len(), split.kv_heads.len(), cfg.head_dim);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
@@ -338,7 +338,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
+    fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &mut QuantizedWeights) -> candle_core::Result<Self> {
         let (hs, is) = (cfg.hidden_size, split.intermediate.len());
         Ok(Mlp {
             gate_proj: linear(hs, is, cfg.mlp_bias, vb.pp("gate_proj"), q)?,
@@ -363,7 +363,7 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(super) fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
+    pub(super) fn new(cfg: &ModelConfig, split: &TpSplit, vb: VarBuilder, q: &mut QuantizedWeights) -> candle_core::Result<Self> {
         Ok(DecoderLayer {
             self_attn: Attention::new(cfg, split, vb.pp("self_attn"), q)?,
             mlp: Mlp::new(cfg, split, vb.pp("mlp"), q)?,

@@ -3,21 +3,20 @@
 //!
 //! As llama.cpp does, the rows of `x` are quantized to 8 bits in blocks as the weights' (32
 //! for Q8_0, 256 for Q4_K, with the same rounding as candle's and llama.cpp's) and the dot
-//! products are taken in integers: `vpmaddubsw` multiplies 32 byte pairs into 16 sums and
-//! `vpmaddwd` folds them into 8 (for Q4_K times each sub-block's 6-bit scale, so a
-//! super-block of 256 is scaled into f32 once). Unlike candle's CPU `QMatMul`, which takes a
-//! dot per row of the step and weight row, each weight block is loaded (and for Q4_K
-//! unpacked) once and multiplied into several rows of the step while it is in registers, so a
-//! step of 8 rows reads its weights once, not 8 times. Output rows are split over the rayon
-//! pool, like the f32 kernel's; a row's result depends only on its own inputs, not on the
-//! step it came in with.
+//! products are taken in integers. Unlike candle's CPU `QMatMul`, which takes a dot per row
+//! of the step and weight row, each weight register is loaded (and for Q4_K unpacked) once
+//! and multiplied into several rows of the step, so a step of 8 rows reads its weights once,
+//! not 8 times. Output rows are split over the rayon pool, like the f32 kernel's; a row's
+//! result depends only on its own inputs, not on the step it came in with.
 //!
-//! AVX2 (with FMA and F16C), chosen at run time; elsewhere, and for other block types, the
-//! caller keeps candle's kernel. On AVX2 the integer multiply-adds of a step of 8 rows cost
-//! about what f32 FMAs would: past a few rows the gain over f32 is the bytes read. Where the
-//! CPU has AVX-512 with VNNI, 64 bytes go through each instruction and `vpdpbusd`/`vpdpwssd`
-//! fold the multiply and the adds into one: Q8_0 takes its blocks two to a register, Q4_K a
-//! pair of sub-blocks' nibbles, and up to 8 rows of the step share each weight load.
+//! The weights are repacked at load ([`Weights`], `grouped.rs`) so that each 32-bit lane of a
+//! register holds one block's products: a block's integer dot product is whole in its lane
+//! after 8 loads of the step's bytes, and a register of blocks is scaled into f32 with one
+//! conversion and one multiply-add a row of the step (ggml's layout, a block's 32 bytes in
+//! one register, needs a conversion and multiply-add a block). Where the CPU has AVX-512 with VNNI,
+//! `vpdpbusd` multiplies 64 byte pairs and adds them into 16 blocks' lanes; on AVX2 (with FMA
+//! and F16C) `vpmaddubsw` and `vpmaddwd` do it for 8. Elsewhere, and for other block types,
+//! the caller keeps candle's kernel.
 
 #![allow(unsafe_code)]
 
@@ -97,34 +96,26 @@ impl Isa {
 /// The rows of the step in 8 bits, in blocks as the weights': for Q8_0 a scale `max|x| / 127`
 /// per 32 (kept as an f16, as candle's and llama.cpp's Q8_0 blocks keep it); for Q4_K a
 /// scale per 256 (llama.cpp's Q8_K, whose largest value maps to -127) and the sum of each 32
-/// values, for the weights' minimums.
-/// The VNNI path reads the bytes in `wide` instead: for Q8_0 plus 128 (its instruction
-/// multiplies unsigned bytes into signed ones), with each block's scale 8 times in `d8` (the
-/// lanes of its sums); for Q4_K in the order its registers take the sub-blocks (0, 2, 1, 3,
-/// 4, 6, 5, 7: a 64-byte load of weights holds two sub-blocks' low nibbles, then their high).
-struct Rows {
-    q: Vec<i8>,
-    d: Vec<f32>,
-    sums: Vec<i16>,
-    wide: Vec<u8>,
-    d8: Vec<f32>,
-}
+/// values, for the weights' minimums; laid out as the weights' groups.
+type Rows = grouped::Grouped;
 
 #[inline(always)]
-fn quantize_rows(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
+fn quantize_rows(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
     let n = blocks.weights();
     let mut q = vec![0i8; x.len()];
     let mut d = vec![0f32; x.len() / n];
     for ((xb, qb), d) in x.chunks_exact(n).zip(q.chunks_exact_mut(n)).zip(&mut d) {
+        // The largest magnitude, over 8 lanes (a maximum in order is a chain of 32 or 256).
+        let lanes = xb.chunks_exact(8).fold([0f32; 8], |m, c| std::array::from_fn(|i| m[i].max(c[i].abs())));
+        let amax = lanes.into_iter().fold(0f32, f32::max);
         let (scale, id) = match blocks {
             Blocks::Q8_0 => {
-                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let scale = amax / 127.0;
                 (half::f16::from_f32(scale).to_f32(), if scale == 0.0 { 0.0 } else { 1.0 / scale })
             }
             Blocks::Q4K => {
                 // The value of largest magnitude, with its sign (the first of equals).
-                let max = xb.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
                 if max == 0.0 {
                     (0.0, 0.0)
                 } else {
@@ -138,32 +129,78 @@ fn quantize_rows(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
             *q = (v * id).round().clamp(-128.0, 127.0) as i8;
         }
     }
-    let sums = match blocks {
-        Blocks::Q8_0 => Vec::new(),
-        Blocks::Q4K => q.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect(),
-    };
-    let (wide, d8) = match (isa, blocks) {
-        (Isa::Avx2, _) => (Vec::new(), Vec::new()),
-        (Isa::Avx512Vnni, Blocks::Q8_0) => (q.iter().map(|&v| (v as u8) ^ 0x80).collect(), d.iter().flat_map(|&d| [d; 8]).collect()),
-        (Isa::Avx512Vnni, Blocks::Q4K) => {
-            let mut wide = Vec::with_capacity(q.len());
-            for c in q.chunks_exact(256) {
-                for s in [0, 2, 1, 3, 4, 6, 5, 7] {
-                    wide.extend(c[s * 32..(s + 1) * 32].iter().map(|&v| v as u8));
-                }
-            }
-            (wide, Vec::new())
-        }
-    };
-    Rows { q, d, sums, wide, d8 }
+    grouped::group_rows(blocks, inp, &q, &d)
 }
 
 /// [`quantize_rows`] with the instructions the kernel needs, where rounding is one instruction
 /// (without them it is a call into libm per value).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_rows_avx2(blocks: Blocks, isa: Isa, x: &[f32]) -> Rows {
-    quantize_rows(blocks, isa, x)
+unsafe fn quantize_rows_avx2(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
+    quantize_rows(blocks, inp, x)
+}
+
+/// The instructions this CPU's kernels run, found once.
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(Isa::best)
+}
+
+/// A layer's weights `(out, inp)` as the kernels read them: packed into groups (ggml's bytes
+/// rearranged; Q8_0 as many bytes unless a row's groups are odd, Q4_K 296 bytes for 288).
+pub(crate) struct Weights {
+    blocks: Blocks,
+    out: usize,
+    inp: usize,
+    row_bytes: usize,
+    bytes: Vec<Line>,
+}
+
+/// 64 bytes on a cache line of their own: the rows' loads do not straddle two.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl Weights {
+    /// The `out` rows of `inp` weights that `ggml` holds in ggml's `blocks`.
+    pub(crate) fn new(blocks: Blocks, out: usize, inp: usize, ggml: &[u8]) -> Weights {
+        assert!(inp.is_multiple_of(blocks.weights()), "rows of {inp} weights are not whole {blocks:?} blocks");
+        let ggml_row = inp / blocks.weights() * blocks.bytes();
+        assert_eq!(ggml.len(), out * ggml_row, "weight bytes for {out}x{inp} {blocks:?}");
+        let row_bytes = grouped::row_bytes(blocks, inp);
+        let mut bytes = vec![Line([0; 64]); (out * row_bytes).div_ceil(64)];
+        let packed = Weights::as_bytes_mut(&mut bytes);
+        for (row, ggml) in packed.chunks_exact_mut(row_bytes).zip(ggml.chunks_exact(ggml_row)) {
+            grouped::pack_row(blocks, inp, ggml, row);
+        }
+        Weights { blocks, out, inp, row_bytes, bytes }
+    }
+
+    fn as_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+        // SAFETY: `Line` is 64 bytes with no padding; the slice covers exactly the lines.
+        unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), lines.len() * 64) }
+    }
+
+    /// The rows' bytes.
+    fn rows(&self) -> &[u8] {
+        // SAFETY: as in `as_bytes_mut`; `out * row_bytes` is within the lines.
+        unsafe { std::slice::from_raw_parts(self.bytes.as_ptr().cast::<u8>(), self.out * self.row_bytes) }
+    }
+
+    /// Output rows.
+    pub(crate) fn out(&self) -> usize {
+        self.out
+    }
+
+    /// Weights a row.
+    pub(crate) fn inp(&self) -> usize {
+        self.inp
+    }
+
+    /// Their block type.
+    pub(crate) fn blocks(&self) -> Blocks {
+        self.blocks
+    }
 }
 
 /// A step's rows `x` `(rows, inp)` quantized for `blocks`' products: made once for all the
@@ -180,8 +217,7 @@ impl Input {
     /// `x` `(rows, inp)` row-major for weights in `blocks`, which comes from [`Blocks::of`]
     /// (it checked the CPU).
     pub(crate) fn new(blocks: Blocks, inp: usize, x: &[f32], rows: usize) -> Input {
-        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        Input::on(*ISA.get_or_init(Isa::best), blocks, inp, x, rows)
+        Input::on(isa(), blocks, inp, x, rows)
     }
 
     /// [`Input::new`] for `isa`'s kernels.
@@ -191,23 +227,23 @@ impl Input {
         assert_eq!(x.len(), rows * inp, "input for {rows}x{inp}");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked the CPU features.
-        let xs = unsafe { quantize_rows_avx2(blocks, isa, x) };
+        let xs = unsafe { quantize_rows_avx2(blocks, inp, x) };
         #[cfg(not(target_arch = "x86_64"))]
-        let xs = quantize_rows(blocks, isa, x);
+        let xs = quantize_rows(blocks, inp, x);
         Input { isa, blocks, inp, rows, xs }
     }
 
-    /// Whether these rows are what a layer of `inp` weights in `blocks` reads.
-    pub(crate) fn fits(&self, blocks: Blocks, inp: usize) -> bool {
-        self.blocks == blocks && self.inp == inp
+    /// Whether these rows are what `w` reads.
+    pub(crate) fn fits(&self, w: &Weights) -> bool {
+        self.blocks == w.blocks && self.inp == w.inp
     }
 }
 
-/// `y = x · Wᵀ` as `(rows, out)`: `w` is `out` rows of the input's `inp` weights in its blocks.
-pub(crate) fn matmul(input: &Input, w: &[u8], out: usize) -> Vec<f32> {
+/// `y = x · Wᵀ` as `(rows, out)`: `input` is rows of `w`'s input (see [`Input::fits`]).
+pub(crate) fn matmul(input: &Input, weights: &Weights) -> Vec<f32> {
     let Input { isa, blocks, inp, rows, ref xs } = *input;
-    let row_bytes = inp / blocks.weights() * blocks.bytes();
-    assert_eq!(w.len(), out * row_bytes, "weight bytes for {out}x{inp} {blocks:?}");
+    assert!(input.fits(weights), "{rows}x{inp} {blocks:?} rows against {}x{} {:?} weights", weights.out, weights.inp, weights.blocks);
+    let (out, row_bytes, w) = (weights.out, weights.row_bytes, weights.rows());
     let mut y = vec![0f32; out * rows];
     if rows == 0 || out == 0 {
         return y;
@@ -291,6 +327,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+mod grouped;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +347,7 @@ mod tests {
 
     /// The product on `isa`'s kernels.
     fn product(isa: Isa, blocks: Blocks, w: &[u8], out: usize, inp: usize, x: &[f32], rows: usize) -> Vec<f32> {
-        matmul(&Input::on(isa, blocks, inp, x, rows), w, out)
+        matmul(&Input::on(isa, blocks, inp, x, rows), &Weights::new(blocks, out, inp, w))
     }
 
     /// Every path this CPU runs: AVX2, and AVX-512 VNNI where it has it.
@@ -363,7 +401,8 @@ mod tests {
             return;
         }
         for (t, isa) in [GgmlDType::Q8_0, GgmlDType::Q4K].into_iter().flat_map(|t| isas().into_iter().map(move |i| (t, i))) {
-            // 544 = 17 blocks of 32: the VNNI path's Q8_0 takes them in pairs and one alone.
+            // 544 = 17 blocks of 32: on the VNNI path a group of 16 and one padded with zeros;
+            // a row alone sums in two chains, in a step of 8 in one.
             let (out, inp) = (40, if t == GgmlDType::Q8_0 { 544 } else { 512 });
             let (_, q) = weights(t, out, inp);
             let (w, blocks) = (q.data().unwrap(), Blocks::of(t).unwrap());

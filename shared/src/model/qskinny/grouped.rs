@@ -1,0 +1,252 @@
+//! The layout of the AVX-512 VNNI kernels (`avx512.rs`): weights repacked at load so that
+//! each 32-bit lane of a register belongs to one block, and the step's rows alike.
+//!
+//! A group is 16 blocks of 32 weights (Q8_0) or 16 sub-blocks of 32 (two Q4_K super-blocks),
+//! 512 weights in all. Its weights are stored as 8 registers' worth, register `j`'s lane `i`
+//! holding weights `4j..4j+4` of block `i`; the step's rows are laid out alike
+//! ([`group_rows`]). Eight `vpdpbusd` then leave each block's whole integer dot product in its
+//! own lane, and the group is scaled into f32 with one conversion and one multiply-add a row,
+//! where a layout of whole blocks in a register needs a reduction or a conversion per pair of
+//! blocks. Blocks past the end of a row are padded with zeros (weights, scales and inputs), so
+//! a row of any whole number of blocks works.
+
+use super::Blocks;
+
+/// Weights in a group.
+pub(super) const GROUP: usize = 512;
+
+/// Groups in a row of `inp` weights.
+pub(super) fn groups(inp: usize) -> usize {
+    inp.div_ceil(GROUP)
+}
+
+/// Bytes of a packed row: each group's weights, then each group's scales.
+pub(super) fn row_bytes(blocks: Blocks, inp: usize) -> usize {
+    match blocks {
+        // A byte a weight and 16 f16 scales a group, the row padded to whole 64-byte lines
+        // (as ggml's, 34 bytes a block, unless the row has an odd number of groups).
+        Blocks::Q8_0 => (groups(inp) * (GROUP + 32)).next_multiple_of(64),
+        // 4-bit values two a byte; 16 6-bit scales and 16 minimums a byte each, and each
+        // super-block's f16 scale and minimum (296 bytes for ggml's 288).
+        Blocks::Q4K => groups(inp) * (GROUP / 2 + 40),
+    }
+}
+
+/// ggml's blocks of one row (`inp` weights) packed into groups in `row` ([`row_bytes`]
+/// long). Q8_0 weights are stored plus 128 (the instruction multiplies unsigned bytes into
+/// signed ones; the step's sums take the 128s off), Q4_K's values as they are (unsigned
+/// already); blocks past the row's end are zero.
+pub(super) fn pack_row(blocks: Blocks, inp: usize, ggml: &[u8], row: &mut [u8]) {
+    assert_eq!(row.len(), row_bytes(blocks, inp));
+    row.fill(0);
+    let gs = groups(inp);
+    match blocks {
+        Blocks::Q8_0 => {
+            let (values, scales) = row.split_at_mut(gs * GROUP);
+            values.fill(128);
+            for (b, blk) in ggml.chunks_exact(34).enumerate() {
+                let (g, i) = (b / 16, b % 16);
+                scales[g * 32 + 2 * i..][..2].copy_from_slice(&blk[..2]);
+                for (k, &q) in blk[2..].iter().enumerate() {
+                    values[g * GROUP + (k / 4) * 64 + i * 4 + k % 4] = q ^ 0x80;
+                }
+            }
+        }
+        Blocks::Q4K => {
+            let (values, scales) = row.split_at_mut(gs * GROUP / 2);
+            for (s, blk) in ggml.chunks_exact(144).enumerate() {
+                let (g, half) = (s / 2, s % 2);
+                let meta = &mut scales[g * 40..][..40];
+                // d at 32 + 2 half, dmin at 36 + 2 half.
+                meta[32 + 2 * half..][..2].copy_from_slice(&blk[..2]);
+                meta[36 + 2 * half..][..2].copy_from_slice(&blk[2..4]);
+                let q = &blk[4..16];
+                for j in 0..8 {
+                    // ggml's get_scale_min_k4.
+                    let (sc, m) = if j < 4 {
+                        (q[j] & 63, q[j + 4] & 63)
+                    } else {
+                        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+                    };
+                    meta[8 * half + j] = sc;
+                    meta[16 + 8 * half + j] = m;
+                }
+                let qs = &blk[16..];
+                for sub in 0..8 {
+                    let i = 8 * half + sub;
+                    // Value k of the sub-block: the low nibbles of 32 bytes hold an even
+                    // sub-block, their high nibbles the next.
+                    let value = |k: usize| (qs[32 * (sub / 2) + k] >> (4 * (sub % 2))) & 0xF;
+                    for m in 0..4 {
+                        for p in 0..4 {
+                            values[g * 256 + m * 64 + i * 4 + p] = value(8 * m + p) | (value(8 * m + 4 + p) << 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The step's rows in the groups' layout: register `j` of a group holds values `4j..4j+4` of
+/// each of its 16 blocks, the blocks past a row's end zero.
+pub(super) fn group_rows(blocks: Blocks, inp: usize, q: &[i8], d: &[f32]) -> Grouped {
+    let (rows, gs) = (q.len() / inp, groups(inp));
+    let mut values = vec![0i8; rows * gs * GROUP];
+    let mut scale = vec![0f32; rows * gs * 16];
+    let mut sum = vec![0i32; rows * gs * 16];
+    for r in 0..rows {
+        for (b, block) in q[r * inp..(r + 1) * inp].chunks_exact(32).enumerate() {
+            let (g, i) = (r * gs + b / 16, b % 16);
+            let group = &mut values[g * GROUP..][..GROUP];
+            for (j, four) in block.chunks_exact(4).enumerate() {
+                group[j * 64 + i * 4..][..4].copy_from_slice(four);
+            }
+            scale[g * 16 + i] = match blocks {
+                Blocks::Q8_0 => d[r * inp / 32 + b],
+                Blocks::Q4K => d[r * inp / 256 + b / 8],
+            };
+            sum[g * 16 + i] = block.iter().map(|&v| i32::from(v)).sum();
+        }
+    }
+    match blocks {
+        Blocks::Q8_0 => Grouped { values, scale, start: sum.iter().map(|s| -128 * s).collect(), sum: Vec::new() },
+        Blocks::Q4K => Grouped { values, scale, start: Vec::new(), sum: sum.iter().map(|&s| s as f32).collect() },
+    }
+}
+
+/// The step's rows as [`group_rows`] lays them out.
+#[derive(Default)]
+pub(super) struct Grouped {
+    /// The rows' bytes, a group's 16 blocks interleaved four bytes at a time.
+    pub(super) values: Vec<i8>,
+    /// Each block's scale (Q4_K: its super-block's), 16 a group.
+    pub(super) scale: Vec<f32>,
+    /// Q8_0: each block's sum times −128, where its dot product with weights stored plus 128 starts.
+    pub(super) start: Vec<i32>,
+    /// Q4_K: each sub-block's sum, for the weights' minimums.
+    pub(super) sum: Vec<f32>,
+}
+
+/// Where a group of the step's rows starts in [`Grouped`]' arrays: the `g`th row's.
+#[derive(Clone, Copy)]
+pub(super) struct Step {
+    pub(super) values: *const i8,
+    pub(super) scale: *const f32,
+    pub(super) sum: *const f32,
+    pub(super) start: *const i32,
+    pub(super) groups: usize,
+}
+
+impl Step {
+    /// The step's rows from `g`, for weights in `blocks`.
+    pub(super) fn of(x: &Grouped, blocks: Blocks, inp: usize, g: usize) -> Step {
+        let gs = groups(inp);
+        let at = |v: usize| g * gs * v;
+        Step {
+            values: x.values[at(GROUP)..].as_ptr(),
+            scale: x.scale[at(16)..].as_ptr(),
+            sum: if blocks == Blocks::Q4K { x.sum[at(16)..].as_ptr() } else { std::ptr::null() },
+            start: if blocks == Blocks::Q8_0 { x.start[at(16)..].as_ptr() } else { std::ptr::null() },
+            groups: gs,
+        }
+    }
+}
+
+/// How many weight rows ahead of the one it multiplies a kernel asks for the cache lines of
+/// the group it is on: the weights come from memory once a step, and the products of a step
+/// of 8 rows take long enough that without it the core waits for each line in turn (reads
+/// and products took about as long as each alone, added).
+pub(super) const AHEAD: usize = 4;
+
+/// Asks for the line at `p` (a weight row `AHEAD` ahead, which may be past the task's last).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(super) unsafe fn fetch(p: *const u8) {
+    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// Weight `k` of a packed row, as f32: read back through the layout alone.
+    fn unpacked(blocks: Blocks, inp: usize, row: &[u8], k: usize) -> f32 {
+        let gs = groups(inp);
+        let (g, i, at) = (k / GROUP, (k % GROUP) / 32, k % 32);
+        let f16 = |p: &[u8]| half::f16::from_le_bytes([p[0], p[1]]).to_f32();
+        match blocks {
+            Blocks::Q8_0 => {
+                let q = (row[g * GROUP + (at / 4) * 64 + i * 4 + at % 4] ^ 0x80) as i8;
+                f16(&row[gs * GROUP + g * 32 + 2 * i..]) * f32::from(q)
+            }
+            Blocks::Q4K => {
+                let byte = row[g * 256 + (at / 8) * 64 + i * 4 + at % 4];
+                let q = if at % 8 < 4 { byte & 0xF } else { byte >> 4 };
+                let meta = &row[gs * 256 + g * 40..];
+                let (d, dmin) = (f16(&meta[32 + 2 * (i / 8)..]), f16(&meta[36 + 2 * (i / 8)..]));
+                d * f32::from(meta[i]) * f32::from(q) - dmin * f32::from(meta[16 + i])
+            }
+        }
+    }
+
+    #[test]
+    fn a_packed_row_holds_ggmls_weights() {
+        // One group and a part, Q8_0's rows padded to whole lines; an odd number of Q4_K
+        // super-blocks leaves half a group empty.
+        for (t, blocks, inp) in
+            [(GgmlDType::Q8_0, Blocks::Q8_0, 544), (GgmlDType::Q8_0, Blocks::Q8_0, 1024), (GgmlDType::Q4K, Blocks::Q4K, 768)]
+        {
+            let w = Tensor::randn(0f32, 0.5, (3, inp), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, t).unwrap();
+            let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let ggml = q.data().unwrap();
+            let n = row_bytes(blocks, inp);
+            assert!(blocks == Blocks::Q4K || n.is_multiple_of(64), "{blocks:?} row of {n} bytes");
+            for (r, ggml) in ggml.chunks_exact(ggml.len() / 3).enumerate() {
+                let mut row = vec![0xAA; n];
+                pack_row(blocks, inp, ggml, &mut row);
+                for k in 0..groups(inp) * GROUP {
+                    let want = if k < inp { dense[r * inp + k] } else { 0.0 };
+                    let got = unpacked(blocks, inp, &row, k);
+                    assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{blocks:?} {inp}: row {r}, weight {k}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_step_s_rows_in_groups() {
+        // Two rows of 17 Q8_0 blocks: each value where its weight is, zero past the end.
+        let inp = 544;
+        let q: Vec<i8> = (0..2 * inp).map(|v| (v % 251) as i8).collect();
+        let d: Vec<f32> = (0..2 * inp / 32).map(|b| b as f32 + 0.5).collect();
+        let g = group_rows(Blocks::Q8_0, inp, &q, &d);
+        assert_eq!(g.values.len(), 2 * 2 * GROUP);
+        for r in 0..2 {
+            for k in 0..2 * GROUP {
+                let (gi, i, at) = (r * 2 + k / GROUP, (k % GROUP) / 32, k % 32);
+                let want = if k < inp { q[r * inp + k] } else { 0 };
+                assert_eq!(g.values[gi * GROUP + (at / 4) * 64 + i * 4 + at % 4], want, "row {r}, value {k}");
+            }
+            for b in 0..32 {
+                let lane = (r * 2 + b / 16) * 16 + b % 16;
+                let (scale, start) = if b < 17 {
+                    (d[r * 17 + b], -128 * q[r * inp + b * 32..][..32].iter().map(|&v| i32::from(v)).sum::<i32>())
+                } else {
+                    (0.0, 0)
+                };
+                assert_eq!((g.scale[lane], g.start[lane]), (scale, start), "row {r}, block {b}");
+            }
+        }
+        assert!(g.sum.is_empty());
+        // Q4_K: a super-block's scale in each of its sub-blocks' lanes, and their sums.
+        let (q, d) = (vec![3i8; 256], vec![0.25f32]);
+        let g = group_rows(Blocks::Q4K, 256, &q, &d);
+        assert_eq!(g.scale, [[0.25; 8], [0.0; 8]].concat());
+        assert_eq!(g.sum, [[96.0; 8], [0.0; 8]].concat());
+        assert!(g.start.is_empty());
+    }
+}
