@@ -4,7 +4,7 @@
 //! (the pairs into the lane's 32 bits); Q8_0's signed weights go in as their magnitudes with
 //! their signs moved onto the step's bytes (`vpsignb`), as llama.cpp's AVX2 code does.
 
-use super::grouped::{fetch, row_bytes, Step, AHEAD, GROUP};
+use super::grouped::{fetch, q4k, row_bytes, Step, AHEAD, GROUP, Q8_0_SCALES};
 use super::{Blocks, Rows};
 use std::arch::x86_64::*;
 
@@ -46,7 +46,7 @@ unsafe fn q8_0_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step,
         for j in 0..8 {
             fetch(ahead.wrapping_add(g * GROUP + 64 * j));
         }
-        fetch(ahead.wrapping_add(groups * GROUP + g * 32));
+        fetch(ahead.wrapping_add(groups * GROUP + g * Q8_0_SCALES));
         for h in 0..2 {
             let mut sums = [_mm256_setzero_si256(); R];
             for j in 0..8 {
@@ -57,7 +57,7 @@ unsafe fn q8_0_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step,
                     *sums = _mm256_add_epi32(*sums, dot4(aw, _mm256_sign_epi8(xv, wv)));
                 }
             }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(g * 32 + 16 * h) as *const __m128i));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(g * Q8_0_SCALES + 16 * h) as *const __m128i));
             for (r, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
                 let d = _mm256_mul_ps(dw, _mm256_loadu_ps(scale.add((r * groups + g) * 16 + 8 * h)));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, *acc);
@@ -91,7 +91,7 @@ unsafe fn q4k_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, 
         for l in 0..4 {
             fetch(ahead.wrapping_add(g * GROUP / 2 + 64 * l));
         }
-        fetch(ahead.wrapping_add(groups * GROUP / 2 + g * 40));
+        fetch(ahead.wrapping_add(groups * GROUP / 2 + g * q4k::BYTES));
         for h in 0..2 {
             let mut sums = [_mm256_setzero_si256(); R];
             for m in 0..4 {
@@ -106,11 +106,11 @@ unsafe fn q4k_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, 
                 }
             }
             // The super-block's d and dmin, times its sub-blocks' 6-bit scales and minimums.
-            let mg = meta.add(g * 40);
+            let mg = meta.add(g * q4k::BYTES);
             let f16 = |p: *const u8| _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([*p, *p.add(1)])));
             let bytes = |p: *const u8| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)));
-            let sc = _mm256_mul_ps(f16(mg.add(32 + 2 * h)), bytes(mg.add(8 * h)));
-            let mn = _mm256_mul_ps(f16(mg.add(36 + 2 * h)), bytes(mg.add(16 + 8 * h)));
+            let sc = _mm256_mul_ps(f16(mg.add(q4k::D + 2 * h)), bytes(mg.add(8 * h)));
+            let mn = _mm256_mul_ps(f16(mg.add(q4k::DMIN + 2 * h)), bytes(mg.add(q4k::MINS + 8 * h)));
             for (r, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
                 let at = (r * groups + g) * 16 + 8 * h;
                 let t = _mm256_fnmadd_ps(mn, _mm256_loadu_ps(sum.add(at)), _mm256_mul_ps(_mm256_cvtepi32_ps(sums), sc));

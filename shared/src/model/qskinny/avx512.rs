@@ -2,7 +2,7 @@
 //! `grouped.rs` lays out, a weight row at a time into up to 8 rows of the step. (Two weight
 //! rows at a time, each load of the step's bytes going into both, measured no faster.)
 
-use super::grouped::{fetch, row_bytes, Step, AHEAD, GROUP};
+use super::grouped::{fetch, q4k, row_bytes, Step, AHEAD, GROUP, Q8_0_SCALES};
 use super::{Blocks, Rows};
 use std::arch::x86_64::*;
 
@@ -27,7 +27,7 @@ unsafe fn q8_0_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step,
         for j in 0..8 {
             fetch(ahead.wrapping_add(g * GROUP + 64 * j));
         }
-        fetch(ahead.wrapping_add(groups * GROUP + g * 32));
+        fetch(ahead.wrapping_add(groups * GROUP + g * Q8_0_SCALES));
         // Under 4 rows, the odd registers' products in sums of their own: one chain of 8
         // dependent products a row would wait on each.
         let mut sums: [[__m512i; 2]; R] =
@@ -41,7 +41,7 @@ unsafe fn q8_0_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step,
             }
         }
         let sums = sums.map(|[even, odd]| if R < 4 { _mm512_add_epi32(even, odd) } else { even });
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g * 32) as *const __m256i));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g * Q8_0_SCALES) as *const __m256i));
         for (r, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
             let d = _mm512_mul_ps(dw, _mm512_loadu_ps(scale.add(x(r))));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *acc);
@@ -73,7 +73,7 @@ unsafe fn q4k_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, 
         for l in 0..4 {
             fetch(ahead.wrapping_add(g * GROUP / 2 + 64 * l));
         }
-        fetch(ahead.wrapping_add(groups * GROUP / 2 + g * 40));
+        fetch(ahead.wrapping_add(groups * GROUP / 2 + g * q4k::BYTES));
         let mut sums = [_mm512_setzero_si512(); R];
         for m in 0..4 {
             let bits = _mm512_loadu_si512(wr.add(g * GROUP / 2 + 64 * m) as *const __m512i);
@@ -86,11 +86,11 @@ unsafe fn q4k_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, 
             }
         }
         // Each super-block's d and dmin in its 8 lanes, times the sub-blocks' 6-bit values.
-        let mg = meta.add(g * 40);
+        let mg = meta.add(g * q4k::BYTES);
         let pair = |p: *const u8| _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(half(p.add(2))), _mm_set1_epi16(half(p))));
         let bytes = |p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
-        let sc = _mm512_mul_ps(pair(mg.add(32)), bytes(mg));
-        let mn = _mm512_mul_ps(pair(mg.add(36)), bytes(mg.add(16)));
+        let sc = _mm512_mul_ps(pair(mg.add(q4k::D)), bytes(mg));
+        let mn = _mm512_mul_ps(pair(mg.add(q4k::DMIN)), bytes(mg.add(q4k::MINS)));
         for (r, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
             let t = _mm512_fnmadd_ps(mn, _mm512_loadu_ps(sum.add(x(r))), _mm512_mul_ps(_mm512_cvtepi32_ps(sums), sc));
             *acc = _mm512_fmadd_ps(t, _mm512_loadu_ps(scale.add(x(r))), *acc);

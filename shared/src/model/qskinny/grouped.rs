@@ -20,15 +20,29 @@ pub(super) fn groups(inp: usize) -> usize {
     inp.div_ceil(GROUP)
 }
 
+/// Bytes of a Q8_0 group's scales (16 f16s), after the row's values.
+pub(super) const Q8_0_SCALES: usize = 32;
+
+/// Where a Q4_K group's scales (after the row's values) hold what: the 16 sub-blocks' 6-bit
+/// scales a byte each from 0, their minimums from [`MINS`](q4k::MINS), the two
+/// super-blocks' f16 `d` from [`D`](q4k::D) and f16 `dmin` from [`DMIN`](q4k::DMIN).
+pub(super) mod q4k {
+    pub(in crate::model::qskinny) const MINS: usize = 16;
+    pub(in crate::model::qskinny) const D: usize = 32;
+    pub(in crate::model::qskinny) const DMIN: usize = 36;
+    /// Bytes of a group's scales.
+    pub(in crate::model::qskinny) const BYTES: usize = 40;
+}
+
 /// Bytes of a packed row: each group's weights, then each group's scales.
 pub(super) fn row_bytes(blocks: Blocks, inp: usize) -> usize {
     match blocks {
         // A byte a weight and 16 f16 scales a group, the row padded to whole 64-byte lines
         // (as ggml's, 34 bytes a block, unless the row has an odd number of groups).
-        Blocks::Q8_0 => (groups(inp) * (GROUP + 32)).next_multiple_of(64),
+        Blocks::Q8_0 => (groups(inp) * (GROUP + Q8_0_SCALES)).next_multiple_of(64),
         // 4-bit values two a byte; 16 6-bit scales and 16 minimums a byte each, and each
         // super-block's f16 scale and minimum (296 bytes for ggml's 288).
-        Blocks::Q4K => groups(inp) * (GROUP / 2 + 40),
+        Blocks::Q4K => groups(inp) * (GROUP / 2 + q4k::BYTES),
     }
 }
 
@@ -46,7 +60,7 @@ pub(super) fn pack_row(blocks: Blocks, inp: usize, ggml: &[u8], row: &mut [u8]) 
             values.fill(128);
             for (b, blk) in ggml.chunks_exact(34).enumerate() {
                 let (g, i) = (b / 16, b % 16);
-                scales[g * 32 + 2 * i..][..2].copy_from_slice(&blk[..2]);
+                scales[g * Q8_0_SCALES + 2 * i..][..2].copy_from_slice(&blk[..2]);
                 for (k, &q) in blk[2..].iter().enumerate() {
                     values[g * GROUP + (k / 4) * 64 + i * 4 + k % 4] = q ^ 0x80;
                 }
@@ -56,10 +70,9 @@ pub(super) fn pack_row(blocks: Blocks, inp: usize, ggml: &[u8], row: &mut [u8]) 
             let (values, scales) = row.split_at_mut(gs * GROUP / 2);
             for (s, blk) in ggml.chunks_exact(144).enumerate() {
                 let (g, half) = (s / 2, s % 2);
-                let meta = &mut scales[g * 40..][..40];
-                // d at 32 + 2 half, dmin at 36 + 2 half.
-                meta[32 + 2 * half..][..2].copy_from_slice(&blk[..2]);
-                meta[36 + 2 * half..][..2].copy_from_slice(&blk[2..4]);
+                let meta = &mut scales[g * q4k::BYTES..][..q4k::BYTES];
+                meta[q4k::D + 2 * half..][..2].copy_from_slice(&blk[..2]);
+                meta[q4k::DMIN + 2 * half..][..2].copy_from_slice(&blk[2..4]);
                 let q = &blk[4..16];
                 for j in 0..8 {
                     // ggml's get_scale_min_k4.
@@ -69,7 +82,7 @@ pub(super) fn pack_row(blocks: Blocks, inp: usize, ggml: &[u8], row: &mut [u8]) 
                         ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
                     };
                     meta[8 * half + j] = sc;
-                    meta[16 + 8 * half + j] = m;
+                    meta[q4k::MINS + 8 * half + j] = m;
                 }
                 let qs = &blk[16..];
                 for sub in 0..8 {
@@ -180,14 +193,14 @@ mod tests {
         match blocks {
             Blocks::Q8_0 => {
                 let q = (row[g * GROUP + (at / 4) * 64 + i * 4 + at % 4] ^ 0x80) as i8;
-                f16(&row[gs * GROUP + g * 32 + 2 * i..]) * f32::from(q)
+                f16(&row[gs * GROUP + g * Q8_0_SCALES + 2 * i..]) * f32::from(q)
             }
             Blocks::Q4K => {
                 let byte = row[g * 256 + (at / 8) * 64 + i * 4 + at % 4];
                 let q = if at % 8 < 4 { byte & 0xF } else { byte >> 4 };
-                let meta = &row[gs * 256 + g * 40..];
-                let (d, dmin) = (f16(&meta[32 + 2 * (i / 8)..]), f16(&meta[36 + 2 * (i / 8)..]));
-                d * f32::from(meta[i]) * f32::from(q) - dmin * f32::from(meta[16 + i])
+                let meta = &row[gs * 256 + g * q4k::BYTES..];
+                let (d, dmin) = (f16(&meta[q4k::D + 2 * (i / 8)..]), f16(&meta[q4k::DMIN + 2 * (i / 8)..]));
+                d * f32::from(meta[i]) * f32::from(q) - dmin * f32::from(meta[q4k::MINS + i])
             }
         }
     }
