@@ -2,7 +2,9 @@
 //! half of a group's register holds 8 blocks, a 32-bit lane each. Without VNNI the bytes'
 //! products take `vpmaddubsw` (unsigned by signed bytes into pairs of 16 bits) and `vpmaddwd`
 //! (the pairs into the lane's 32 bits); Q8_0's signed weights go in as their magnitudes with
-//! their signs moved onto the step's bytes (`vpsignb`), as llama.cpp's AVX2 code does.
+//! their signs moved onto the step's bytes (`vpsignb`), as llama.cpp's AVX2 code does. Q4_K's
+//! pairs are small enough (a nibble times a byte) to be summed in 16 bits over a super-block
+//! first, one `vpmaddwd` a super-block instead of one a register of products.
 
 use super::grouped::{fetch, q4k, row_bytes, Step, AHEAD, GROUP, Q8_0_SCALES};
 use super::{Blocks, Rows};
@@ -102,9 +104,13 @@ unsafe fn q4k_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, 
                     let x = values.add((r * groups + g) * GROUP + 128 * m + 32 * h);
                     let xl = _mm256_loadu_si256(x as *const __m256i);
                     let xh = _mm256_loadu_si256(x.add(64) as *const __m256i);
-                    *sums = _mm256_add_epi32(*sums, _mm256_add_epi32(dot4(lo, xl), dot4(hi, xh)));
+                    let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    *sums = _mm256_add_epi16(*sums, pairs);
                 }
             }
+            // Widened once a super-block: each 16-bit half of a lane holds 16 products of a
+            // nibble (at most 15) and a byte (at most 128 in magnitude), at most 30,720.
+            let sums = sums.map(|s| _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
             // The super-block's d and dmin, times its sub-blocks' 6-bit scales and minimums.
             let mg = meta.add(g * q4k::BYTES);
             let f16 = |p: *const u8| _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([*p, *p.add(1)])));
