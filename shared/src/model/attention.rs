@@ -48,6 +48,20 @@ fn dot<S: Simd>(simd: S, a: &[f32], b: &[f32]) -> f32 {
     simd.reduce_sum_f32s(simd.add_f32s(acc[0], acc[1])) + tail
 }
 
+/// `out += w · v` on `S`'s vectors.
+#[inline(always)]
+fn axpy<S: Simd>(simd: S, out: &mut [f32], w: f32, v: &[f32]) {
+    let (oh, ot) = S::as_mut_simd_f32s(out);
+    let (vh, vt) = S::as_simd_f32s(v);
+    let ws = simd.splat_f32s(w);
+    for (o, x) in oh.iter_mut().zip(vh) {
+        *o = simd.mul_add_f32s(ws, *x, *o);
+    }
+    for (o, x) in ot.iter_mut().zip(vt) {
+        *o += w * x;
+    }
+}
+
 /// Attention of single-token queries against their sequences' cached keys and values, read in
 /// place from the pool's blocks (no gather): `q` is `(rows, heads, head_dim)` f32 on the CPU,
 /// `keys`/`values` a layer of the pool; returns `(decode rows, heads × head_dim)` in the order
@@ -89,23 +103,6 @@ struct Attend<'a> {
     out: &'a mut [f32],
 }
 
-/// f32 lanes in one of `S`'s vectors.
-#[inline(always)]
-fn lanes<S: Simd>() -> usize {
-    std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>()
-}
-
-/// Slots whose scores one pass of [`scores`] takes together: with two query heads, 8
-/// independent sums, enough to keep both fused multiply-add units busy; one sum a slot would
-/// wait on each multiply-add's latency in turn.
-const SLOT_TILE: usize = 4;
-/// Vectors of the output one pass of [`weighted_sum`] keeps in registers over every slot: with
-/// two query heads, 8 sums, each value vector loaded once for both heads.
-const OUT_TILE: usize = 4;
-/// Slots [`weighted_sum`] takes through all its tiles before the next: their value rows (16 KiB
-/// at 128 lanes of f32) stay in L1 from the first tile to the last.
-const SLOT_RUN: usize = 32;
-
 impl WithSimd for Attend<'_> {
     type Output = ();
 
@@ -114,19 +111,14 @@ impl WithSimd for Attend<'_> {
         let Attend { row, rep, d, q, k: keys, v: values, scale, out } = self;
         let ctx = row.slots.len();
         let mut scores = vec![0f32; rep * ctx];
-        // Query heads two at a time (one key load for both), a last odd one alone.
-        let mut j = 0;
-        while j < rep {
-            let h = if rep - j >= 2 { 2 } else { 1 };
-            let (q, s) = (&q[j * d..(j + h) * d], &mut scores[j * ctx..(j + h) * ctx]);
-            if h == 2 {
-                self::scores::<S, 2>(simd, q, keys, &row.slots, d, scale, s);
-            } else {
-                self::scores::<S, 1>(simd, q, keys, &row.slots, d, scale, s);
+        for (p, &slot) in row.slots.iter().enumerate() {
+            let k = &keys[slot as usize * d..(slot as usize + 1) * d];
+            for j in 0..rep {
+                scores[j * ctx + p] = dot(simd, &q[j * d..(j + 1) * d], k) * scale;
             }
-            j += h;
         }
-        for s in scores.chunks_exact_mut(ctx.max(1)) {
+        for j in 0..rep {
+            let s = &mut scores[j * ctx..(j + 1) * ctx];
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for x in s.iter_mut() {
@@ -138,128 +130,12 @@ impl WithSimd for Attend<'_> {
                 *x *= inv;
             }
         }
-        let mut j = 0;
-        while j < rep {
-            let h = if rep - j >= 2 { 2 } else { 1 };
-            let (p, o) = (&scores[j * ctx..(j + h) * ctx], &mut out[j * d..(j + h) * d]);
-            if h == 2 {
-                weighted_sum::<S, 2>(simd, p, values, &row.slots, d, o);
-            } else {
-                weighted_sum::<S, 1>(simd, p, values, &row.slots, d, o);
-            }
-            j += h;
-        }
-    }
-}
-
-/// `scores[h][p] = q[h] · keys[slots[p]] × scale` for `H` query heads `q` `(H, d)` into
-/// `scores` `(H, slots)`: [`SLOT_TILE`] slots at a time, each key vector loaded once for the
-/// `H` heads, the sums kept in registers and reduced across lanes once a slot.
-#[inline(always)]
-fn scores<S: Simd, const H: usize>(simd: S, q: &[f32], keys: &[f32], slots: &[u32], d: usize, scale: f32, scores: &mut [f32]) {
-    let ctx = slots.len();
-    let qh: [&[f32]; H] = std::array::from_fn(|h| &q[h * d..(h + 1) * d]);
-    let qv = qh.map(|q| S::as_simd_f32s(q).0);
-    let n = qv[0].len();
-    let qv = qv.map(|q| &q[..n]);
-    let tail = n * lanes::<S>();
-    let key = |slot: u32| &keys[slot as usize * d..(slot as usize + 1) * d];
-    let tiles = slots.chunks_exact(SLOT_TILE);
-    let done = slots.len() - tiles.remainder().len();
-    for (t, tile) in tiles.enumerate() {
-        let ks: [&[f32]; SLOT_TILE] = std::array::from_fn(|s| key(tile[s]));
-        let kv = ks.map(|k| &S::as_simd_f32s(k).0[..n]);
-        let mut acc = [[simd.splat_f32s(0.0); SLOT_TILE]; H];
-        for i in 0..n {
-            for s in 0..SLOT_TILE {
-                let k = kv[s][i];
-                for h in 0..H {
-                    acc[h][s] = simd.mul_add_f32s(qv[h][i], k, acc[h][s]);
-                }
+        for (p, &slot) in row.slots.iter().enumerate() {
+            let v = &values[slot as usize * d..(slot as usize + 1) * d];
+            for j in 0..rep {
+                axpy(simd, &mut out[j * d..(j + 1) * d], scores[j * ctx + p], v);
             }
         }
-        for h in 0..H {
-            for s in 0..SLOT_TILE {
-                let rest: f32 = qh[h][tail..].iter().zip(&ks[s][tail..]).map(|(x, y)| x * y).sum();
-                scores[h * ctx + t * SLOT_TILE + s] = (simd.reduce_sum_f32s(acc[h][s]) + rest) * scale;
-            }
-        }
-    }
-    for (p, &slot) in slots.iter().enumerate().skip(done) {
-        for h in 0..H {
-            scores[h * ctx + p] = dot(simd, qh[h], key(slot)) * scale;
-        }
-    }
-}
-
-/// `out[h] = Σ_p probs[h][p] · values[slots[p]]` for `H` query heads, `probs` `(H, slots)`,
-/// into `out` `(H, d)`: [`OUT_TILE`] vectors of each head's output held in registers over a
-/// run of [`SLOT_RUN`] slots, each value vector loaded once for the `H` heads; the run's value
-/// rows are read from memory by the first tile and from L1 by the rest. Each output element
-/// takes one fused multiply-add a slot, in the slots' order, whatever the tiling.
-#[inline(always)]
-fn weighted_sum<S: Simd, const H: usize>(simd: S, probs: &[f32], values: &[f32], slots: &[u32], d: usize, out: &mut [f32]) {
-    let ctx = slots.len();
-    let n = S::as_simd_f32s(&out[..d]).0.len();
-    for start in (0..ctx).step_by(SLOT_RUN) {
-        let run = start..(start + SLOT_RUN).min(ctx);
-        let mut c = 0;
-        while c < n {
-            if n - c >= OUT_TILE {
-                weighted_tile::<S, H, OUT_TILE>(simd, probs, values, slots, run.clone(), c, d, out);
-                c += OUT_TILE;
-            } else {
-                weighted_tile::<S, H, 1>(simd, probs, values, slots, run.clone(), c, d, out);
-                c += 1;
-            }
-        }
-    }
-    // The lanes past the last whole vector, one at a time.
-    let tail = n * lanes::<S>();
-    for h in 0..H {
-        let o = &mut out[h * d..(h + 1) * d];
-        for (p, &slot) in slots.iter().enumerate() {
-            let w = probs[h * ctx + p];
-            for (o, x) in o[tail..].iter_mut().zip(&values[slot as usize * d + tail..(slot as usize + 1) * d]) {
-                *o += w * x;
-            }
-        }
-    }
-}
-
-/// Vectors `c..c + N` of [`weighted_sum`]'s `H` outputs over the slots `run`, from zero for
-/// the first run, else from what the runs before left in `out`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn weighted_tile<S: Simd, const H: usize, const N: usize>(
-    simd: S,
-    probs: &[f32],
-    values: &[f32],
-    slots: &[u32],
-    run: std::ops::Range<usize>,
-    c: usize,
-    d: usize,
-    out: &mut [f32],
-) {
-    let ctx = slots.len();
-    let mut acc = [[simd.splat_f32s(0.0); N]; H];
-    if run.start > 0 {
-        for (h, acc) in acc.iter_mut().enumerate() {
-            acc.copy_from_slice(&S::as_simd_f32s(&out[h * d..(h + 1) * d]).0[c..c + N]);
-        }
-    }
-    for p in run {
-        let slot = slots[p] as usize;
-        let v = &S::as_simd_f32s(&values[slot * d..(slot + 1) * d]).0[c..c + N];
-        let w: [S::f32s; H] = std::array::from_fn(|h| simd.splat_f32s(probs[h * ctx + p]));
-        for k in 0..N {
-            for h in 0..H {
-                acc[h][k] = simd.mul_add_f32s(w[h], v[k], acc[h][k]);
-            }
-        }
-    }
-    for h in 0..H {
-        S::as_mut_simd_f32s(&mut out[h * d..(h + 1) * d]).0[c..c + N].copy_from_slice(&acc[h]);
     }
 }
 
@@ -384,11 +260,10 @@ mod tests {
     }
 
     #[test]
-    fn paged_decode_tiles_heads_slots_and_lanes_as_dense_attention() {
+    fn paged_decode_equals_dense_attention_for_head_sizes_groupings_and_contexts() {
         let dev = Device::Cpu;
-        // Head sizes of whole tiles of vectors (128), of a part tile and lanes past the last
-        // vector (72, 20); one, two and three query heads a KV head; contexts of whole slot
-        // tiles and not, shorter than one.
+        // Head sizes of whole vectors and of lanes past the last vector (128, 72, 20); one,
+        // two and three query heads a KV head; contexts from one slot to several blocks.
         for (heads, kvh, d) in [(16, 8, 128), (6, 2, 72), (2, 2, 20), (3, 1, 128)] {
             for ctx in [1usize, 3, 8, 37] {
                 let mut p = KvPool::new(1, kvh, d, 4, 16, DType::F32, &dev).unwrap();
