@@ -1,5 +1,4 @@
-//! The simulation itself: replicas as the engine's scheduler reduced to its costs, and the
-//! events that drive them.
+//! The simulation itself: the modelled replicas and the events that drive them.
 //!
 //! A replica is the engine's scheduler reduced to its costs. It runs steps back to back while
 //! it has work. At a step's start it admits waiting requests in arrival order while their
