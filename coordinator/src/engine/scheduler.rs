@@ -1,20 +1,20 @@
 //! The scheduler of one model: continuous batching over the pipeline.
 //!
-//! Requests wait in a FIFO queue (bounded by `max_waiting`) and are admitted, in order, while
-//! every stage's KV pool can hold them: each reserves blocks for its prompt + max_new_tokens up
-//! front (as TGI does), less the blocks of its longest cached prefix, which it shares instead
-//! of computing ([`super::blocks`]), so a running sequence never runs out of KV memory and
-//! nothing is ever preempted. The scheduler names every block, so all stages and ranks hold a
-//! sequence under the same ids, and a block is published to the cache once every stage wrote it. Each step is built from the running set — decode rows first, then prefill chunks,
-//! within `max_batch_size` sequences and `max_batch_tokens` rows — and as many steps are in
-//! flight as the pipeline has stages (each taking an even share of the ready sequences), so
-//! every stage computes at once. A sequence that finishes, is cancelled or fails leaves at the
-//! next step: its id rides in that step's `release` list, which every stage applies before it
-//! runs the step, so its blocks are free before anyone else's tokens need them. When a stage
-//! dies, every sequence of the batch moves to the next placement (up to `migration_limit`
-//! times, re-prefilling what it has) or fails with UNAVAILABLE. A client that does not read
-//! its stream is cancelled once `max_buffered_tokens` events wait for it, never holding up the
-//! others.
+//! Requests wait in a FIFO queue (bounded by `max_waiting`) and are admitted, in order, while every
+//! stage's KV pool can hold them: each reserves blocks for its prompt + max_new_tokens up front (as
+//! TGI does), less the blocks of its longest cached prefix, which it shares instead of computing
+//! ([`super::blocks`]), so a running sequence never runs out of KV memory and nothing is ever
+//! preempted. The scheduler names every block, so all stages and ranks hold a sequence under the
+//! same ids, and a block is published to the cache once every stage wrote it. Each step is built
+//! from the running set — decode rows first, then prefill chunks, within `max_batch_size` sequences
+//! and `max_batch_tokens` rows — and as many steps are in flight as the pipeline has stages (each
+//! taking an even share of the ready sequences), so every stage computes at once. A sequence that
+//! finishes, is cancelled or fails leaves at the next step: its id rides in that step's `release`
+//! list, which every stage applies before it runs the step, so its blocks are free before anyone
+//! else's tokens need them. When a stage dies, every sequence of the batch moves to the next
+//! placement (up to `migration_limit` times, re-prefilling what it has) or fails with UNAVAILABLE.
+//! A client that does not read its stream is cancelled once `max_buffered_tokens` events wait for
+//! it, never holding up the others. A step's answer is taken in by `results.rs`.
 
 mod results;
 
