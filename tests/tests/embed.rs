@@ -6,7 +6,6 @@
 use candle_core::{DType, Device, Tensor};
 use shardserve_proto::v1 as pb;
 use shardserve_tests::*;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 /// candle-transformers' Qwen3 base model on the reference checkpoint: each position's
@@ -106,17 +105,6 @@ async fn embeddings_equal_candle_transformers_base_model_and_leave_no_kv() {
 
 /// POST `body` to `path`; the status and the JSON answer.
 fn post(addr: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(rest).unwrap_or_else(|e| panic!("{e}: {rest}")))
+    let (status, text) = http_post(addr, path, None, body);
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
 }

@@ -33,35 +33,10 @@ async fn http_cluster(chat_dir: &Path) -> (Cluster, String) {
     (cluster, http)
 }
 
-/// One HTTP/1.1 request on a fresh connection; the status and the raw body bytes (chunked
-/// encoding undone).
+/// One HTTP/1.1 request on a fresh connection, bounded (60 s): the status and the raw body
+/// bytes (chunked encoding undone).
 fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no header end");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        body = unchunk(&body);
-    }
-    (status, body)
-}
-
-fn unchunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line + 2..line + 2 + size]);
-        b = &b[line + 2 + size + 2..];
-    }
+    http_request(addr, method, path, None, body, Duration::from_secs(60))
 }
 
 fn json_of(body: &[u8]) -> serde_json::Value {
