@@ -99,7 +99,8 @@ impl Isa {
 /// values, for the weights' minimums; laid out as the weights' groups.
 type Rows = grouped::Grouped;
 
-#[inline(always)]
+/// [`Rows`] value by value: what `rows.rs` computes 8 at a time on x86-64.
+#[cfg(any(test, not(target_arch = "x86_64")))]
 fn quantize_rows(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
     let n = blocks.weights();
     let mut q = vec![0i8; x.len()];
@@ -130,14 +131,6 @@ fn quantize_rows(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
         }
     }
     grouped::group_rows(blocks, inp, &q, &d)
-}
-
-/// [`quantize_rows`] with the instructions the kernel needs, where rounding is one instruction
-/// (without them it is a call into libm per value).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_rows_avx2(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
-    quantize_rows(blocks, inp, x)
 }
 
 /// The instructions this CPU's kernels run, found once.
@@ -227,7 +220,7 @@ impl Input {
         assert_eq!(x.len(), rows * inp, "input for {rows}x{inp}");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked the CPU features.
-        let xs = unsafe { quantize_rows_avx2(blocks, inp, x) };
+        let xs = unsafe { rows::quantize(blocks, inp, x) };
         #[cfg(not(target_arch = "x86_64"))]
         let xs = quantize_rows(blocks, inp, x);
         Input { isa, blocks, inp, rows, xs }
@@ -329,6 +322,9 @@ mod avx512;
 
 mod grouped;
 
+#[cfg(target_arch = "x86_64")]
+mod rows;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +411,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_rows_quantized_eight_at_a_time_are_the_values_one_at_a_time() {
+        if !available() {
+            eprintln!("no AVX2: the kernel is not used on this CPU");
+            return;
+        }
+        for (blocks, inp) in [(Blocks::Q8_0, 544), (Blocks::Q8_0, 1024), (Blocks::Q4K, 768)] {
+            let mut x = vec(&Tensor::randn(0f32, 3.0, (5, inp), &Device::Cpu).unwrap());
+            // Row 1: its largest magnitude 127, so that the scale is 1 and these halves are
+            // ties, rounded away from zero (Q4_K's largest is negative: its scale is then 1).
+            let ties = [-127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.4999999, -2.5000002];
+            x[inp..inp + inp].fill(0.25);
+            for b in 0..inp / 256 {
+                x[inp + b * 256..][..ties.len()].copy_from_slice(&ties);
+            }
+            // Row 2 all zeros; row 3 a NaN and an infinity in its first blocks.
+            x[2 * inp..3 * inp].fill(0.0);
+            (x[3 * inp + 3], x[3 * inp + 40]) = (f32::NAN, f32::INFINITY);
+            // SAFETY: `available` checked the CPU features.
+            let (want, got) = (quantize_rows(blocks, inp, &x), unsafe { rows::quantize(blocks, inp, &x) });
+            assert_eq!(got.values, want.values, "{blocks:?} {inp}: values");
+            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.scale), bits(&want.scale), "{blocks:?} {inp}: scales");
+            assert_eq!((&got.start, bits(&got.sum)), (&want.start, bits(&want.sum)), "{blocks:?} {inp}: sums");
+        }
+        // The ties themselves: half away from zero (a block's values 4..8 are a register on).
+        let mut x = vec![0f32; 32];
+        x[..8].copy_from_slice(&[-127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.4999999, -2.5000002]);
+        // SAFETY: as above.
+        let q = unsafe { rows::quantize(Blocks::Q8_0, 32, &x) };
+        assert_eq!([&q.values[..4], &q.values[64..68]].concat(), [-127, 3, -4, 1, -1, 127, 1, -3]);
     }
 
     #[test]

@@ -102,7 +102,9 @@ pub(super) fn pack_row(blocks: Blocks, inp: usize, ggml: &[u8], row: &mut [u8]) 
 }
 
 /// The step's rows in the groups' layout: register `j` of a group holds values `4j..4j+4` of
-/// each of its 16 blocks, the blocks past a row's end zero.
+/// each of its 16 blocks, the blocks past a row's end zero. (On x86-64 `rows.rs` quantizes
+/// straight into it.)
+#[cfg(any(test, not(target_arch = "x86_64")))]
 pub(super) fn group_rows(blocks: Blocks, inp: usize, q: &[i8], d: &[f32]) -> Grouped {
     let (rows, gs) = (q.len() / inp, groups(inp));
     let mut values = vec![0i8; rows * gs * GROUP];
@@ -122,13 +124,10 @@ pub(super) fn group_rows(blocks: Blocks, inp: usize, q: &[i8], d: &[f32]) -> Gro
             sum[g * 16 + i] = block.iter().map(|&v| i32::from(v)).sum();
         }
     }
-    match blocks {
-        Blocks::Q8_0 => Grouped { values, scale, start: sum.iter().map(|s| -128 * s).collect(), sum: Vec::new() },
-        Blocks::Q4K => Grouped { values, scale, start: Vec::new(), sum: sum.iter().map(|&s| s as f32).collect() },
-    }
+    Grouped::of_blocks(blocks, values, scale, sum)
 }
 
-/// The step's rows as [`group_rows`] lays them out.
+/// The step's rows in the groups' layout.
 #[derive(Default)]
 pub(super) struct Grouped {
     /// The rows' bytes, a group's 16 blocks interleaved four bytes at a time.
@@ -139,6 +138,17 @@ pub(super) struct Grouped {
     pub(super) start: Vec<i32>,
     /// Q4_K: each sub-block's sum, for the weights' minimums.
     pub(super) sum: Vec<f32>,
+}
+
+impl Grouped {
+    /// The rows laid out in `values`, with each block's scale and the sum of its values, 16
+    /// a group: what each kernel starts a block from.
+    pub(super) fn of_blocks(blocks: Blocks, values: Vec<i8>, scale: Vec<f32>, sum: Vec<i32>) -> Grouped {
+        match blocks {
+            Blocks::Q8_0 => Grouped { values, scale, start: sum.iter().map(|s| -128 * s).collect(), sum: Vec::new() },
+            Blocks::Q4K => Grouped { values, scale, start: Vec::new(), sum: sum.iter().map(|&s| s as f32).collect() },
+        }
+    }
 }
 
 /// Where a group of the step's rows starts in [`Grouped`]' arrays: the `g`th row's.
