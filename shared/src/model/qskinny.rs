@@ -99,6 +99,28 @@ impl Isa {
 /// values, for the weights' minimums; laid out as the weights' groups.
 type Rows = grouped::Grouped;
 
+/// A block's scale (as the weights' blocks keep it) and the factor its values are multiplied
+/// by before rounding, from its largest magnitude `amax` and, for Q4_K, the value that has
+/// it, with its sign (`max`).
+#[inline(always)]
+fn block_scale(blocks: Blocks, amax: f32, max: impl FnOnce() -> f32) -> (f32, f32) {
+    match blocks {
+        Blocks::Q8_0 => {
+            let scale = amax / 127.0;
+            (half::f16::from_f32(scale).to_f32(), if scale == 0.0 { 0.0 } else { 1.0 / scale })
+        }
+        Blocks::Q4K => {
+            let max = max();
+            if max == 0.0 {
+                (0.0, 0.0)
+            } else {
+                let iscale = -127.0 / max;
+                (1.0 / iscale, iscale)
+            }
+        }
+    }
+}
+
 /// [`Rows`] value by value: what `rows.rs` computes 8 at a time on x86-64.
 #[cfg(any(test, not(target_arch = "x86_64")))]
 fn quantize_rows(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
@@ -109,22 +131,8 @@ fn quantize_rows(blocks: Blocks, inp: usize, x: &[f32]) -> Rows {
         // The largest magnitude, over 8 lanes (a maximum in order is a chain of 32 or 256).
         let lanes = xb.chunks_exact(8).fold([0f32; 8], |m, c| std::array::from_fn(|i| m[i].max(c[i].abs())));
         let amax = lanes.into_iter().fold(0f32, f32::max);
-        let (scale, id) = match blocks {
-            Blocks::Q8_0 => {
-                let scale = amax / 127.0;
-                (half::f16::from_f32(scale).to_f32(), if scale == 0.0 { 0.0 } else { 1.0 / scale })
-            }
-            Blocks::Q4K => {
-                // The value of largest magnitude, with its sign (the first of equals).
-                let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
-                if max == 0.0 {
-                    (0.0, 0.0)
-                } else {
-                    let iscale = -127.0 / max;
-                    (1.0 / iscale, iscale)
-                }
-            }
-        };
+        // The value of largest magnitude, with its sign (the first of equals).
+        let (scale, id) = block_scale(blocks, amax, || xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0));
         *d = scale;
         for (q, v) in qb.iter_mut().zip(xb) {
             *q = (v * id).round().clamp(-128.0, 127.0) as i8;

@@ -2,8 +2,8 @@
 //! values [`quantize_rows`](super::quantize_rows) gives, bit for bit, 8 at a time. Value by
 //! value (a scalar conversion each, then a second pass to lay the rows out) 8 rows into
 //! `down_proj` took 50 µs and a layer's four inputs 116 µs, 3.3 ms of a Q8_0 step of 8 rows
-//! that took about 50 ms on two cores, run on one while the other waited; this takes 15 µs
-//! and 35 µs (Zen 4).
+//! that took about 50 ms on two cores, run on one while the other waited; this takes 17 µs
+//! and 40 µs (Zen 4).
 
 use super::grouped::{groups, Grouped, GROUP};
 use super::Blocks;
@@ -38,8 +38,7 @@ pub(super) unsafe fn quantize(blocks: Blocks, inp: usize, x: &[f32]) -> Grouped 
     Grouped::of_blocks(blocks, values, scale, sum)
 }
 
-/// A block's scale (as the weights' blocks keep it) and the factor its values are multiplied
-/// by before rounding.
+/// [`super::block_scale`] of a block, its largest magnitude found 8 values at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_scale(blocks: Blocks, xb: &[f32]) -> (f32, f32) {
@@ -53,31 +52,16 @@ unsafe fn block_scale(blocks: Blocks, xb: &[f32]) -> (f32, f32) {
     let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-    match blocks {
-        Blocks::Q8_0 => {
-            let scale = amax / 127.0;
-            // Through an f16 as `half` rounds it (to nearest, ties to even).
-            let f16 = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(scale));
-            (_mm_cvtss_f32(_mm_cvtph_ps(f16)), if scale == 0.0 { 0.0 } else { 1.0 / scale })
-        }
-        Blocks::Q4K => {
-            // The value of largest magnitude, with its sign (the first of equals).
-            let target = _mm256_set1_ps(amax);
-            let max = xb
-                .chunks_exact(8)
-                .find_map(|c| {
-                    let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs(_mm256_loadu_ps(c.as_ptr())), target));
-                    (hit != 0).then(|| c[hit.trailing_zeros() as usize])
-                })
-                .unwrap_or(0.0);
-            if max == 0.0 {
-                (0.0, 0.0)
-            } else {
-                let iscale = -127.0 / max;
-                (1.0 / iscale, iscale)
-            }
-        }
-    }
+    // The value of largest magnitude, with its sign (the first of equals).
+    super::block_scale(blocks, amax, || {
+        let target = _mm256_set1_ps(amax);
+        xb.chunks_exact(8)
+            .find_map(|c| {
+                let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs(_mm256_loadu_ps(c.as_ptr())), target));
+                (hit != 0).then(|| c[hit.trailing_zeros() as usize])
+            })
+            .unwrap_or(0.0)
+    })
 }
 
 /// 32 values times `id`, rounded half away from zero and saturated to a byte (NaN to 0, as
