@@ -1,9 +1,9 @@
 //! The step's rows quantized on AVX2 straight into the groups' layout (`grouped.rs`): the
-//! values [`quantize_rows`](super::quantize_rows) gives, bit for bit, 8 at a time. Value by
-//! value (a scalar conversion each, then a second pass to lay the rows out) 8 rows into
-//! `down_proj` took 50 µs and a layer's four inputs 116 µs, 3.3 ms of a Q8_0 step of 8 rows
-//! that took about 50 ms on two cores, run on one while the other waited; this takes 17 µs
-//! and 40 µs (Zen 4).
+//! values `quantize_rows` (`qskinny.rs`, the tests' reference) gives, bit for bit, 8 at a
+//! time. Value by value (a scalar conversion each, then a second pass to lay the rows out) 8
+//! rows into `down_proj` took 50 µs and a layer's four inputs 116 µs, 3.3 ms of a Q8_0 step of
+//! 8 rows that took about 50 ms on two cores, run on one while the other waited; this takes
+//! 17 µs and 40 µs (Zen 4).
 
 use super::grouped::{groups, Grouped, GROUP};
 use super::Blocks;
