@@ -2,9 +2,10 @@
 //! `grouped.rs` lays out, a weight row at a time into up to 8 rows of the step. (Two weight
 //! rows at a time, each load of the step's bytes going into both, ran 1.3–1.5× faster with
 //! the weights in cache, but a serving worker's steps of 8, the weights coming from memory,
-//! took 55–85 ms with it against 45–65 without, on a Zen 4.)
+//! took 55–85 ms with it against 45–65 without, on a Zen 4. AMX's tiles, on a Xeon that has
+//! them, were no faster with the weights coming from memory: see the README.)
 
-use super::grouped::{fetch, q4k, row_bytes, Step, AHEAD, GROUP, Q8_0_SCALES};
+use super::grouped::{fetch, fetch_far, q4k, row_bytes, Step, AHEAD, FAR, GROUP, Q8_0_SCALES};
 use super::{Blocks, Rows};
 use std::arch::x86_64::*;
 
@@ -22,14 +23,16 @@ pub(super) unsafe fn q8_0(w: &[u8], inp: usize, xs: &Rows, y: &mut [&mut [f32]])
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn q8_0_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, out: &mut [f32]) {
     let Step { values, scale, start, groups, .. } = step;
-    let (scales, ahead) = (wr.add(groups * GROUP), wr.wrapping_add(AHEAD * row_bytes));
+    let (scales, ahead, far) = (wr.add(groups * GROUP), wr.wrapping_add(AHEAD * row_bytes), wr.wrapping_add(FAR * row_bytes));
     let mut acc = [_mm512_setzero_ps(); R];
     for g in 0..groups {
         let x = |r: usize| (r * groups + g) * 16;
         for j in 0..8 {
             fetch(ahead.wrapping_add(g * GROUP + 64 * j));
+            fetch_far(far.wrapping_add(g * GROUP + 64 * j));
         }
         fetch(ahead.wrapping_add(groups * GROUP + g * Q8_0_SCALES));
+        fetch_far(far.wrapping_add(groups * GROUP + g * Q8_0_SCALES));
         // Under 4 rows, the odd registers' products in sums of their own: one chain of 8
         // dependent products a row would wait on each.
         let mut sums: [[__m512i; 2]; R] =
