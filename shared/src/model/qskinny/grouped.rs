@@ -191,10 +191,10 @@ pub(super) unsafe fn fetch(p: *const u8) {
 
 /// How many weight rows ahead the AVX-512 Q8_0 kernel also asks for its lines into L2 only
 /// ([`fetch_far`]): reads into L1 are few at a time (its line fill buffers), so a deeper
-/// stream of requests through L2 keeps more of the weights' lines on their way at once. On an
-/// Intel Xeon (Sapphire Rapids, 2 cores) Q8_0 at concurrency 8 decoded 143.7–145.7 tok/s with
-/// it in four runs and 132.8–136.8 without in four, f32 at 67.9–70.3 in all; Q4_K's kernel,
-/// which waits on its arithmetic there, gained nothing (153.7 and 161.8 against 155.6 and 165.4).
+/// stream of requests through L2 keeps more of the weights' lines on their way at once. On a
+/// 2-core Intel Xeon with AMX, Q8_0 at concurrency 8 decoded at 1.97×–2.12× of f32 (median
+/// 2.09×) over eight runs with it and 1.89×–2.00× (median 1.98×) over five without; Q4_K's
+/// kernel, which waits on its arithmetic there, gained nothing (README, GGUF files).
 pub(super) const FAR: usize = 32;
 
 /// Asks for the line at `p` (a weight row `FAR` ahead, which may be past the task's last) into
