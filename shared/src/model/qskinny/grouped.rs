@@ -10,7 +10,7 @@
 //! blocks. Blocks past the end of a row are padded with zeros (weights, scales and inputs), so
 //! a row of any whole number of blocks works.
 
-use super::Blocks;
+use super::{Blocks, Lines};
 
 /// Weights in a group.
 pub(super) const GROUP: usize = 512;
@@ -107,8 +107,8 @@ pub(super) fn pack_row(blocks: Blocks, inp: usize, ggml: &[u8], row: &mut [u8]) 
 #[cfg(any(test, not(target_arch = "x86_64")))]
 pub(super) fn group_rows(blocks: Blocks, inp: usize, q: &[i8], d: &[f32]) -> Grouped {
     let (rows, gs) = (q.len() / inp, groups(inp));
-    let mut values = vec![0i8; rows * gs * GROUP];
-    let mut scale = vec![0f32; rows * gs * 16];
+    let mut values = Lines::zeroed(rows * gs * GROUP);
+    let mut scale = Lines::zeroed(rows * gs * 16);
     let mut sum = vec![0i32; rows * gs * 16];
     for r in 0..rows {
         for (b, block) in q[r * inp..(r + 1) * inp].chunks_exact(32).enumerate() {
@@ -124,30 +124,38 @@ pub(super) fn group_rows(blocks: Blocks, inp: usize, q: &[i8], d: &[f32]) -> Gro
             sum[g * 16 + i] = block.iter().map(|&v| i32::from(v)).sum();
         }
     }
-    Grouped::of_blocks(blocks, values, scale, sum)
+    Grouped::of_blocks(blocks, values, scale, &sum)
 }
 
-/// The step's rows in the groups' layout.
-#[derive(Default)]
+/// The step's rows in the groups' layout, each array on lines of its own (a group's 16
+/// lanes are one line).
 pub(super) struct Grouped {
     /// The rows' bytes, a group's 16 blocks interleaved four bytes at a time.
-    pub(super) values: Vec<i8>,
+    pub(super) values: Lines<i8>,
     /// Each block's scale (Q4_K: its super-block's), 16 a group.
-    pub(super) scale: Vec<f32>,
+    pub(super) scale: Lines<f32>,
     /// Q8_0: each block's sum times −128, where its dot product with weights stored plus 128 starts.
-    pub(super) start: Vec<i32>,
+    pub(super) start: Lines<i32>,
     /// Q4_K: each sub-block's sum, for the weights' minimums.
-    pub(super) sum: Vec<f32>,
+    pub(super) sum: Lines<f32>,
 }
 
 impl Grouped {
     /// The rows laid out in `values`, with each block's scale and the sum of its values, 16
     /// a group: what each kernel starts a block from.
-    pub(super) fn of_blocks(blocks: Blocks, values: Vec<i8>, scale: Vec<f32>, sum: Vec<i32>) -> Grouped {
+    pub(super) fn of_blocks(blocks: Blocks, values: Lines<i8>, scale: Lines<f32>, sum: &[i32]) -> Grouped {
+        let (mut start, mut sums) = (Lines::zeroed(0), Lines::zeroed(0));
         match blocks {
-            Blocks::Q8_0 => Grouped { values, scale, start: sum.iter().map(|s| -128 * s).collect(), sum: Vec::new() },
-            Blocks::Q4K => Grouped { values, scale, start: Vec::new(), sum: sum.iter().map(|&s| s as f32).collect() },
+            Blocks::Q8_0 => {
+                start = Lines::zeroed(sum.len());
+                start.iter_mut().zip(sum).for_each(|(t, s)| *t = -128 * s);
+            }
+            Blocks::Q4K => {
+                sums = Lines::zeroed(sum.len());
+                sums.iter_mut().zip(sum).for_each(|(t, &s)| *t = s as f32);
+            }
         }
+        Grouped { values, scale, start, sum: sums }
     }
 }
 
@@ -284,8 +292,8 @@ mod tests {
         // Q4_K: a super-block's scale in each of its sub-blocks' lanes, and their sums.
         let (q, d) = (vec![3i8; 256], vec![0.25f32]);
         let g = group_rows(Blocks::Q4K, 256, &q, &d);
-        assert_eq!(g.scale, [[0.25; 8], [0.0; 8]].concat());
-        assert_eq!(g.sum, [[96.0; 8], [0.0; 8]].concat());
+        assert_eq!(g.scale[..], [[0.25; 8], [0.0; 8]].concat());
+        assert_eq!(g.sum[..], [[96.0; 8], [0.0; 8]].concat());
         assert!(g.start.is_empty());
     }
 }

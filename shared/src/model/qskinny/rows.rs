@@ -6,15 +6,15 @@
 //! 17 µs and 40 µs (Zen 4).
 
 use super::grouped::{groups, Grouped, GROUP};
-use super::Blocks;
+use super::{Blocks, Lines};
 use std::arch::x86_64::*;
 
 /// `x` `(rows, inp)` in 8 bits for `blocks`' products, laid out as the weights' groups.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize(blocks: Blocks, inp: usize, x: &[f32]) -> Grouped {
     let (rows, gs, n) = (x.len() / inp, groups(inp), blocks.weights());
-    let mut values = vec![0i8; rows * gs * GROUP];
-    let mut scale = vec![0f32; rows * gs * 16];
+    let mut values = Lines::zeroed(rows * gs * GROUP);
+    let mut scale = Lines::zeroed(rows * gs * 16);
     let mut sum = vec![0i32; rows * gs * 16];
     for (r, row) in x.chunks_exact(inp).enumerate() {
         for (s, xb) in row.chunks_exact(n).enumerate() {
@@ -35,7 +35,7 @@ pub(super) unsafe fn quantize(blocks: Blocks, inp: usize, x: &[f32]) -> Grouped 
             }
         }
     }
-    Grouped::of_blocks(blocks, values, scale, sum)
+    Grouped::of_blocks(blocks, values, scale, &sum)
 }
 
 /// [`super::block_scale`] of a block, its largest magnitude found 8 values at a time.
