@@ -33,19 +33,19 @@ unsafe fn q8_0_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step,
         }
         fetch(ahead.wrapping_add(groups * GROUP + g * Q8_0_SCALES));
         fetch_far(far.wrapping_add(groups * GROUP + g * Q8_0_SCALES));
-        // Under 4 rows, the odd registers' products in sums of their own: one chain of 8
-        // dependent products a row would wait on each.
+        // The odd registers' products in sums of their own: one chain of 8 dependent products a
+        // row would wait on each (each takes 6 cycles, two can start each cycle).
         let mut sums: [[__m512i; 2]; R] =
             std::array::from_fn(|r| [_mm512_loadu_si512(start.add(x(r)) as *const __m512i), _mm512_setzero_si512()]);
         for j in 0..8 {
             let wv = _mm512_loadu_si512(wr.add(g * GROUP + 64 * j) as *const __m512i);
             for (r, sums) in sums.iter_mut().enumerate() {
                 let xv = _mm512_loadu_si512(values.add(x(r) * 32 + 64 * j) as *const __m512i);
-                let s = &mut sums[usize::from(R < 4) * (j % 2)];
+                let s = &mut sums[j % 2];
                 *s = _mm512_dpbusd_epi32(*s, wv, xv);
             }
         }
-        let sums = sums.map(|[even, odd]| if R < 4 { _mm512_add_epi32(even, odd) } else { even });
+        let sums = sums.map(|[even, odd]| _mm512_add_epi32(even, odd));
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g * Q8_0_SCALES) as *const __m256i));
         for (r, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
             let d = _mm512_mul_ps(dw, _mm512_loadu_ps(scale.add(x(r))));
@@ -79,17 +79,19 @@ unsafe fn q4k_dots<const R: usize>(wr: *const u8, row_bytes: usize, step: Step, 
             fetch(ahead.wrapping_add(g * GROUP / 2 + 64 * l));
         }
         fetch(ahead.wrapping_add(groups * GROUP / 2 + g * q4k::BYTES));
-        let mut sums = [_mm512_setzero_si512(); R];
+        // The high nibbles' products in sums of their own, as Q8_0's odd registers'.
+        let mut sums = [[_mm512_setzero_si512(); 2]; R];
         for m in 0..4 {
             let bits = _mm512_loadu_si512(wr.add(g * GROUP / 2 + 64 * m) as *const __m512i);
             let lo = _mm512_and_si512(bits, m4);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4);
-            for (r, sums) in sums.iter_mut().enumerate() {
+            for (r, [low, high]) in sums.iter_mut().enumerate() {
                 let xs = values.add(x(r) * 32 + 128 * m);
-                *sums = _mm512_dpbusd_epi32(*sums, lo, _mm512_loadu_si512(xs as *const __m512i));
-                *sums = _mm512_dpbusd_epi32(*sums, hi, _mm512_loadu_si512(xs.add(64) as *const __m512i));
+                *low = _mm512_dpbusd_epi32(*low, lo, _mm512_loadu_si512(xs as *const __m512i));
+                *high = _mm512_dpbusd_epi32(*high, hi, _mm512_loadu_si512(xs.add(64) as *const __m512i));
             }
         }
+        let sums = sums.map(|[low, high]| _mm512_add_epi32(low, high));
         // Each super-block's d and dmin in its 8 lanes, times the sub-blocks' 6-bit values.
         let mg = meta.add(g * q4k::BYTES);
         let pair = |p: *const u8| _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(half(p.add(2))), _mm_set1_epi16(half(p))));
