@@ -112,6 +112,7 @@ impl WithSimd for Attend<'_> {
         let ctx = row.slots.len();
         let mut scores = vec![0f32; rep * ctx];
         for (p, &slot) in row.slots.iter().enumerate() {
+            fetch_slot(keys, row.slots.get(p + FETCH_AHEAD), d);
             let k = &keys[slot as usize * d..(slot as usize + 1) * d];
             for j in 0..rep {
                 scores[j * ctx + p] = dot(simd, &q[j * d..(j + 1) * d], k) * scale;
@@ -131,12 +132,39 @@ impl WithSimd for Attend<'_> {
             }
         }
         for (p, &slot) in row.slots.iter().enumerate() {
+            fetch_slot(values, row.slots.get(p + FETCH_AHEAD), d);
             let v = &values[slot as usize * d..(slot as usize + 1) * d];
             for j in 0..rep {
                 axpy(simd, &mut out[j * d..(j + 1) * d], scores[j * ctx + p], v);
             }
         }
     }
+}
+
+/// How many slots ahead of the one it reads [`Attend`] asks for a slot's lines. A sequence's
+/// blocks of 16 slots (8 KiB of a head's f32 keys at 128 values a slot) lie apart in the pool,
+/// and the hardware's prefetchers stop at each 4 KiB page: the reads of each block's first
+/// lines waited on memory. A step of 8 rows at context 160 over 28 layers (8 KV heads of 128,
+/// both cores, a Xeon with AVX-512) took 17.6 ms without the requests and 14.2–14.5 ms with
+/// them 4, 8, 16 or 32 slots ahead.
+const FETCH_AHEAD: usize = 16;
+
+/// Asks for the cache lines of `slot`'s `d` values in `kv` (a head's keys or values), if any.
+#[inline(always)]
+fn fetch_slot(kv: &[f32], slot: Option<&u32>, d: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(&slot) = slot {
+        let start = kv[slot as usize * d..][..d].as_ptr();
+        for line in (0..d).step_by(16) {
+            // SAFETY: a prefetch reads nothing and cannot fault; the address is within `kv`.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.add(line).cast());
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (kv, slot, d);
 }
 
 /// Scaled, causally masked softmax of a prefill chunk's attention scores in one pass (CPU, f32):
