@@ -179,6 +179,13 @@ impl<T: bytemuck::Pod> Lines<T> {
         let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
         Lines { lines: vec![Line([0; 64]); lines], len, values: std::marker::PhantomData }
     }
+
+    /// `f` of each of `values`.
+    pub(super) fn mapped<U: Copy>(values: &[U], f: impl Fn(U) -> T) -> Self {
+        let mut lines = Lines::zeroed(values.len());
+        lines.iter_mut().zip(values).for_each(|(l, &v)| *l = f(v));
+        lines
+    }
 }
 
 impl<T: bytemuck::Pod> std::ops::Deref for Lines<T> {

@@ -144,18 +144,10 @@ impl Grouped {
     /// The rows laid out in `values`, with each block's scale and the sum of its values, 16
     /// a group: what each kernel starts a block from.
     pub(super) fn of_blocks(blocks: Blocks, values: Lines<i8>, scale: Lines<f32>, sum: &[i32]) -> Grouped {
-        let (mut start, mut sums) = (Lines::zeroed(0), Lines::zeroed(0));
         match blocks {
-            Blocks::Q8_0 => {
-                start = Lines::zeroed(sum.len());
-                start.iter_mut().zip(sum).for_each(|(t, s)| *t = -128 * s);
-            }
-            Blocks::Q4K => {
-                sums = Lines::zeroed(sum.len());
-                sums.iter_mut().zip(sum).for_each(|(t, &s)| *t = s as f32);
-            }
+            Blocks::Q8_0 => Grouped { values, scale, start: Lines::mapped(sum, |s| -128 * s), sum: Lines::zeroed(0) },
+            Blocks::Q4K => Grouped { values, scale, start: Lines::zeroed(0), sum: Lines::mapped(sum, |s| s as f32) },
         }
-        Grouped { values, scale, start, sum: sums }
     }
 }
 
